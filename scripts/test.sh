@@ -1,0 +1,19 @@
+#!/usr/bin/env bash
+# The whole test suite against the real broker and the real PostgreSQL: starts (and if needed
+# installs) both, then runs `cargo test`. Extra arguments go to `cargo test`.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+export PATH="$HOME/.cargo/bin:$PATH"
+
+scripts/postgres.sh
+scripts/broker.sh
+
+export COSTWATCH_TEST_BROKERS="${COSTWATCH_TEST_BROKERS:-127.0.0.1:${BROKER_PORT:-9092}}"
+export COSTWATCH_TEST_DATABASE_URL="${COSTWATCH_TEST_DATABASE_URL:-postgres://postgres@127.0.0.1:5432/postgres}"
+
+# Each test makes its own database named cw_test_*; drop what earlier runs left behind.
+psql -q -h 127.0.0.1 -U postgres -d postgres -At \
+  -c "SELECT 'DROP DATABASE IF EXISTS \"' || datname || '\" WITH (FORCE);' FROM pg_database WHERE datname LIKE 'cw\_test\_%'" \
+  | psql -q -h 127.0.0.1 -U postgres -d postgres >/dev/null
+
+cargo test --all-targets "$@"

@@ -1,0 +1,571 @@
+//! Per-partition aggregation: turns the messages of the partitions this instance owns into
+//! pending window sums, rejections and dedup entries, and hands them out as one [`FlushBatch`].
+//!
+//! Everything here is deterministic given (the state restored from PostgreSQL, the messages
+//! after the stored offset): that is what makes replay after a crash produce the same rows.
+
+use std::collections::{BTreeMap, HashMap};
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+
+use crate::domain::EventId;
+use crate::event::{self, Limits, RejectCode, Rejection};
+use crate::window::{from_millis, PendingWindows, WindowKey, WindowSize, WindowSums};
+
+/// The fixed rules ingestion applies, derived from settings once.
+#[derive(Debug, Clone, Copy)]
+pub struct IngestRules {
+    pub limits: Limits,
+    pub window: WindowSize,
+    pub allowed_lateness_ms: i64,
+    pub dedup_horizon_ms: i64,
+}
+
+/// What happened to one message.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Outcome {
+    Accepted {
+        late: bool,
+    },
+    Duplicate,
+    Rejected(RejectCode),
+    /// Below the offset already stored in PostgreSQL: counted before, so skipped now.
+    AlreadyCounted,
+    /// The partition is not (or no longer) assigned here.
+    NotOwned,
+    /// The first message after assignment came from past the stored offset: seek back to `to`
+    /// and read again (nothing was counted).
+    Rewind {
+        to: i64,
+    },
+}
+
+/// Tracks whether a partition really started at its stored offset.
+#[derive(Debug, Clone, Copy)]
+struct StartCheck {
+    next: i64,
+    from: i64,
+    step: i64,
+}
+
+/// What PostgreSQL knows of a partition when this instance takes it over.
+#[derive(Debug, Clone)]
+pub struct Claim {
+    pub partition: i32,
+    /// Fencing token: a flush is accepted only while this is still the partition's epoch.
+    pub epoch: i64,
+    /// The first offset not yet counted; `None` when nothing was ever counted.
+    pub next_offset: Option<i64>,
+    pub watermark: Option<DateTime<Utc>>,
+    /// Event ids inside the dedup horizon, with their event time.
+    pub seen: Vec<(String, DateTime<Utc>)>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RejectedMessage {
+    pub partition: i32,
+    pub offset: i64,
+    pub rejection: Rejection,
+    pub payload: Vec<u8>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SeenEvent {
+    pub partition: i32,
+    pub event_id: EventId,
+    pub event_time: DateTime<Utc>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Progress {
+    pub partition: i32,
+    pub epoch: i64,
+    pub next_offset: i64,
+    pub watermark: Option<DateTime<Utc>>,
+    /// Dedup entries older than this may be deleted.
+    pub forget_before: Option<DateTime<Utc>>,
+}
+
+/// Counts by outcome, for metrics after a successful flush.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct OutcomeCounts {
+    pub accepted: u64,
+    pub late: u64,
+    pub duplicate: u64,
+    pub rejected: u64,
+}
+
+impl OutcomeCounts {
+    fn add(&mut self, o: &OutcomeCounts) {
+        self.accepted += o.accepted;
+        self.late += o.late;
+        self.duplicate += o.duplicate;
+        self.rejected += o.rejected;
+    }
+}
+
+/// Everything one flush writes, in one transaction.
+#[derive(Debug, Clone, Default)]
+pub struct FlushBatch {
+    pub progress: Vec<Progress>,
+    /// Sums merged over partitions and sorted by key, so concurrent writers lock rows in the
+    /// same order and cannot deadlock.
+    pub windows: Vec<(WindowKey, WindowSums)>,
+    pub rejected: Vec<RejectedMessage>,
+    pub seen: Vec<SeenEvent>,
+    pub counts: OutcomeCounts,
+    pub rejected_by_code: BTreeMap<&'static str, u64>,
+}
+
+impl FlushBatch {
+    pub fn is_empty(&self) -> bool {
+        self.progress.is_empty()
+    }
+}
+
+#[derive(Debug)]
+struct PartitionState {
+    epoch: i64,
+    next_offset: Option<i64>,
+    watermark_ms: Option<i64>,
+    /// Event id to event time (ms); pruned once older than watermark minus the dedup horizon.
+    seen: HashMap<EventId, i64>,
+    pending: PendingWindows,
+    rejected: Vec<RejectedMessage>,
+    new_seen: Vec<SeenEvent>,
+    counts: OutcomeCounts,
+    rejected_by_code: BTreeMap<&'static str, u64>,
+    /// Offsets advanced since the last flush (a rejected-only batch still moves the offset).
+    dirty: bool,
+    messages_since_flush: usize,
+    forget_before_ms: Option<i64>,
+    /// Set until the first message shows the broker started where we asked.
+    unverified_start: Option<StartCheck>,
+}
+
+impl PartitionState {
+    fn from_claim(claim: Claim, rules: &IngestRules) -> Self {
+        let watermark_ms = claim.watermark.map(|w| w.timestamp_millis());
+        let horizon_start = watermark_ms.map(|w| w - rules.dedup_horizon_ms);
+        let seen = claim
+            .seen
+            .into_iter()
+            .filter_map(|(id, t)| {
+                let ms = t.timestamp_millis();
+                let inside = horizon_start.is_none_or(|h| ms >= h);
+                Some((EventId::parse(id).ok()?, ms)).filter(|_| inside)
+            })
+            .collect();
+        Self {
+            epoch: claim.epoch,
+            next_offset: claim.next_offset,
+            watermark_ms,
+            seen,
+            pending: PendingWindows::new(),
+            rejected: Vec::new(),
+            new_seen: Vec::new(),
+            counts: OutcomeCounts::default(),
+            rejected_by_code: BTreeMap::new(),
+            dirty: false,
+            messages_since_flush: 0,
+            forget_before_ms: None,
+            unverified_start: claim.next_offset.filter(|n| *n > 0).map(|next| StartCheck {
+                next,
+                from: next,
+                step: 100,
+            }),
+        }
+    }
+
+    fn ingest(
+        &mut self,
+        partition: i32,
+        offset: i64,
+        payload: Option<&[u8]>,
+        rules: &IngestRules,
+        now: DateTime<Utc>,
+    ) -> Outcome {
+        if let Some(rewind) = self.unverified_start.as_mut() {
+            if offset > rewind.next && rewind.from > 0 {
+                // The broker started past the offset we asked for. Some brokers (tansu 0.6) serve
+                // only batches whose *base* offset is at or after the fetch offset, silently
+                // skipping the rest of the batch that holds it. Ask again from further back and
+                // skip what is already counted; a gap that survives a rewind to 0 is a real one
+                // (compaction, transaction markers).
+                rewind.step = rewind.step.saturating_mul(10);
+                rewind.from = (rewind.next - rewind.step).max(0);
+                return Outcome::Rewind { to: rewind.from };
+            }
+            self.unverified_start = None;
+        }
+        if self.next_offset.is_some_and(|next| offset < next) {
+            return Outcome::AlreadyCounted;
+        }
+        self.next_offset = Some(offset + 1);
+        self.dirty = true;
+        self.messages_since_flush += 1;
+
+        let event = match event::decode(payload, &rules.limits, now) {
+            Ok(event) => event,
+            Err(rejection) => {
+                let code = rejection.code;
+                self.counts.rejected += 1;
+                *self.rejected_by_code.entry(code.as_str()).or_default() += 1;
+                self.rejected.push(RejectedMessage {
+                    partition,
+                    offset,
+                    rejection,
+                    payload: payload.map(<[u8]>::to_vec).unwrap_or_default(),
+                });
+                return Outcome::Rejected(code);
+            }
+        };
+
+        let ts_ms = event.timestamp.timestamp_millis();
+        if self.seen.contains_key(&event.event_id) {
+            self.counts.duplicate += 1;
+            return Outcome::Duplicate;
+        }
+        // An event older than the dedup horizon cannot be checked against ids we have already
+        // forgotten; it is still accepted (dedup is best effort beyond the horizon, by contract).
+        self.seen.insert(event.event_id.clone(), ts_ms);
+        self.new_seen.push(SeenEvent {
+            partition,
+            event_id: event.event_id,
+            event_time: event.timestamp,
+        });
+
+        let late = self.watermark_ms.is_some_and(|w| ts_ms < w - rules.allowed_lateness_ms);
+        self.watermark_ms = Some(self.watermark_ms.map_or(ts_ms, |w| w.max(ts_ms)));
+
+        let key = WindowKey {
+            start_ms: rules.window.start_of(event.timestamp),
+            model: event.model,
+            hardware: event.hardware,
+            labels: event.labels,
+        };
+        let sums = self.pending.entry(key).or_default();
+        sums.events += 1;
+        sums.compute += event.compute;
+        sums.storage += event.storage;
+        self.counts.accepted += 1;
+        if late {
+            sums.late_events += 1;
+            self.counts.late += 1;
+        }
+        Outcome::Accepted { late }
+    }
+
+    /// Forgets dedup entries that fell out of the horizon; returns the cut-off, if any.
+    fn prune_seen(&mut self, rules: &IngestRules) {
+        let Some(w) = self.watermark_ms else { return };
+        let cutoff = w - rules.dedup_horizon_ms;
+        self.seen.retain(|_, t| *t >= cutoff);
+        self.forget_before_ms = Some(cutoff);
+    }
+
+    fn clear_pending(&mut self) {
+        self.pending.clear();
+        self.rejected.clear();
+        self.new_seen.clear();
+        self.counts = OutcomeCounts::default();
+        self.rejected_by_code.clear();
+        self.dirty = false;
+        self.messages_since_flush = 0;
+        self.forget_before_ms = None;
+    }
+}
+
+/// The partitions this instance owns and their unflushed state.
+#[derive(Debug)]
+pub struct Aggregator {
+    rules: IngestRules,
+    partitions: BTreeMap<i32, PartitionState>,
+    flushes_since_prune: u32,
+}
+
+/// Dedup entries are pruned every this many flushes; pruning is O(entries), flushing is frequent.
+const PRUNE_EVERY_FLUSHES: u32 = 30;
+
+impl Aggregator {
+    pub fn new(rules: IngestRules) -> Self {
+        Self {
+            rules,
+            partitions: BTreeMap::new(),
+            flushes_since_prune: 0,
+        }
+    }
+
+    pub fn rules(&self) -> &IngestRules {
+        &self.rules
+    }
+
+    /// Takes over partitions as PostgreSQL described them; any older state for them is dropped.
+    pub fn assign(&mut self, claims: Vec<Claim>) {
+        for claim in claims {
+            let partition = claim.partition;
+            self.partitions
+                .insert(partition, PartitionState::from_claim(claim, &self.rules));
+        }
+    }
+
+    /// Drops partitions and their unflushed state (their offsets were not stored either, so the
+    /// next owner counts those messages again: nothing is lost or doubled).
+    pub fn drop_partitions(&mut self, partitions: &[i32]) {
+        for p in partitions {
+            self.partitions.remove(p);
+        }
+    }
+
+    pub fn owned(&self) -> Vec<i32> {
+        self.partitions.keys().copied().collect()
+    }
+
+    pub fn ingest(&mut self, partition: i32, offset: i64, payload: Option<&[u8]>, now: DateTime<Utc>) -> Outcome {
+        match self.partitions.get_mut(&partition) {
+            Some(state) => state.ingest(partition, offset, payload, &self.rules, now),
+            None => Outcome::NotOwned,
+        }
+    }
+
+    /// Messages taken in since the last flush, over all partitions.
+    pub fn pending_messages(&self) -> usize {
+        self.partitions.values().map(|p| p.messages_since_flush).sum()
+    }
+
+    /// The smallest watermark over owned partitions that have one.
+    pub fn watermark(&self) -> Option<DateTime<Utc>> {
+        self.partitions
+            .values()
+            .filter_map(|p| p.watermark_ms)
+            .min()
+            .map(from_millis)
+    }
+
+    /// Builds the batch for `partitions` (all owned ones when `None`). Nothing is cleared until
+    /// [`Aggregator::flushed`] confirms the batch was committed.
+    pub fn batch(&mut self, only: Option<&[i32]>) -> FlushBatch {
+        let prune = self.flushes_since_prune >= PRUNE_EVERY_FLUSHES;
+        let mut merged: HashMap<&WindowKey, WindowSums> = HashMap::new();
+        let mut batch = FlushBatch::default();
+        for (&partition, state) in self.partitions.iter_mut() {
+            if only.is_some_and(|o| !o.contains(&partition)) || !state.dirty {
+                continue;
+            }
+            if prune {
+                state.prune_seen(&self.rules);
+            }
+            let Some(next_offset) = state.next_offset else {
+                continue;
+            };
+            batch.progress.push(Progress {
+                partition,
+                epoch: state.epoch,
+                next_offset,
+                watermark: state.watermark_ms.map(from_millis),
+                forget_before: state.forget_before_ms.map(from_millis),
+            });
+        }
+        for (&partition, state) in &self.partitions {
+            if !batch.progress.iter().any(|p| p.partition == partition) {
+                continue;
+            }
+            for (key, sums) in &state.pending {
+                merged.entry(key).or_default().merge(sums);
+            }
+            batch.rejected.extend(state.rejected.iter().cloned());
+            batch.seen.extend(state.new_seen.iter().cloned());
+            batch.counts.add(&state.counts);
+            for (code, n) in &state.rejected_by_code {
+                *batch.rejected_by_code.entry(code).or_default() += n;
+            }
+        }
+        let mut windows: Vec<(WindowKey, WindowSums)> = merged.into_iter().map(|(k, v)| (k.clone(), v)).collect();
+        windows.sort_unstable_by(|a, b| a.0.cmp(&b.0));
+        batch.windows = windows;
+        batch
+    }
+
+    /// Marks a committed batch's partitions clean.
+    pub fn flushed(&mut self, batch: &FlushBatch) {
+        for p in &batch.progress {
+            if let Some(state) = self.partitions.get_mut(&p.partition) {
+                state.clear_pending();
+            }
+        }
+        self.flushes_since_prune = if batch.progress.iter().any(|p| p.forget_before.is_some()) {
+            0
+        } else {
+            self.flushes_since_prune + 1
+        };
+    }
+}
+
+/// Converts a std duration to whole milliseconds for the rules.
+pub fn millis(d: Duration) -> i64 {
+    i64::try_from(d.as_millis()).unwrap_or(i64::MAX)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rules() -> IngestRules {
+        IngestRules {
+            limits: Limits {
+                max_event_bytes: 4096,
+                max_future_skew: Duration::from_secs(300),
+                max_event_age: Duration::from_secs(7 * 86400),
+            },
+            window: WindowSize::new(Duration::from_secs(60)),
+            allowed_lateness_ms: 5 * 60_000,
+            dedup_horizon_ms: 3_600_000,
+        }
+    }
+
+    fn now() -> DateTime<Utc> {
+        "2026-11-29T04:00:00Z".parse().unwrap()
+    }
+
+    fn event(id: &str, ts: &str, compute: &str) -> Vec<u8> {
+        format!(
+            r#"{{"event_id":"{id}","timestamp":"{ts}","model":"m","hardware":"h","compute":{compute},"storage":1}}"#
+        )
+        .into_bytes()
+    }
+
+    fn fresh(partition: i32) -> Aggregator {
+        let mut a = Aggregator::new(rules());
+        a.assign(vec![Claim {
+            partition,
+            epoch: 1,
+            next_offset: None,
+            watermark: None,
+            seen: vec![],
+        }]);
+        a
+    }
+
+    #[test]
+    fn duplicates_are_counted_once() {
+        let mut a = fresh(0);
+        let e = event("a", "2026-11-29T03:00:00Z", "1.5");
+        assert_eq!(a.ingest(0, 0, Some(&e), now()), Outcome::Accepted { late: false });
+        assert_eq!(a.ingest(0, 1, Some(&e), now()), Outcome::Duplicate);
+        let batch = a.batch(None);
+        assert_eq!(batch.windows.len(), 1);
+        assert_eq!(batch.windows[0].1.events, 1);
+        assert_eq!(batch.windows[0].1.compute.to_string(), "1.5");
+        assert_eq!(batch.progress[0].next_offset, 2);
+    }
+
+    #[test]
+    fn a_restart_remembers_ids_inside_the_horizon() {
+        let mut a = Aggregator::new(rules());
+        a.assign(vec![Claim {
+            partition: 3,
+            epoch: 2,
+            next_offset: Some(10),
+            watermark: Some("2026-11-29T03:30:00Z".parse().unwrap()),
+            seen: vec![
+                ("inside".into(), "2026-11-29T03:00:00Z".parse().unwrap()),
+                ("outside".into(), "2026-11-29T02:00:00Z".parse().unwrap()),
+            ],
+        }]);
+        assert_eq!(
+            a.ingest(3, 9, Some(&event("x", "2026-11-29T03:00:00Z", "1")), now()),
+            Outcome::AlreadyCounted
+        );
+        assert_eq!(
+            a.ingest(3, 10, Some(&event("inside", "2026-11-29T03:00:00Z", "1")), now()),
+            Outcome::Duplicate
+        );
+        assert_eq!(
+            a.ingest(3, 11, Some(&event("outside", "2026-11-29T03:00:00Z", "1")), now()),
+            Outcome::Accepted { late: true }
+        );
+    }
+
+    #[test]
+    fn late_event_is_accounted_into_its_own_window() {
+        let mut a = fresh(0);
+        a.ingest(0, 0, Some(&event("new", "2026-11-29T03:50:00Z", "1")), now());
+        let late = a.ingest(0, 1, Some(&event("old", "2026-11-29T03:40:00Z", "2")), now());
+        assert_eq!(late, Outcome::Accepted { late: true });
+        let batch = a.batch(None);
+        let old = batch
+            .windows
+            .iter()
+            .find(|(k, _)| from_millis(k.start_ms) == "2026-11-29T03:40:00Z".parse::<DateTime<Utc>>().unwrap())
+            .unwrap();
+        assert_eq!((old.1.events, old.1.late_events), (1, 1));
+        assert_eq!(batch.counts.late, 1);
+    }
+
+    #[test]
+    fn a_start_past_the_stored_offset_rewinds_until_it_is_covered() {
+        let mut a = Aggregator::new(rules());
+        a.assign(vec![Claim {
+            partition: 0,
+            epoch: 1,
+            next_offset: Some(5000),
+            watermark: None,
+            seen: vec![],
+        }]);
+        let e = event("a", "2026-11-29T03:00:00Z", "1");
+        assert_eq!(a.ingest(0, 5004, Some(&e), now()), Outcome::Rewind { to: 4000 });
+        assert_eq!(a.ingest(0, 5004, Some(&e), now()), Outcome::Rewind { to: 0 });
+        assert_eq!(a.ingest(0, 3000, Some(&e), now()), Outcome::AlreadyCounted);
+        assert_eq!(a.ingest(0, 5000, Some(&e), now()), Outcome::Accepted { late: false });
+        assert_eq!(a.batch(None).progress[0].next_offset, 5001);
+    }
+
+    #[test]
+    fn a_gap_that_survives_a_rewind_to_zero_is_real() {
+        let mut a = Aggregator::new(rules());
+        a.assign(vec![Claim {
+            partition: 0,
+            epoch: 1,
+            next_offset: Some(50),
+            watermark: None,
+            seen: vec![],
+        }]);
+        let e = event("a", "2026-11-29T03:00:00Z", "1");
+        assert_eq!(a.ingest(0, 60, Some(&e), now()), Outcome::Rewind { to: 0 });
+        assert_eq!(a.ingest(0, 60, Some(&e), now()), Outcome::Accepted { late: false });
+    }
+
+    #[test]
+    fn rejections_move_the_offset_and_keep_the_payload() {
+        let mut a = fresh(1);
+        assert_eq!(
+            a.ingest(1, 5, Some(b"nope"), now()),
+            Outcome::Rejected(RejectCode::MalformedJson)
+        );
+        let batch = a.batch(None);
+        assert_eq!(batch.progress[0].next_offset, 6);
+        assert_eq!(batch.rejected[0].payload, b"nope");
+        assert!(batch.windows.is_empty());
+    }
+
+    #[test]
+    fn windows_merge_across_partitions_and_clear_after_flush() {
+        let mut a = fresh(0);
+        a.assign(vec![Claim {
+            partition: 1,
+            epoch: 1,
+            next_offset: None,
+            watermark: None,
+            seen: vec![],
+        }]);
+        a.ingest(0, 0, Some(&event("a", "2026-11-29T03:00:01Z", "0.1")), now());
+        a.ingest(1, 0, Some(&event("b", "2026-11-29T03:00:02Z", "0.2")), now());
+        let batch = a.batch(None);
+        assert_eq!(batch.windows.len(), 1);
+        assert_eq!(batch.windows[0].1.compute.to_string(), "0.3");
+        a.flushed(&batch);
+        assert!(a.batch(None).is_empty());
+        assert_eq!(a.pending_messages(), 0);
+    }
+}

@@ -1,0 +1,431 @@
+//! The Kafka stage: one consumer-group member on a dedicated thread that polls, feeds the
+//! [`Aggregator`], flushes to PostgreSQL on a timer, and takes partitions over at the offsets
+//! PostgreSQL holds for them.
+//!
+//! Offsets live in PostgreSQL, in the same transaction as the sums they produced. The Kafka
+//! commit that follows each flush is only there so lag tools see progress; costwatch never reads
+//! it back. See `docs/architecture.md` for the invariant this keeps.
+
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use chrono::Utc;
+use rdkafka::bindings::rd_kafka_resp_err_t as RespErr;
+use rdkafka::client::ClientContext;
+use rdkafka::config::{ClientConfig, RDKafkaLogLevel};
+use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext, RebalanceProtocol};
+use rdkafka::error::KafkaError;
+use rdkafka::message::Message;
+use rdkafka::{Offset, TopicPartitionList};
+use tokio::runtime::Handle;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, error, info, warn};
+
+use crate::aggregate::{Aggregator, FlushBatch, Outcome};
+use crate::config::{KafkaSettings, StartFrom};
+use crate::pricing::PriceBook;
+use crate::store::{Store, StoreError, WindowLayout};
+use crate::telemetry;
+
+/// Everything the consumer thread and its rebalance callback share.
+pub struct Pipeline {
+    pub topic: String,
+    /// This instance's name in `partition_progress.owner`.
+    pub owner: String,
+    pub store: Store,
+    pub prices: PriceBook,
+    pub layout: WindowLayout,
+    pub start_from: StartFrom,
+    pub flush_interval: Duration,
+    pub max_pending_events: usize,
+    pub runtime: Handle,
+    pub cancel: CancellationToken,
+    aggregator: Mutex<Aggregator>,
+}
+
+impl Pipeline {
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        topic: String,
+        owner: String,
+        store: Store,
+        prices: PriceBook,
+        layout: WindowLayout,
+        start_from: StartFrom,
+        flush_interval: Duration,
+        max_pending_events: usize,
+        aggregator: Aggregator,
+        runtime: Handle,
+        cancel: CancellationToken,
+    ) -> Self {
+        Self {
+            topic,
+            owner,
+            store,
+            prices,
+            layout,
+            start_from,
+            flush_interval,
+            max_pending_events,
+            runtime,
+            cancel,
+            aggregator: Mutex::new(aggregator),
+        }
+    }
+
+    fn aggregator(&self) -> MutexGuard<'_, Aggregator> {
+        // A panic while holding the lock already ends the process; poisoning adds nothing.
+        self.aggregator.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Claims partitions in PostgreSQL, retrying while the database is away. Returns false only
+    /// when shutdown began first.
+    fn claim(&self, tpl: &mut TopicPartitionList) -> bool {
+        let partitions: Vec<i32> = tpl
+            .elements_for_topic(&self.topic)
+            .iter()
+            .map(|e| e.partition())
+            .collect();
+        if partitions.is_empty() {
+            return true;
+        }
+        let horizon = self.aggregator().rules().dedup_horizon_ms;
+        let mut backoff = Backoff::new();
+        let claims = loop {
+            let claimed = self
+                .runtime
+                .block_on(self.store.claim(&self.topic, &self.owner, &partitions, horizon));
+            match claimed {
+                Ok(claims) => break claims,
+                Err(error) => {
+                    let wait = backoff.next_wait();
+                    error!(%error, ?partitions, retry_in = ?wait, "cannot claim assigned partitions, retrying");
+                    if self.sleep_unless_cancelled(wait) {
+                        return false;
+                    }
+                }
+            }
+        };
+        for claim in &claims {
+            let offset = match claim.next_offset {
+                Some(next) => Offset::Offset(next),
+                None if self.start_from == StartFrom::Latest => Offset::End,
+                None => Offset::Beginning,
+            };
+            if let Err(error) = tpl.set_partition_offset(&self.topic, claim.partition, offset) {
+                warn!(partition = claim.partition, %error, "cannot set the start offset");
+            }
+            info!(
+                partition = claim.partition,
+                epoch = claim.epoch,
+                next_offset = ?claim.next_offset,
+                dedup_ids = claim.seen.len(),
+                "partition assigned"
+            );
+        }
+        let mut agg = self.aggregator();
+        agg.assign(claims);
+        telemetry::assignment(agg.owned().len(), agg.watermark());
+        true
+    }
+
+    /// Sleeps up to `d`; true when shutdown began meanwhile.
+    fn sleep_unless_cancelled(&self, d: Duration) -> bool {
+        let cancel = self.cancel.clone();
+        self.runtime.block_on(async move {
+            tokio::select! {
+                _ = cancel.cancelled() => true,
+                _ = tokio::time::sleep(d) => false,
+            }
+        })
+    }
+
+    /// Writes pending state (of `only` those partitions, or all) to PostgreSQL. Partitions that
+    /// another instance has claimed meanwhile are dropped and the rest written again.
+    fn flush(&self, consumer: &BaseConsumer<KafkaContext>, only: Option<&[i32]>) -> Result<(), StoreError> {
+        loop {
+            let batch = self.aggregator().batch(only);
+            if batch.is_empty() {
+                return Ok(());
+            }
+            let started = Instant::now();
+            let written = self
+                .runtime
+                .block_on(self.store.flush(&self.topic, &batch, &self.prices, self.layout));
+            match written {
+                Ok(()) => {
+                    let mut agg = self.aggregator();
+                    agg.flushed(&batch);
+                    telemetry::flush_committed(&batch, &self.prices, started.elapsed());
+                    telemetry::assignment(agg.owned().len(), agg.watermark());
+                    drop(agg);
+                    self.commit_to_kafka(consumer, &batch);
+                    debug!(
+                        partitions = batch.progress.len(),
+                        rows = batch.windows.len(),
+                        took = ?started.elapsed(),
+                        "flushed"
+                    );
+                    return Ok(());
+                }
+                Err(StoreError::Fenced(partitions)) => {
+                    warn!(
+                        ?partitions,
+                        "another instance owns these partitions now; dropping their unflushed work"
+                    );
+                    telemetry::partitions_fenced(partitions.len());
+                    self.aggregator().drop_partitions(&partitions);
+                }
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    /// Mirrors the stored offsets into Kafka for lag tools. Failure here loses nothing.
+    fn commit_to_kafka(&self, consumer: &BaseConsumer<KafkaContext>, batch: &FlushBatch) {
+        let mut tpl = TopicPartitionList::new();
+        for p in &batch.progress {
+            let _ = tpl.add_partition_offset(&self.topic, p.partition, Offset::Offset(p.next_offset));
+        }
+        if let Err(error) = consumer.commit(&tpl, CommitMode::Async) {
+            debug!(%error, "offset commit to Kafka failed (informational only)");
+        }
+    }
+}
+
+/// librdkafka callbacks: logs into `tracing`, and rebalances that claim partitions in PostgreSQL
+/// before any of their messages are fetched.
+pub struct KafkaContext {
+    pipeline: Arc<Pipeline>,
+}
+
+impl ClientContext for KafkaContext {
+    fn log(&self, level: RDKafkaLogLevel, fac: &str, message: &str) {
+        match level {
+            RDKafkaLogLevel::Emerg | RDKafkaLogLevel::Alert | RDKafkaLogLevel::Critical | RDKafkaLogLevel::Error => {
+                error!(target: "librdkafka", facility = fac, "{message}")
+            }
+            RDKafkaLogLevel::Warning => warn!(target: "librdkafka", facility = fac, "{message}"),
+            RDKafkaLogLevel::Notice | RDKafkaLogLevel::Info => {
+                info!(target: "librdkafka", facility = fac, "{message}")
+            }
+            RDKafkaLogLevel::Debug => debug!(target: "librdkafka", facility = fac, "{message}"),
+        }
+    }
+
+    fn error(&self, error: KafkaError, reason: &str) {
+        telemetry::broker_error();
+        warn!(%error, reason, "kafka client error; librdkafka retries by itself");
+    }
+}
+
+impl ConsumerContext for KafkaContext {
+    fn rebalance(&self, consumer: &BaseConsumer<Self>, err: RespErr, tpl: &mut TopicPartitionList) {
+        let cooperative = matches!(consumer.rebalance_protocol(), RebalanceProtocol::Cooperative);
+        match err {
+            RespErr::RD_KAFKA_RESP_ERR__ASSIGN_PARTITIONS => {
+                // Offsets go into the assignment itself rather than a seek afterwards: a seek
+                // right after assign races the fetcher (librdkafka #3959).
+                if !self.pipeline.claim(tpl) {
+                    return;
+                }
+                let assigned = if cooperative {
+                    consumer.incremental_assign(tpl)
+                } else {
+                    consumer.assign(tpl)
+                };
+                if let Err(error) = assigned {
+                    error!(%error, "cannot apply the partition assignment");
+                }
+            }
+            RespErr::RD_KAFKA_RESP_ERR__REVOKE_PARTITIONS => {
+                let partitions: Vec<i32> = tpl
+                    .elements_for_topic(&self.pipeline.topic)
+                    .iter()
+                    .map(|e| e.partition())
+                    .collect();
+                // A lost assignment means another member may already own these partitions:
+                // writing would be refused by the fence anyway, so skip straight to dropping.
+                if !consumer.assignment_lost() {
+                    if let Err(error) = self.pipeline.flush(consumer, Some(&partitions)) {
+                        warn!(%error, ?partitions, "cannot flush revoked partitions; the next owner recounts them");
+                    }
+                }
+                let mut agg = self.pipeline.aggregator();
+                agg.drop_partitions(&partitions);
+                telemetry::assignment(agg.owned().len(), agg.watermark());
+                drop(agg);
+                info!(?partitions, "partitions revoked");
+                let unassigned = if cooperative {
+                    consumer.incremental_unassign(tpl)
+                } else {
+                    consumer.unassign()
+                };
+                if let Err(error) = unassigned {
+                    error!(%error, "cannot apply the partition revocation");
+                }
+            }
+            other => {
+                error!(error = ?other, "rebalance failed");
+                let _ = consumer.unassign();
+            }
+        }
+    }
+}
+
+/// Builds the group member. Auto-commit is off: offsets are ours to store, in PostgreSQL.
+pub fn build_consumer(
+    settings: &KafkaSettings,
+    pipeline: Arc<Pipeline>,
+) -> Result<BaseConsumer<KafkaContext>, KafkaError> {
+    let mut config = ClientConfig::new();
+    config
+        .set("bootstrap.servers", &settings.brokers)
+        .set("group.id", &settings.group_id)
+        .set("client.id", format!("costwatch-{}", pipeline.owner))
+        .set("enable.auto.commit", "false")
+        .set("enable.auto.offset.store", "false")
+        .set("enable.partition.eof", "false")
+        .set(
+            "auto.offset.reset",
+            match settings.start_from {
+                StartFrom::Earliest => "earliest",
+                StartFrom::Latest => "latest",
+            },
+        )
+        .set("session.timeout.ms", settings.session_timeout.as_millis().to_string())
+        .set(
+            "heartbeat.interval.ms",
+            (settings.session_timeout.as_millis() / 4).max(100).to_string(),
+        );
+    for (k, v) in &settings.properties {
+        config.set(k, v);
+    }
+    config.set_log_level(RDKafkaLogLevel::Warning);
+    let consumer: BaseConsumer<KafkaContext> = config.create_with_context(KafkaContext { pipeline })?;
+    Ok(consumer)
+}
+
+/// Runs the consumer until `pipeline.cancel` fires, then flushes what is pending and leaves the
+/// group. Blocking: call it on a thread of its own.
+pub fn consume(consumer: BaseConsumer<KafkaContext>, pipeline: Arc<Pipeline>) -> anyhow::Result<()> {
+    consumer.subscribe(&[pipeline.topic.as_str()])?;
+    info!(topic = %pipeline.topic, owner = %pipeline.owner, "consuming");
+
+    let mut last_flush = Instant::now();
+    let mut retry: Option<(Instant, Backoff)> = None;
+    while !pipeline.cancel.is_cancelled() {
+        match consumer.poll(Duration::from_millis(100)) {
+            None => {}
+            Some(Err(error)) => {
+                telemetry::broker_error();
+                warn!(%error, "kafka consumer error");
+            }
+            Some(Ok(message)) => {
+                let now = Utc::now();
+                let partition = message.partition();
+                let outcome = pipeline
+                    .aggregator()
+                    .ingest(partition, message.offset(), message.payload(), now);
+                if let Outcome::Rewind { to } = outcome {
+                    warn!(
+                        partition,
+                        got = message.offset(),
+                        rewind_to = to,
+                        "the broker started this partition past its stored offset; reading again from earlier"
+                    );
+                    telemetry::start_rewound();
+                    if let Err(error) =
+                        consumer.seek(&pipeline.topic, partition, Offset::Offset(to), Duration::from_secs(10))
+                    {
+                        warn!(partition, %error, "seek failed; the next message retries it");
+                    }
+                }
+            }
+        }
+
+        let due = match &retry {
+            Some((at, _)) => Instant::now() >= *at,
+            None => {
+                last_flush.elapsed() >= pipeline.flush_interval
+                    || pipeline.aggregator().pending_messages() >= pipeline.max_pending_events
+            }
+        };
+        if !due {
+            continue;
+        }
+        match pipeline.flush(&consumer, None) {
+            Ok(()) => {
+                last_flush = Instant::now();
+                if retry.take().is_some() {
+                    info!("database writes recovered; resuming consumption");
+                    if let Ok(assignment) = consumer.assignment() {
+                        let _ = consumer.resume(&assignment);
+                    }
+                }
+            }
+            Err(error) => {
+                telemetry::flush_failed();
+                let backoff = &mut retry.get_or_insert_with(|| (Instant::now(), Backoff::new())).1;
+                let wait = backoff.next_wait();
+                retry.as_mut().expect("set above").0 = Instant::now() + wait;
+                error!(%error, retry_in = ?wait, "flush failed; pausing consumption and retrying");
+                // Pausing keeps memory bounded while we keep polling, which keeps this member in
+                // the group (librdkafka evicts members that stop polling).
+                if let Ok(assignment) = consumer.assignment() {
+                    let _ = consumer.pause(&assignment);
+                }
+            }
+        }
+    }
+
+    info!("shutting down: flushing pending usage");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let mut backoff = Backoff::new();
+    loop {
+        match pipeline.flush(&consumer, None) {
+            Ok(()) => break,
+            Err(error) if Instant::now() < deadline => {
+                let wait = backoff.next_wait();
+                warn!(%error, retry_in = ?wait, "final flush failed, retrying");
+                std::thread::sleep(wait);
+            }
+            Err(error) => {
+                error!(%error, "giving up on the final flush; the unflushed messages will be counted after restart");
+                break;
+            }
+        }
+    }
+    // Leaving the group explicitly hands partitions to the other members at once instead of
+    // after the session timeout; offsets were already stored by the flush above.
+    consumer.unsubscribe();
+    drop(consumer);
+    info!("left the consumer group");
+    Ok(())
+}
+
+/// Exponential backoff from 200 ms to 30 s.
+#[derive(Debug, Clone)]
+pub struct Backoff {
+    next: Duration,
+}
+
+impl Backoff {
+    pub fn new() -> Self {
+        Self {
+            next: Duration::from_millis(200),
+        }
+    }
+
+    pub fn next_wait(&mut self) -> Duration {
+        let current = self.next;
+        self.next = (self.next * 2).min(Duration::from_secs(30));
+        current
+    }
+}
+
+impl Default for Backoff {
+    fn default() -> Self {
+        Self::new()
+    }
+}

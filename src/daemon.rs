@@ -1,0 +1,102 @@
+//! `costwatch run`: wires settings, PostgreSQL, the metrics endpoint and the Kafka consumer
+//! together, and drains them on shutdown.
+
+use std::sync::Arc;
+
+use anyhow::Context;
+use tokio_util::sync::CancellationToken;
+use tracing::{error, info, warn};
+
+use crate::aggregate::{millis, Aggregator, IngestRules};
+use crate::config::Settings;
+use crate::consumer::{self, Backoff, Pipeline};
+use crate::event::Limits;
+use crate::pricing::PriceBook;
+use crate::store::{Store, WindowLayout};
+use crate::window::WindowSize;
+
+/// Derives the ingestion rules from settings.
+pub fn ingest_rules(settings: &Settings) -> IngestRules {
+    IngestRules {
+        limits: Limits {
+            max_event_bytes: settings.ingest.max_event_bytes,
+            max_future_skew: settings.ingest.max_future_skew,
+            max_event_age: settings.ingest.max_event_age,
+        },
+        window: WindowSize::new(settings.windows.size),
+        allowed_lateness_ms: millis(settings.windows.allowed_lateness),
+        dedup_horizon_ms: millis(settings.ingest.dedup_horizon),
+    }
+}
+
+/// Connects to PostgreSQL and brings the schema up to date, retrying with backoff until it
+/// works or `cancel` fires. A database that is down at start is waited for, not a crash loop.
+pub async fn prepare_database(settings: &Settings, cancel: &CancellationToken) -> anyhow::Result<Option<Store>> {
+    let url = &settings.database.url;
+    let store = Store::connect_lazy(url, settings.database.max_connections)?;
+    let mut backoff = Backoff::new();
+    loop {
+        match Store::create_database_if_missing(url).await {
+            Ok(true) => info!("created the database named in database.url"),
+            Ok(false) => {}
+            Err(error) => {
+                warn!(%error, "cannot check or create the database; trying to use it as it is")
+            }
+        }
+        match store.migrate().await {
+            Ok(()) => return Ok(Some(store)),
+            Err(e) if e.is_transient() => {
+                let wait = backoff.next_wait();
+                error!(error = %e, retry_in = ?wait, "PostgreSQL is unreachable, retrying");
+                tokio::select! {
+                    _ = cancel.cancelled() => return Ok(None),
+                    _ = tokio::time::sleep(wait) => {}
+                }
+            }
+            Err(e) => return Err(e).context("cannot prepare the database schema"),
+        }
+    }
+}
+
+/// Runs until `cancel` fires, then drains: flush, store offsets, leave the group.
+pub async fn run(settings: Settings, cancel: CancellationToken) -> anyhow::Result<()> {
+    let Some(store) = prepare_database(&settings, &cancel).await? else {
+        return Ok(());
+    };
+    info!("database schema is up to date");
+
+    let owner = instance_name();
+    let rules = ingest_rules(&settings);
+    let layout = WindowLayout {
+        size: rules.window,
+        allowed_lateness_ms: rules.allowed_lateness_ms,
+    };
+    let pipeline = Arc::new(Pipeline::new(
+        settings.kafka.topic.clone(),
+        owner,
+        store,
+        PriceBook::from_settings(&settings.pricing),
+        layout,
+        settings.kafka.start_from,
+        settings.ingest.flush_interval,
+        settings.ingest.max_pending_events,
+        Aggregator::new(rules),
+        tokio::runtime::Handle::current(),
+        cancel.clone(),
+    ));
+    let consumer =
+        consumer::build_consumer(&settings.kafka, pipeline.clone()).context("cannot create the Kafka consumer")?;
+    let worker = tokio::task::spawn_blocking(move || consumer::consume(consumer, pipeline));
+    let result = worker.await.context("the consumer thread panicked")?;
+    // Whatever ended the consumer ends everything else too.
+    cancel.cancel();
+    result
+}
+
+/// `host-pid`: unique among live instances, readable in `partition_progress.owner`.
+pub fn instance_name() -> String {
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|h| h.trim().to_owned())
+        .unwrap_or_else(|_| "localhost".into());
+    format!("{host}-{}", std::process::id())
+}

@@ -1,0 +1,434 @@
+//! Decoding and validation of one usage event: raw Kafka payload in, a typed [`UsageEvent`] or a
+//! [`Rejection`] with a machine-readable code and a message a human can act on.
+
+use std::borrow::Cow;
+use std::collections::BTreeMap;
+use std::fmt;
+use std::str::FromStr;
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use rust_decimal::Decimal;
+use serde::Deserialize;
+use serde_json::value::RawValue;
+
+use crate::domain::{ComputeUnits, EventId, HardwareName, ModelName, NameError, StorageUnits};
+
+/// Largest T or S one event may carry. Far above any real request, low enough that a window's
+/// sums can never overflow the 96-bit decimal they are kept in.
+pub const MAX_QUANTITY: Decimal = Decimal::from_parts(0xA764_0000, 0x0DE0_B6B3, 0, false, 0); // 10^18
+/// At most this many labels per event, each key and value at most [`crate::domain::MAX_NAME_CHARS`].
+pub const MAX_LABELS: usize = 16;
+
+/// Labels as sorted pairs, so equal label sets compare and serialize identically.
+pub type Labels = BTreeMap<String, String>;
+
+/// One accepted request's usage.
+#[derive(Debug, Clone, PartialEq)]
+pub struct UsageEvent {
+    pub event_id: EventId,
+    pub timestamp: DateTime<Utc>,
+    pub model: ModelName,
+    pub hardware: HardwareName,
+    pub compute: ComputeUnits,
+    pub storage: StorageUnits,
+    pub labels: Labels,
+}
+
+/// The machine-readable part of a rejection; stored as its `as_str()` in `rejected_events`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum RejectCode {
+    EmptyPayload,
+    Oversized,
+    InvalidUtf8,
+    MalformedJson,
+    MissingField,
+    InvalidField,
+    FieldTooLong,
+    NegativeValue,
+    OutOfRange,
+    InvalidTimestamp,
+    FutureTimestamp,
+    TooOld,
+}
+
+impl RejectCode {
+    pub const ALL: [RejectCode; 12] = [
+        Self::EmptyPayload,
+        Self::Oversized,
+        Self::InvalidUtf8,
+        Self::MalformedJson,
+        Self::MissingField,
+        Self::InvalidField,
+        Self::FieldTooLong,
+        Self::NegativeValue,
+        Self::OutOfRange,
+        Self::InvalidTimestamp,
+        Self::FutureTimestamp,
+        Self::TooOld,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::EmptyPayload => "empty_payload",
+            Self::Oversized => "oversized",
+            Self::InvalidUtf8 => "invalid_utf8",
+            Self::MalformedJson => "malformed_json",
+            Self::MissingField => "missing_field",
+            Self::InvalidField => "invalid_field",
+            Self::FieldTooLong => "field_too_long",
+            Self::NegativeValue => "negative_value",
+            Self::OutOfRange => "out_of_range",
+            Self::InvalidTimestamp => "invalid_timestamp",
+            Self::FutureTimestamp => "future_timestamp",
+            Self::TooOld => "too_old",
+        }
+    }
+}
+
+impl fmt::Display for RejectCode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// Why an event was not accepted.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Rejection {
+    pub code: RejectCode,
+    pub message: String,
+}
+
+impl Rejection {
+    fn new(code: RejectCode, message: impl Into<String>) -> Self {
+        Self {
+            code,
+            message: message.into(),
+        }
+    }
+}
+
+impl fmt::Display for Rejection {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}: {}", self.code, self.message)
+    }
+}
+
+/// The limits an event is checked against; `now` comes from the caller so this stays pure.
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    pub max_event_bytes: usize,
+    pub max_future_skew: Duration,
+    pub max_event_age: Duration,
+}
+
+/// The wire form, borrowed from the payload so that a valid event costs few allocations.
+#[derive(Deserialize)]
+struct Wire<'a> {
+    #[serde(borrow)]
+    event_id: Cow<'a, str>,
+    #[serde(borrow)]
+    timestamp: Cow<'a, str>,
+    #[serde(borrow)]
+    model: Cow<'a, str>,
+    #[serde(borrow)]
+    hardware: Cow<'a, str>,
+    // Numbers are taken as raw JSON text and parsed as decimals, never through f64.
+    #[serde(borrow)]
+    compute: &'a RawValue,
+    #[serde(borrow)]
+    storage: &'a RawValue,
+    #[serde(default, borrow)]
+    labels: Option<BTreeMap<Cow<'a, str>, Cow<'a, str>>>,
+}
+
+/// Decodes and validates one Kafka payload (`None` is a tombstone or empty message).
+pub fn decode(payload: Option<&[u8]>, limits: &Limits, now: DateTime<Utc>) -> Result<UsageEvent, Rejection> {
+    let bytes = match payload {
+        Some(b) if !b.is_empty() => b,
+        _ => return Err(Rejection::new(RejectCode::EmptyPayload, "the message has no payload")),
+    };
+    if bytes.len() > limits.max_event_bytes {
+        return Err(Rejection::new(
+            RejectCode::Oversized,
+            format!(
+                "the message is {} bytes, the limit is {} (ingest.max_event_bytes)",
+                bytes.len(),
+                limits.max_event_bytes
+            ),
+        ));
+    }
+    let text = std::str::from_utf8(bytes)
+        .map_err(|e| Rejection::new(RejectCode::InvalidUtf8, format!("the payload is not valid UTF-8: {e}")))?;
+    let wire: Wire<'_> = serde_json::from_str(text).map_err(classify_json_error)?;
+
+    let event_id = name("event_id", wire.event_id, EventId::parse)?;
+    let model = name("model", wire.model, ModelName::parse)?;
+    let hardware = name("hardware", wire.hardware, HardwareName::parse)?;
+    let compute = ComputeUnits(quantity("compute", wire.compute)?);
+    let storage = StorageUnits(quantity("storage", wire.storage)?);
+    let timestamp = timestamp(&wire.timestamp, limits, now)?;
+    let labels = labels(wire.labels)?;
+
+    Ok(UsageEvent {
+        event_id,
+        timestamp,
+        model,
+        hardware,
+        compute,
+        storage,
+        labels,
+    })
+}
+
+fn classify_json_error(e: serde_json::Error) -> Rejection {
+    use serde_json::error::Category;
+    match e.classify() {
+        Category::Data if e.to_string().starts_with("missing field") => {
+            Rejection::new(RejectCode::MissingField, e.to_string())
+        }
+        Category::Data => Rejection::new(RejectCode::InvalidField, e.to_string()),
+        Category::Syntax | Category::Eof | Category::Io => {
+            Rejection::new(RejectCode::MalformedJson, format!("not a JSON object: {e}"))
+        }
+    }
+}
+
+fn name<T>(field: &str, value: Cow<'_, str>, parse: fn(String) -> Result<T, NameError>) -> Result<T, Rejection> {
+    parse(value.into_owned()).map_err(|e| {
+        let code = match e {
+            NameError::Empty => RejectCode::InvalidField,
+            NameError::TooLong(_) => RejectCode::FieldTooLong,
+        };
+        Rejection::new(code, format!("{field} {e}"))
+    })
+}
+
+fn quantity(field: &str, raw: &RawValue) -> Result<Decimal, Rejection> {
+    let text = raw.get();
+    let is_number = text.starts_with(|c: char| c == '-' || c.is_ascii_digit());
+    if !is_number {
+        return Err(Rejection::new(
+            RejectCode::InvalidField,
+            format!("{field} must be a JSON number, got {}", abbreviate(text)),
+        ));
+    }
+    let parsed = if text.contains(['e', 'E']) {
+        Decimal::from_scientific(text)
+    } else {
+        Decimal::from_str_exact(text)
+    };
+    let value = parsed.map_err(|_| {
+        Rejection::new(
+            RejectCode::OutOfRange,
+            format!("{field} {text} cannot be represented exactly (at most 28 significant digits)"),
+        )
+    })?;
+    if value < Decimal::ZERO {
+        return Err(Rejection::new(
+            RejectCode::NegativeValue,
+            format!("{field} must be >= 0, got {text}"),
+        ));
+    }
+    if value > MAX_QUANTITY {
+        return Err(Rejection::new(
+            RejectCode::OutOfRange,
+            format!("{field} {text} exceeds the limit of 1e18 per event"),
+        ));
+    }
+    // "-0" parses as a negative zero; normalize so it prints and stores as 0.
+    Ok(value.normalize())
+}
+
+fn timestamp(text: &str, limits: &Limits, now: DateTime<Utc>) -> Result<DateTime<Utc>, Rejection> {
+    let ts = DateTime::parse_from_rfc3339(text)
+        .map_err(|e| {
+            Rejection::new(
+                RejectCode::InvalidTimestamp,
+                format!("timestamp {} is not RFC 3339 ({e})", abbreviate(text)),
+            )
+        })?
+        .with_timezone(&Utc);
+    // chrono durations cannot overflow here: both limits were validated to be sane at startup.
+    let skew = chrono::Duration::from_std(limits.max_future_skew).unwrap_or(chrono::Duration::MAX);
+    let age = chrono::Duration::from_std(limits.max_event_age).unwrap_or(chrono::Duration::MAX);
+    if ts > now + skew {
+        return Err(Rejection::new(
+            RejectCode::FutureTimestamp,
+            format!(
+                "timestamp {text} is more than {} ahead of this host's clock ({})",
+                humantime::format_duration(limits.max_future_skew),
+                now.to_rfc3339()
+            ),
+        ));
+    }
+    if ts < now - age {
+        return Err(Rejection::new(
+            RejectCode::TooOld,
+            format!(
+                "timestamp {text} is older than {} (ingest.max_event_age)",
+                humantime::format_duration(limits.max_event_age)
+            ),
+        ));
+    }
+    Ok(ts)
+}
+
+fn labels(raw: Option<BTreeMap<Cow<'_, str>, Cow<'_, str>>>) -> Result<Labels, Rejection> {
+    let Some(raw) = raw else {
+        return Ok(Labels::new());
+    };
+    if raw.len() > MAX_LABELS {
+        return Err(Rejection::new(
+            RejectCode::FieldTooLong,
+            format!("labels has {} entries, the limit is {MAX_LABELS}", raw.len()),
+        ));
+    }
+    raw.into_iter()
+        .map(|(k, v)| {
+            for (what, s) in [("key", &k), ("value", &v)] {
+                let chars = s.chars().count();
+                if chars > crate::domain::MAX_NAME_CHARS {
+                    return Err(Rejection::new(
+                        RejectCode::FieldTooLong,
+                        format!(
+                            "label {what} {} is {chars} characters long, the limit is 128",
+                            abbreviate(s)
+                        ),
+                    ));
+                }
+            }
+            Ok((k.into_owned(), v.into_owned()))
+        })
+        .collect()
+}
+
+/// Keeps quoted input short in messages: a rejected 60 KB field should not become a 60 KB reason.
+fn abbreviate(s: &str) -> String {
+    const MAX: usize = 40;
+    if s.chars().count() <= MAX {
+        format!("{s:?}")
+    } else {
+        let head: String = s.chars().take(MAX).collect();
+        format!("{head:?}...")
+    }
+}
+
+/// Parses a decimal from user input (CLI flags), with the same exactness rules as events.
+pub fn parse_decimal(s: &str) -> Result<Decimal, String> {
+    Decimal::from_str_exact(s)
+        .or_else(|_| Decimal::from_str(s))
+        .or_else(|_| Decimal::from_scientific(s))
+        .map_err(|_| format!("{s:?} is not a decimal number"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn limits() -> Limits {
+        Limits {
+            max_event_bytes: 4096,
+            max_future_skew: Duration::from_secs(300),
+            max_event_age: Duration::from_secs(7 * 86400),
+        }
+    }
+
+    fn now() -> DateTime<Utc> {
+        "2026-11-29T03:05:00Z".parse().unwrap()
+    }
+
+    fn decode_str(s: &str) -> Result<UsageEvent, Rejection> {
+        decode(Some(s.as_bytes()), &limits(), now())
+    }
+
+    fn code_of(s: &str) -> RejectCode {
+        decode_str(s).unwrap_err().code
+    }
+
+    const GOOD: &str = r#"{"event_id": "req-7f3a", "timestamp": "2026-11-29T03:00:00.123Z", "model": "qwen2-7b-instruct",
+        "hardware": "a100-80g", "compute": 1234.5, "storage": 16.25, "labels": {"tenant": "search"}}"#;
+
+    #[test]
+    fn the_documented_event_decodes_exactly() {
+        let e = decode_str(GOOD).unwrap();
+        assert_eq!(e.event_id.as_str(), "req-7f3a");
+        assert_eq!(e.compute.to_string(), "1234.5");
+        assert_eq!(e.storage.to_string(), "16.25");
+        assert_eq!(e.timestamp.to_rfc3339(), "2026-11-29T03:00:00.123+00:00");
+        assert_eq!(e.labels.get("tenant").map(String::as_str), Some("search"));
+    }
+
+    #[test]
+    fn offsets_and_exponents_are_understood() {
+        let e = decode_str(
+            &GOOD
+                .replace("2026-11-29T03:00:00.123Z", "2026-11-29T04:00:00+01:00")
+                .replace("1234.5", "1.5e3"),
+        )
+        .unwrap();
+        assert_eq!(e.timestamp, "2026-11-29T03:00:00Z".parse::<DateTime<Utc>>().unwrap());
+        assert_eq!(e.compute.to_string(), "1500");
+    }
+
+    #[test]
+    fn every_kind_of_bad_input_has_its_code() {
+        assert_eq!(
+            decode(None, &limits(), now()).unwrap_err().code,
+            RejectCode::EmptyPayload
+        );
+        assert_eq!(
+            decode(Some(&[b'{', 0xff, b'}']), &limits(), now()).unwrap_err().code,
+            RejectCode::InvalidUtf8
+        );
+        assert_eq!(
+            decode(Some("x".repeat(5000).as_bytes()), &limits(), now())
+                .unwrap_err()
+                .code,
+            RejectCode::Oversized
+        );
+        assert_eq!(code_of("{not json"), RejectCode::MalformedJson);
+        assert_eq!(
+            code_of(&GOOD.replace(r#""model": "qwen2-7b-instruct","#, "")),
+            RejectCode::MissingField
+        );
+        assert_eq!(code_of(&GOOD.replace("1234.5", "\"1234.5\"")), RejectCode::InvalidField);
+        assert_eq!(code_of(&GOOD.replace("\"req-7f3a\"", "42")), RejectCode::InvalidField);
+        assert_eq!(code_of(&GOOD.replace("1234.5", "-1")), RejectCode::NegativeValue);
+        assert_eq!(code_of(&GOOD.replace("1234.5", "1e30")), RejectCode::OutOfRange);
+        assert_eq!(code_of(&GOOD.replace("1234.5", "NaN")), RejectCode::MalformedJson);
+        assert_eq!(
+            code_of(&GOOD.replace("qwen2-7b-instruct", &"m".repeat(129))),
+            RejectCode::FieldTooLong
+        );
+        assert_eq!(
+            code_of(&GOOD.replace("qwen2-7b-instruct", "")),
+            RejectCode::InvalidField
+        );
+        assert_eq!(
+            code_of(&GOOD.replace("2026-11-29T03:00:00.123Z", "yesterday")),
+            RejectCode::InvalidTimestamp
+        );
+        assert_eq!(
+            code_of(&GOOD.replace("2026-11-29T03:00:00.123Z", "2026-11-29T03:11:00Z")),
+            RejectCode::FutureTimestamp
+        );
+        assert_eq!(
+            code_of(&GOOD.replace("2026-11-29T03:00:00.123Z", "2026-11-01T00:00:00Z")),
+            RejectCode::TooOld
+        );
+    }
+
+    #[test]
+    fn messages_name_the_field_and_the_fix() {
+        let r = decode_str(&GOOD.replace("1234.5", "-1")).unwrap_err();
+        assert_eq!(r.to_string(), "negative_value: compute must be >= 0, got -1");
+        let r = decode_str(&GOOD.replace(r#""model": "qwen2-7b-instruct","#, "")).unwrap_err();
+        assert!(r.message.starts_with("missing field `model`"), "{r}");
+    }
+
+    #[test]
+    fn max_quantity_is_ten_to_the_eighteenth() {
+        assert_eq!(MAX_QUANTITY, Decimal::from(1_000_000_000_000_000_000u64));
+    }
+}

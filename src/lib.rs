@@ -1,0 +1,20 @@
+//! costwatch: prices AI inference usage from Kafka into exact per-window costs in PostgreSQL.
+//!
+//! The pipeline, stage by stage: [`config`] (settings) → [`consumer`] (Kafka) → [`event`]
+//! (decode and validate) → [`aggregate`] and [`window`] (event-time windows, dedup, lateness)
+//! → [`store`] (one transaction per flush) with [`pricing`] (the cost model). [`telemetry`]
+//! logs and counts, [`daemon`] wires it all, [`loadgen`] makes synthetic load.
+
+pub mod aggregate;
+pub mod cli;
+pub mod config;
+pub mod consumer;
+pub mod daemon;
+pub mod domain;
+pub mod event;
+pub mod loadgen;
+pub mod pricing;
+pub mod shutdown;
+pub mod store;
+pub mod telemetry;
+pub mod window;

@@ -1,0 +1,29 @@
+//! Shutdown: the first SIGTERM or Ctrl-C starts a graceful drain through one
+//! [`CancellationToken`]; a second one exits at once.
+
+use tokio_util::sync::CancellationToken;
+use tracing::{info, warn};
+
+/// Cancels `token` on the first SIGTERM/SIGINT; exits the process with 130 on the second.
+pub fn listen_for_signals(token: CancellationToken) {
+    tokio::spawn(async move {
+        let Ok(mut term) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) else {
+            warn!("cannot install the SIGTERM handler; only Ctrl-C will stop costwatch gracefully");
+            let _ = tokio::signal::ctrl_c().await;
+            token.cancel();
+            return;
+        };
+        tokio::select! {
+            _ = term.recv() => {}
+            _ = tokio::signal::ctrl_c() => {}
+        }
+        info!("shutdown requested; draining (send the signal again to exit at once)");
+        token.cancel();
+        tokio::select! {
+            _ = term.recv() => {}
+            _ = tokio::signal::ctrl_c() => {}
+        }
+        warn!("second signal: exiting without draining; unflushed usage is recounted on restart");
+        std::process::exit(130);
+    });
+}

@@ -1,0 +1,354 @@
+//! PostgreSQL: the schema, partition claims (fencing), and the one-transaction flush that writes
+//! window sums, rejections, dedup ids and offsets together.
+
+use std::str::FromStr;
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use rust_decimal::Decimal;
+use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
+use sqlx::{ConnectOptions, PgPool, Row};
+
+use crate::aggregate::{Claim, FlushBatch};
+use crate::pricing::PriceBook;
+use crate::window::{from_millis, WindowSize};
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("database.url is not a valid PostgreSQL URL: {0}")]
+    BadUrl(#[source] sqlx::Error),
+    #[error("partitions {0:?} were claimed by another instance since this one took them; its unflushed work for them is dropped")]
+    Fenced(Vec<i32>),
+    #[error("schema migration failed: {0}")]
+    Migrate(#[from] sqlx::migrate::MigrateError),
+    #[error("PostgreSQL error: {0}")]
+    Database(#[from] sqlx::Error),
+}
+
+impl StoreError {
+    /// True for errors that may go away by themselves (server down, connection dropped).
+    pub fn is_transient(&self) -> bool {
+        match self {
+            StoreError::Database(e) | StoreError::Migrate(sqlx::migrate::MigrateError::Execute(e)) => {
+                matches!(
+                    e,
+                    sqlx::Error::Io(_) | sqlx::Error::PoolTimedOut | sqlx::Error::PoolClosed | sqlx::Error::Tls(_)
+                ) || matches!(e, sqlx::Error::Database(db) if db.code().is_some_and(|c| {
+                    // 08: connection exception, 57P: operator intervention (shutdown), 40: rollback
+                    // (serialization failure, deadlock), 53: insufficient resources.
+                    c.starts_with("08") || c.starts_with("57P") || c.starts_with("40") || c.starts_with("53")
+                }))
+            }
+            _ => false,
+        }
+    }
+}
+
+static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
+
+/// How the window rows are stamped when written.
+#[derive(Debug, Clone, Copy)]
+pub struct WindowLayout {
+    pub size: WindowSize,
+    pub allowed_lateness_ms: i64,
+}
+
+#[derive(Clone, Debug)]
+pub struct Store {
+    pool: PgPool,
+}
+
+impl Store {
+    /// Connects (lazily: the first query opens the first connection).
+    pub fn connect_lazy(url: &str, max_connections: u32) -> Result<Self, StoreError> {
+        let options = PgConnectOptions::from_str(url)
+            .map_err(StoreError::BadUrl)?
+            .disable_statement_logging();
+        let pool = PgPoolOptions::new()
+            .max_connections(max_connections)
+            .acquire_timeout(Duration::from_secs(5))
+            .connect_lazy_with(options);
+        Ok(Self { pool })
+    }
+
+    pub fn pool(&self) -> &PgPool {
+        &self.pool
+    }
+
+    /// Creates the database named in `url` when it does not exist yet (needs CREATEDB; a failure
+    /// here is reported by the caller and the real connection error follows if it matters).
+    pub async fn create_database_if_missing(url: &str) -> Result<bool, StoreError> {
+        let options = PgConnectOptions::from_str(url).map_err(StoreError::BadUrl)?;
+        let Some(name) = options.get_database().map(str::to_owned) else {
+            return Ok(false);
+        };
+        let mut admin = options
+            .database("postgres")
+            .disable_statement_logging()
+            .connect()
+            .await?;
+        let exists: bool = sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM pg_database WHERE datname = $1)")
+            .bind(&name)
+            .fetch_one(&mut admin)
+            .await?;
+        if exists {
+            return Ok(false);
+        }
+        let quoted = format!("\"{}\"", name.replace('"', "\"\""));
+        match sqlx::query(&format!("CREATE DATABASE {quoted}"))
+            .execute(&mut admin)
+            .await
+        {
+            Ok(_) => Ok(true),
+            // 42P04: created concurrently by another instance; that is what we wanted.
+            Err(sqlx::Error::Database(db)) if db.code().as_deref() == Some("42P04") => Ok(false),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    pub async fn migrate(&self) -> Result<(), StoreError> {
+        MIGRATOR.run(&self.pool).await?;
+        Ok(())
+    }
+
+    pub async fn ping(&self) -> Result<(), StoreError> {
+        sqlx::query("SELECT 1").execute(&self.pool).await?;
+        Ok(())
+    }
+
+    /// Takes over `partitions` for `owner`: bumps each one's epoch (fencing out the previous
+    /// owner) and returns where it stands, with the dedup ids inside the horizon.
+    pub async fn claim(
+        &self,
+        topic: &str,
+        owner: &str,
+        partitions: &[i32],
+        dedup_horizon_ms: i64,
+    ) -> Result<Vec<Claim>, StoreError> {
+        let mut sorted = partitions.to_vec();
+        sorted.sort_unstable();
+        let mut tx = self.pool.begin().await?;
+        let rows = sqlx::query(
+            "INSERT INTO partition_progress (topic, partition, epoch, owner)
+             SELECT $1, p, 1, $3 FROM UNNEST($2::int4[]) AS p
+             ON CONFLICT (topic, partition) DO UPDATE
+               SET epoch = partition_progress.epoch + 1, owner = excluded.owner, claimed_at = now()
+             RETURNING partition, epoch, next_offset, watermark",
+        )
+        .bind(topic)
+        .bind(&sorted)
+        .bind(owner)
+        .fetch_all(&mut *tx)
+        .await?;
+        let seen_rows = sqlx::query(
+            "SELECT s.partition, s.event_id, s.event_time
+             FROM seen_event s JOIN partition_progress p USING (topic, partition)
+             WHERE s.topic = $1 AND s.partition = ANY($2)
+               AND s.event_time >= p.watermark - ($3::bigint * interval '1 millisecond')",
+        )
+        .bind(topic)
+        .bind(&sorted)
+        .bind(dedup_horizon_ms)
+        .fetch_all(&mut *tx)
+        .await?;
+        tx.commit().await?;
+
+        let mut claims: Vec<Claim> = rows
+            .iter()
+            .map(|r| Claim {
+                partition: r.get("partition"),
+                epoch: r.get("epoch"),
+                next_offset: r.get("next_offset"),
+                watermark: r.get("watermark"),
+                seen: Vec::new(),
+            })
+            .collect();
+        for r in seen_rows {
+            let partition: i32 = r.get("partition");
+            if let Some(c) = claims.iter_mut().find(|c| c.partition == partition) {
+                c.seen.push((r.get("event_id"), r.get("event_time")));
+            }
+        }
+        Ok(claims)
+    }
+
+    /// Writes a batch in one transaction. Offsets move only if this instance still holds each
+    /// partition's epoch; otherwise nothing is written and [`StoreError::Fenced`] names them.
+    pub async fn flush(
+        &self,
+        topic: &str,
+        batch: &FlushBatch,
+        prices: &PriceBook,
+        layout: WindowLayout,
+    ) -> Result<(), StoreError> {
+        let mut tx = self.pool.begin().await?;
+
+        // Progress first: it takes the partition rows' locks, so a concurrent claim either waits
+        // for this commit (and then reads its offsets) or has already fenced us out.
+        let partitions: Vec<i32> = batch.progress.iter().map(|p| p.partition).collect();
+        let epochs: Vec<i64> = batch.progress.iter().map(|p| p.epoch).collect();
+        let offsets: Vec<i64> = batch.progress.iter().map(|p| p.next_offset).collect();
+        let watermarks: Vec<Option<DateTime<Utc>>> = batch.progress.iter().map(|p| p.watermark).collect();
+        let updated: Vec<i32> = sqlx::query_scalar(
+            "UPDATE partition_progress AS p
+               SET next_offset = u.next_offset, watermark = COALESCE(u.watermark, p.watermark), updated_at = now()
+             FROM UNNEST($2::int4[], $3::int8[], $4::int8[], $5::timestamptz[]) AS u(partition, epoch, next_offset, watermark)
+             WHERE p.topic = $1 AND p.partition = u.partition AND p.epoch = u.epoch
+             RETURNING p.partition",
+        )
+        .bind(topic)
+        .bind(&partitions)
+        .bind(&epochs)
+        .bind(&offsets)
+        .bind(&watermarks)
+        .fetch_all(&mut *tx)
+        .await?;
+        if updated.len() != partitions.len() {
+            let fenced: Vec<i32> = partitions.iter().copied().filter(|p| !updated.contains(p)).collect();
+            tx.rollback().await?;
+            return Err(StoreError::Fenced(fenced));
+        }
+
+        if !batch.windows.is_empty() {
+            write_windows(&mut tx, batch, prices, layout).await?;
+        }
+
+        if !batch.rejected.is_empty() {
+            let r = &batch.rejected;
+            sqlx::query(
+                "INSERT INTO rejected_event (topic, partition, kafka_offset, reason_code, reason_message, payload, payload_text)
+                 SELECT $1, * FROM UNNEST($2::int4[], $3::int8[], $4::text[], $5::text[], $6::bytea[], $7::text[])
+                 ON CONFLICT (topic, partition, kafka_offset) DO NOTHING",
+            )
+            .bind(topic)
+            .bind(r.iter().map(|m| m.partition).collect::<Vec<_>>())
+            .bind(r.iter().map(|m| m.offset).collect::<Vec<_>>())
+            .bind(r.iter().map(|m| m.rejection.code.as_str()).collect::<Vec<_>>())
+            .bind(r.iter().map(|m| m.rejection.message.as_str()).collect::<Vec<_>>())
+            .bind(r.iter().map(|m| m.payload.as_slice()).collect::<Vec<_>>())
+            .bind(r.iter().map(|m| payload_text(&m.payload)).collect::<Vec<_>>())
+            .execute(&mut *tx)
+            .await?;
+        }
+
+        if !batch.seen.is_empty() {
+            let s = &batch.seen;
+            sqlx::query(
+                "INSERT INTO seen_event (topic, partition, event_id, event_time)
+                 SELECT $1, * FROM UNNEST($2::int4[], $3::text[], $4::timestamptz[])
+                 ON CONFLICT (topic, partition, event_id) DO NOTHING",
+            )
+            .bind(topic)
+            .bind(s.iter().map(|e| e.partition).collect::<Vec<_>>())
+            .bind(s.iter().map(|e| e.event_id.as_str()).collect::<Vec<_>>())
+            .bind(s.iter().map(|e| e.event_time).collect::<Vec<_>>())
+            .execute(&mut *tx)
+            .await?;
+        }
+
+        let forget: Vec<(i32, DateTime<Utc>)> = batch
+            .progress
+            .iter()
+            .filter_map(|p| Some((p.partition, p.forget_before?)))
+            .collect();
+        if !forget.is_empty() {
+            sqlx::query(
+                "DELETE FROM seen_event s USING UNNEST($2::int4[], $3::timestamptz[]) AS u(partition, before)
+                 WHERE s.topic = $1 AND s.partition = u.partition AND s.event_time < u.before",
+            )
+            .bind(topic)
+            .bind(forget.iter().map(|f| f.0).collect::<Vec<_>>())
+            .bind(forget.iter().map(|f| f.1).collect::<Vec<_>>())
+            .execute(&mut *tx)
+            .await?;
+        }
+
+        tx.commit().await?;
+        Ok(())
+    }
+}
+
+async fn write_windows(
+    tx: &mut sqlx::Transaction<'_, sqlx::Postgres>,
+    batch: &FlushBatch,
+    prices: &PriceBook,
+    layout: WindowLayout,
+) -> Result<(), StoreError> {
+    let n = batch.windows.len();
+    let mut starts = Vec::with_capacity(n);
+    let mut ends = Vec::with_capacity(n);
+    let mut finals = Vec::with_capacity(n);
+    let mut models = Vec::with_capacity(n);
+    let mut hardware = Vec::with_capacity(n);
+    let mut labels = Vec::with_capacity(n);
+    let mut events = Vec::with_capacity(n);
+    let mut late = Vec::with_capacity(n);
+    let mut compute = Vec::with_capacity(n);
+    let mut storage = Vec::with_capacity(n);
+    let mut compute_price: Vec<Option<Decimal>> = Vec::with_capacity(n);
+    let mut storage_price: Vec<Option<Decimal>> = Vec::with_capacity(n);
+    let mut k1: Vec<Option<Decimal>> = Vec::with_capacity(n);
+    let mut k2: Vec<Option<Decimal>> = Vec::with_capacity(n);
+    for (key, sums) in &batch.windows {
+        let end_ms = key.start_ms + layout.size.millis();
+        starts.push(from_millis(key.start_ms));
+        ends.push(from_millis(end_ms));
+        finals.push(from_millis(end_ms + layout.allowed_lateness_ms));
+        models.push(key.model.as_str());
+        hardware.push(key.hardware.as_str());
+        // BTreeMap serializes with sorted keys, so one label set always has one text form.
+        labels.push(serde_json::to_string(&key.labels).unwrap_or_else(|_| "{}".into()));
+        events.push(sums.events);
+        late.push(sums.late_events);
+        compute.push(sums.compute.value());
+        storage.push(sums.storage.value());
+        let rates = prices.rates(&key.model, &key.hardware);
+        compute_price.push(rates.map(|r| r.compute_price.value()));
+        storage_price.push(rates.map(|r| r.storage_price.value()));
+        k1.push(rates.map(|r| r.k1.value()));
+        k2.push(rates.map(|r| r.k2.value()));
+    }
+    sqlx::query(
+        "INSERT INTO window_usage AS w (window_start, window_end, finalizes_at, model, hardware, labels,
+                events, late_events, compute, storage, compute_price, storage_price, k1, k2, currency)
+         SELECT s, e, f, m, h, l::jsonb, ev, le, c, st, cp, sp, a, b, $15
+         FROM UNNEST($1::timestamptz[], $2::timestamptz[], $3::timestamptz[], $4::text[], $5::text[], $6::text[],
+                     $7::int8[], $8::int8[], $9::numeric[], $10::numeric[], $11::numeric[], $12::numeric[],
+                     $13::numeric[], $14::numeric[])
+              AS t(s, e, f, m, h, l, ev, le, c, st, cp, sp, a, b)
+         ON CONFLICT (window_start, model, hardware, labels) DO UPDATE SET
+             events = w.events + excluded.events,
+             late_events = w.late_events + excluded.late_events,
+             compute = w.compute + excluded.compute,
+             storage = w.storage + excluded.storage,
+             compute_price = excluded.compute_price,
+             storage_price = excluded.storage_price,
+             k1 = excluded.k1,
+             k2 = excluded.k2,
+             currency = excluded.currency,
+             updated_at = now()",
+    )
+    .bind(&starts)
+    .bind(&ends)
+    .bind(&finals)
+    .bind(&models)
+    .bind(&hardware)
+    .bind(&labels)
+    .bind(&events)
+    .bind(&late)
+    .bind(&compute)
+    .bind(&storage)
+    .bind(&compute_price)
+    .bind(&storage_price)
+    .bind(&k1)
+    .bind(&k2)
+    .bind(prices.currency())
+    .execute(&mut **tx)
+    .await?;
+    Ok(())
+}
+
+/// The payload as text when PostgreSQL can hold it as text (valid UTF-8, no NUL byte).
+fn payload_text(payload: &[u8]) -> Option<&str> {
+    std::str::from_utf8(payload).ok().filter(|s| !s.contains('\0'))
+}

@@ -1,0 +1,342 @@
+//! Test harness: a fresh database and a fresh topic per test, the real `costwatch` binary as a
+//! child process, and readers for what a user would query.
+#![allow(dead_code)]
+
+use std::collections::BTreeMap;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::str::FromStr;
+use std::time::{Duration, Instant};
+
+use costwatch::loadgen::{self, Message};
+use rand::Rng;
+use rust_decimal::Decimal;
+use sqlx::postgres::PgPoolOptions;
+use sqlx::{PgPool, Row};
+
+pub fn brokers() -> String {
+    std::env::var("COSTWATCH_TEST_BROKERS").unwrap_or_else(|_| "127.0.0.1:9092".into())
+}
+
+fn admin_url() -> String {
+    std::env::var("COSTWATCH_TEST_DATABASE_URL")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".into())
+}
+
+fn random_suffix() -> String {
+    let n: u64 = rand::thread_rng().gen();
+    format!("{n:016x}")
+}
+
+/// One test's world: its database, topic, config file and scratch directory.
+pub struct World {
+    pub db_url: String,
+    pub pool: PgPool,
+    pub topic: String,
+    pub dir: tempfile::TempDir,
+}
+
+impl World {
+    /// A fresh database and a topic with `partitions` partitions.
+    pub async fn new(partitions: i32) -> World {
+        let name = format!("cw_test_{}", random_suffix());
+        let admin = PgPoolOptions::new()
+            .max_connections(1)
+            .connect(&admin_url())
+            .await
+            .expect("PostgreSQL must be running for the integration tests (scripts/postgres.sh)");
+        sqlx::query(&format!("CREATE DATABASE {name}"))
+            .execute(&admin)
+            .await
+            .unwrap();
+        admin.close().await;
+        let base = admin_url();
+        let db_url = format!("{}/{name}", &base[..base.rfind('/').unwrap()]);
+        let pool = PgPoolOptions::new().max_connections(4).connect(&db_url).await.unwrap();
+        let topic = format!("cw-test-{}", random_suffix());
+        loadgen::ensure_topic(&brokers(), &topic, partitions)
+            .await
+            .expect("the broker must be running for the integration tests (scripts/broker.sh)");
+        World {
+            db_url,
+            pool,
+            topic,
+            dir: tempfile::tempdir().unwrap(),
+        }
+    }
+
+    /// Writes a config for this world; `extra` is appended (TOML) and may override sections
+    /// that are not already in the base (ingest, windows) .
+    pub fn config(&self, extra: &str) -> PathBuf {
+        let path = self.dir.path().join(format!("costwatch-{}.toml", random_suffix()));
+        let has = |section: &str| extra.contains(&format!("[{section}]"));
+        let mut text = format!(
+            r#"
+[kafka]
+brokers = "{brokers}"
+topic = "{topic}"
+group_id = "{topic}-group"
+session_timeout = "6s"
+
+[database]
+url = "{db}"
+
+[http]
+listen = "127.0.0.1:0"
+"#,
+            brokers = brokers(),
+            topic = self.topic,
+            db = self.db_url
+        );
+        if !has("windows") {
+            text.push_str("\n[windows]\nsize = \"1m\"\nallowed_lateness = \"5m\"\n");
+        }
+        if !has("ingest") {
+            text.push_str("\n[ingest]\nflush_interval = \"200ms\"\n");
+        }
+        if !has("pricing") {
+            text.push_str(
+                r#"
+[pricing]
+currency = "USD"
+
+[[pricing.hardware]]
+name = "a100-80g"
+compute_price = "0.1"
+storage_price = "0.2"
+
+[[pricing.hardware]]
+name = "hw-0"
+compute_price = "0.0004"
+storage_price = "0.00002"
+
+[[pricing.hardware]]
+name = "hw-1"
+compute_price = "0.00025"
+storage_price = "0.00002"
+
+[[pricing.coefficients]]
+model = "qwen2-7b-instruct"
+hardware = "a100-80g"
+k1 = "0.5"
+k2 = "0.8"
+
+[[pricing.coefficients]]
+model = "model-0"
+hardware = "hw-0"
+k1 = "1.1"
+k2 = "0.9"
+"#,
+            );
+        }
+        text.push_str(extra);
+        std::fs::File::create(&path)
+            .unwrap()
+            .write_all(text.as_bytes())
+            .unwrap();
+        path
+    }
+
+    pub fn start(&self, config: &Path) -> Daemon {
+        Daemon::start(config, &self.dir.path().join(format!("daemon-{}.log", random_suffix())))
+    }
+
+    pub async fn produce(&self, messages: Vec<Message>) {
+        let topic = self.topic.clone();
+        tokio::task::spawn_blocking(move || loadgen::send(&brokers(), &topic, &messages, 0))
+            .await
+            .unwrap()
+            .unwrap();
+    }
+
+    /// Per (model, hardware): events, compute, storage, as `usage_costs` reports them.
+    pub async fn totals(&self) -> BTreeMap<(String, String), (i64, Decimal, Decimal)> {
+        sqlx::query(
+            "SELECT model, hardware, sum(events)::int8 AS events, sum(compute) AS compute, sum(storage) AS storage
+             FROM usage_costs GROUP BY model, hardware",
+        )
+        .fetch_all(&self.pool)
+        .await
+        .unwrap_or_default()
+        .into_iter()
+        .map(|r| {
+            (
+                (r.get("model"), r.get("hardware")),
+                (r.get("events"), r.get("compute"), r.get("storage")),
+            )
+        })
+        .collect()
+    }
+
+    pub async fn accepted_events(&self) -> i64 {
+        sqlx::query_scalar("SELECT COALESCE(sum(events), 0)::int8 FROM usage_costs")
+            .fetch_one(&self.pool)
+            .await
+            .unwrap_or(0)
+    }
+
+    pub async fn rejected_count(&self) -> i64 {
+        sqlx::query_scalar("SELECT count(*) FROM rejected_events")
+            .fetch_one(&self.pool)
+            .await
+            .unwrap_or(0)
+    }
+
+    /// Sum of stored next offsets over partitions: the number of messages consumed.
+    pub async fn consumed(&self) -> i64 {
+        sqlx::query_scalar("SELECT COALESCE(sum(next_offset), 0)::int8 FROM partition_progress")
+            .fetch_one(&self.pool)
+            .await
+            .unwrap_or(0)
+    }
+
+    /// Waits until everything the topic holds now has been consumed and stored: the stored
+    /// offsets reach each partition's end. (Counting produced messages is not enough: a
+    /// producer retry can write one message twice.)
+    pub async fn wait_drained(&self, at_least: u64, timeout: Duration) {
+        let topic = self.topic.clone();
+        let end: i64 = tokio::task::spawn_blocking(move || {
+            use rdkafka::consumer::{BaseConsumer, Consumer};
+            let consumer: BaseConsumer = rdkafka::ClientConfig::new()
+                .set("bootstrap.servers", brokers())
+                .create()
+                .unwrap();
+            let metadata = consumer.fetch_metadata(Some(&topic), Duration::from_secs(10)).unwrap();
+            metadata.topics()[0]
+                .partitions()
+                .iter()
+                .map(|p| {
+                    consumer
+                        .fetch_watermarks(&topic, p.id(), Duration::from_secs(10))
+                        .unwrap()
+                        .1
+                })
+                .sum()
+        })
+        .await
+        .unwrap();
+        self.wait_consumed(end.max(at_least as i64), timeout).await;
+    }
+
+    /// Waits until every one of `messages` produced messages has been consumed and stored.
+    pub async fn wait_consumed(&self, messages: i64, timeout: Duration) {
+        let started = Instant::now();
+        loop {
+            let consumed = self.consumed().await;
+            if consumed >= messages {
+                return;
+            }
+            assert!(
+                started.elapsed() < timeout,
+                "only {consumed} of {messages} messages were consumed within {timeout:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+}
+
+/// A running `costwatch run`, logging to a file that is printed if the test fails.
+pub struct Daemon {
+    child: Option<Child>,
+    pub log: PathBuf,
+}
+
+impl Daemon {
+    pub fn start(config: &Path, log: &Path) -> Daemon {
+        let out = std::fs::OpenOptions::new().create(true).append(true).open(log).unwrap();
+        let child = Command::new(env!("CARGO_BIN_EXE_costwatch"))
+            .args(["run", "--config"])
+            .arg(config)
+            .env("RUST_LOG", "info,costwatch=debug")
+            .stdout(Stdio::null())
+            .stderr(out)
+            .spawn()
+            .expect("cannot start costwatch");
+        Daemon {
+            child: Some(child),
+            log: log.to_path_buf(),
+        }
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().unwrap().id()
+    }
+
+    /// SIGKILL: no chance to flush or leave the group.
+    pub fn kill9(&mut self) {
+        let mut child = self.child.take().unwrap();
+        child.kill().unwrap();
+        child.wait().unwrap();
+    }
+
+    /// SIGTERM, then waits for the exit.
+    pub fn terminate(&mut self, timeout: Duration) -> ExitStatus {
+        let mut child = self.child.take().unwrap();
+        Command::new("kill")
+            .args(["-TERM", &child.id().to_string()])
+            .status()
+            .unwrap();
+        let started = Instant::now();
+        loop {
+            if let Some(status) = child.try_wait().unwrap() {
+                return status;
+            }
+            if started.elapsed() > timeout {
+                let _ = child.kill();
+                panic!(
+                    "costwatch did not exit within {timeout:?} of SIGTERM; log:\n{}",
+                    self.log_text()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    pub fn is_running(&mut self) -> bool {
+        self.child.as_mut().is_some_and(|c| c.try_wait().unwrap().is_none())
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+            if std::thread::panicking() {
+                eprintln!("--- costwatch log ({}) ---\n{}", self.log.display(), self.log_text());
+            }
+        }
+    }
+}
+
+/// One well-formed event.
+pub fn event(id: &str, ts: &str, model: &str, hardware: &str, compute: &str, storage: &str) -> Message {
+    Message {
+        key: id.to_owned(),
+        payload: format!(
+            r#"{{"event_id":"{id}","timestamp":"{ts}","model":"{model}","hardware":"{hardware}","compute":{compute},"storage":{storage}}}"#
+        )
+        .into_bytes(),
+    }
+}
+
+pub fn raw(key: &str, payload: impl Into<Vec<u8>>) -> Message {
+    Message {
+        key: key.to_owned(),
+        payload: payload.into(),
+    }
+}
+
+/// An RFC 3339 timestamp `ago` before now.
+pub fn ago(ago: Duration) -> String {
+    (chrono::Utc::now() - chrono::Duration::from_std(ago).unwrap()).to_rfc3339()
+}
+
+pub fn dec(s: &str) -> Decimal {
+    Decimal::from_str(s).unwrap()
+}

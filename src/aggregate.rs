@@ -329,6 +329,11 @@ impl Aggregator {
         }
     }
 
+    /// Each owned partition with the next offset it will count.
+    pub fn positions(&self) -> Vec<(i32, Option<i64>)> {
+        self.partitions.iter().map(|(p, s)| (*p, s.next_offset)).collect()
+    }
+
     /// Messages taken in since the last flush, over all partitions.
     pub fn pending_messages(&self) -> usize {
         self.partitions.values().map(|p| p.messages_since_flush).sum()

@@ -8,14 +8,13 @@ use anyhow::{bail, Context};
 use chrono::{DateTime, Utc};
 use clap::{Args, Parser, Subcommand};
 use rust_decimal::Decimal;
-use serde::Serialize;
 use tokio_util::sync::CancellationToken;
 use tracing::{error, info};
 
 use crate::config::{ConfigError, Settings};
 use crate::domain::{Coefficient, ComputeUnits, HardwareName, ModelName, StorageUnits, UnitPrice};
 use crate::event::parse_decimal;
-use crate::pricing::{PriceBook, Rates};
+use crate::pricing::{EstimateRequest, PriceBook};
 use crate::{daemon, loadgen, shutdown, telemetry};
 
 /// Exit code for invalid configuration or usage (EX_USAGE), before anything starts.
@@ -171,16 +170,22 @@ fn load(path: Option<&std::path::Path>) -> anyhow::Result<Settings> {
 }
 
 async fn run(settings: Settings) -> anyhow::Result<()> {
-    let listen: std::net::SocketAddr = settings.http.listen.parse().context("http.listen")?;
-    metrics_exporter_prometheus::PrometheusBuilder::new()
-        .with_http_listener(listen)
-        .install()
-        .with_context(|| format!("cannot serve metrics on {listen} (http.listen)"))?;
+    let handle = metrics_exporter_prometheus::PrometheusBuilder::new()
+        .install_recorder()
+        .context("cannot install the metrics recorder")?;
     telemetry::describe_metrics();
-    info!(%listen, "serving metrics");
+    // We render /metrics ourselves, so the exporter's periodic upkeep (histogram draining) is ours.
+    let upkeep = handle.clone();
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(std::time::Duration::from_secs(5));
+        loop {
+            tick.tick().await;
+            upkeep.run_upkeep();
+        }
+    });
     let cancel = CancellationToken::new();
     shutdown::listen_for_signals(cancel.clone());
-    let result = daemon::run(settings, cancel).await;
+    let result = daemon::run(settings, Some(handle), cancel).await;
     match &result {
         Ok(()) => info!("stopped cleanly"),
         Err(e) => error!(error = %format!("{e:#}"), "stopped on error"),
@@ -188,89 +193,48 @@ async fn run(settings: Settings) -> anyhow::Result<()> {
     result
 }
 
-#[derive(Serialize)]
-struct EstimateOutput {
-    compute: ComputeUnits,
-    storage: StorageUnits,
-    #[serde(flatten)]
-    rates: Rates,
-    compute_cost: String,
-    storage_cost: String,
-    total_cost: String,
-    currency: Option<String>,
-}
-
 fn estimate(config: Option<&std::path::Path>, args: &EstimateArgs) -> anyhow::Result<()> {
-    let (mut rates, currency) = match (&args.model, &args.hardware, args.compute_price, args.storage_price) {
-        (Some(model), Some(hardware), _, _) => {
-            let Some(path) = config else {
-                bail!("--model/--hardware read the price book: pass --config FILE (or set COSTWATCH_CONFIG)");
-            };
-            let settings = load(Some(path))?;
-            let book = PriceBook::from_settings(&settings.pricing);
-            let model = ModelName::parse(model.as_str()).context("--model")?;
-            let hardware = HardwareName::parse(hardware.as_str()).context("--hardware")?;
-            let Some(rates) = book.rates(&model, &hardware) else {
-                bail!(
-                    "hardware {hardware} has no price in the price book (pricing.hardware), so its usage is unpriced"
-                );
-            };
-            (rates, Some(book.currency().to_owned()))
-        }
-        (_, _, Some(compute_price), Some(storage_price)) => (
-            Rates {
-                compute_price: UnitPrice(compute_price),
-                storage_price: UnitPrice(storage_price),
-                k1: Coefficient::ONE,
-                k2: Coefficient::ONE,
-            },
-            None,
-        ),
-        _ => bail!("give either --compute-price and --storage-price, or --model and --hardware with --config"),
+    let uses_book = args.model.is_some();
+    let book = match (uses_book, config) {
+        (true, Some(path)) => Some(PriceBook::from_settings(&load(Some(path))?.pricing)),
+        (true, None) => bail!("--model/--hardware read the price book: pass --config FILE (or set COSTWATCH_CONFIG)"),
+        (false, _) => None,
     };
-    if let Some(k1) = args.k1 {
-        rates.k1 = Coefficient(k1);
-    }
-    if let Some(k2) = args.k2 {
-        rates.k2 = Coefficient(k2);
-    }
-    for (name, v) in [
-        ("--compute", args.compute),
-        ("--storage", args.storage),
-        ("--compute-price", rates.compute_price.0),
-        ("--storage-price", rates.storage_price.0),
-        ("--k1", rates.k1.0),
-        ("--k2", rates.k2.0),
-    ] {
-        if v < Decimal::ZERO {
-            bail!("{name} must not be negative, got {v}");
-        }
-    }
-    let compute = ComputeUnits(args.compute);
-    let storage = StorageUnits(args.storage);
-    let cost = rates.price(compute, storage)?;
+    let request = EstimateRequest {
+        compute: ComputeUnits(args.compute),
+        storage: StorageUnits(args.storage),
+        compute_price: args.compute_price.map(UnitPrice),
+        storage_price: args.storage_price.map(UnitPrice),
+        k1: args.k1.map(Coefficient),
+        k2: args.k2.map(Coefficient),
+        model: args
+            .model
+            .as_deref()
+            .map(ModelName::parse)
+            .transpose()
+            .context("--model")?,
+        hardware: args
+            .hardware
+            .as_deref()
+            .map(HardwareName::parse)
+            .transpose()
+            .context("--hardware")?,
+    };
+    let e = request.price(book.as_ref())?;
     if args.json {
-        let out = EstimateOutput {
-            compute,
-            storage,
-            rates,
-            compute_cost: cost.compute_cost.to_string(),
-            storage_cost: cost.storage_cost.to_string(),
-            total_cost: cost.total_cost.to_string(),
-            currency,
-        };
-        println!("{}", serde_json::to_string_pretty(&out)?);
+        println!("{}", serde_json::to_string_pretty(&e)?);
     } else {
-        let unit = currency.map(|c| format!(" {c}")).unwrap_or_default();
+        let unit = e.currency.map(|c| format!(" {c}")).unwrap_or_default();
+        let (r, c) = (e.rates, e.cost);
         println!(
             "compute  {} = C_C {} x k1 {} x T {}{unit}",
-            cost.compute_cost, rates.compute_price, rates.k1, compute
+            c.compute_cost, r.compute_price, r.k1, e.compute
         );
         println!(
             "storage  {} = C_S {} x k2 {} x S {}{unit}",
-            cost.storage_cost, rates.storage_price, rates.k2, storage
+            c.storage_cost, r.storage_price, r.k2, e.storage
         );
-        println!("total    {}{unit}", cost.total_cost);
+        println!("total    {}{unit}", c.total_cost);
     }
     Ok(())
 }

@@ -8,9 +8,9 @@ use std::str::FromStr;
 use std::time::Duration;
 
 use rust_decimal::Decimal;
-use serde::{Deserialize, Deserializer};
+use serde::Deserialize;
 
-use crate::domain::{Coefficient, HardwareName, ModelName, UnitPrice};
+use crate::domain::{exact_decimal, Coefficient, HardwareName, ModelName, UnitPrice};
 
 /// The environment prefix; keys below it are separated by `__`, e.g. `COSTWATCH__KAFKA__BROKERS`.
 pub const ENV_PREFIX: &str = "COSTWATCH";
@@ -28,6 +28,8 @@ pub struct Settings {
     pub pricing: PricingSettings,
     #[serde(default)]
     pub http: HttpSettings,
+    #[serde(default)]
+    pub metrics: MetricsSettings,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -171,18 +173,52 @@ pub struct CoefficientEntry {
     pub k2: Coefficient,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct HttpSettings {
-    /// Where `/metrics` and the health endpoints listen.
+    /// Where `/metrics`, the health endpoints and the API listen.
     #[serde(default = "defaults::http_listen")]
     pub listen: String,
+    /// When set, `/api/v1/*` requires `Authorization: Bearer <token>`. Never logged; prefer
+    /// `COSTWATCH__HTTP__API_TOKEN` over the file.
+    #[serde(default)]
+    pub api_token: Option<String>,
+}
+
+impl fmt::Debug for HttpSettings {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("HttpSettings")
+            .field("listen", &self.listen)
+            .field("api_token", &self.api_token.as_ref().map(|_| "<redacted>"))
+            .finish()
+    }
 }
 
 impl Default for HttpSettings {
     fn default() -> Self {
         Self {
             listen: defaults::http_listen(),
+            api_token: None,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MetricsSettings {
+    /// Distinct models that get their own label value; the rest are reported as `other`.
+    #[serde(default = "defaults::max_models")]
+    pub max_models: usize,
+    /// Distinct hardware targets that get their own label value; the rest are `other`.
+    #[serde(default = "defaults::max_hardware")]
+    pub max_hardware: usize,
+}
+
+impl Default for MetricsSettings {
+    fn default() -> Self {
+        Self {
+            max_models: defaults::max_models(),
+            max_hardware: defaults::max_hardware(),
         }
     }
 }
@@ -220,53 +256,14 @@ mod defaults {
     pub fn max_pending_events() -> usize {
         200_000
     }
+    pub fn max_models() -> usize {
+        100
+    }
+    pub fn max_hardware() -> usize {
+        50
+    }
     pub fn http_listen() -> String {
         "127.0.0.1:9464".to_owned()
-    }
-}
-
-/// Accepts `"0.1"` or `1`, refuses `0.1`: a TOML float has already lost exactness by the time
-/// we see it, so it is better to ask for a string than to price with a rounded number.
-fn exact_decimal<'de, D, T>(d: D) -> Result<T, D::Error>
-where
-    D: Deserializer<'de>,
-    T: From<Decimal>,
-{
-    struct Visitor;
-    impl serde::de::Visitor<'_> for Visitor {
-        type Value = Decimal;
-        fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-            f.write_str("a decimal number written as a string, e.g. \"0.1\"")
-        }
-        fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<Decimal, E> {
-            Decimal::from_str_exact(v.trim())
-                .or_else(|_| Decimal::from_scientific(v.trim()))
-                .map_err(|_| E::custom(format!("{v:?} is not a decimal number")))
-        }
-        fn visit_i64<E: serde::de::Error>(self, v: i64) -> Result<Decimal, E> {
-            Ok(Decimal::from(v))
-        }
-        fn visit_u64<E: serde::de::Error>(self, v: u64) -> Result<Decimal, E> {
-            Ok(Decimal::from(v))
-        }
-        fn visit_f64<E: serde::de::Error>(self, v: f64) -> Result<Decimal, E> {
-            Err(E::custom(format!(
-                "write {v} as a string (\"{v}\") so that it stays an exact decimal"
-            )))
-        }
-    }
-    d.deserialize_any(Visitor).map(T::from)
-}
-
-impl From<Decimal> for UnitPrice {
-    fn from(d: Decimal) -> Self {
-        UnitPrice(d)
-    }
-}
-
-impl From<Decimal> for Coefficient {
-    fn from(d: Decimal) -> Self {
-        Coefficient(d)
     }
 }
 
@@ -402,6 +399,19 @@ impl Settings {
                 "http.listen: {:?} is not an address such as 127.0.0.1:9464",
                 self.http.listen
             ),
+        );
+
+        require(
+            self.http.api_token.as_ref().is_none_or(|t| t.len() >= 16),
+            "http.api_token: must be at least 16 characters".into(),
+        );
+        require(
+            self.metrics.max_models >= 1,
+            "metrics.max_models: must be at least 1".into(),
+        );
+        require(
+            self.metrics.max_hardware >= 1,
+            "metrics.max_hardware: must be at least 1".into(),
         );
 
         if problems.is_empty() {

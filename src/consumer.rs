@@ -16,6 +16,7 @@ use rdkafka::config::{ClientConfig, RDKafkaLogLevel};
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext, RebalanceProtocol};
 use rdkafka::error::KafkaError;
 use rdkafka::message::Message;
+use rdkafka::statistics::Statistics;
 use rdkafka::{Offset, TopicPartitionList};
 use tokio::runtime::Handle;
 use tokio_util::sync::CancellationToken;
@@ -23,6 +24,7 @@ use tracing::{debug, error, info, warn};
 
 use crate::aggregate::{Aggregator, FlushBatch, Outcome};
 use crate::config::{KafkaSettings, StartFrom};
+use crate::http::Health;
 use crate::pricing::PriceBook;
 use crate::store::{Store, StoreError, WindowLayout};
 use crate::telemetry;
@@ -40,6 +42,7 @@ pub struct Pipeline {
     pub max_pending_events: usize,
     pub runtime: Handle,
     pub cancel: CancellationToken,
+    pub health: Arc<Health>,
     aggregator: Mutex<Aggregator>,
 }
 
@@ -57,6 +60,7 @@ impl Pipeline {
         aggregator: Aggregator,
         runtime: Handle,
         cancel: CancellationToken,
+        health: Arc<Health>,
     ) -> Self {
         Self {
             topic,
@@ -69,6 +73,7 @@ impl Pipeline {
             max_pending_events,
             runtime,
             cancel,
+            health,
             aggregator: Mutex::new(aggregator),
         }
     }
@@ -98,6 +103,7 @@ impl Pipeline {
             match claimed {
                 Ok(claims) => break claims,
                 Err(error) => {
+                    telemetry::claim_failed();
                     let wait = backoff.next_wait();
                     error!(%error, ?partitions, retry_in = ?wait, "cannot claim assigned partitions, retrying");
                     if self.sleep_unless_cancelled(wait) {
@@ -125,8 +131,14 @@ impl Pipeline {
         }
         let mut agg = self.aggregator();
         agg.assign(claims);
-        telemetry::assignment(agg.owned().len(), agg.watermark());
+        self.report_assignment(&agg);
         true
+    }
+
+    fn report_assignment(&self, agg: &Aggregator) {
+        let owned = agg.owned().len();
+        self.health.set_assigned(owned);
+        telemetry::assignment(owned, agg.watermark());
     }
 
     /// Sleeps up to `d`; true when shutdown began meanwhile.
@@ -157,7 +169,7 @@ impl Pipeline {
                     let mut agg = self.aggregator();
                     agg.flushed(&batch);
                     telemetry::flush_committed(&batch, &self.prices, started.elapsed());
-                    telemetry::assignment(agg.owned().len(), agg.watermark());
+                    self.report_assignment(&agg);
                     drop(agg);
                     self.commit_to_kafka(consumer, &batch);
                     debug!(
@@ -213,6 +225,19 @@ impl ClientContext for KafkaContext {
         }
     }
 
+    /// librdkafka's periodic statistics carry each partition's log end (`hi_offset`); lag is
+    /// measured against the offset PostgreSQL will resume from, not the Kafka commit.
+    fn stats(&self, statistics: Statistics) {
+        let Some(topic) = statistics.topics.get(&self.pipeline.topic) else {
+            return;
+        };
+        for (partition, next) in self.pipeline.aggregator().positions() {
+            if let Some(p) = topic.partitions.get(&partition).filter(|p| p.hi_offset >= 0) {
+                telemetry::partition_lag(partition, p.hi_offset - next.unwrap_or(0));
+            }
+        }
+    }
+
     fn error(&self, error: KafkaError, reason: &str) {
         telemetry::broker_error();
         warn!(%error, reason, "kafka client error; librdkafka retries by itself");
@@ -253,7 +278,7 @@ impl ConsumerContext for KafkaContext {
                 }
                 let mut agg = self.pipeline.aggregator();
                 agg.drop_partitions(&partitions);
-                telemetry::assignment(agg.owned().len(), agg.watermark());
+                self.pipeline.report_assignment(&agg);
                 drop(agg);
                 info!(?partitions, "partitions revoked");
                 let unassigned = if cooperative {
@@ -315,6 +340,7 @@ pub fn consume(consumer: BaseConsumer<KafkaContext>, pipeline: Arc<Pipeline>) ->
     let mut last_flush = Instant::now();
     let mut retry: Option<(Instant, Backoff)> = None;
     while !pipeline.cancel.is_cancelled() {
+        pipeline.health.polled();
         match consumer.poll(Duration::from_millis(100)) {
             None => {}
             Some(Err(error)) => {

@@ -4,6 +4,7 @@
 use std::sync::Arc;
 
 use anyhow::Context;
+use metrics_exporter_prometheus::PrometheusHandle;
 use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
 
@@ -11,8 +12,10 @@ use crate::aggregate::{millis, Aggregator, IngestRules};
 use crate::config::Settings;
 use crate::consumer::{self, Backoff, Pipeline};
 use crate::event::Limits;
+use crate::http::{self, AppState, Health};
 use crate::pricing::PriceBook;
 use crate::store::{Store, WindowLayout};
+use crate::telemetry;
 use crate::window::WindowSize;
 
 /// Derives the ingestion rules from settings.
@@ -58,14 +61,31 @@ pub async fn prepare_database(settings: &Settings, cancel: &CancellationToken) -
     }
 }
 
-/// Runs until `cancel` fires, then drains: flush, store offsets, leave the group.
-pub async fn run(settings: Settings, cancel: CancellationToken) -> anyhow::Result<()> {
+/// Runs until `cancel` fires, then drains: flush, store offsets, leave the group, stop serving.
+pub async fn run(
+    settings: Settings,
+    metrics: Option<PrometheusHandle>,
+    cancel: CancellationToken,
+) -> anyhow::Result<()> {
+    // Bind before anything else, so that a port in use fails the start instead of later.
+    let listener = http::bind(&settings.http.listen).await?;
     let Some(store) = prepare_database(&settings, &cancel).await? else {
         return Ok(());
     };
     info!("database schema is up to date");
+    telemetry::set_label_caps(settings.metrics.max_models, settings.metrics.max_hardware);
 
-    let owner = instance_name();
+    let prices = PriceBook::from_settings(&settings.pricing);
+    let health = Arc::new(Health::default());
+    let app = AppState {
+        store: store.clone(),
+        prices: Arc::new(prices.clone()),
+        metrics,
+        api_token: settings.http.api_token.as_deref().map(Arc::from),
+        health: health.clone(),
+    };
+    let server = tokio::spawn(http::serve(listener, app, cancel.clone()));
+
     let rules = ingest_rules(&settings);
     let layout = WindowLayout {
         size: rules.window,
@@ -73,9 +93,9 @@ pub async fn run(settings: Settings, cancel: CancellationToken) -> anyhow::Resul
     };
     let pipeline = Arc::new(Pipeline::new(
         settings.kafka.topic.clone(),
-        owner,
+        instance_name(),
         store,
-        PriceBook::from_settings(&settings.pricing),
+        prices,
         layout,
         settings.kafka.start_from,
         settings.ingest.flush_interval,
@@ -83,6 +103,7 @@ pub async fn run(settings: Settings, cancel: CancellationToken) -> anyhow::Resul
         Aggregator::new(rules),
         tokio::runtime::Handle::current(),
         cancel.clone(),
+        health,
     ));
     let consumer =
         consumer::build_consumer(&settings.kafka, pipeline.clone()).context("cannot create the Kafka consumer")?;
@@ -90,6 +111,7 @@ pub async fn run(settings: Settings, cancel: CancellationToken) -> anyhow::Resul
     let result = worker.await.context("the consumer thread panicked")?;
     // Whatever ended the consumer ends everything else too.
     cancel.cancel();
+    server.await.context("the http server panicked")??;
     result
 }
 

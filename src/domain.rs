@@ -86,9 +86,16 @@ bounded_name!(
 macro_rules! decimal_quantity {
     ($(#[$doc:meta])* $name:ident) => {
         $(#[$doc])*
-        #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default, Serialize, Deserialize)]
+        #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default, Deserialize)]
         #[serde(transparent)]
         pub struct $name(pub Decimal);
+
+        /// A decimal string without trailing zeros ("50", not "50.000"): exact, and JSON-safe.
+        impl Serialize for $name {
+            fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+                s.collect_str(&self.0.normalize())
+            }
+        }
 
         impl $name {
             pub const ZERO: Self = Self(Decimal::ZERO);
@@ -114,6 +121,12 @@ macro_rules! decimal_quantity {
         impl fmt::Display for $name {
             fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
                 fmt::Display::fmt(&self.0.normalize(), f)
+            }
+        }
+
+        impl From<Decimal> for $name {
+            fn from(d: Decimal) -> Self {
+                Self(d)
             }
         }
     };
@@ -142,6 +155,52 @@ decimal_quantity!(
 
 impl Coefficient {
     pub const ONE: Self = Self(Decimal::ONE);
+}
+
+/// Deserializes an exact decimal from `"0.1"` or `1`, and refuses `0.1`: a float has already
+/// lost exactness by the time we see it, so asking for a string beats pricing with a rounded
+/// number. Used for prices in config and for API inputs.
+pub fn exact_decimal<'de, D, T>(d: D) -> Result<T, D::Error>
+where
+    D: serde::Deserializer<'de>,
+    T: From<Decimal>,
+{
+    struct Visitor;
+    impl serde::de::Visitor<'_> for Visitor {
+        type Value = Decimal;
+        fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+            f.write_str("a decimal number written as a string, e.g. \"0.1\"")
+        }
+        fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<Decimal, E> {
+            let t = v.trim();
+            Decimal::from_str_exact(t)
+                .or_else(|_| Decimal::from_scientific(t))
+                .map_err(|_| E::custom(format!("{v:?} is not a decimal number")))
+        }
+        fn visit_i64<E: serde::de::Error>(self, v: i64) -> Result<Decimal, E> {
+            Ok(Decimal::from(v))
+        }
+        fn visit_u64<E: serde::de::Error>(self, v: u64) -> Result<Decimal, E> {
+            Ok(Decimal::from(v))
+        }
+        fn visit_f64<E: serde::de::Error>(self, v: f64) -> Result<Decimal, E> {
+            Err(E::custom(format!(
+                "write {v} as a string (\"{v}\") so that it stays an exact decimal"
+            )))
+        }
+    }
+    d.deserialize_any(Visitor).map(T::from)
+}
+
+/// The same, for optional fields (`null` or absent is `None`).
+pub fn exact_decimal_opt<'de, D, T>(d: D) -> Result<Option<T>, D::Error>
+where
+    D: serde::Deserializer<'de>,
+    T: From<Decimal>,
+{
+    #[derive(Deserialize)]
+    struct Wrap(#[serde(deserialize_with = "exact_decimal")] Decimal);
+    Ok(Option::<Wrap>::deserialize(d)?.map(|w| T::from(w.0)))
 }
 
 #[cfg(test)]

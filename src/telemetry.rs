@@ -3,8 +3,12 @@
 
 use std::time::Duration;
 
+use std::collections::{BTreeMap, HashSet};
+use std::fmt::Write;
+use std::sync::{Mutex, OnceLock};
+
 use metrics::{counter, describe_counter, describe_gauge, describe_histogram, gauge, histogram, Unit};
-use rust_decimal::prelude::ToPrimitive;
+use rust_decimal::Decimal;
 
 use crate::aggregate::FlushBatch;
 use crate::pricing::PriceBook;
@@ -23,6 +27,9 @@ pub const BROKER_ERRORS_TOTAL: &str = "costwatch_broker_errors_total";
 pub const ASSIGNED_PARTITIONS: &str = "costwatch_assigned_partitions";
 pub const START_REWINDS_TOTAL: &str = "costwatch_start_rewinds_total";
 pub const WATERMARK: &str = "costwatch_watermark_timestamp_seconds";
+pub const WATERMARK_DELAY: &str = "costwatch_watermark_delay_seconds";
+pub const CONSUMER_LAG: &str = "costwatch_consumer_lag";
+pub const DATABASE_ERRORS_TOTAL: &str = "costwatch_database_errors_total";
 
 /// Sets up `tracing` output; `RUST_LOG` overrides the default level (`info`).
 pub fn init_logging() {
@@ -42,9 +49,6 @@ pub fn describe_metrics() {
         "Messages consumed, by outcome: accepted, late (accepted, behind the watermark), duplicate, rejected"
     );
     describe_counter!(REJECTED_TOTAL, "Rejected messages by reason code");
-    describe_counter!(COMPUTE_UNITS_TOTAL, "Compute units (T) accounted");
-    describe_counter!(STORAGE_UNITS_TOTAL, "Storage units (S) accounted");
-    describe_counter!(COST_TOTAL, "Money accounted, by component (compute, storage)");
     describe_counter!(UNPRICED_EVENTS_TOTAL, "Accepted events on hardware without a price");
     describe_histogram!(FLUSH_DURATION, Unit::Seconds, "Time to write one flush to PostgreSQL");
     describe_gauge!(LAST_FLUSH, Unit::Seconds, "Unix time of the last successful flush");
@@ -73,43 +77,152 @@ pub fn flush_committed(batch: &FlushBatch, prices: &PriceBook, took: Duration) {
     for (code, n) in &batch.rejected_by_code {
         counter!(REJECTED_TOTAL, "reason" => *code).increment(*n);
     }
+    let ledger = ledger();
+    let mut inner = ledger.inner.lock().unwrap_or_else(|p| p.into_inner());
     for (key, sums) in &batch.windows {
-        let labels = [
-            ("model", key.model.as_str().to_owned()),
-            ("hardware", key.hardware.as_str().to_owned()),
-        ];
-        add_f64(COMPUTE_UNITS_TOTAL, &labels, sums.compute.value());
-        add_f64(STORAGE_UNITS_TOTAL, &labels, sums.storage.value());
-        match prices.rates(&key.model, &key.hardware) {
-            Some(rates) => {
-                if let Ok(cost) = rates.price(sums.compute, sums.storage) {
-                    let currency = prices.currency().to_owned();
-                    for (component, amount) in [("compute", cost.compute_cost), ("storage", cost.storage_cost)] {
-                        let l = [
-                            labels[0].clone(),
-                            labels[1].clone(),
-                            ("component", component.to_owned()),
-                            ("currency", currency.clone()),
-                        ];
-                        add_f64(COST_TOTAL, &l, amount.value());
-                    }
-                }
-            }
-            None => counter!(UNPRICED_EVENTS_TOTAL, &labels).increment(sums.events as u64),
+        let model = inner.cap.model(key.model.as_str());
+        let hardware = inner.cap.hardware(key.hardware.as_str());
+        let pair = vec![("model", model.clone()), ("hardware", hardware.clone())];
+        inner.add(COMPUTE_UNITS_TOTAL, pair.clone(), sums.compute.value());
+        inner.add(STORAGE_UNITS_TOTAL, pair.clone(), sums.storage.value());
+        let Some(rates) = prices.rates(&key.model, &key.hardware) else {
+            counter!(UNPRICED_EVENTS_TOTAL, "model" => model, "hardware" => hardware).increment(sums.events as u64);
+            continue;
+        };
+        // Overflow is impossible for validated quantities; skip rather than panic if it happens.
+        let Ok(cost) = rates.price(sums.compute, sums.storage) else {
+            continue;
+        };
+        for (component, amount) in [("compute", cost.compute_cost), ("storage", cost.storage_cost)] {
+            let mut labels = pair.clone();
+            labels.push(("component", component.to_owned()));
+            labels.push(("currency", prices.currency().to_owned()));
+            inner.add(COST_TOTAL, labels, amount.value());
         }
     }
+    drop(inner);
     histogram!(FLUSH_DURATION).record(took.as_secs_f64());
     gauge!(LAST_FLUSH).set(chrono::Utc::now().timestamp_millis() as f64 / 1000.0);
 }
 
-/// Prometheus counters are floats; the exact figure lives in PostgreSQL. The `metrics` crate's
-/// counters are integers, so fractional amounts go through a float gauge used as a counter.
-fn add_f64(name: &'static str, labels: &[(&'static str, String)], amount: rust_decimal::Decimal) {
-    gauge!(name, labels).increment(amount.to_f64().unwrap_or(0.0));
+type Labels = Vec<(&'static str, String)>;
+
+/// Exact decimal counters, rendered by us: the `metrics` crate's counters are integers, and
+/// money must not drift through float addition.
+struct Ledger {
+    inner: Mutex<LedgerInner>,
+}
+
+struct LedgerInner {
+    series: BTreeMap<&'static str, BTreeMap<Labels, Decimal>>,
+    cap: LabelCap,
+}
+
+impl LedgerInner {
+    fn add(&mut self, name: &'static str, labels: Labels, amount: Decimal) {
+        *self.series.entry(name).or_default().entry(labels).or_default() += amount;
+    }
+}
+
+/// Bounds label cardinality: the first `max` distinct models (hardware targets) keep their
+/// names in metrics, the rest are reported as `other`. PostgreSQL keeps the real names.
+struct LabelCap {
+    max_models: usize,
+    max_hardware: usize,
+    models: HashSet<String>,
+    hardware: HashSet<String>,
+}
+
+impl LabelCap {
+    fn model(&mut self, name: &str) -> String {
+        Self::admit(&mut self.models, self.max_models, name)
+    }
+
+    fn hardware(&mut self, name: &str) -> String {
+        Self::admit(&mut self.hardware, self.max_hardware, name)
+    }
+
+    fn admit(seen: &mut HashSet<String>, max: usize, name: &str) -> String {
+        if seen.contains(name) {
+            return name.to_owned();
+        }
+        if seen.len() < max {
+            seen.insert(name.to_owned());
+            return name.to_owned();
+        }
+        OTHER.to_owned()
+    }
+}
+
+/// The label value that stands for every name past the cardinality cap.
+pub const OTHER: &str = "other";
+
+static LEDGER: OnceLock<Ledger> = OnceLock::new();
+
+fn ledger() -> &'static Ledger {
+    LEDGER.get_or_init(|| Ledger {
+        inner: Mutex::new(LedgerInner {
+            series: BTreeMap::new(),
+            cap: LabelCap {
+                max_models: 100,
+                max_hardware: 50,
+                models: HashSet::new(),
+                hardware: HashSet::new(),
+            },
+        }),
+    })
+}
+
+/// Sets the label cardinality caps (call once at startup, before the first flush).
+pub fn set_label_caps(max_models: usize, max_hardware: usize) {
+    let mut inner = ledger().inner.lock().unwrap_or_else(|p| p.into_inner());
+    inner.cap.max_models = max_models;
+    inner.cap.max_hardware = max_hardware;
+}
+
+const LEDGER_HELP: [(&str, &str); 3] = [
+    (COMPUTE_UNITS_TOTAL, "Compute units (T) accounted"),
+    (STORAGE_UNITS_TOTAL, "Storage units (S) accounted"),
+    (
+        COST_TOTAL,
+        "Money accounted, by component (compute, storage); exact decimal sums of usage_costs",
+    ),
+];
+
+/// The exact counters in the Prometheus text format, to append to the exporter's output.
+pub fn render_ledger() -> String {
+    let inner = ledger().inner.lock().unwrap_or_else(|p| p.into_inner());
+    let mut out = String::new();
+    for (name, help) in LEDGER_HELP {
+        let Some(series) = inner.series.get(name) else { continue };
+        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} counter");
+        for (labels, value) in series {
+            let rendered: Vec<String> = labels
+                .iter()
+                .map(|(k, v)| format!("{k}=\"{}\"", escape_label(v)))
+                .collect();
+            let _ = writeln!(out, "{name}{{{}}} {}", rendered.join(","), value.normalize());
+        }
+    }
+    out
+}
+
+fn escape_label(v: &str) -> String {
+    v.replace('\\', "\\\\").replace('"', "\\\"").replace('\n', "\\n")
 }
 
 pub fn flush_failed() {
     counter!(FLUSH_ERRORS_TOTAL).increment(1);
+    counter!(DATABASE_ERRORS_TOTAL).increment(1);
+}
+
+pub fn claim_failed() {
+    counter!(DATABASE_ERRORS_TOTAL).increment(1);
+}
+
+/// Lag of one owned partition: log end minus the next offset to count.
+pub fn partition_lag(partition: i32, lag: i64) {
+    gauge!(CONSUMER_LAG, "partition" => partition.to_string()).set(lag.max(0) as f64);
 }
 
 pub fn partitions_fenced(n: usize) {
@@ -124,9 +237,37 @@ pub fn assignment(owned: usize, watermark: Option<chrono::DateTime<chrono::Utc>>
     gauge!(ASSIGNED_PARTITIONS).set(owned as f64);
     if let Some(w) = watermark {
         gauge!(WATERMARK).set(w.timestamp_millis() as f64 / 1000.0);
+        let delay = chrono::Utc::now() - w;
+        gauge!(WATERMARK_DELAY).set(delay.num_milliseconds().max(0) as f64 / 1000.0);
     }
 }
 
 pub fn start_rewound() {
     counter!(START_REWINDS_TOTAL).increment(1);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_past_the_cap_become_other() {
+        let mut cap = LabelCap {
+            max_models: 2,
+            max_hardware: 1,
+            models: HashSet::new(),
+            hardware: HashSet::new(),
+        };
+        assert_eq!(cap.model("a"), "a");
+        assert_eq!(cap.model("b"), "b");
+        assert_eq!(cap.model("c"), OTHER);
+        assert_eq!(cap.model("a"), "a");
+        assert_eq!(cap.hardware("x"), "x");
+        assert_eq!(cap.hardware("y"), OTHER);
+    }
+
+    #[test]
+    fn label_values_are_escaped() {
+        assert_eq!(escape_label("a\"b\\c\nd"), "a\\\"b\\\\c\\nd");
+    }
 }

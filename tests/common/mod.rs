@@ -81,14 +81,14 @@ session_timeout = "6s"
 
 [database]
 url = "{db}"
-
-[http]
-listen = "127.0.0.1:0"
 "#,
             brokers = brokers(),
             topic = self.topic,
             db = self.db_url
         );
+        if !has("http") {
+            text.push_str("\n[http]\nlisten = \"127.0.0.1:0\"\n");
+        }
         if !has("windows") {
             text.push_str("\n[windows]\nsize = \"1m\"\nallowed_lateness = \"5m\"\n");
         }
@@ -297,6 +297,19 @@ impl Daemon {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
 
+    /// The address the HTTP listener bound (the tests configure port 0).
+    pub async fn http_addr(&self) -> String {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            let log = self.log_text();
+            if let Some(line) = log.lines().find(|l| l.contains("http listening")) {
+                return line.rsplit("addr=").next().unwrap().trim().to_owned();
+            }
+            assert!(Instant::now() < deadline, "the http listener never started:\n{log}");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
     pub fn is_running(&mut self) -> bool {
         self.child.as_mut().is_some_and(|c| c.try_wait().unwrap().is_none())
     }
@@ -339,4 +352,47 @@ pub fn ago(ago: Duration) -> String {
 
 pub fn dec(s: &str) -> Decimal {
     Decimal::from_str(s).unwrap()
+}
+
+/// A plain HTTP/1.1 exchange over loopback: (status, body).
+pub async fn http(addr: &str, method: &str, path: &str, token: Option<&str>, body: Option<&str>) -> (u16, String) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let mut request = format!("{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n");
+    if let Some(token) = token {
+        request.push_str(&format!("Authorization: Bearer {token}\r\n"));
+    }
+    if let Some(body) = body {
+        request.push_str(&format!(
+            "Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+            body.len()
+        ));
+    } else {
+        request.push_str("\r\n");
+    }
+    stream.write_all(request.as_bytes()).await.unwrap();
+    let mut response = Vec::new();
+    stream.read_to_end(&mut response).await.unwrap();
+    let text = String::from_utf8_lossy(&response).into_owned();
+    let (head, rest) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
+    let status: u16 = head.split(' ').nth(1).unwrap().parse().unwrap();
+    let body = if head.to_ascii_lowercase().contains("transfer-encoding: chunked") {
+        dechunk(rest)
+    } else {
+        rest.to_owned()
+    };
+    (status, body)
+}
+
+fn dechunk(mut s: &str) -> String {
+    let mut out = String::new();
+    while let Some((size, rest)) = s.split_once("\r\n") {
+        let n = usize::from_str_radix(size.trim(), 16).unwrap_or(0);
+        if n == 0 {
+            break;
+        }
+        out.push_str(&rest[..n]);
+        s = &rest[n + 2..];
+    }
+    out
 }

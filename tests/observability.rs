@@ -1,0 +1,274 @@
+//! Metrics and the HTTP API against a running daemon, the real broker and PostgreSQL.
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use common::{ago, dec, event, http, raw, World};
+use rust_decimal::Decimal;
+use serde_json::Value;
+
+const WAIT: Duration = Duration::from_secs(120);
+const TOKEN: &str = "test-token-0123456789";
+
+/// Sums a metric's samples by one label, e.g. `costwatch_cost_total` by `component`.
+fn samples(metrics: &str, name: &str) -> Vec<(BTreeMap<String, String>, Decimal)> {
+    metrics
+        .lines()
+        .filter(|l| l.starts_with(name) && l[name.len()..].starts_with(['{', ' ']))
+        .map(|l| {
+            let (series, value) = l.rsplit_once(' ').unwrap();
+            let labels = series
+                .split_once('{')
+                .map(|(_, rest)| rest.trim_end_matches('}'))
+                .unwrap_or("")
+                .split(',')
+                .filter(|kv| !kv.is_empty())
+                .map(|kv| {
+                    let (k, v) = kv.split_once('=').unwrap();
+                    (k.to_owned(), v.trim_matches('"').to_owned())
+                })
+                .collect();
+            (labels, value.parse::<Decimal>().unwrap())
+        })
+        .collect()
+}
+
+fn sum_where(metrics: &str, name: &str, key: &str, value: &str) -> Decimal {
+    samples(metrics, name)
+        .into_iter()
+        .filter(|(l, _)| l.get(key).map(String::as_str) == Some(value))
+        .map(|(_, v)| v)
+        .sum()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn metrics_agree_with_usage_costs_to_the_last_digit() {
+    let world = World::new(2).await;
+    let ts = ago(Duration::from_secs(90));
+    world
+        .produce(vec![
+            event("a", &ts, "qwen2-7b-instruct", "a100-80g", "1000", "500"),
+            event("b", &ts, "model-0", "hw-0", "123.456", "7.5"),
+            event("b", &ts, "model-0", "hw-0", "123.456", "7.5"),
+            event("c", &ts, "model-1", "tpu-v9", "10", "1"),
+            raw("bad", b"{nope".to_vec()),
+        ])
+        .await;
+    let daemon = world.start(&world.config(""));
+    world.wait_consumed(5, WAIT).await;
+    let addr = daemon.http_addr().await;
+    let (status, metrics) = http(&addr, "GET", "/metrics", None, None).await;
+    assert_eq!(status, 200);
+
+    let (compute_cost, storage_cost): (Decimal, Decimal) = {
+        let row: (Decimal, Decimal) =
+            sqlx::query_as("SELECT sum(compute_cost), sum(storage_cost) FROM usage_costs WHERE total_cost IS NOT NULL")
+                .fetch_one(&world.pool)
+                .await
+                .unwrap();
+        row
+    };
+    assert_eq!(
+        sum_where(&metrics, "costwatch_cost_total", "component", "compute"),
+        compute_cost
+    );
+    assert_eq!(
+        sum_where(&metrics, "costwatch_cost_total", "component", "storage"),
+        storage_cost
+    );
+    assert_eq!(
+        compute_cost + storage_cost,
+        dec("130") + dec("0.0004") * dec("1.1") * dec("123.456") + dec("0.00002") * dec("0.9") * dec("7.5")
+    );
+    assert_eq!(
+        sum_where(&metrics, "costwatch_compute_units_total", "hardware", "hw-0"),
+        dec("123.456")
+    );
+    assert_eq!(
+        sum_where(&metrics, "costwatch_events_total", "outcome", "accepted"),
+        dec("3")
+    );
+    assert_eq!(
+        sum_where(&metrics, "costwatch_events_total", "outcome", "duplicate"),
+        dec("1")
+    );
+    assert_eq!(
+        sum_where(&metrics, "costwatch_events_total", "outcome", "rejected"),
+        dec("1")
+    );
+    assert_eq!(
+        sum_where(&metrics, "costwatch_unpriced_events_total", "hardware", "tpu-v9"),
+        dec("1")
+    );
+    assert_eq!(
+        sum_where(&metrics, "costwatch_rejected_events_total", "reason", "malformed_json"),
+        dec("1")
+    );
+    assert!(metrics.contains("# TYPE costwatch_cost_total counter"), "{metrics}");
+    for name in [
+        "costwatch_flush_duration_seconds_count",
+        "costwatch_last_flush_timestamp_seconds",
+        "costwatch_watermark_delay_seconds",
+        "costwatch_assigned_partitions",
+    ] {
+        assert!(!samples(&metrics, name).is_empty(), "{name} missing:\n{metrics}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn label_cardinality_is_capped_with_other() {
+    let world = World::new(1).await;
+    let ts = ago(Duration::from_secs(90));
+    world
+        .produce(vec![
+            event("a", &ts, "m-1", "a100-80g", "1", "0"),
+            event("b", &ts, "m-2", "a100-80g", "2", "0"),
+            event("c", &ts, "m-3", "a100-80g", "4", "0"),
+        ])
+        .await;
+    let daemon = world.start(&world.config("\n[metrics]\nmax_models = 1\n"));
+    world.wait_consumed(3, WAIT).await;
+    let (_, metrics) = http(&daemon.http_addr().await, "GET", "/metrics", None, None).await;
+    let by_model: BTreeMap<String, Decimal> = samples(&metrics, "costwatch_compute_units_total")
+        .into_iter()
+        .map(|(l, v)| (l["model"].clone(), v))
+        .collect();
+    assert_eq!(
+        by_model,
+        BTreeMap::from([("m-1".into(), dec("1")), ("other".into(), dec("6"))])
+    );
+    // The database keeps the real names.
+    assert_eq!(world.totals().await.len(), 3);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_costs_api_answers_with_exact_totals_and_a_series() {
+    let world = World::new(1).await;
+    let early = ago(Duration::from_secs(3 * 60));
+    let late = ago(Duration::from_secs(60));
+    world
+        .produce(vec![
+            event("a", &early, "qwen2-7b-instruct", "a100-80g", "500", "250"),
+            event("b", &late, "qwen2-7b-instruct", "a100-80g", "500", "250"),
+            event("c", &late, "m", "tpu-v9", "5", "5"),
+        ])
+        .await;
+    let daemon = world.start(&world.config(""));
+    world.wait_consumed(3, WAIT).await;
+    let addr = daemon.http_addr().await;
+
+    let (status, body) = http(
+        &addr,
+        "GET",
+        "/api/v1/costs?step=window&model=qwen2-7b-instruct",
+        None,
+        None,
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+    let v: Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(v["totals"]["total_cost"], "130");
+    assert_eq!(v["totals"]["compute_cost"], "50");
+    assert_eq!(v["totals"]["events"], 2);
+    assert_eq!(v["currency"], "USD");
+    assert_eq!(v["series"].as_array().unwrap().len(), 2, "{body}");
+
+    let (_, body) = http(&addr, "GET", "/api/v1/costs?step=day", None, None).await;
+    let v: Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(v["totals"]["events"], 3);
+    assert_eq!(v["totals"]["total_cost"], "130", "unpriced usage adds no cost");
+    assert_eq!(v["totals"]["unpriced_events"], 1);
+    assert_eq!(v["totals"]["compute"], "1005");
+
+    let (status, body) = http(&addr, "GET", "/api/v1/costs?step=weekly", None, None).await;
+    assert_eq!(status, 400);
+    assert!(
+        body.contains("unknown variant `weekly`, expected one of `window`, `hour`, `day`"),
+        "{body}"
+    );
+    let (status, body) = http(
+        &addr,
+        "GET",
+        "/api/v1/costs?from=2026-11-29T02:00:00Z&to=2026-11-29T01:00:00Z",
+        None,
+        None,
+    )
+    .await;
+    assert_eq!(status, 400);
+    assert!(body.contains("must be before to"), "{body}");
+    let (status, _) = http(&addr, "GET", "/api/v1/costs?from=yesterday", None, None).await;
+    assert_eq!(status, 400);
+
+    let (status, body) = http(&addr, "GET", "/api/v1/rejected?limit=0", None, None).await;
+    assert_eq!(
+        (status, body.contains("limit must be between 1 and 1000")),
+        (400, true),
+        "{body}"
+    );
+    let (status, body) = http(&addr, "GET", "/api/v1/openapi.json", None, None).await;
+    assert_eq!(status, 200);
+    assert!(serde_json::from_str::<Value>(&body).unwrap()["paths"]["/api/v1/costs"].is_object());
+    let (status, body) = http(&addr, "GET", "/readyz", None, None).await;
+    assert_eq!(status, 200, "{body}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_estimate_api_prices_explicit_rates_and_the_price_book() {
+    let world = World::new(1).await;
+    let daemon = world.start(&world.config(""));
+    let addr = daemon.http_addr().await;
+    let explicit = r#"{"compute": 1000, "storage": "500", "compute_price": "0.1", "storage_price": "0.2", "k1": "0.5", "k2": "0.8"}"#;
+    let (status, body) = http(&addr, "POST", "/api/v1/estimate", None, Some(explicit)).await;
+    assert_eq!(status, 200, "{body}");
+    let v: Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(
+        (
+            v["compute_cost"].as_str(),
+            v["storage_cost"].as_str(),
+            v["total_cost"].as_str()
+        ),
+        (Some("50"), Some("80"), Some("130"))
+    );
+
+    let book = r#"{"compute": "1000", "storage": "500", "model": "qwen2-7b-instruct", "hardware": "a100-80g"}"#;
+    let (_, body) = http(&addr, "POST", "/api/v1/estimate", None, Some(book)).await;
+    let v: Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(v["total_cost"], "130");
+    assert_eq!(v["currency"], "USD");
+
+    let unpriced = r#"{"compute": 1, "storage": 1, "model": "m", "hardware": "tpu-v9"}"#;
+    let (status, body) = http(&addr, "POST", "/api/v1/estimate", None, Some(unpriced)).await;
+    assert_eq!(status, 400);
+    assert!(
+        body.contains("hardware tpu-v9 has no price in the price book"),
+        "{body}"
+    );
+    let float = r#"{"compute": 0.1, "storage": 1, "compute_price": "1", "storage_price": "1"}"#;
+    let (status, body) = http(&addr, "POST", "/api/v1/estimate", None, Some(float)).await;
+    assert_eq!(status, 400);
+    assert!(body.contains("write 0.1 as a string"), "{body}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_api_token_guards_the_api_but_not_health_or_metrics() {
+    let world = World::new(1).await;
+    let daemon = world.start(&world.config(&format!(
+        "\n[http]\nlisten = \"127.0.0.1:0\"\napi_token = \"{TOKEN}\"\n"
+    )));
+    let addr = daemon.http_addr().await;
+    let (status, body) = http(&addr, "GET", "/api/v1/costs", None, None).await;
+    assert_eq!(
+        (status, body.contains("missing or wrong bearer token")),
+        (401, true),
+        "{body}"
+    );
+    let (status, _) = http(&addr, "GET", "/api/v1/costs", Some("wrong-token-0123456789"), None).await;
+    assert_eq!(status, 401);
+    let (status, _) = http(&addr, "GET", "/api/v1/costs", Some(TOKEN), None).await;
+    assert_eq!(status, 200);
+    assert_eq!(http(&addr, "GET", "/healthz", None, None).await.0, 200);
+    assert_eq!(http(&addr, "GET", "/metrics", None, None).await.0, 200);
+    assert!(!daemon.log_text().contains(TOKEN), "the token must never be logged");
+}

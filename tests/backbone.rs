@@ -449,3 +449,22 @@ async fn an_unreachable_database_is_waited_for_not_a_crash() {
     assert!(daemon.is_running(), "costwatch must keep retrying, not exit");
     assert!(daemon.terminate(WAIT).success());
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_unreachable_broker_is_retried_not_a_crash() {
+    let world = World::new(1).await;
+    let config = world.config("");
+    let text = std::fs::read_to_string(&config)
+        .unwrap()
+        .replace(&common::brokers(), "127.0.0.1:1");
+    std::fs::write(&config, text).unwrap();
+    let mut daemon = world.start(&config);
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while !daemon.log_text().contains("kafka client error") {
+        assert!(std::time::Instant::now() < deadline, "{}", daemon.log_text());
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert!(daemon.is_running(), "costwatch must keep retrying the broker, not exit");
+    assert!(daemon.terminate(WAIT).success());
+}

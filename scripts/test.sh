@@ -16,4 +16,4 @@ psql -q -h 127.0.0.1 -U postgres -d postgres -At \
   -c "SELECT 'DROP DATABASE IF EXISTS \"' || datname || '\" WITH (FORCE);' FROM pg_database WHERE datname LIKE 'cw\_test\_%'" \
   | psql -q -h 127.0.0.1 -U postgres -d postgres >/dev/null
 
-cargo test --all-targets "$@"
+cargo test --lib --bins --tests "$@"

@@ -42,8 +42,24 @@ pub fn init_logging() {
         .try_init();
 }
 
-/// Describes every metric once, for the `# HELP` lines.
+/// Describes every metric once, for the `# HELP` lines, and starts the label-free counters at
+/// zero so that dashboards and `rate()` see them before the first error happens.
 pub fn describe_metrics() {
+    for outcome in ["accepted", "late", "duplicate", "rejected"] {
+        counter!(EVENTS_TOTAL, "outcome" => outcome).increment(0);
+    }
+    for code in crate::event::RejectCode::ALL {
+        counter!(REJECTED_TOTAL, "reason" => code.as_str()).increment(0);
+    }
+    for name in [
+        FLUSH_ERRORS_TOTAL,
+        DATABASE_ERRORS_TOTAL,
+        BROKER_ERRORS_TOTAL,
+        FENCED_TOTAL,
+        START_REWINDS_TOTAL,
+    ] {
+        counter!(name).increment(0);
+    }
     describe_counter!(
         EVENTS_TOTAL,
         "Messages consumed, by outcome: accepted, late (accepted, behind the watermark), duplicate, rejected"

@@ -81,6 +81,9 @@ pub struct SeenEvent {
 pub struct Progress {
     pub partition: i32,
     pub epoch: i64,
+    /// The offset PostgreSQL holds before this batch: the batch applies only on top of it, which
+    /// makes retrying a batch whose COMMIT outcome was unknown safe.
+    pub prev_offset: Option<i64>,
     pub next_offset: i64,
     pub watermark: Option<DateTime<Utc>>,
     /// Dedup entries older than this may be deleted.
@@ -105,22 +108,84 @@ impl OutcomeCounts {
     }
 }
 
-/// Everything one flush writes, in one transaction.
-#[derive(Debug, Clone, Default)]
-pub struct FlushBatch {
-    pub progress: Vec<Progress>,
-    /// Sums merged over partitions and sorted by key, so concurrent writers lock rows in the
-    /// same order and cannot deadlock.
-    pub windows: Vec<(WindowKey, WindowSums)>,
+/// One partition's share of a flush.
+#[derive(Debug, Clone)]
+pub struct PartitionBatch {
+    pub progress: Progress,
+    pub windows: PendingWindows,
     pub rejected: Vec<RejectedMessage>,
     pub seen: Vec<SeenEvent>,
     pub counts: OutcomeCounts,
     pub rejected_by_code: BTreeMap<&'static str, u64>,
 }
 
+/// Everything one flush writes, in one transaction. Kept per partition until written, so that
+/// a fenced partition's share can be taken out and the rest written.
+#[derive(Debug, Clone, Default)]
+pub struct FlushBatch {
+    pub parts: Vec<PartitionBatch>,
+}
+
 impl FlushBatch {
     pub fn is_empty(&self) -> bool {
-        self.progress.is_empty()
+        self.parts.is_empty()
+    }
+
+    pub fn progress(&self) -> impl Iterator<Item = &Progress> {
+        self.parts.iter().map(|p| &p.progress)
+    }
+
+    pub fn partitions(&self) -> Vec<i32> {
+        self.progress().map(|p| p.partition).collect()
+    }
+
+    pub fn rejected(&self) -> impl Iterator<Item = &RejectedMessage> {
+        self.parts.iter().flat_map(|p| &p.rejected)
+    }
+
+    pub fn seen(&self) -> impl Iterator<Item = &SeenEvent> {
+        self.parts.iter().flat_map(|p| &p.seen)
+    }
+
+    /// Window sums merged over partitions and sorted by key, so concurrent writers lock rows in
+    /// the same order and cannot deadlock.
+    pub fn windows(&self) -> Vec<(WindowKey, WindowSums)> {
+        let mut merged: HashMap<&WindowKey, WindowSums> = HashMap::new();
+        for part in &self.parts {
+            for (key, sums) in &part.windows {
+                merged.entry(key).or_default().merge(sums);
+            }
+        }
+        let mut windows: Vec<(WindowKey, WindowSums)> = merged.into_iter().map(|(k, v)| (k.clone(), v)).collect();
+        windows.sort_unstable_by(|a, b| a.0.cmp(&b.0));
+        windows
+    }
+
+    pub fn counts(&self) -> OutcomeCounts {
+        let mut total = OutcomeCounts::default();
+        for part in &self.parts {
+            total.add(&part.counts);
+        }
+        total
+    }
+
+    pub fn rejected_by_code(&self) -> BTreeMap<&'static str, u64> {
+        let mut total = BTreeMap::new();
+        for part in &self.parts {
+            for (code, n) in &part.rejected_by_code {
+                *total.entry(*code).or_default() += n;
+            }
+        }
+        total
+    }
+
+    /// Takes the given partitions' shares out; returns them as a batch of their own.
+    pub fn split_off(&mut self, partitions: &[i32]) -> FlushBatch {
+        let (taken, kept) = std::mem::take(&mut self.parts)
+            .into_iter()
+            .partition(|p| partitions.contains(&p.progress.partition));
+        self.parts = kept;
+        FlushBatch { parts: taken }
     }
 }
 
@@ -128,6 +193,8 @@ impl FlushBatch {
 struct PartitionState {
     epoch: i64,
     next_offset: Option<i64>,
+    /// What PostgreSQL holds for this partition, as of the last confirmed flush.
+    stored_offset: Option<i64>,
     watermark_ms: Option<i64>,
     /// Event id to event time (ms); pruned once older than watermark minus the dedup horizon.
     seen: HashMap<EventId, i64>,
@@ -160,6 +227,7 @@ impl PartitionState {
         Self {
             epoch: claim.epoch,
             next_offset: claim.next_offset,
+            stored_offset: claim.next_offset,
             watermark_ms,
             seen,
             pending: PendingWindows::new(),
@@ -265,15 +333,35 @@ impl PartitionState {
         self.forget_before_ms = Some(cutoff);
     }
 
-    fn clear_pending(&mut self) {
-        self.pending.clear();
-        self.rejected.clear();
-        self.new_seen.clear();
-        self.counts = OutcomeCounts::default();
-        self.rejected_by_code.clear();
+    /// Moves the pending state out into a batch share (None when nothing moved).
+    fn take_part(&mut self, partition: i32, prune: bool, rules: &IngestRules) -> Option<PartitionBatch> {
+        if !self.dirty {
+            return None;
+        }
+        let next_offset = self.next_offset?;
+        if prune {
+            self.prune_seen(rules);
+        }
+        let part = PartitionBatch {
+            progress: Progress {
+                partition,
+                epoch: self.epoch,
+                prev_offset: self.stored_offset,
+                next_offset,
+                watermark: self.watermark_ms.map(from_millis),
+                forget_before: self.forget_before_ms.take().map(from_millis),
+            },
+            windows: std::mem::take(&mut self.pending),
+            rejected: std::mem::take(&mut self.rejected),
+            seen: std::mem::take(&mut self.new_seen),
+            counts: std::mem::take(&mut self.counts),
+            rejected_by_code: std::mem::take(&mut self.rejected_by_code),
+        };
         self.dirty = false;
         self.messages_since_flush = 0;
-        self.forget_before_ms = None;
+        // The next batch applies on top of this one: batches are written strictly in order.
+        self.stored_offset = Some(next_offset);
+        Some(part)
     }
 }
 
@@ -283,6 +371,9 @@ pub struct Aggregator {
     rules: IngestRules,
     partitions: BTreeMap<i32, PartitionState>,
     flushes_since_prune: u32,
+    /// A batch whose write failed (or whose COMMIT outcome is unknown): written again, as it
+    /// is, before anything newer.
+    in_flight: Option<FlushBatch>,
 }
 
 /// Dedup entries are pruned every this many flushes; pruning is O(entries), flushing is frequent.
@@ -294,6 +385,7 @@ impl Aggregator {
             rules,
             partitions: BTreeMap::new(),
             flushes_since_prune: 0,
+            in_flight: None,
         }
     }
 
@@ -315,6 +407,9 @@ impl Aggregator {
     pub fn drop_partitions(&mut self, partitions: &[i32]) {
         for p in partitions {
             self.partitions.remove(p);
+        }
+        if let Some(batch) = self.in_flight.as_mut() {
+            batch.split_off(partitions);
         }
     }
 
@@ -348,58 +443,36 @@ impl Aggregator {
             .map(from_millis)
     }
 
-    /// Builds the batch for `partitions` (all owned ones when `None`). Nothing is cleared until
-    /// [`Aggregator::flushed`] confirms the batch was committed.
+    /// The next batch to write: the one in flight if a write failed, else the pending state
+    /// of `only` those partitions (all when `None`), moved out of the partitions. Hand it back
+    /// with [`Aggregator::failed`] or [`Aggregator::flushed`].
     pub fn batch(&mut self, only: Option<&[i32]>) -> FlushBatch {
+        if let Some(batch) = self.in_flight.take() {
+            return batch;
+        }
         let prune = self.flushes_since_prune >= PRUNE_EVERY_FLUSHES;
-        let mut merged: HashMap<&WindowKey, WindowSums> = HashMap::new();
-        let mut batch = FlushBatch::default();
-        for (&partition, state) in self.partitions.iter_mut() {
-            if only.is_some_and(|o| !o.contains(&partition)) || !state.dirty {
-                continue;
-            }
-            if prune {
-                state.prune_seen(&self.rules);
-            }
-            let Some(next_offset) = state.next_offset else {
-                continue;
-            };
-            batch.progress.push(Progress {
-                partition,
-                epoch: state.epoch,
-                next_offset,
-                watermark: state.watermark_ms.map(from_millis),
-                forget_before: state.forget_before_ms.map(from_millis),
-            });
-        }
-        for (&partition, state) in &self.partitions {
-            if !batch.progress.iter().any(|p| p.partition == partition) {
-                continue;
-            }
-            for (key, sums) in &state.pending {
-                merged.entry(key).or_default().merge(sums);
-            }
-            batch.rejected.extend(state.rejected.iter().cloned());
-            batch.seen.extend(state.new_seen.iter().cloned());
-            batch.counts.add(&state.counts);
-            for (code, n) in &state.rejected_by_code {
-                *batch.rejected_by_code.entry(code).or_default() += n;
-            }
-        }
-        let mut windows: Vec<(WindowKey, WindowSums)> = merged.into_iter().map(|(k, v)| (k.clone(), v)).collect();
-        windows.sort_unstable_by(|a, b| a.0.cmp(&b.0));
-        batch.windows = windows;
-        batch
+        let rules = self.rules;
+        let parts = self
+            .partitions
+            .iter_mut()
+            .filter(|(p, _)| only.is_none_or(|o| o.contains(p)))
+            .filter_map(|(&p, state)| state.take_part(p, prune, &rules))
+            .collect();
+        FlushBatch { parts }
     }
 
-    /// Marks a committed batch's partitions clean.
+    /// A write failed: keep the batch to write again, unchanged, before anything newer.
+    pub fn failed(&mut self, batch: FlushBatch) {
+        self.in_flight = Some(batch);
+    }
+
+    pub fn has_in_flight(&self) -> bool {
+        self.in_flight.is_some()
+    }
+
+    /// A batch was committed.
     pub fn flushed(&mut self, batch: &FlushBatch) {
-        for p in &batch.progress {
-            if let Some(state) = self.partitions.get_mut(&p.partition) {
-                state.clear_pending();
-            }
-        }
-        self.flushes_since_prune = if batch.progress.iter().any(|p| p.forget_before.is_some()) {
+        self.flushes_since_prune = if batch.progress().any(|p| p.forget_before.is_some()) {
             0
         } else {
             self.flushes_since_prune + 1
@@ -459,10 +532,10 @@ mod tests {
         assert_eq!(a.ingest(0, 0, Some(&e), now()), Outcome::Accepted { late: false });
         assert_eq!(a.ingest(0, 1, Some(&e), now()), Outcome::Duplicate);
         let batch = a.batch(None);
-        assert_eq!(batch.windows.len(), 1);
-        assert_eq!(batch.windows[0].1.events, 1);
-        assert_eq!(batch.windows[0].1.compute.to_string(), "1.5");
-        assert_eq!(batch.progress[0].next_offset, 2);
+        assert_eq!(batch.windows().len(), 1);
+        assert_eq!(batch.windows()[0].1.events, 1);
+        assert_eq!(batch.windows()[0].1.compute.to_string(), "1.5");
+        assert_eq!(batch.parts[0].progress.next_offset, 2);
     }
 
     #[test]
@@ -499,13 +572,13 @@ mod tests {
         let late = a.ingest(0, 1, Some(&event("old", "2026-11-29T03:40:00Z", "2")), now());
         assert_eq!(late, Outcome::Accepted { late: true });
         let batch = a.batch(None);
-        let old = batch
-            .windows
+        let windows = batch.windows();
+        let old = windows
             .iter()
             .find(|(k, _)| from_millis(k.start_ms) == "2026-11-29T03:40:00Z".parse::<DateTime<Utc>>().unwrap())
             .unwrap();
         assert_eq!((old.1.events, old.1.late_events), (1, 1));
-        assert_eq!(batch.counts.late, 1);
+        assert_eq!(batch.counts().late, 1);
     }
 
     #[test]
@@ -523,7 +596,7 @@ mod tests {
         assert_eq!(a.ingest(0, 5004, Some(&e), now()), Outcome::Rewind { to: 0 });
         assert_eq!(a.ingest(0, 3000, Some(&e), now()), Outcome::AlreadyCounted);
         assert_eq!(a.ingest(0, 5000, Some(&e), now()), Outcome::Accepted { late: false });
-        assert_eq!(a.batch(None).progress[0].next_offset, 5001);
+        assert_eq!(a.batch(None).parts[0].progress.next_offset, 5001);
     }
 
     #[test]
@@ -542,6 +615,44 @@ mod tests {
     }
 
     #[test]
+    fn a_failed_batch_is_written_again_unchanged_before_anything_newer() {
+        let mut a = fresh(0);
+        a.ingest(0, 0, Some(&event("a", "2026-11-29T03:00:01Z", "1")), now());
+        let first = a.batch(None);
+        assert_eq!(first.parts[0].progress.prev_offset, None);
+        a.failed(first.clone());
+        a.ingest(0, 1, Some(&event("b", "2026-11-29T03:00:02Z", "2")), now());
+        let again = a.batch(None);
+        assert_eq!(again.parts[0].progress, first.parts[0].progress);
+        assert_eq!(again.windows(), first.windows());
+        a.flushed(&again);
+        let next = a.batch(None);
+        assert_eq!(next.parts[0].progress.prev_offset, Some(1));
+        assert_eq!(next.parts[0].progress.next_offset, 2);
+        assert_eq!(next.windows()[0].1.compute.to_string(), "2");
+    }
+
+    #[test]
+    fn dropping_a_partition_takes_its_share_out_of_the_batch_in_flight() {
+        let mut a = fresh(0);
+        a.assign(vec![Claim {
+            partition: 1,
+            epoch: 1,
+            next_offset: None,
+            watermark: None,
+            seen: vec![],
+        }]);
+        a.ingest(0, 0, Some(&event("a", "2026-11-29T03:00:01Z", "1")), now());
+        a.ingest(1, 0, Some(&event("b", "2026-11-29T03:00:01Z", "2")), now());
+        let batch = a.batch(None);
+        a.failed(batch);
+        a.drop_partitions(&[1]);
+        let again = a.batch(None);
+        assert_eq!(again.partitions(), vec![0]);
+        assert_eq!(again.windows()[0].1.compute.to_string(), "1");
+    }
+
+    #[test]
     fn rejections_move_the_offset_and_keep_the_payload() {
         let mut a = fresh(1);
         assert_eq!(
@@ -549,9 +660,9 @@ mod tests {
             Outcome::Rejected(RejectCode::MalformedJson)
         );
         let batch = a.batch(None);
-        assert_eq!(batch.progress[0].next_offset, 6);
-        assert_eq!(batch.rejected[0].payload, b"nope");
-        assert!(batch.windows.is_empty());
+        assert_eq!(batch.parts[0].progress.next_offset, 6);
+        assert_eq!(batch.parts[0].rejected[0].payload, b"nope");
+        assert!(batch.windows().is_empty());
     }
 
     #[test]
@@ -567,8 +678,8 @@ mod tests {
         a.ingest(0, 0, Some(&event("a", "2026-11-29T03:00:01Z", "0.1")), now());
         a.ingest(1, 0, Some(&event("b", "2026-11-29T03:00:02Z", "0.2")), now());
         let batch = a.batch(None);
-        assert_eq!(batch.windows.len(), 1);
-        assert_eq!(batch.windows[0].1.compute.to_string(), "0.3");
+        assert_eq!(batch.windows().len(), 1);
+        assert_eq!(batch.windows()[0].1.compute.to_string(), "0.3");
         a.flushed(&batch);
         assert!(a.batch(None).is_empty());
         assert_eq!(a.pending_messages(), 0);

@@ -24,6 +24,7 @@ use tracing::{debug, error, info, warn};
 
 use crate::aggregate::{Aggregator, FlushBatch, Outcome};
 use crate::config::{KafkaSettings, StartFrom};
+use crate::faults::{self, FaultPoint};
 use crate::http::Health;
 use crate::pricing::PriceBook;
 use crate::store::{Store, StoreError, WindowLayout};
@@ -156,7 +157,7 @@ impl Pipeline {
     /// another instance has claimed meanwhile are dropped and the rest written again.
     fn flush(&self, consumer: &BaseConsumer<KafkaContext>, only: Option<&[i32]>) -> Result<(), StoreError> {
         loop {
-            let batch = self.aggregator().batch(only);
+            let mut batch = self.aggregator().batch(only);
             if batch.is_empty() {
                 return Ok(());
             }
@@ -165,38 +166,47 @@ impl Pipeline {
                 .runtime
                 .block_on(self.store.flush(&self.topic, &batch, &self.prices, self.layout));
             match written {
-                Ok(()) => {
-                    let mut agg = self.aggregator();
-                    agg.flushed(&batch);
-                    telemetry::flush_committed(&batch, &self.prices, started.elapsed());
-                    self.report_assignment(&agg);
-                    drop(agg);
-                    self.commit_to_kafka(consumer, &batch);
-                    debug!(
-                        partitions = batch.progress.len(),
-                        rows = batch.windows.len(),
-                        took = ?started.elapsed(),
-                        "flushed"
-                    );
-                    return Ok(());
+                Ok(()) => self.committed(consumer, &batch, started),
+                Err(StoreError::Stale { fenced, applied }) => {
+                    let done = batch.split_off(&applied);
+                    if !done.is_empty() {
+                        warn!(partitions = ?applied, "an earlier COMMIT went through although it reported an error; not writing it twice");
+                        self.committed(consumer, &done, started);
+                    }
+                    if !fenced.is_empty() {
+                        warn!(partitions = ?fenced, "another instance owns these partitions now; dropping their unflushed work");
+                        telemetry::partitions_fenced(fenced.len());
+                        batch.split_off(&fenced);
+                        self.aggregator().drop_partitions(&fenced);
+                    }
+                    if !batch.is_empty() {
+                        self.aggregator().failed(batch);
+                    }
                 }
-                Err(StoreError::Fenced(partitions)) => {
-                    warn!(
-                        ?partitions,
-                        "another instance owns these partitions now; dropping their unflushed work"
-                    );
-                    telemetry::partitions_fenced(partitions.len());
-                    self.aggregator().drop_partitions(&partitions);
+                Err(e) => {
+                    self.aggregator().failed(batch);
+                    return Err(e);
                 }
-                Err(e) => return Err(e),
             }
         }
+    }
+
+    /// Bookkeeping after a batch is known to be in PostgreSQL.
+    fn committed(&self, consumer: &BaseConsumer<KafkaContext>, batch: &FlushBatch, started: Instant) {
+        faults::reached(FaultPoint::AfterCommit);
+        let mut agg = self.aggregator();
+        agg.flushed(batch);
+        telemetry::flush_committed(batch, &self.prices, started.elapsed());
+        self.report_assignment(&agg);
+        drop(agg);
+        self.commit_to_kafka(consumer, batch);
+        debug!(partitions = batch.parts.len(), took = ?started.elapsed(), "flushed");
     }
 
     /// Mirrors the stored offsets into Kafka for lag tools. Failure here loses nothing.
     fn commit_to_kafka(&self, consumer: &BaseConsumer<KafkaContext>, batch: &FlushBatch) {
         let mut tpl = TopicPartitionList::new();
-        for p in &batch.progress {
+        for p in batch.progress() {
             let _ = tpl.add_partition_offset(&self.topic, p.partition, Offset::Offset(p.next_offset));
         }
         if let Err(error) = consumer.commit(&tpl, CommitMode::Async) {

@@ -12,6 +12,7 @@ pub mod consumer;
 pub mod daemon;
 pub mod domain;
 pub mod event;
+pub mod faults;
 pub mod http;
 pub mod loadgen;
 pub mod pricing;

@@ -10,15 +10,19 @@ use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use sqlx::{ConnectOptions, PgPool, Row};
 
 use crate::aggregate::{Claim, FlushBatch};
+use crate::faults::{self, FaultPoint};
 use crate::pricing::PriceBook;
-use crate::window::{from_millis, WindowSize};
+use crate::window::{from_millis, WindowKey, WindowSize, WindowSums};
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
     #[error("database.url is not a valid PostgreSQL URL: {0}")]
     BadUrl(#[source] sqlx::Error),
-    #[error("partitions {0:?} were claimed by another instance since this one took them; its unflushed work for them is dropped")]
-    Fenced(Vec<i32>),
+    /// Nothing was written; `fenced` partitions belong to another instance now, and `applied`
+    /// ones already hold this batch (an earlier COMMIT went through although it reported an
+    /// error). Write the rest again without them.
+    #[error("stale flush: partitions {fenced:?} were claimed by another instance, {applied:?} were already written")]
+    Stale { fenced: Vec<i32>, applied: Vec<i32> },
     #[error("schema migration failed: {0}")]
     Migrate(#[from] sqlx::migrate::MigrateError),
     #[error("PostgreSQL error: {0}")]
@@ -183,38 +187,71 @@ impl Store {
     ) -> Result<(), StoreError> {
         let mut tx = self.pool.begin().await?;
 
+        // A stalled flush (a lock, a slow disk) must fail and be retried rather than block the
+        // consumer thread so long that the group evicts it.
+        sqlx::query("SET LOCAL statement_timeout = '10s'")
+            .execute(&mut *tx)
+            .await?;
+
         // Progress first: it takes the partition rows' locks, so a concurrent claim either waits
-        // for this commit (and then reads its offsets) or has already fenced us out.
-        let partitions: Vec<i32> = batch.progress.iter().map(|p| p.partition).collect();
-        let epochs: Vec<i64> = batch.progress.iter().map(|p| p.epoch).collect();
-        let offsets: Vec<i64> = batch.progress.iter().map(|p| p.next_offset).collect();
-        let watermarks: Vec<Option<DateTime<Utc>>> = batch.progress.iter().map(|p| p.watermark).collect();
+        // for this commit (and then reads its offsets) or has already fenced us out. The
+        // `prev_offset` condition makes the batch apply only once, even when retried after a
+        // COMMIT whose outcome we never heard.
+        let progress: Vec<_> = batch.progress().collect();
+        let partitions: Vec<i32> = progress.iter().map(|p| p.partition).collect();
+        let epochs: Vec<i64> = progress.iter().map(|p| p.epoch).collect();
+        let prev: Vec<Option<i64>> = progress.iter().map(|p| p.prev_offset).collect();
+        let offsets: Vec<i64> = progress.iter().map(|p| p.next_offset).collect();
+        let watermarks: Vec<Option<DateTime<Utc>>> = progress.iter().map(|p| p.watermark).collect();
         let updated: Vec<i32> = sqlx::query_scalar(
             "UPDATE partition_progress AS p
                SET next_offset = u.next_offset, watermark = COALESCE(u.watermark, p.watermark), updated_at = now()
-             FROM UNNEST($2::int4[], $3::int8[], $4::int8[], $5::timestamptz[]) AS u(partition, epoch, next_offset, watermark)
+             FROM UNNEST($2::int4[], $3::int8[], $4::int8[], $5::int8[], $6::timestamptz[])
+                  AS u(partition, epoch, prev_offset, next_offset, watermark)
              WHERE p.topic = $1 AND p.partition = u.partition AND p.epoch = u.epoch
+               AND p.next_offset IS NOT DISTINCT FROM u.prev_offset
              RETURNING p.partition",
         )
         .bind(topic)
         .bind(&partitions)
         .bind(&epochs)
+        .bind(&prev)
         .bind(&offsets)
         .bind(&watermarks)
         .fetch_all(&mut *tx)
         .await?;
         if updated.len() != partitions.len() {
-            let fenced: Vec<i32> = partitions.iter().copied().filter(|p| !updated.contains(p)).collect();
+            let missing: Vec<i32> = partitions.iter().copied().filter(|p| !updated.contains(p)).collect();
+            let rows = sqlx::query(
+                "SELECT partition, epoch, next_offset FROM partition_progress WHERE topic = $1 AND partition = ANY($2)",
+            )
+            .bind(topic)
+            .bind(&missing)
+            .fetch_all(&mut *tx)
+            .await?;
             tx.rollback().await?;
-            return Err(StoreError::Fenced(fenced));
+            let (mut fenced, mut applied) = (Vec::new(), Vec::new());
+            for p in progress.iter().filter(|p| missing.contains(&p.partition)) {
+                let row = rows.iter().find(|r| r.get::<i32, _>("partition") == p.partition);
+                let already = row.is_some_and(|r| {
+                    r.get::<i64, _>("epoch") == p.epoch && r.get::<Option<i64>, _>("next_offset") == Some(p.next_offset)
+                });
+                if already {
+                    applied.push(p.partition);
+                } else {
+                    fenced.push(p.partition);
+                }
+            }
+            return Err(StoreError::Stale { fenced, applied });
         }
 
-        if !batch.windows.is_empty() {
-            write_windows(&mut tx, batch, prices, layout).await?;
+        let windows = batch.windows();
+        if !windows.is_empty() {
+            write_windows(&mut tx, &windows, prices, layout).await?;
         }
 
-        if !batch.rejected.is_empty() {
-            let r = &batch.rejected;
+        let r: Vec<_> = batch.rejected().collect();
+        if !r.is_empty() {
             sqlx::query(
                 "INSERT INTO rejected_event (topic, partition, kafka_offset, reason_code, reason_message, payload, payload_text)
                  SELECT $1, * FROM UNNEST($2::int4[], $3::int8[], $4::text[], $5::text[], $6::bytea[], $7::text[])
@@ -231,8 +268,8 @@ impl Store {
             .await?;
         }
 
-        if !batch.seen.is_empty() {
-            let s = &batch.seen;
+        let s: Vec<_> = batch.seen().collect();
+        if !s.is_empty() {
             sqlx::query(
                 "INSERT INTO seen_event (topic, partition, event_id, event_time)
                  SELECT $1, * FROM UNNEST($2::int4[], $3::text[], $4::timestamptz[])
@@ -246,8 +283,7 @@ impl Store {
             .await?;
         }
 
-        let forget: Vec<(i32, DateTime<Utc>)> = batch
-            .progress
+        let forget: Vec<(i32, DateTime<Utc>)> = progress
             .iter()
             .filter_map(|p| Some((p.partition, p.forget_before?)))
             .collect();
@@ -263,18 +299,25 @@ impl Store {
             .await?;
         }
 
+        faults::reached(FaultPoint::BeforeCommit);
         tx.commit().await?;
+        if faults::reached(FaultPoint::AmbiguousCommit) {
+            return Err(StoreError::Database(sqlx::Error::Io(std::io::Error::new(
+                std::io::ErrorKind::ConnectionReset,
+                "injected fault: connection dropped after COMMIT",
+            ))));
+        }
         Ok(())
     }
 }
 
 async fn write_windows(
     tx: &mut sqlx::Transaction<'_, sqlx::Postgres>,
-    batch: &FlushBatch,
+    windows: &[(WindowKey, WindowSums)],
     prices: &PriceBook,
     layout: WindowLayout,
 ) -> Result<(), StoreError> {
-    let n = batch.windows.len();
+    let n = windows.len();
     let mut starts = Vec::with_capacity(n);
     let mut ends = Vec::with_capacity(n);
     let mut finals = Vec::with_capacity(n);
@@ -289,7 +332,7 @@ async fn write_windows(
     let mut storage_price: Vec<Option<Decimal>> = Vec::with_capacity(n);
     let mut k1: Vec<Option<Decimal>> = Vec::with_capacity(n);
     let mut k2: Vec<Option<Decimal>> = Vec::with_capacity(n);
-    for (key, sums) in &batch.windows {
+    for (key, sums) in windows {
         let end_ms = key.start_ms + layout.size.millis();
         starts.push(from_millis(key.start_ms));
         ends.push(from_millis(end_ms));

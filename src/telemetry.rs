@@ -85,17 +85,17 @@ pub fn describe_metrics() {
 /// Counts a committed flush. Called only after COMMIT, so counters never run ahead of the
 /// database: their increase over a range matches `usage_costs` for that range.
 pub fn flush_committed(batch: &FlushBatch, prices: &PriceBook, took: Duration) {
-    let c = &batch.counts;
+    let c = batch.counts();
     counter!(EVENTS_TOTAL, "outcome" => "accepted").increment(c.accepted - c.late);
     counter!(EVENTS_TOTAL, "outcome" => "late").increment(c.late);
     counter!(EVENTS_TOTAL, "outcome" => "duplicate").increment(c.duplicate);
     counter!(EVENTS_TOTAL, "outcome" => "rejected").increment(c.rejected);
-    for (code, n) in &batch.rejected_by_code {
-        counter!(REJECTED_TOTAL, "reason" => *code).increment(*n);
+    for (code, n) in batch.rejected_by_code() {
+        counter!(REJECTED_TOTAL, "reason" => code).increment(n);
     }
     let ledger = ledger();
     let mut inner = ledger.inner.lock().unwrap_or_else(|p| p.into_inner());
-    for (key, sums) in &batch.windows {
+    for (key, sums) in &batch.windows() {
         let model = inner.cap.model(key.model.as_str());
         let hardware = inner.cap.hardware(key.hardware.as_str());
         let pair = vec![("model", model.clone()), ("hardware", hardware.clone())];

@@ -410,7 +410,7 @@ async fn a_stale_instance_cannot_overwrite_the_new_owners_work() {
     );
     let refused = store.flush(&world.topic, &stale.batch(None), &prices, layout).await;
     assert!(
-        matches!(refused, Err(StoreError::Fenced(ref p)) if p == &[0]),
+        matches!(refused, Err(StoreError::Stale { ref fenced, ref applied }) if fenced == &[0] && applied.is_empty()),
         "{refused:?}"
     );
     assert_eq!(world.accepted_events().await, 0, "a fenced flush writes nothing");
@@ -467,4 +467,60 @@ async fn an_unreachable_broker_is_retried_not_a_crash() {
     tokio::time::sleep(Duration::from_secs(2)).await;
     assert!(daemon.is_running(), "costwatch must keep retrying the broker, not exit");
     assert!(daemon.terminate(WAIT).success());
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_batch_retried_after_an_ambiguous_commit_is_not_written_twice() {
+    let world = World::new(1).await;
+    let store = Store::connect_lazy(&world.db_url, 2).unwrap();
+    store.migrate().await.unwrap();
+    let settings = costwatch::config::Settings::load(Some(&world.config(""))).unwrap();
+    let rules = costwatch::daemon::ingest_rules(&settings);
+    let prices = PriceBook::from_settings(&settings.pricing);
+    let layout = WindowLayout {
+        size: rules.window,
+        allowed_lateness_ms: rules.allowed_lateness_ms,
+    };
+    let mut agg = Aggregator::new(rules);
+    agg.assign(
+        store
+            .claim(&world.topic, "me", &[0], rules.dedup_horizon_ms)
+            .await
+            .unwrap(),
+    );
+    let ts = ago(Duration::from_secs(30));
+    agg.ingest(
+        0,
+        0,
+        Some(&event("a", &ts, "qwen2-7b-instruct", "a100-80g", "1000", "500").payload),
+        Utc::now(),
+    );
+    let batch = agg.batch(None);
+
+    // The COMMIT goes through, but the client hears a dropped connection and retries.
+    store.flush(&world.topic, &batch, &prices, layout).await.unwrap();
+    let retried = store.flush(&world.topic, &batch, &prices, layout).await;
+    assert!(
+        matches!(retried, Err(StoreError::Stale { ref fenced, ref applied }) if fenced.is_empty() && applied == &[0]),
+        "{retried:?}"
+    );
+    let total: Decimal = sqlx::query_scalar("SELECT total_cost FROM usage_costs")
+        .fetch_one(&world.pool)
+        .await
+        .unwrap();
+    assert_eq!(total, dec("130"), "counted once");
+
+    // The next batch applies on top of the first.
+    agg.flushed(&batch);
+    agg.ingest(
+        0,
+        1,
+        Some(&event("b", &ts, "m", "a100-80g", "1000", "500").payload),
+        Utc::now(),
+    );
+    store
+        .flush(&world.topic, &agg.batch(None), &prices, layout)
+        .await
+        .unwrap();
+    assert_eq!(world.accepted_events().await, 2);
 }

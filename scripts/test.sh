@@ -7,6 +7,11 @@ export PATH="$HOME/.cargo/bin:$PATH"
 
 scripts/postgres.sh
 scripts/broker.sh
+# The dashboard test runs a real Prometheus (Debian's package).
+if ! command -v prometheus >/dev/null; then
+  echo "prometheus: installing the Debian package"
+  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq prometheus >/dev/null
+fi
 
 export COSTWATCH_TEST_BROKERS="${COSTWATCH_TEST_BROKERS:-127.0.0.1:${BROKER_PORT:-9092}}"
 export COSTWATCH_TEST_DATABASE_URL="${COSTWATCH_TEST_DATABASE_URL:-postgres://postgres@127.0.0.1:5432/postgres}"

@@ -170,7 +170,16 @@ fn load(path: Option<&std::path::Path>) -> anyhow::Result<Settings> {
 }
 
 async fn run(settings: Settings) -> anyhow::Result<()> {
+    // Buckets make the flush duration a real histogram (quantiles aggregate across instances);
+    // without them the exporter renders a summary.
     let handle = metrics_exporter_prometheus::PrometheusBuilder::new()
+        .set_buckets_for_metric(
+            metrics_exporter_prometheus::Matcher::Full(telemetry::FLUSH_DURATION.to_owned()),
+            &[
+                0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+            ],
+        )
+        .context("flush duration buckets")?
         .install_recorder()
         .context("cannot install the metrics recorder")?;
     telemetry::describe_metrics();

@@ -329,6 +329,8 @@ pub fn build_consumer(
             },
         )
         .set("session.timeout.ms", settings.session_timeout.as_millis().to_string())
+        // Statistics carry each partition's log end, for the lag gauge.
+        .set("statistics.interval.ms", "5000")
         .set(
             "heartbeat.interval.ms",
             (settings.session_timeout.as_millis() / 4).max(100).to_string(),

@@ -15,6 +15,9 @@ use rust_decimal::Decimal;
 use sqlx::postgres::PgPoolOptions;
 use sqlx::{PgPool, Row};
 
+/// How long a test waits for a topic to be drained into PostgreSQL.
+pub const WAIT_DRAINED: Duration = Duration::from_secs(180);
+
 pub fn brokers() -> String {
     std::env::var("COSTWATCH_TEST_BROKERS").unwrap_or_else(|_| "127.0.0.1:9092".into())
 }
@@ -139,7 +142,16 @@ k2 = "0.9"
     }
 
     pub fn start(&self, config: &Path) -> Daemon {
-        Daemon::start(config, &self.dir.path().join(format!("daemon-{}.log", random_suffix())))
+        self.start_with(config, &[])
+    }
+
+    /// Starts a daemon with extra environment variables (e.g. `COSTWATCH_FAULTS`).
+    pub fn start_with(&self, config: &Path, env: &[(&str, &str)]) -> Daemon {
+        Daemon::start(
+            config,
+            &self.dir.path().join(format!("daemon-{}.log", random_suffix())),
+            env,
+        )
     }
 
     pub async fn produce(&self, messages: Vec<Message>) {
@@ -243,11 +255,12 @@ pub struct Daemon {
 }
 
 impl Daemon {
-    pub fn start(config: &Path, log: &Path) -> Daemon {
+    pub fn start(config: &Path, log: &Path, env: &[(&str, &str)]) -> Daemon {
         let out = std::fs::OpenOptions::new().create(true).append(true).open(log).unwrap();
         let child = Command::new(env!("CARGO_BIN_EXE_costwatch"))
             .args(["run", "--config"])
             .arg(config)
+            .envs(env.iter().copied())
             .env("RUST_LOG", "info,costwatch=debug")
             .stdout(Stdio::null())
             .stderr(out)
@@ -263,11 +276,47 @@ impl Daemon {
         self.child.as_ref().unwrap().id()
     }
 
+    /// Sends a signal by name (`STOP`, `CONT`, ...).
+    pub fn signal(&self, name: &str) {
+        Command::new("kill")
+            .args([&format!("-{name}"), &self.pid().to_string()])
+            .status()
+            .unwrap();
+    }
+
+    /// Waits for the process to exit by itself (e.g. an injected abort).
+    pub fn wait_exit(&mut self, timeout: Duration) -> ExitStatus {
+        let started = Instant::now();
+        loop {
+            if let Some(status) = self.child.as_mut().unwrap().try_wait().unwrap() {
+                self.child = None;
+                return status;
+            }
+            assert!(
+                started.elapsed() < timeout,
+                "costwatch did not exit:\n{}",
+                self.log_text()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// Peak resident memory so far, in KiB (VmHWM).
+    pub fn peak_rss_kib(&self) -> u64 {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid())).unwrap_or_default();
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmHWM:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+            .unwrap_or(0)
+    }
+
     /// SIGKILL: no chance to flush or leave the group.
     pub fn kill9(&mut self) {
-        let mut child = self.child.take().unwrap();
-        child.kill().unwrap();
-        child.wait().unwrap();
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
     }
 
     /// SIGTERM, then waits for the exit.
@@ -356,8 +405,21 @@ pub fn dec(s: &str) -> Decimal {
 
 /// A plain HTTP/1.1 exchange over loopback: (status, body).
 pub async fn http(addr: &str, method: &str, path: &str, token: Option<&str>, body: Option<&str>) -> (u16, String) {
+    try_http(addr, method, path, token, body)
+        .await
+        .unwrap_or_else(|| panic!("cannot connect to {addr}"))
+}
+
+/// As [`http`], but `None` while nothing listens on `addr` yet.
+pub async fn try_http(
+    addr: &str,
+    method: &str,
+    path: &str,
+    token: Option<&str>,
+    body: Option<&str>,
+) -> Option<(u16, String)> {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let mut stream = tokio::net::TcpStream::connect(addr).await.ok()?;
     let mut request = format!("{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n");
     if let Some(token) = token {
         request.push_str(&format!("Authorization: Bearer {token}\r\n"));
@@ -381,7 +443,7 @@ pub async fn http(addr: &str, method: &str, path: &str, token: Option<&str>, bod
     } else {
         rest.to_owned()
     };
-    (status, body)
+    Some((status, body))
 }
 
 fn dechunk(mut s: &str) -> String {

@@ -1,0 +1,23 @@
+#!/usr/bin/env bash
+# Checks the deployment material in deploy/: the Prometheus configuration and rules are valid,
+# the rules' unit tests pass, and the Grafana dashboard JSON parses. Installs promtool (the
+# Debian package `prometheus`) first when it is missing.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+if ! command -v promtool >/dev/null; then
+  echo "check-deploy: installing promtool (Debian package prometheus)"
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get update -qq
+  apt-get install -y -qq --no-install-recommends prometheus >/dev/null
+fi
+
+promtool check config deploy/prometheus/prometheus.yml
+promtool check rules deploy/prometheus/rules.yml
+promtool test rules deploy/prometheus/rules_test.yml
+
+for dashboard in deploy/grafana/dashboards/*.json; do
+  python3 -m json.tool "$dashboard" >/dev/null
+  echo "  SUCCESS: $dashboard is valid JSON"
+done
+echo "check-deploy: all deployment checks passed"

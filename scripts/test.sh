@@ -13,6 +13,14 @@ if ! command -v prometheus >/dev/null; then
   apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq prometheus >/dev/null
 fi
 
+# The OpenAPI fuzz test runs schemathesis (PyPI) from a virtualenv of its own.
+if [ ! -x .local/venv/bin/schemathesis ]; then
+  echo "schemathesis: installing into .local/venv"
+  python3 -m venv .local/venv
+  .local/venv/bin/pip install -q "schemathesis==4.32.5"
+fi
+export COSTWATCH_SCHEMATHESIS="$PWD/.local/venv/bin/schemathesis"
+
 export COSTWATCH_TEST_BROKERS="${COSTWATCH_TEST_BROKERS:-127.0.0.1:${BROKER_PORT:-9092}}"
 export COSTWATCH_TEST_DATABASE_URL="${COSTWATCH_TEST_DATABASE_URL:-postgres://postgres@127.0.0.1:5432/postgres}"
 

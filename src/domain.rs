@@ -19,11 +19,17 @@ pub enum NameError {
     Empty,
     #[error("is {0} characters long, the limit is {MAX_NAME_CHARS}")]
     TooLong(usize),
+    #[error("must not contain NUL characters")]
+    Nul,
 }
 
 fn check_name(s: &str) -> Result<(), NameError> {
     if s.is_empty() {
         return Err(NameError::Empty);
+    }
+    // PostgreSQL text cannot hold NUL: such a name would fail every flush it is part of.
+    if s.contains('\0') {
+        return Err(NameError::Nul);
     }
     // Byte length bounds char count from above, so the common short case skips the count.
     if s.len() > MAX_NAME_CHARS {
@@ -226,5 +232,6 @@ mod tests {
         assert_eq!(HardwareName::parse("é".repeat(129)), Err(NameError::TooLong(129)));
         // 128 two-byte characters are 256 bytes but still within the character limit.
         assert!(EventId::parse("é".repeat(128)).is_ok());
+        assert_eq!(ModelName::parse("a\0b"), Err(NameError::Nul));
     }
 }

@@ -197,7 +197,7 @@ fn classify_json_error(e: serde_json::Error) -> Rejection {
 fn name<T>(field: &str, value: Cow<'_, str>, parse: fn(String) -> Result<T, NameError>) -> Result<T, Rejection> {
     parse(value.into_owned()).map_err(|e| {
         let code = match e {
-            NameError::Empty => RejectCode::InvalidField,
+            NameError::Empty | NameError::Nul => RejectCode::InvalidField,
             NameError::TooLong(_) => RejectCode::FieldTooLong,
         };
         Rejection::new(code, format!("{field} {e}"))
@@ -287,6 +287,12 @@ fn labels(raw: Option<BTreeMap<Cow<'_, str>, Cow<'_, str>>>) -> Result<Labels, R
     raw.into_iter()
         .map(|(k, v)| {
             for (what, s) in [("key", &k), ("value", &v)] {
+                if s.contains('\0') {
+                    return Err(Rejection::new(
+                        RejectCode::InvalidField,
+                        format!("label {what} {} must not contain NUL characters", abbreviate(s)),
+                    ));
+                }
                 let chars = s.chars().count();
                 if chars > crate::domain::MAX_NAME_CHARS {
                     return Err(Rejection::new(
@@ -403,6 +409,15 @@ mod tests {
         );
         assert_eq!(
             code_of(&GOOD.replace("qwen2-7b-instruct", "")),
+            RejectCode::InvalidField
+        );
+        // PostgreSQL text cannot hold NUL: accepting one would fail every later flush.
+        assert_eq!(
+            code_of(&GOOD.replace("qwen2-7b-instruct", "qwen\\u0000")),
+            RejectCode::InvalidField
+        );
+        assert_eq!(
+            code_of(&GOOD.replace("\"search\"", "\"a\\u0000\"")),
             RejectCode::InvalidField
         );
         assert_eq!(

@@ -234,6 +234,11 @@ async fn costs(
     if from >= to {
         return Err(ApiError::BadRequest(format!("from ({from}) must be before to ({to})")));
     }
+    for (name, value) in [("model", &q.model), ("hardware", &q.hardware)] {
+        if value.as_deref().is_some_and(|v| v.contains('\0')) {
+            return Err(ApiError::BadRequest(format!("{name} must not contain NUL characters")));
+        }
+    }
     let step = q.step.unwrap_or(Step::Hour);
     let step_secs = match step {
         Step::Window => 1,

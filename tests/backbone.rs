@@ -223,6 +223,10 @@ async fn every_kind_of_bad_input_is_rejected_with_its_reason_and_nothing_else_is
             event("x", &ts, &"m".repeat(200), "a100-80g", "1", "1").payload,
         ),
         (
+            "invalid_field",
+            event("x", &ts, "m\\u0000", "a100-80g", "1", "1").payload,
+        ),
+        (
             "future_timestamp",
             event("x", &future, "m", "a100-80g", "1", "1").payload,
         ),
@@ -238,10 +242,10 @@ async fn every_kind_of_bad_input_is_rejected_with_its_reason_and_nothing_else_is
     let mut daemon = world.start(&world.config(""));
     world.wait_consumed(total, WAIT).await;
 
-    // Good events around every bad one are all there: 1.5 + 12 x 0.1.
+    // Good events around every bad one are all there: 1.5 + 13 x 0.1.
     assert_eq!(
         world.totals().await[&("m".into(), "a100-80g".into())],
-        (13, dec("2.7"), dec("13"))
+        (14, dec("2.8"), dec("14"))
     );
     let rows =
         sqlx::query("SELECT reason_code, reason, payload, kafka_offset FROM rejected_events ORDER BY kafka_offset")

@@ -272,3 +272,42 @@ async fn the_api_token_guards_the_api_but_not_health_or_metrics() {
     assert_eq!(http(&addr, "GET", "/metrics", None, None).await.0, 200);
     assert!(!daemon.log_text().contains(TOKEN), "the token must never be logged");
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_schema_driven_fuzzer_finds_no_server_error_and_no_off_schema_response() {
+    // scripts/test.sh installs schemathesis (PyPI) and points this variable at it.
+    let Ok(schemathesis) = std::env::var("COSTWATCH_SCHEMATHESIS") else {
+        eprintln!("skipped: COSTWATCH_SCHEMATHESIS is not set (scripts/test.sh sets it)");
+        return;
+    };
+    let world = World::new(1).await;
+    let ts = ago(Duration::from_secs(90));
+    world
+        .produce(vec![
+            event("a", &ts, "qwen2-7b-instruct", "a100-80g", "1000", "500"),
+            raw("bad", b"{nope".to_vec()),
+        ])
+        .await;
+    let daemon = world.start(&world.config(""));
+    world.wait_consumed(2, WAIT).await;
+    let addr = daemon.http_addr().await;
+    let out = tokio::process::Command::new(schemathesis)
+        .args([
+            "run",
+            &format!("http://{addr}/api/v1/openapi.json"),
+            "--checks",
+            "not_a_server_error,status_code_conformance,content_type_conformance,response_schema_conformance,response_headers_conformance,negative_data_rejection",
+            "--max-examples",
+            "100",
+            "--generation-deterministic",
+        ])
+        .output()
+        .await
+        .expect("cannot run schemathesis");
+    let report = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "schemathesis found problems:\n{report}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}

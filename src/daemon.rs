@@ -87,10 +87,7 @@ pub async fn run(
     let server = tokio::spawn(http::serve(listener, app, cancel.clone()));
 
     let rules = ingest_rules(&settings);
-    let layout = WindowLayout {
-        size: rules.window,
-        allowed_lateness_ms: rules.allowed_lateness_ms,
-    };
+    let layout = WindowLayout::from_rules(&rules);
     let pipeline = Arc::new(Pipeline::new(
         settings.kafka.topic.clone(),
         instance_name(),

@@ -9,7 +9,7 @@ use rust_decimal::Decimal;
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use sqlx::{ConnectOptions, PgPool, Row};
 
-use crate::aggregate::{Claim, FlushBatch};
+use crate::aggregate::{Claim, FlushBatch, IngestRules};
 use crate::faults::{self, FaultPoint};
 use crate::pricing::PriceBook;
 use crate::window::{from_millis, WindowKey, WindowSize, WindowSums};
@@ -55,6 +55,15 @@ static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
 pub struct WindowLayout {
     pub size: WindowSize,
     pub allowed_lateness_ms: i64,
+}
+
+impl WindowLayout {
+    pub fn from_rules(rules: &IngestRules) -> Self {
+        Self {
+            size: rules.window,
+            allowed_lateness_ms: rules.allowed_lateness_ms,
+        }
+    }
 }
 
 #[derive(Clone, Debug)]

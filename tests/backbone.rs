@@ -9,8 +9,7 @@ use chrono::{DateTime, Utc};
 use common::{ago, dec, event, raw, World};
 use costwatch::aggregate::{Aggregator, Outcome};
 use costwatch::loadgen::{self, LoadSpec};
-use costwatch::pricing::PriceBook;
-use costwatch::store::{Store, StoreError, WindowLayout};
+use costwatch::store::StoreError;
 use rust_decimal::Decimal;
 use sqlx::Row;
 
@@ -34,21 +33,7 @@ fn spec(count: u64, seed: u64) -> LoadSpec {
 
 /// Compares every (model, hardware) total in `usage_costs` with the generator's ground truth.
 async fn assert_exact(world: &World, expected: &loadgen::Expected) {
-    let totals = world.totals().await;
-    assert_eq!(totals.len(), expected.totals.len(), "pairs: {totals:?}");
-    for t in &expected.totals {
-        let got = totals
-            .get(&(t.model.clone(), t.hardware.clone()))
-            .unwrap_or_else(|| panic!("no rows for ({}, {})", t.model, t.hardware));
-        assert_eq!(
-            (got.0, got.1, got.2),
-            (t.events as i64, t.compute, t.storage),
-            "({}, {})",
-            t.model,
-            t.hardware
-        );
-    }
-    assert_eq!(world.rejected_count().await, expected.rejected as i64);
+    world.assert_totals(expected, "backbone").await;
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -382,15 +367,12 @@ async fn unpriced_hardware_is_recorded_with_a_null_cost() {
 #[tokio::test(flavor = "multi_thread")]
 async fn a_stale_instance_cannot_overwrite_the_new_owners_work() {
     let world = World::new(1).await;
-    let store = Store::connect_lazy(&world.db_url, 2).unwrap();
-    store.migrate().await.unwrap();
-    let settings = costwatch::config::Settings::load(Some(&world.config(""))).unwrap();
-    let rules = costwatch::daemon::ingest_rules(&settings);
-    let prices = PriceBook::from_settings(&settings.pricing);
-    let layout = WindowLayout {
-        size: rules.window,
-        allowed_lateness_ms: rules.allowed_lateness_ms,
-    };
+    let common::StoreFixture {
+        store,
+        rules,
+        prices,
+        layout,
+    } = world.store_fixture().await;
     let payload = event("z", &ago(Duration::from_secs(30)), "m", "a100-80g", "1", "1").payload;
 
     let mut stale = Aggregator::new(rules);
@@ -476,15 +458,12 @@ async fn an_unreachable_broker_is_retried_not_a_crash() {
 #[tokio::test(flavor = "multi_thread")]
 async fn a_batch_retried_after_an_ambiguous_commit_is_not_written_twice() {
     let world = World::new(1).await;
-    let store = Store::connect_lazy(&world.db_url, 2).unwrap();
-    store.migrate().await.unwrap();
-    let settings = costwatch::config::Settings::load(Some(&world.config(""))).unwrap();
-    let rules = costwatch::daemon::ingest_rules(&settings);
-    let prices = PriceBook::from_settings(&settings.pricing);
-    let layout = WindowLayout {
-        size: rules.window,
-        allowed_lateness_ms: rules.allowed_lateness_ms,
-    };
+    let common::StoreFixture {
+        store,
+        rules,
+        prices,
+        layout,
+    } = world.store_fixture().await;
     let mut agg = Aggregator::new(rules);
     agg.assign(
         store

@@ -92,23 +92,7 @@ async fn drain(world: &World, expected: &Expected, config: &std::path::Path) -> 
 /// Drains, then compares every (model, hardware) total with the ground truth, and the rejections.
 async fn assert_exact(world: &World, expected: &Expected, config: &std::path::Path, context: &str) {
     let nudges = drain(world, expected, config).await;
-    let totals = world.totals().await;
-    for t in &expected.totals {
-        let got = totals.get(&(t.model.clone(), t.hardware.clone())).copied();
-        assert_eq!(
-            got,
-            Some((t.events as i64, t.compute, t.storage)),
-            "{context}: ({}, {})",
-            t.model,
-            t.hardware
-        );
-    }
-    assert_eq!(totals.len(), expected.totals.len(), "{context}");
-    assert_eq!(
-        world.rejected_count().await,
-        expected.rejected as i64,
-        "{context}: rejections"
-    );
+    world.assert_totals(expected, context).await;
     drop(nudges);
 }
 

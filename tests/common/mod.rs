@@ -9,7 +9,11 @@ use std::process::{Child, Command, ExitStatus, Stdio};
 use std::str::FromStr;
 use std::time::{Duration, Instant};
 
-use costwatch::loadgen::{self, Message};
+use costwatch::aggregate::IngestRules;
+use costwatch::config::Settings;
+use costwatch::loadgen::{self, Expected, Message};
+use costwatch::pricing::PriceBook;
+use costwatch::store::{Store, WindowLayout};
 use rand::Rng;
 use rust_decimal::Decimal;
 use sqlx::postgres::PgPoolOptions;
@@ -245,6 +249,51 @@ k2 = "0.9"
             );
             tokio::time::sleep(Duration::from_millis(200)).await;
         }
+    }
+}
+
+/// The store-level pieces a test needs to drive flushes by hand.
+pub struct StoreFixture {
+    pub store: Store,
+    pub rules: IngestRules,
+    pub prices: PriceBook,
+    pub layout: WindowLayout,
+}
+
+impl World {
+    /// A migrated store on this world's database, with the rules and prices of its config.
+    pub async fn store_fixture(&self) -> StoreFixture {
+        let store = Store::connect_lazy(&self.db_url, 2).unwrap();
+        store.migrate().await.unwrap();
+        let settings = Settings::load(Some(&self.config(""))).unwrap();
+        let rules = costwatch::daemon::ingest_rules(&settings);
+        StoreFixture {
+            store,
+            rules,
+            prices: PriceBook::from_settings(&settings.pricing),
+            layout: WindowLayout::from_rules(&rules),
+        }
+    }
+
+    /// Every (model, hardware) total and the rejection count equal the generator's ground truth.
+    pub async fn assert_totals(&self, expected: &Expected, context: &str) {
+        let totals = self.totals().await;
+        for t in &expected.totals {
+            let got = totals.get(&(t.model.clone(), t.hardware.clone())).copied();
+            assert_eq!(
+                got,
+                Some((t.events as i64, t.compute, t.storage)),
+                "{context}: ({}, {})",
+                t.model,
+                t.hardware
+            );
+        }
+        assert_eq!(totals.len(), expected.totals.len(), "{context}: pairs {totals:?}");
+        assert_eq!(
+            self.rejected_count().await,
+            expected.rejected as i64,
+            "{context}: rejections"
+        );
     }
 }
 

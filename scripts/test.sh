@@ -10,8 +10,11 @@ scripts/broker.sh
 # The dashboard test runs a real Prometheus (Debian's package).
 if ! command -v prometheus >/dev/null; then
   echo "prometheus: installing the Debian package"
-  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq prometheus >/dev/null
+  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus >/dev/null
 fi
+
+# Rules and dashboard files: promtool check and promtool's own rule unit tests.
+scripts/check-deploy.sh
 
 # The OpenAPI fuzz test runs schemathesis (PyPI) from a virtualenv of its own.
 if [ ! -x .local/venv/bin/schemathesis ]; then

@@ -9,7 +9,7 @@ use rust_decimal::Decimal;
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use sqlx::{ConnectOptions, PgPool, Row};
 
-use crate::aggregate::{Claim, FlushBatch, IngestRules};
+use crate::aggregate::{Claim, FlushBatch, IngestRules, SeenEvent};
 use crate::faults::{self, FaultPoint};
 use crate::pricing::PriceBook;
 use crate::window::{from_millis, WindowKey, WindowSize, WindowSums};
@@ -154,10 +154,10 @@ impl Store {
         .fetch_all(&mut *tx)
         .await?;
         let seen_rows = sqlx::query(
-            "SELECT s.partition, s.event_id, s.event_time
-             FROM seen_event s JOIN partition_progress p USING (topic, partition)
+            "SELECT s.partition, s.ids
+             FROM seen_event_batch s JOIN partition_progress p USING (topic, partition)
              WHERE s.topic = $1 AND s.partition = ANY($2)
-               AND s.event_time >= p.watermark - ($3::bigint * interval '1 millisecond')",
+               AND s.max_event_time >= p.watermark - ($3::bigint * interval '1 millisecond')",
         )
         .bind(topic)
         .bind(&sorted)
@@ -179,7 +179,7 @@ impl Store {
         for r in seen_rows {
             let partition: i32 = r.get("partition");
             if let Some(c) = claims.iter_mut().find(|c| c.partition == partition) {
-                c.seen.push((r.get("event_id"), r.get("event_time")));
+                c.seen.extend(decode_ids(r.get("ids")));
             }
         }
         Ok(claims)
@@ -277,17 +277,25 @@ impl Store {
             .await?;
         }
 
-        let s: Vec<_> = batch.seen().collect();
-        if !s.is_empty() {
+        // One row per partition with all of this flush's new ids: a per-event row costs more
+        // than everything else in the flush together.
+        let packed: Vec<(i32, DateTime<Utc>, Vec<u8>)> = batch
+            .parts
+            .iter()
+            .filter_map(|part| {
+                let newest = part.seen.iter().map(|e| e.event_time).max()?;
+                Some((part.progress.partition, newest, encode_ids(&part.seen)))
+            })
+            .collect();
+        if !packed.is_empty() {
             sqlx::query(
-                "INSERT INTO seen_event (topic, partition, event_id, event_time)
-                 SELECT $1, * FROM UNNEST($2::int4[], $3::text[], $4::timestamptz[])
-                 ON CONFLICT (topic, partition, event_id) DO NOTHING",
+                "INSERT INTO seen_event_batch (topic, partition, max_event_time, ids)
+                 SELECT $1, * FROM UNNEST($2::int4[], $3::timestamptz[], $4::bytea[])",
             )
             .bind(topic)
-            .bind(s.iter().map(|e| e.partition).collect::<Vec<_>>())
-            .bind(s.iter().map(|e| e.event_id.as_str()).collect::<Vec<_>>())
-            .bind(s.iter().map(|e| e.event_time).collect::<Vec<_>>())
+            .bind(packed.iter().map(|p| p.0).collect::<Vec<_>>())
+            .bind(packed.iter().map(|p| p.1).collect::<Vec<_>>())
+            .bind(packed.iter().map(|p| p.2.as_slice()).collect::<Vec<_>>())
             .execute(&mut *tx)
             .await?;
         }
@@ -298,8 +306,8 @@ impl Store {
             .collect();
         if !forget.is_empty() {
             sqlx::query(
-                "DELETE FROM seen_event s USING UNNEST($2::int4[], $3::timestamptz[]) AS u(partition, before)
-                 WHERE s.topic = $1 AND s.partition = u.partition AND s.event_time < u.before",
+                "DELETE FROM seen_event_batch s USING UNNEST($2::int4[], $3::timestamptz[]) AS u(partition, before)
+                 WHERE s.topic = $1 AND s.partition = u.partition AND s.max_event_time < u.before",
             )
             .bind(topic)
             .bind(forget.iter().map(|f| f.0).collect::<Vec<_>>())
@@ -400,7 +408,61 @@ async fn write_windows(
     Ok(())
 }
 
+/// Packs event ids with their event times: per id a big-endian u16 byte length, the UTF-8 id
+/// (at most 128 characters, so at most 512 bytes) and a big-endian i64 of Unix milliseconds.
+fn encode_ids(seen: &[SeenEvent]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(seen.iter().map(|e| e.event_id.as_str().len() + 10).sum());
+    for e in seen {
+        let id = e.event_id.as_str().as_bytes();
+        out.extend_from_slice(&(id.len() as u16).to_be_bytes());
+        out.extend_from_slice(id);
+        out.extend_from_slice(&e.event_time.timestamp_millis().to_be_bytes());
+    }
+    out
+}
+
+/// Unpacks [`encode_ids`]; a truncated tail (which this code never writes) is ignored.
+fn decode_ids(mut bytes: &[u8]) -> Vec<(String, DateTime<Utc>)> {
+    let mut ids = Vec::new();
+    while bytes.len() >= 2 {
+        let len = u16::from_be_bytes([bytes[0], bytes[1]]) as usize;
+        let Some(record) = bytes.get(2..2 + len + 8) else { break };
+        let (id, ms) = record.split_at(len);
+        let ms = i64::from_be_bytes(ms.try_into().expect("8 bytes"));
+        if let (Ok(id), Some(t)) = (std::str::from_utf8(id), DateTime::<Utc>::from_timestamp_millis(ms)) {
+            ids.push((id.to_owned(), t));
+        }
+        bytes = &bytes[2 + len + 8..];
+    }
+    ids
+}
+
 /// The payload as text when PostgreSQL can hold it as text (valid UTF-8, no NUL byte).
 fn payload_text(payload: &[u8]) -> Option<&str> {
     std::str::from_utf8(payload).ok().filter(|s| !s.contains('\0'))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::domain::EventId;
+
+    #[test]
+    fn packed_ids_round_trip() {
+        let seen: Vec<SeenEvent> = ["a", "req-7f3a", &"é".repeat(128)]
+            .iter()
+            .enumerate()
+            .map(|(i, id)| SeenEvent {
+                partition: 0,
+                event_id: EventId::parse(*id).unwrap(),
+                event_time: DateTime::<Utc>::from_timestamp_millis(1_764_385_200_123 + i as i64).unwrap(),
+            })
+            .collect();
+        let decoded = decode_ids(&encode_ids(&seen));
+        let want: Vec<(String, DateTime<Utc>)> = seen
+            .iter()
+            .map(|e| (e.event_id.as_str().to_owned(), e.event_time))
+            .collect();
+        assert_eq!(decoded, want);
+    }
 }

@@ -95,7 +95,8 @@ pub fn flush_committed(batch: &FlushBatch, prices: &PriceBook, took: Duration) {
     }
     let ledger = ledger();
     let mut inner = ledger.inner.lock().unwrap_or_else(|p| p.into_inner());
-    for (key, sums) in &batch.windows() {
+    // Per partition share, unmerged: counters only add, so merging first would be wasted work.
+    for (key, sums) in batch.parts.iter().flat_map(|p| &p.windows) {
         let model = inner.cap.model(key.model.as_str());
         let hardware = inner.cap.hardware(key.hardware.as_str());
         let pair = vec![("model", model.clone()), ("hardware", hardware.clone())];

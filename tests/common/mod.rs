@@ -418,9 +418,9 @@ impl Drop for Daemon {
         if let Some(mut child) = self.child.take() {
             let _ = child.kill();
             let _ = child.wait();
-            if std::thread::panicking() {
-                eprintln!("--- costwatch log ({}) ---\n{}", self.log.display(), self.log_text());
-            }
+        }
+        if std::thread::panicking() {
+            eprintln!("--- costwatch log ({}) ---\n{}", self.log.display(), self.log_text());
         }
     }
 }

@@ -4,7 +4,9 @@
 //! Everything here is deterministic given (the state restored from PostgreSQL, the messages
 //! after the stored offset): that is what makes replay after a crash produce the same rows.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
+
+use ahash::{HashMap, HashMapExt};
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};

@@ -6,6 +6,8 @@
 //! logs and counts, [`daemon`] wires it all, [`loadgen`] makes synthetic load.
 
 pub mod aggregate;
+pub mod bills;
+pub mod calibrate;
 pub mod cli;
 pub mod config;
 pub mod consumer;

@@ -73,7 +73,16 @@ pub fn parse_bills(input: &str) -> Result<Vec<Bill>, BillsError> {
     let (records, mut problems) = split_records(input);
     let mut records = records.into_iter();
 
-    let Some(header) = records.next() else {
+    let header = records.next();
+    // A header with a CSV syntax error was left out by `split_records`: the next record is no
+    // header, so nothing after it can be read.
+    let header_unreadable = problems
+        .first()
+        .is_some_and(|first| header.as_ref().is_none_or(|h| first.line < h.line));
+    if header_unreadable {
+        return Err(sorted(problems));
+    }
+    let Some(header) = header else {
         problems.push(BillProblem {
             line: 1,
             message: format!(
@@ -602,6 +611,20 @@ mod tests {
                 "line 4: expected 6 columns, found 7",
                 "line 5: a quoted field opened here is never closed",
             ]
+        );
+    }
+
+    #[test]
+    fn a_header_with_a_syntax_error_is_not_mistaken_for_the_next_line() {
+        let input = "period_start,\"period_end\"x,hardware,model,amount,currency\n\
+                     2026-01-01T00:00:00Z,2026-02-01T00:00:00Z,h,,1,USD\n";
+        assert_eq!(
+            problems(input),
+            ["line 1: 'x' after the closing quote of a field; a quoted field ends at a comma or the end of the line"]
+        );
+        assert_eq!(
+            problems("period_start,\"period_end"),
+            ["line 1: a quoted field opened here is never closed"]
         );
     }
 

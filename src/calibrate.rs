@@ -22,7 +22,11 @@ pub const MIN_PERIODS: usize = 2;
 /// Below this many periods the fit is returned with a warning: two or three bills leave almost
 /// nothing to check the fit against.
 pub const RELIABLE_PERIODS: usize = 4;
-/// `|correlation|` of `x1` and `x2` above which k1 and k2 are reported as hard to tell apart.
+/// Correlation of `x1` and `x2` above which k1 and k2 are reported as hard to tell apart. It is
+/// the uncentered correlation (the cosine of the angle between the two series), because the
+/// model has no intercept: what makes k1 and k2 indistinguishable is x2 being nearly
+/// proportional to x1. Pearson's correlation would flag `x2 = 5 - x1`, which separates k1 from
+/// k2 perfectly.
 pub const COLLINEAR_CORRELATION: f64 = 0.99;
 /// Condition number of the normal matrix above which the fit is reported as ill-conditioned.
 pub const ILL_CONDITIONED: f64 = 1e8;
@@ -199,20 +203,17 @@ fn fit_both(normal: &Normal, x1: &[f64], x2: &[f64], y: &[f64], warnings: &mut V
     let scaled_det = 1.0 - cosine * cosine;
     let singular = scaled_det <= SINGULAR;
 
-    let correlation = pearson(x1, x2);
     let condition = condition_number(normal, scaled_det);
-    if singular || correlation.is_some_and(|r| r.abs() > COLLINEAR_CORRELATION) {
-        let correlation = correlation.map_or("undefined".to_owned(), |r| format!("{r:.4}"));
+    if singular || cosine > COLLINEAR_CORRELATION {
         warnings.push(format!(
-            "C_C*T and C_S*S are nearly collinear over these periods (correlation {correlation}, condition \
+            "C_C*T and C_S*S are nearly collinear over these periods (correlation {cosine:.4}, condition \
              number {condition:.2e}): the bills cannot tell k1 and k2 apart reliably; bills from periods where \
              compute and storage usage move differently would help"
         ));
     } else if condition > ILL_CONDITIONED {
         warnings.push(format!(
             "the fit is ill-conditioned (condition number {condition:.2e} of the normal matrix): compute and \
-             storage cost are of very different size or nearly proportional, so the smaller one's coefficient \
-             is poorly determined"
+             storage cost are of very different size, so the coefficient of the smaller one is poorly determined"
         ));
     }
 
@@ -275,20 +276,6 @@ fn show(x: f64) -> String {
     statistic("value", x).map_or_else(|_| format!("{x:e}"), |d| d.to_string())
 }
 
-/// Pearson correlation of two series; `None` when either is constant.
-fn pearson(a: &[f64], b: &[f64]) -> Option<f64> {
-    let n = a.len() as f64;
-    let (mean_a, mean_b) = (a.iter().sum::<f64>() / n, b.iter().sum::<f64>() / n);
-    let (mut cov, mut var_a, mut var_b) = (0.0, 0.0, 0.0);
-    for (x, y) in a.iter().zip(b) {
-        let (da, db) = (x - mean_a, y - mean_b);
-        cov += da * db;
-        var_a += da * da;
-        var_b += db * db;
-    }
-    (var_a > 0.0 && var_b > 0.0).then(|| cov / (var_a * var_b).sqrt())
-}
-
 /// The 2-norm condition number of the (symmetric, positive semi-definite) normal matrix:
 /// its largest eigenvalue over its smallest. `scaled_det` is `det(A) / (a11 * a22)`, passed in
 /// because it is computed more accurately from the cosine than by subtracting products.
@@ -346,7 +333,10 @@ fn statistics(
         .collect();
     let zero_bills = billed.len() - relative.len();
     if zero_bills > 0 {
-        warnings.push(format!("MAPE leaves out {zero_bills} bill periods billed 0"));
+        warnings.push(format!(
+            "MAPE leaves out the bill periods billed 0 ({zero_bills} of {})",
+            billed.len()
+        ));
     }
     let mape = if relative.is_empty() {
         None
@@ -449,10 +439,19 @@ mod tests {
         }
     }
 
-    /// `periods` bill periods of seeded random usage, billed with the true `k1` and `k2` and a
-    /// uniform noise of up to ±`noise_percent` per cent. T and S vary independently, and the
-    /// compute price changes half way, as a provider's price list does.
-    fn generated(seed: u64, periods: usize, k1: &str, k2: &str, noise_percent: i64) -> Vec<Observation> {
+    /// Uniform noise on each bill, in hundredths of a per cent.
+    #[derive(Clone, Copy)]
+    enum Noise {
+        None = 0,
+        HalfPercent = 50,
+        TwoPercent = 200,
+    }
+
+    /// `periods` bill periods of seeded random usage, billed with the true `k1` and `k2` times
+    /// a uniform noise factor. T and S vary independently, and the compute price changes half
+    /// way, as a provider's price list does.
+    fn generated(seed: u64, periods: usize, k1: &str, k2: &str, noise: Noise) -> Vec<Observation> {
+        let noise = noise as i64;
         let mut rng = StdRng::seed_from_u64(seed);
         (0..periods)
             .map(|i| {
@@ -465,8 +464,8 @@ mod tests {
                 };
                 let exact = predict(k(k1), k(k2), &o).unwrap();
                 // In steps of 0.01 %, so the bill stays an exact decimal.
-                let noise = Decimal::new(rng.gen_range(-noise_percent * 100..=noise_percent * 100), 4);
-                o.billed = Money(exact.0 * (Decimal::ONE + noise));
+                let factor = Decimal::ONE + Decimal::new(rng.gen_range(-noise..=noise), 4);
+                o.billed = Money(exact.0 * factor);
                 o
             })
             .collect()
@@ -477,24 +476,51 @@ mod tests {
         (fitted - f(d(truth))).abs() / f(d(truth))
     }
 
+    // How close a fit can get is set by the bills, not the solver: with ±2 % noise on each
+    // of 12 bills the standard error of each coefficient is about 1 %, so "within 1 %" holds
+    // for only half of all seeds (measured over 2000: median error 1.0 %, 99th percentile
+    // 3.8 %). The tests below therefore pin down what is true for every seed: no bias, 1 %
+    // with ±0.5 % noise, and a few per cent with ±2 %.
+
     #[test]
-    fn recovers_known_coefficients_within_one_percent_from_noisy_bills() {
-        // Twelve monthly bills with ±2 % noise, for several seeds so that no lucky draw passes.
+    fn recovers_known_coefficients_within_one_percent_from_twelve_bills_with_half_a_percent_of_noise() {
         for seed in 0..20 {
-            let fit = fit(&generated(seed, 12, "0.85", "1.2", 2)).unwrap();
+            let fit = fit(&generated(seed, 12, "0.85", "1.2", Noise::HalfPercent)).unwrap();
             assert!(relative_error(fit.k1, "0.85") < 0.01, "seed {seed}: {fit:?}");
             assert!(relative_error(fit.k2, "1.2") < 0.01, "seed {seed}: {fit:?}");
             assert_eq!(fit.periods, 12);
             assert!(fit.warnings.is_empty(), "seed {seed}: {:?}", fit.warnings);
-            assert!(fit.r_squared.unwrap() > d("0.99"), "seed {seed}: {fit:?}");
-            assert!(fit.mape.unwrap() < d("2"), "seed {seed}: MAPE is in per cent: {fit:?}");
+            assert!(fit.r_squared.unwrap() > d("0.999"), "seed {seed}: {fit:?}");
+            assert!(
+                fit.mape.unwrap() < d("0.5"),
+                "seed {seed}: MAPE is in per cent: {fit:?}"
+            );
         }
     }
 
     #[test]
+    fn twelve_bills_with_two_percent_of_noise_give_unbiased_coefficients_within_a_few_percent() {
+        let (mut sum_k1, mut sum_k2) = (0.0, 0.0);
+        let seeds = 200;
+        for seed in 0..seeds {
+            let fit = fit(&generated(seed, 12, "0.85", "1.2", Noise::TwoPercent)).unwrap();
+            assert!(relative_error(fit.k1, "0.85") < 0.08, "seed {seed}: {fit:?}");
+            assert!(relative_error(fit.k2, "1.2") < 0.08, "seed {seed}: {fit:?}");
+            assert!(fit.mape.unwrap() < d("2"), "seed {seed}: {fit:?}");
+            sum_k1 += f(fit.k1.unwrap().0);
+            sum_k2 += f(fit.k2.unwrap().0);
+        }
+        // The standard error of a mean of 200 fits is under 0.1 %.
+        let (mean_k1, mean_k2) = (sum_k1 / seeds as f64, sum_k2 / seeds as f64);
+        assert!((mean_k1 / 0.85 - 1.0).abs() < 0.003, "mean k1 {mean_k1}");
+        assert!((mean_k2 / 1.2 - 1.0).abs() < 0.003, "mean k2 {mean_k2}");
+    }
+
+    #[test]
     fn a_held_out_bill_is_predicted_within_three_percent() {
+        // Of the 3 %, up to 2 % is the held-out bill's own noise.
         for seed in 0..20 {
-            let mut periods = generated(seed, 13, "0.85", "1.2", 2);
+            let mut periods = generated(seed, 13, "0.85", "1.2", Noise::TwoPercent);
             let held_out = periods.pop().unwrap();
             let fit = fit(&periods).unwrap();
             let predicted = predict(fit.k1.unwrap(), fit.k2.unwrap(), &held_out).unwrap();
@@ -509,7 +535,7 @@ mod tests {
 
     #[test]
     fn exact_bills_fit_perfectly() {
-        let fit = fit(&generated(7, 12, "0.85", "1.2", 0)).unwrap();
+        let fit = fit(&generated(7, 12, "0.85", "1.2", Noise::None)).unwrap();
         assert_eq!(fit.k1, Some(k("0.85")));
         assert_eq!(fit.k2, Some(k("1.2")));
         assert_eq!(fit.r_squared, Some(Decimal::ONE));
@@ -520,7 +546,7 @@ mod tests {
 
     #[test]
     fn too_few_periods_is_an_error_that_says_how_many_are_needed() {
-        let periods = generated(1, 3, "0.85", "1.2", 2);
+        let periods = generated(1, 3, "0.85", "1.2", Noise::TwoPercent);
         assert_eq!(
             fit(&periods[..1]).unwrap_err().to_string(),
             "need at least 2 bill periods to fit two coefficients, got 1"
@@ -530,14 +556,23 @@ mod tests {
 
     #[test]
     fn two_or_three_periods_fit_with_a_warning() {
-        let fit = fit(&generated(1, 3, "0.85", "1.2", 0)).unwrap();
-        assert_eq!((fit.k1, fit.k2), (Some(k("0.85")), Some(k("1.2"))));
-        assert_eq!(fit.warnings.len(), 1, "{:?}", fit.warnings);
-        assert!(
-            fit.warnings[0].starts_with("too few periods: 3 bill periods"),
-            "{:?}",
-            fit.warnings
-        );
+        // billed = 0.85*T + 1.2*S exactly.
+        let periods = [
+            observation("1000", "100", "1", "1", "970"),
+            observation("100", "1000", "1", "1", "1285"),
+            observation("500", "500", "1", "1", "1025"),
+        ];
+        for n in [2, 3] {
+            let fit = fit(&periods[..n]).unwrap();
+            assert_eq!((fit.k1, fit.k2), (Some(k("0.85")), Some(k("1.2"))));
+            assert_eq!(
+                fit.warnings,
+                [format!(
+                    "too few periods: {n} bill periods for 2 coefficients leave little to check the fit against; \
+                     4 or more give a trustworthy fit"
+                )]
+            );
+        }
     }
 
     #[test]
@@ -613,7 +648,7 @@ mod tests {
         // some seeds, and those must report k2 = 0 exactly, with the reason.
         let mut hit_bound = 0;
         for seed in 0..20 {
-            let fit = fit(&generated(seed, 12, "0.85", "0", 2)).unwrap();
+            let fit = fit(&generated(seed, 12, "0.85", "0", Noise::TwoPercent)).unwrap();
             assert!(relative_error(fit.k1, "0.85") < 0.01, "seed {seed}: {fit:?}");
             let k2 = fit.k2.unwrap().0;
             assert!(k2 >= Decimal::ZERO && k2 < d("0.02"), "seed {seed}: {fit:?}");
@@ -627,15 +662,15 @@ mod tests {
     #[test]
     fn a_negative_unconstrained_coefficient_is_set_to_zero_and_the_other_refitted() {
         // billed = 2*x1 - 0.5*x2 exactly: unconstrained least squares says k2 = -0.5. With
-        // k2 = 0, k1 = Σx1·y / Σx1² = 50 / 30.
+        // k2 = 0, k1 = Σx1·y / Σx1² = 93 / 54 = 1.722222...
         let periods = [
-            observation("1", "4", "1", "1", "0"),
-            observation("2", "3", "1", "1", "2.5"),
-            observation("3", "2", "1", "1", "5"),
-            observation("4", "1", "1", "1", "7.5"),
+            observation("2", "4", "1", "1", "2"),
+            observation("3", "3", "1", "1", "4.5"),
+            observation("4", "2", "1", "1", "7"),
+            observation("5", "1", "1", "1", "9.5"),
         ];
         let fit = fit(&periods).unwrap();
-        assert_eq!((fit.k1, fit.k2), (Some(k("1.66667")), Some(k("0"))));
+        assert_eq!((fit.k1, fit.k2), (Some(k("1.72222")), Some(k("0"))));
         assert_eq!(
             fit.warnings,
             [
@@ -643,8 +678,8 @@ mod tests {
               fitted best by k1 alone, with no storage component"
             ]
         );
-        // The residuals of k1 = 1.66667: -1.66667, -0.83334, 0.00000..., 0.83332.
-        assert_eq!(fit.max_residual, Money(d("1.66667")));
+        // The residuals of k1 = 1.72222 are exact: -1.44444, -0.66666, 0.11112, 0.8889.
+        assert_eq!(fit.max_residual, Money(d("1.44444")));
     }
 
     #[test]
@@ -711,7 +746,7 @@ mod tests {
         assert!(fit
             .warnings
             .iter()
-            .any(|w| w == "MAPE leaves out 2 bill periods billed 0"));
+            .any(|w| w == "MAPE leaves out the bill periods billed 0 (2 of 2)"));
     }
 
     #[test]
@@ -734,7 +769,7 @@ mod tests {
 
     #[test]
     fn a_fit_serializes_as_exact_decimal_strings() {
-        let fit = fit(&generated(7, 12, "0.85", "1.2", 0)).unwrap();
+        let fit = fit(&generated(7, 12, "0.85", "1.2", Noise::None)).unwrap();
         let json = serde_json::to_value(&fit).unwrap();
         assert_eq!(json["k1"], "0.85");
         assert_eq!(json["k2"], "1.2");

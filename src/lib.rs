@@ -4,6 +4,7 @@
 //! (decode and validate) → [`aggregate`] and [`window`] (event-time windows, dedup, lateness)
 //! → [`store`] (one transaction per flush) with [`pricing`] (the cost model). [`telemetry`]
 //! logs and counts, [`daemon`] wires it all, [`loadgen`] makes synthetic load.
+//! [`bills`] and [`calibrate`] are the pure groundwork of calibration (bills CSV, k1/k2 fit).
 
 pub mod aggregate;
 pub mod bills;

@@ -22,7 +22,7 @@ use tokio::runtime::Handle;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, info, warn};
 
-use crate::aggregate::{Aggregator, FlushBatch, Outcome};
+use crate::aggregate::{start_offset, Aggregator, FlushBatch, Outcome};
 use crate::config::{KafkaSettings, StartFrom};
 use crate::faults::{self, FaultPoint};
 use crate::http::Health;
@@ -115,7 +115,9 @@ impl Pipeline {
         };
         for claim in &claims {
             let offset = match claim.next_offset {
-                Some(next) => Offset::Offset(next),
+                // Assigned a little before the stored offset (see `START_MARGIN`); what is
+                // already counted is skipped.
+                Some(next) => Offset::Offset(start_offset(next)),
                 None if self.start_from == StartFrom::Latest => Offset::End,
                 None => Offset::Beginning,
             };

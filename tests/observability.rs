@@ -135,10 +135,13 @@ async fn label_cardinality_is_capped_with_other() {
         .into_iter()
         .map(|(l, v)| (l["model"].clone(), v))
         .collect();
-    assert_eq!(
-        by_model,
-        BTreeMap::from([("m-1".into(), dec("1")), ("other".into(), dec("6"))])
-    );
+    // Which model keeps its name depends on arrival order; what is fixed is that one does, the
+    // rest fold into `other`, and nothing is lost from the sum.
+    let compute = BTreeMap::from([("m-1", dec("1")), ("m-2", dec("2")), ("m-3", dec("4"))]);
+    assert_eq!(by_model.len(), 2, "{by_model:?}");
+    let (kept, value) = by_model.iter().find(|(m, _)| *m != "other").unwrap();
+    assert_eq!(Some(value), compute.get(kept.as_str()), "{by_model:?}");
+    assert_eq!(by_model["other"], dec("7") - value);
     // The database keeps the real names.
     assert_eq!(world.totals().await.len(), 3);
 }

@@ -428,8 +428,8 @@ impl Aggregator {
         }
     }
 
-    pub fn owned(&self) -> Vec<i32> {
-        self.partitions.keys().copied().collect()
+    pub fn owned_count(&self) -> usize {
+        self.partitions.len()
     }
 
     pub fn ingest(&mut self, partition: i32, offset: i64, payload: Option<&[u8]>, now: DateTime<Utc>) -> Outcome {
@@ -481,10 +481,6 @@ impl Aggregator {
         self.in_flight = Some(batch);
     }
 
-    pub fn has_in_flight(&self) -> bool {
-        self.in_flight.is_some()
-    }
-
     /// A batch was committed.
     pub fn flushed(&mut self, batch: &FlushBatch) {
         self.flushes_since_prune = if batch.progress().any(|p| p.forget_before.is_some()) {
@@ -528,15 +524,20 @@ mod tests {
         .into_bytes()
     }
 
-    fn fresh(partition: i32) -> Aggregator {
-        let mut a = Aggregator::new(rules());
-        a.assign(vec![Claim {
+    /// A partition that was never counted, claimed for the first time.
+    fn new_claim(partition: i32) -> Claim {
+        Claim {
             partition,
             epoch: 1,
             next_offset: None,
             watermark: None,
             seen: vec![],
-        }]);
+        }
+    }
+
+    fn fresh(partition: i32) -> Aggregator {
+        let mut a = Aggregator::new(rules());
+        a.assign(vec![new_claim(partition)]);
         a
     }
 
@@ -651,13 +652,7 @@ mod tests {
     #[test]
     fn dropping_a_partition_takes_its_share_out_of_the_batch_in_flight() {
         let mut a = fresh(0);
-        a.assign(vec![Claim {
-            partition: 1,
-            epoch: 1,
-            next_offset: None,
-            watermark: None,
-            seen: vec![],
-        }]);
+        a.assign(vec![new_claim(1)]);
         a.ingest(0, 0, Some(&event("a", "2026-11-29T03:00:01Z", "1")), now());
         a.ingest(1, 0, Some(&event("b", "2026-11-29T03:00:01Z", "2")), now());
         let batch = a.batch(None);
@@ -684,13 +679,7 @@ mod tests {
     #[test]
     fn windows_merge_across_partitions_and_clear_after_flush() {
         let mut a = fresh(0);
-        a.assign(vec![Claim {
-            partition: 1,
-            epoch: 1,
-            next_offset: None,
-            watermark: None,
-            seen: vec![],
-        }]);
+        a.assign(vec![new_claim(1)]);
         a.ingest(0, 0, Some(&event("a", "2026-11-29T03:00:01Z", "0.1")), now());
         a.ingest(1, 0, Some(&event("b", "2026-11-29T03:00:02Z", "0.2")), now());
         let batch = a.batch(None);

@@ -139,7 +139,7 @@ impl Pipeline {
     }
 
     fn report_assignment(&self, agg: &Aggregator) {
-        let owned = agg.owned().len();
+        let owned = agg.owned_count();
         self.health.set_assigned(owned);
         telemetry::assignment(owned, agg.watermark());
     }

@@ -240,13 +240,13 @@ async fn costs(
         }
     }
     let step = q.step.unwrap_or(Step::Hour);
+    // Windows are at least a second wide; counting them as a minute (the default) allows about
+    // a week at step=window.
     let step_secs = match step {
-        Step::Window => 1,
+        Step::Window => 60,
         Step::Hour => 3600,
         Step::Day => 86_400,
     };
-    // Windows are at least a second wide; with the default 1m this allows about a week.
-    let step_secs = if step == Step::Window { 60 } else { step_secs };
     if (to - from).num_seconds() / step_secs > MAX_POINTS {
         return Err(ApiError::BadRequest(format!(
             "the range from {from} to {to} has more than {MAX_POINTS} points at this step; use a coarser step or a shorter range"

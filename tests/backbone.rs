@@ -407,42 +407,44 @@ async fn a_stale_instance_cannot_overwrite_the_new_owners_work() {
     assert_eq!(owner, "fresh");
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn an_unreachable_database_is_waited_for_not_a_crash() {
+/// Starts a daemon whose config has one address replaced by an unreachable one (`swap` says
+/// which, for the world), waits for `line` in its log, and checks it is still running two
+/// seconds later and stops cleanly.
+async fn keeps_retrying(swap: fn(&World) -> (String, String), line: &str, why: &str) {
     let world = World::new(1).await;
     let config = world.config("");
-    let text = std::fs::read_to_string(&config)
-        .unwrap()
-        .replace(&world.db_url, "postgres://postgres@127.0.0.1:1/nowhere");
+    let (from, to) = swap(&world);
+    let text = std::fs::read_to_string(&config).unwrap().replace(&from, &to);
     std::fs::write(&config, text).unwrap();
     let mut daemon = world.start(&config);
     let deadline = std::time::Instant::now() + Duration::from_secs(30);
-    while !daemon.log_text().contains("PostgreSQL is unreachable, retrying") {
+    while !daemon.log_text().contains(line) {
         assert!(std::time::Instant::now() < deadline, "{}", daemon.log_text());
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     tokio::time::sleep(Duration::from_secs(2)).await;
-    assert!(daemon.is_running(), "costwatch must keep retrying, not exit");
+    assert!(daemon.is_running(), "{why}");
     assert!(daemon.terminate(WAIT).success());
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn an_unreachable_database_is_waited_for_not_a_crash() {
+    keeps_retrying(
+        |world| (world.db_url.clone(), "postgres://postgres@127.0.0.1:1/nowhere".into()),
+        "PostgreSQL is unreachable, retrying",
+        "costwatch must keep retrying, not exit",
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn an_unreachable_broker_is_retried_not_a_crash() {
-    let world = World::new(1).await;
-    let config = world.config("");
-    let text = std::fs::read_to_string(&config)
-        .unwrap()
-        .replace(&common::brokers(), "127.0.0.1:1");
-    std::fs::write(&config, text).unwrap();
-    let mut daemon = world.start(&config);
-    let deadline = std::time::Instant::now() + Duration::from_secs(30);
-    while !daemon.log_text().contains("kafka client error") {
-        assert!(std::time::Instant::now() < deadline, "{}", daemon.log_text());
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    tokio::time::sleep(Duration::from_secs(2)).await;
-    assert!(daemon.is_running(), "costwatch must keep retrying the broker, not exit");
-    assert!(daemon.terminate(WAIT).success());
+    keeps_retrying(
+        |_| (common::brokers(), "127.0.0.1:1".into()),
+        "kafka client error",
+        "costwatch must keep retrying the broker, not exit",
+    )
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -7,10 +7,12 @@ export PATH="$HOME/.cargo/bin:$PATH"
 
 scripts/postgres.sh
 scripts/broker.sh
-# The dashboard test runs a real Prometheus (Debian's package).
-if ! command -v prometheus >/dev/null; then
-  echo "prometheus: installing the Debian package"
-  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus >/dev/null
+# The dashboard test runs a real Prometheus, the alerting test a real Alertmanager (Debian's
+# packages).
+if ! command -v prometheus >/dev/null || ! command -v prometheus-alertmanager >/dev/null; then
+  echo "prometheus, alertmanager: installing the Debian packages"
+  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
+    prometheus prometheus-alertmanager >/dev/null
 fi
 
 # Rules and dashboard files: promtool check and promtool's own rule unit tests.

@@ -10,7 +10,7 @@ use std::time::Duration;
 use rust_decimal::Decimal;
 use serde::Deserialize;
 
-use crate::domain::{exact_decimal, Coefficient, HardwareName, ModelName, UnitPrice};
+use crate::domain::{exact_decimal, fraction, Coefficient, HardwareName, ModelName, Money, UnitPrice};
 
 /// The environment prefix; keys below it are separated by `__`, e.g. `COSTWATCH__KAFKA__BROKERS`.
 pub const ENV_PREFIX: &str = "COSTWATCH";
@@ -30,6 +30,11 @@ pub struct Settings {
     pub http: HttpSettings,
     #[serde(default)]
     pub metrics: MetricsSettings,
+    #[serde(default)]
+    pub alerting: AlertingSettings,
+    /// Spend limits per period and scope, evaluated against the priced history.
+    #[serde(default)]
+    pub budgets: Vec<BudgetSettings>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -223,8 +228,210 @@ impl Default for MetricsSettings {
     }
 }
 
+/// Where alerts go and how often budgets are evaluated.
+#[derive(Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AlertingSettings {
+    /// Alertmanager's base URL, e.g. `http://127.0.0.1:9093`; alerts are posted to its API v2.
+    #[serde(default)]
+    pub alertmanager_url: Option<String>,
+    /// How often spend is read from PostgreSQL and alert states are decided.
+    #[serde(default = "defaults::evaluation_interval", with = "humantime_serde")]
+    pub evaluation_interval: Duration,
+    /// The short and long burn-rate windows of the forecast (see the README).
+    #[serde(default = "defaults::forecast_short_window", with = "humantime_serde")]
+    pub forecast_short_window: Duration,
+    #[serde(default = "defaults::forecast_long_window", with = "humantime_serde")]
+    pub forecast_long_window: Duration,
+    /// Shown to humans as the alert's source (`generatorURL`), e.g. the costwatch API's address.
+    #[serde(default)]
+    pub external_url: Option<String>,
+    /// Generic HTTP receivers, each getting signed JSON posts.
+    #[serde(default)]
+    pub webhooks: Vec<WebhookSettings>,
+}
+
+impl fmt::Debug for AlertingSettings {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("AlertingSettings")
+            .field("alertmanager_url", &self.alertmanager_url)
+            .field("evaluation_interval", &self.evaluation_interval)
+            .field("forecast_short_window", &self.forecast_short_window)
+            .field("forecast_long_window", &self.forecast_long_window)
+            .field("webhooks", &self.webhooks)
+            .finish()
+    }
+}
+
+impl Default for AlertingSettings {
+    fn default() -> Self {
+        Self {
+            alertmanager_url: None,
+            evaluation_interval: defaults::evaluation_interval(),
+            forecast_short_window: defaults::forecast_short_window(),
+            forecast_long_window: defaults::forecast_long_window(),
+            external_url: None,
+            webhooks: Vec::new(),
+        }
+    }
+}
+
+impl AlertingSettings {
+    /// True when alerts have somewhere to go.
+    pub fn has_receivers(&self) -> bool {
+        self.alertmanager_url.is_some() || !self.webhooks.is_empty()
+    }
+}
+
+/// One generic webhook receiver. The body is signed with HMAC-SHA256 over the exact bytes.
+#[derive(Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WebhookSettings {
+    /// Names this receiver in the delivery log and metrics; defaults to `webhook-<index>`.
+    #[serde(default)]
+    pub name: Option<String>,
+    pub url: String,
+    /// The signing secret. Prefer `secret_env` so the secret stays out of the file.
+    #[serde(default)]
+    pub secret: Option<String>,
+    /// The name of an environment variable holding the secret.
+    #[serde(default)]
+    pub secret_env: Option<String>,
+    #[serde(default = "defaults::webhook_timeout", with = "humantime_serde")]
+    pub timeout: Duration,
+}
+
+impl fmt::Debug for WebhookSettings {
+    // The secret, and a URL that may carry a token, stay out of every debug print.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("WebhookSettings")
+            .field("name", &self.name)
+            .field("url", &"<redacted>")
+            .field("secret", &"<redacted>")
+            .field("secret_env", &self.secret_env)
+            .finish()
+    }
+}
+
+impl WebhookSettings {
+    /// The secret from the file or from the named environment variable.
+    pub fn resolve_secret(&self) -> Option<String> {
+        match (&self.secret, &self.secret_env) {
+            (Some(s), _) => Some(s.clone()),
+            (None, Some(var)) => std::env::var(var).ok().filter(|s| !s.is_empty()),
+            (None, None) => None,
+        }
+    }
+}
+
+/// A spend limit over a calendar period for the usage that matches a scope.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BudgetSettings {
+    pub name: String,
+    pub period: Period,
+    /// In `pricing.currency`, as a string so it stays exact.
+    #[serde(deserialize_with = "exact_decimal")]
+    pub amount: Money,
+    /// Globs (`*`, `?`) on model and hardware; omitted means everything.
+    #[serde(default, rename = "match")]
+    pub scope: ScopeSettings,
+    /// Fractions of `amount`; each one alerts once per period when spend reaches it.
+    #[serde(default = "defaults::thresholds", deserialize_with = "fractions")]
+    pub thresholds: Vec<Decimal>,
+    /// Also alert when the projected end-of-period spend exceeds `amount`.
+    #[serde(default)]
+    pub forecast: bool,
+    /// Alert when the recent spend rate jumps above its trailing baseline.
+    #[serde(default)]
+    pub drift: Option<DriftSettings>,
+    /// Alert while usage in scope has no price (default on).
+    #[serde(default = "defaults::yes")]
+    pub unpriced: bool,
+    /// The `severity` label of this budget's threshold, forecast and drift alerts.
+    #[serde(default = "defaults::severity")]
+    pub severity: String,
+    /// Calendar periods start at midnight (and on Mondays, and on the 1st) in this zone.
+    #[serde(default = "defaults::time_zone")]
+    pub time_zone: chrono_tz::Tz,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Period {
+    Hourly,
+    Daily,
+    Weekly,
+    Monthly,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ScopeSettings {
+    #[serde(default)]
+    pub model: Option<String>,
+    #[serde(default)]
+    pub hardware: Option<String>,
+}
+
+/// `factor`: how many times the baseline rate the recent rate must be to alert.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DriftSettings {
+    #[serde(deserialize_with = "fraction")]
+    pub factor: Decimal,
+    /// The recent window whose spend rate is compared.
+    #[serde(default = "defaults::drift_window", with = "humantime_serde")]
+    pub window: Duration,
+    /// The trailing window before it that sets the baseline rate.
+    #[serde(default = "defaults::drift_baseline", with = "humantime_serde")]
+    pub baseline: Duration,
+    /// Recent spend below this never alerts, so a jump from nearly nothing stays quiet.
+    #[serde(default, deserialize_with = "exact_decimal")]
+    pub min_spend: Money,
+}
+
+fn fractions<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<Decimal>, D::Error> {
+    #[derive(Deserialize)]
+    struct Wrap(#[serde(deserialize_with = "fraction")] Decimal);
+    Ok(Vec::<Wrap>::deserialize(d)?.into_iter().map(|w| w.0).collect())
+}
+
 mod defaults {
     use std::time::Duration;
+
+    use rust_decimal::Decimal;
+
+    pub fn evaluation_interval() -> Duration {
+        Duration::from_secs(15)
+    }
+    pub fn forecast_short_window() -> Duration {
+        Duration::from_secs(60 * 60)
+    }
+    pub fn forecast_long_window() -> Duration {
+        Duration::from_secs(6 * 60 * 60)
+    }
+    pub fn webhook_timeout() -> Duration {
+        Duration::from_secs(10)
+    }
+    pub fn thresholds() -> Vec<Decimal> {
+        vec![Decimal::new(5, 1), Decimal::new(8, 1), Decimal::ONE]
+    }
+    pub fn yes() -> bool {
+        true
+    }
+    pub fn severity() -> String {
+        "page".into()
+    }
+    pub fn time_zone() -> chrono_tz::Tz {
+        chrono_tz::UTC
+    }
+    pub fn drift_window() -> Duration {
+        Duration::from_secs(60 * 60)
+    }
+    pub fn drift_baseline() -> Duration {
+        Duration::from_secs(24 * 60 * 60)
+    }
 
     pub fn session_timeout() -> Duration {
         Duration::from_secs(10)
@@ -414,10 +621,132 @@ impl Settings {
             "metrics.max_hardware: must be at least 1".into(),
         );
 
+        self.validate_alerting(&mut problems);
+
         if problems.is_empty() {
             Ok(())
         } else {
             Err(ConfigError::Invalid(problems))
+        }
+    }
+}
+
+impl Settings {
+    fn validate_alerting(&self, problems: &mut Vec<String>) {
+        let mut require = |ok: bool, problem: String| {
+            if !ok {
+                problems.push(problem);
+            }
+        };
+        let a = &self.alerting;
+        if let Some(url) = &a.alertmanager_url {
+            require(
+                reqwest::Url::parse(url).is_ok_and(|u| matches!(u.scheme(), "http" | "https")),
+                format!("alerting.alertmanager_url: {url:?} is not an http(s) URL such as http://127.0.0.1:9093"),
+            );
+        }
+        if let Some(url) = &a.external_url {
+            // Alertmanager refuses a whole post whose generatorURL is not a URL.
+            require(
+                reqwest::Url::parse(url).is_ok_and(|u| matches!(u.scheme(), "http" | "https")),
+                format!("alerting.external_url: {url:?} is not an http(s) URL"),
+            );
+        }
+        require(
+            a.evaluation_interval >= Duration::from_secs(1),
+            "alerting.evaluation_interval: must be at least 1s".into(),
+        );
+        require(
+            a.forecast_short_window >= Duration::from_secs(1) && a.forecast_short_window <= a.forecast_long_window,
+            "alerting.forecast_short_window: must be at least 1s and no longer than forecast_long_window".into(),
+        );
+        let mut names = HashSet::new();
+        for (i, w) in a.webhooks.iter().enumerate() {
+            // The URL itself is never echoed: it may carry a token.
+            require(
+                reqwest::Url::parse(&w.url).is_ok_and(|u| matches!(u.scheme(), "http" | "https")),
+                format!("alerting.webhooks[{i}].url: not an http(s) URL"),
+            );
+            require(
+                names.insert(crate::notify::webhook_name(i, w)),
+                format!("alerting.webhooks[{i}].name: two webhooks share this name"),
+            );
+            match (&w.secret, &w.secret_env) {
+                (Some(_), Some(_)) => require(
+                    false,
+                    format!("alerting.webhooks[{i}]: set secret or secret_env, not both"),
+                ),
+                (None, None) => require(
+                    false,
+                    format!("alerting.webhooks[{i}]: a signing secret is required (secret or secret_env)"),
+                ),
+                (Some(s), None) => require(
+                    s.len() >= 16,
+                    format!("alerting.webhooks[{i}].secret: must be at least 16 characters"),
+                ),
+                (None, Some(var)) => require(
+                    w.resolve_secret().is_some_and(|s| s.len() >= 16),
+                    format!(
+                        "alerting.webhooks[{i}].secret_env: the environment variable {var} must hold a secret of at least 16 characters"
+                    ),
+                ),
+            }
+        }
+        let mut budget_names = HashSet::new();
+        for (i, b) in self.budgets.iter().enumerate() {
+            let key = format!("budgets[{i}]");
+            require(
+                !b.name.trim().is_empty()
+                    && b.name.len() <= 128
+                    && b.name.chars().all(|c| c.is_ascii_alphanumeric() || "-_.:".contains(c)),
+                format!(
+                    "{key}.name: {:?} must be 1-128 characters of letters, digits, '-', '_', '.' or ':'",
+                    b.name
+                ),
+            );
+            require(
+                budget_names.insert(b.name.as_str()),
+                format!("{key}.name: {:?} is used by two budgets", b.name),
+            );
+            require(
+                b.amount.0 > Decimal::ZERO,
+                format!("{key}.amount: must be greater than 0"),
+            );
+            require(
+                b.thresholds.iter().all(|t| *t > Decimal::ZERO),
+                format!("{key}.thresholds: every threshold must be greater than 0 (0.8 means 80% of amount)"),
+            );
+            let mut seen = HashSet::new();
+            require(
+                b.thresholds.iter().all(|t| seen.insert(t.normalize())),
+                format!("{key}.thresholds: a threshold is listed twice"),
+            );
+            require(
+                !b.severity.trim().is_empty(),
+                format!("{key}.severity: must not be empty"),
+            );
+            for (field, glob) in [("model", &b.scope.model), ("hardware", &b.scope.hardware)] {
+                if let Some(g) = glob {
+                    require(
+                        !g.is_empty() && g.len() <= 128,
+                        format!("{key}.match.{field}: must be 1-128 characters"),
+                    );
+                }
+            }
+            if let Some(d) = &b.drift {
+                require(
+                    d.factor > Decimal::ONE,
+                    format!("{key}.drift.factor: must be greater than 1"),
+                );
+                require(
+                    d.window >= Duration::from_secs(1) && d.baseline >= d.window,
+                    format!("{key}.drift: window must be at least 1s and baseline at least as long as window"),
+                );
+                require(
+                    d.min_spend.0 >= Decimal::ZERO,
+                    format!("{key}.drift.min_spend: must not be negative"),
+                );
+            }
         }
     }
 }
@@ -496,6 +825,60 @@ mod tests {
         let bad = EXAMPLE.replace("compute_price = \"0.1\"", "compute_price = 0.1");
         let err = parse(&bad).unwrap_err().to_string();
         assert!(err.contains("write 0.1 as a string (\"0.1\")"), "{err}");
+    }
+
+    #[test]
+    fn budgets_and_alerting_are_validated_with_their_keys() {
+        let good = format!(
+            "{EXAMPLE}{}",
+            r#"
+            [alerting]
+            alertmanager_url = "http://127.0.0.1:9093"
+            [[alerting.webhooks]]
+            url = "https://hooks.example.invalid/x"
+            secret = "0123456789abcdef"
+            [[budgets]]
+            name = "search-llm"
+            period = "monthly"
+            amount = "5000"
+            match = { model = "qwen2-*" }
+            thresholds = [0.5, 0.8, 1.0]
+            drift = { factor = 3 }
+            time_zone = "Europe/Berlin"
+            "#
+        );
+        let s = parse(&good).unwrap();
+        let b = &s.budgets[0];
+        assert_eq!(b.thresholds, vec![Decimal::new(5, 1), Decimal::new(8, 1), Decimal::ONE]);
+        assert_eq!(b.amount.to_string(), "5000");
+        assert_eq!(b.drift.as_ref().unwrap().window, Duration::from_secs(3600));
+        assert_eq!(b.severity, "page");
+
+        let bad = good
+            .replace(
+                "alertmanager_url = \"http://127.0.0.1:9093\"",
+                "alertmanager_url = \"127.0.0.1:9093\"",
+            )
+            .replace("secret = \"0123456789abcdef\"", "secret = \"short\"")
+            .replace("amount = \"5000\"", "amount = \"0\"")
+            .replace("factor = 3", "factor = 0.5");
+        let err = parse(&bad).unwrap_err().to_string();
+        for want in [
+            "alerting.alertmanager_url: \"127.0.0.1:9093\" is not an http(s) URL",
+            "alerting.webhooks[0].secret: must be at least 16 characters",
+            "budgets[0].amount: must be greater than 0",
+            "budgets[0].drift.factor: must be greater than 1",
+        ] {
+            assert!(err.contains(want), "{want}\n{err}");
+        }
+        let zone = parse(&good.replace("Europe/Berlin", "Mars/Olympus"))
+            .unwrap_err()
+            .to_string();
+        assert!(zone.contains("Mars/Olympus"), "{zone}");
+        let float = parse(&good.replace("amount = \"5000\"", "amount = 5000.5"))
+            .unwrap_err()
+            .to_string();
+        assert!(float.contains("write 5000.5 as a string"), "{float}");
     }
 
     #[test]

@@ -9,6 +9,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
 
 use crate::aggregate::{millis, Aggregator, IngestRules};
+use crate::alerting;
 use crate::config::Settings;
 use crate::consumer::{self, Backoff, Pipeline};
 use crate::event::Limits;
@@ -77,14 +78,18 @@ pub async fn run(
 
     let prices = PriceBook::from_settings(&settings.pricing);
     let health = Arc::new(Health::default());
+    let board = alerting::SharedBoard::default();
     let app = AppState {
         store: store.clone(),
         prices: Arc::new(prices.clone()),
         metrics,
         api_token: settings.http.api_token.as_deref().map(Arc::from),
         health: health.clone(),
+        budgets: board.clone(),
     };
     let server = tokio::spawn(http::serve(listener, app, cancel.clone()));
+    let settings = Arc::new(settings);
+    let evaluator = tokio::spawn(alerting::run(settings.clone(), store.clone(), board, cancel.clone()));
 
     let rules = ingest_rules(&settings);
     let layout = WindowLayout::from_rules(&rules);
@@ -109,6 +114,7 @@ pub async fn run(
     // Whatever ended the consumer ends everything else too.
     cancel.cancel();
     server.await.context("the http server panicked")??;
+    evaluator.await.context("the budget evaluator panicked")??;
     result
 }
 

@@ -209,6 +209,35 @@ where
     Ok(Option::<Wrap>::deserialize(d)?.map(|w| T::from(w.0)))
 }
 
+/// Deserializes a ratio such as a budget threshold (`0.8`) or a drift factor (`3`). Unlike
+/// money, a ratio may be written as a TOML float: it is read back through its shortest decimal
+/// form, so `0.8` becomes exactly 0.8.
+pub fn fraction<'de, D>(d: D) -> Result<Decimal, D::Error>
+where
+    D: serde::Deserializer<'de>,
+{
+    struct Visitor;
+    impl serde::de::Visitor<'_> for Visitor {
+        type Value = Decimal;
+        fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+            f.write_str("a number such as 0.8")
+        }
+        fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<Decimal, E> {
+            Decimal::from_str_exact(v.trim()).map_err(|_| E::custom(format!("{v:?} is not a number")))
+        }
+        fn visit_i64<E: serde::de::Error>(self, v: i64) -> Result<Decimal, E> {
+            Ok(Decimal::from(v))
+        }
+        fn visit_u64<E: serde::de::Error>(self, v: u64) -> Result<Decimal, E> {
+            Ok(Decimal::from(v))
+        }
+        fn visit_f64<E: serde::de::Error>(self, v: f64) -> Result<Decimal, E> {
+            Decimal::from_str_exact(&v.to_string()).map_err(|_| E::custom(format!("{v} is out of range")))
+        }
+    }
+    d.deserialize_any(Visitor)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -23,6 +23,7 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
+use crate::alerting::SharedBoard;
 use crate::pricing::{EstimateError, EstimateRequest, PriceBook};
 use crate::store::Store;
 use crate::telemetry;
@@ -56,6 +57,8 @@ pub struct AppState {
     pub metrics: Option<PrometheusHandle>,
     pub api_token: Option<Arc<str>>,
     pub health: Arc<Health>,
+    /// The budget evaluator's latest result.
+    pub budgets: SharedBoard,
 }
 
 pub fn router(state: AppState) -> Router {
@@ -63,6 +66,8 @@ pub fn router(state: AppState) -> Router {
         .route("/costs", get(costs))
         .route("/estimate", post(estimate))
         .route("/rejected", get(rejected))
+        .route("/budgets", get(budgets))
+        .route("/alerts", get(alerts))
         .route_layer(middleware::from_fn_with_state(state.clone(), require_token))
         .route("/openapi.json", get(openapi));
     Router::new()
@@ -380,6 +385,47 @@ async fn rejected(
     Ok(Json(json!({ "items": items })).into_response())
 }
 
+/// The budgets as of the latest evaluation (every instance evaluates; only the leader alerts).
+async fn budgets(State(state): State<AppState>) -> Response {
+    let board = state.budgets.read().unwrap_or_else(|p| p.into_inner()).clone();
+    Json(board).into_response()
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct AlertsQuery {
+    state: Option<String>,
+    limit: Option<i64>,
+}
+
+/// Alerts as recorded in PostgreSQL: firing ones and past ones, newest first.
+async fn alerts(
+    State(state): State<AppState>,
+    query: Result<Query<AlertsQuery>, QueryRejection>,
+) -> Result<Response, ApiError> {
+    let Query(q) = query?;
+    let filter = match q.state.as_deref() {
+        None | Some("all") => None,
+        Some(s @ ("firing" | "resolved")) => Some(s),
+        Some(other) => {
+            return Err(ApiError::BadRequest(format!(
+                "state must be firing, resolved or all, got {other:?}"
+            )))
+        }
+    };
+    let limit = q.limit.unwrap_or(100);
+    if !(1..=1000).contains(&limit) {
+        return Err(ApiError::BadRequest(format!(
+            "limit must be between 1 and 1000, got {limit}"
+        )));
+    }
+    let items = state.store.list_alerts(filter, limit).await.map_err(|error| {
+        warn!(%error, "api query failed");
+        ApiError::Unavailable
+    })?;
+    Ok(Json(json!({ "items": items })).into_response())
+}
+
 async fn openapi() -> Response {
     (
         [(header::CONTENT_TYPE, "application/json")],
@@ -407,6 +453,8 @@ mod tests {
             "/api/v1/costs",
             "/api/v1/estimate",
             "/api/v1/rejected",
+            "/api/v1/budgets",
+            "/api/v1/alerts",
             "/healthz",
             "/readyz",
         ] {

@@ -4,10 +4,16 @@
 //! (decode and validate) → [`aggregate`] and [`window`] (event-time windows, dedup, lateness)
 //! → [`store`] (one transaction per flush) with [`pricing`] (the cost model). [`telemetry`]
 //! logs and counts, [`daemon`] wires it all, [`loadgen`] makes synthetic load.
+//! Budgets: [`budget`] (periods, forecast, drift: what should alert), [`budget_store`] (spend
+//! from PostgreSQL, alert state, outbox), [`alerting`] (the single evaluator) and [`notify`]
+//! (Alertmanager and signed webhooks).
 //! [`bills`] and [`calibrate`] are the pure groundwork of calibration (bills CSV, k1/k2 fit).
 
 pub mod aggregate;
+pub mod alerting;
 pub mod bills;
+pub mod budget;
+pub mod budget_store;
 pub mod calibrate;
 pub mod cli;
 pub mod config;
@@ -18,6 +24,7 @@ pub mod event;
 pub mod faults;
 pub mod http;
 pub mod loadgen;
+pub mod notify;
 pub mod pricing;
 pub mod shutdown;
 pub mod store;

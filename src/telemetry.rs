@@ -30,6 +30,14 @@ pub const WATERMARK: &str = "costwatch_watermark_timestamp_seconds";
 pub const WATERMARK_DELAY: &str = "costwatch_watermark_delay_seconds";
 pub const CONSUMER_LAG: &str = "costwatch_consumer_lag";
 pub const DATABASE_ERRORS_TOTAL: &str = "costwatch_database_errors_total";
+pub const BUDGET_AMOUNT: &str = "costwatch_budget_amount";
+pub const BUDGET_SPEND: &str = "costwatch_budget_spend";
+pub const BUDGET_FORECAST: &str = "costwatch_budget_forecast";
+pub const BUDGET_UTILIZATION: &str = "costwatch_budget_utilization_ratio";
+pub const ALERTS_FIRING: &str = "costwatch_alerts_firing";
+pub const ALERTING_LEADER: &str = "costwatch_alerting_leader";
+pub const NOTIFICATIONS_TOTAL: &str = "costwatch_alert_notifications_total";
+pub const DELIVERIES_PENDING: &str = "costwatch_alert_deliveries_pending";
 
 /// Sets up `tracing` output; `RUST_LOG` overrides the default level (`info`).
 pub fn init_logging() {
@@ -65,6 +73,32 @@ pub fn describe_metrics() {
         "Messages consumed, by outcome: accepted, late (accepted, behind the watermark), duplicate, rejected"
     );
     describe_counter!(REJECTED_TOTAL, "Rejected messages by reason code");
+    describe_gauge!(
+        BUDGET_AMOUNT,
+        "A budget's amount for its current period, in the pricing currency"
+    );
+    describe_gauge!(
+        BUDGET_SPEND,
+        "Priced spend in a budget's scope so far this period (from PostgreSQL)"
+    );
+    describe_gauge!(
+        BUDGET_FORECAST,
+        "Projected end-of-period spend of a budget (multi-window burn rate; only with forecast = true)"
+    );
+    describe_gauge!(BUDGET_UTILIZATION, "Spend so far divided by the budget's amount");
+    describe_gauge!(ALERTS_FIRING, "Budget alerts firing, by kind (from PostgreSQL)");
+    describe_gauge!(
+        ALERTING_LEADER,
+        "1 on the instance that holds the alerting lock and sends alerts, 0 elsewhere"
+    );
+    describe_counter!(
+        NOTIFICATIONS_TOTAL,
+        "Posts to alert receivers (alertmanager or a webhook name), by outcome: ok, error"
+    );
+    describe_gauge!(
+        DELIVERIES_PENDING,
+        "Alert notifications not yet accepted by their receiver (leader only)"
+    );
     describe_counter!(UNPRICED_EVENTS_TOTAL, "Accepted events on hardware without a price");
     describe_histogram!(FLUSH_DURATION, Unit::Seconds, "Time to write one flush to PostgreSQL");
     describe_gauge!(LAST_FLUSH, Unit::Seconds, "Unix time of the last successful flush");
@@ -80,6 +114,37 @@ pub fn describe_metrics() {
         Unit::Seconds,
         "Lowest event-time watermark over owned partitions"
     );
+}
+
+/// Exports a budget's standing. Prometheus values are floats; the exact figures are in
+/// `/api/v1/budgets`.
+pub fn budget_status(status: &crate::budget::BudgetStatus) {
+    use rust_decimal::prelude::ToPrimitive;
+    let name = status.name.clone();
+    let f = |d: Decimal| d.to_f64().unwrap_or(f64::NAN);
+    gauge!(BUDGET_AMOUNT, "budget" => name.clone()).set(f(status.amount.value()));
+    gauge!(BUDGET_SPEND, "budget" => name.clone()).set(f(status.spend.value()));
+    gauge!(BUDGET_UTILIZATION, "budget" => name.clone()).set(f(status.utilization));
+    if let Some(forecast) = status.forecast {
+        gauge!(BUDGET_FORECAST, "budget" => name).set(f(forecast.value()));
+    }
+}
+
+pub fn alerts_firing(kind: &'static str, n: i64) {
+    gauge!(ALERTS_FIRING, "kind" => kind).set(n as f64);
+}
+
+pub fn alerting_leader(leader: bool) {
+    gauge!(ALERTING_LEADER).set(if leader { 1.0 } else { 0.0 });
+}
+
+pub fn notification(receiver: &str, ok: bool) {
+    let outcome = if ok { "ok" } else { "error" };
+    counter!(NOTIFICATIONS_TOTAL, "receiver" => receiver.to_owned(), "outcome" => outcome).increment(1);
+}
+
+pub fn deliveries_pending(n: i64) {
+    gauge!(DELIVERIES_PENDING).set(n as f64);
 }
 
 /// Counts a committed flush. Called only after COMMIT, so counters never run ahead of the

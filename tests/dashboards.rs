@@ -145,7 +145,22 @@ fn urlencode(s: &str) -> String {
 #[tokio::test(flavor = "multi_thread")]
 async fn every_dashboard_query_and_rule_answers_with_live_data() {
     let world = World::new(2).await;
-    let daemon = world.start(&world.config(""));
+    // A budget the load blows through at once, so that the budget panels and the alert table
+    // have data (no receivers: alert state is still kept in PostgreSQL).
+    let config = world.config(
+        r#"
+[alerting]
+evaluation_interval = "1s"
+
+[[budgets]]
+name = "dashboard"
+period = "monthly"
+amount = "0.001"
+thresholds = [0.5]
+forecast = true
+"#,
+    );
+    let daemon = world.start(&config);
     let addr = daemon.http_addr().await;
     // Load with priced and unpriced hardware, duplicates, late and malformed events, sent
     // over the whole test so rates have data.

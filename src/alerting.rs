@@ -1,0 +1,248 @@
+//! The budget evaluator: every `alerting.evaluation_interval` it reads each budget's spend from
+//! PostgreSQL and publishes the result (API, gauges) on every instance. One instance at a time —
+//! the holder of a PostgreSQL advisory lock — also records alert transitions and delivers them,
+//! so two instances never both page. If the leader dies its session ends, the lock is freed, and
+//! another instance takes over at its next evaluation.
+
+use std::collections::HashSet;
+use std::sync::{Arc, RwLock};
+
+use chrono::{DateTime, Utc};
+use serde::Serialize;
+use sqlx::{Connection, PgConnection};
+use tokio::time::MissedTickBehavior;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, info, warn};
+
+use crate::budget::{self, AlertSpec, BudgetStatus, ForecastWindows, Ranges};
+use crate::budget_store::{self, Delivery};
+use crate::config::Settings;
+use crate::notify::{self, Notifier};
+use crate::store::{Store, StoreError};
+use crate::telemetry;
+
+/// The latest evaluation, shared with the HTTP API.
+#[derive(Debug, Default, Clone, Serialize)]
+pub struct BudgetBoard {
+    /// When the statuses below were computed; `None` before the first evaluation.
+    pub evaluated_at: Option<DateTime<Utc>>,
+    /// Whether this instance is the one that sends alerts.
+    pub leader: bool,
+    pub budgets: Vec<BudgetStatus>,
+    /// Why the last evaluation failed, if it did (the statuses are then from the one before).
+    pub error: Option<String>,
+}
+
+pub type SharedBoard = Arc<RwLock<BudgetBoard>>;
+
+/// Outbox entries handled per evaluation.
+const DELIVERY_BATCH: i64 = 500;
+
+struct Evaluator {
+    settings: Arc<Settings>,
+    store: Store,
+    notifier: Notifier,
+    receivers: Vec<String>,
+    board: SharedBoard,
+    /// The session holding the alerting lock, while this instance leads.
+    lead: Option<PgConnection>,
+}
+
+/// Runs until `cancel` fires; then lets go of the lock so another instance takes over at once.
+pub async fn run(
+    settings: Arc<Settings>,
+    store: Store,
+    board: SharedBoard,
+    cancel: CancellationToken,
+) -> anyhow::Result<()> {
+    let notifier = Notifier::new(&settings.alerting)?;
+    let receivers = notifier.webhook_names();
+    let mut evaluator = Evaluator {
+        settings: settings.clone(),
+        store,
+        notifier,
+        receivers,
+        board,
+        lead: None,
+    };
+    let mut ticks = tokio::time::interval(settings.alerting.evaluation_interval);
+    ticks.set_missed_tick_behavior(MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = cancel.cancelled() => break,
+            _ = ticks.tick() => {}
+        }
+        // A tick must not outlive shutdown by long: deliveries can wait on slow receivers.
+        tokio::select! {
+            _ = cancel.cancelled() => break,
+            _ = evaluator.tick() => {}
+        }
+    }
+    if let Some(conn) = evaluator.lead.take() {
+        let _ = conn.close().await;
+        info!("released the alerting lock");
+    }
+    telemetry::alerting_leader(false);
+    Ok(())
+}
+
+impl Evaluator {
+    async fn tick(&mut self) {
+        let now = Utc::now();
+        let evaluated = match self.evaluate(now).await {
+            Ok(evaluated) => evaluated,
+            Err(error) => {
+                warn!(%error, "cannot evaluate budgets; keeping the previous state");
+                self.publish_error(error.to_string());
+                return;
+            }
+        };
+        let desired: Vec<AlertSpec> = evaluated
+            .iter()
+            .flat_map(|(b, s)| budget::desired_alerts(b, s))
+            .collect();
+        let statuses: Vec<BudgetStatus> = evaluated.into_iter().map(|(_, s)| s).collect();
+        for status in &statuses {
+            telemetry::budget_status(status);
+        }
+
+        self.ensure_leadership().await;
+        let leader = self.lead.is_some();
+        {
+            let mut board = self.board.write().unwrap_or_else(|p| p.into_inner());
+            *board = BudgetBoard {
+                evaluated_at: Some(now),
+                leader,
+                budgets: statuses,
+                error: None,
+            };
+        }
+        if let Ok(counts) = self.store.firing_counts().await {
+            for kind in budget::AlertKind::ALL {
+                telemetry::alerts_firing(kind.as_str(), counts.get(kind.as_str()).copied().unwrap_or(0));
+            }
+        }
+        if !leader {
+            return;
+        }
+        if let Err(error) = self.lead_tick(&desired, now).await {
+            // The session (and with it the lock) may be gone; another instance may lead now.
+            warn!(%error, "lost the alerting lock's session; another instance may take over");
+            self.lead = None;
+            telemetry::alerting_leader(false);
+        }
+    }
+
+    /// Each configured budget with its status now.
+    async fn evaluate(
+        &self,
+        now: DateTime<Utc>,
+    ) -> Result<Vec<(&crate::config::BudgetSettings, BudgetStatus)>, StoreError> {
+        let windows = ForecastWindows {
+            short: self.settings.alerting.forecast_short_window,
+            long: self.settings.alerting.forecast_long_window,
+        };
+        let currency = &self.settings.pricing.currency;
+        let mut out = Vec::with_capacity(self.settings.budgets.len());
+        for b in &self.settings.budgets {
+            let ranges = Ranges::new(b, windows, now);
+            let seen = self.store.observe_budget(b, currency, &ranges).await?;
+            out.push((b, budget::evaluate(b, currency, &ranges, &seen, now)));
+        }
+        Ok(out)
+    }
+
+    fn publish_error(&self, error: String) {
+        let mut board = self.board.write().unwrap_or_else(|p| p.into_inner());
+        board.error = Some(error);
+    }
+
+    /// Takes the lock if nobody holds it. A new leader first mirrors its budgets into PostgreSQL.
+    async fn ensure_leadership(&mut self) {
+        if self.lead.is_some() {
+            return;
+        }
+        match self.store.try_lead().await {
+            Ok(Some(mut conn)) => {
+                if let Err(error) =
+                    budget_store::sync_budgets(&mut conn, &self.settings.budgets, &self.settings.pricing.currency).await
+                {
+                    warn!(%error, "cannot record the configured budgets; will try to lead again");
+                    return;
+                }
+                info!(
+                    budgets = self.settings.budgets.len(),
+                    "this instance now evaluates budget alerts (holds the alerting lock)"
+                );
+                self.lead = Some(conn);
+                telemetry::alerting_leader(true);
+            }
+            Ok(None) => telemetry::alerting_leader(false),
+            Err(error) => debug!(%error, "cannot try the alerting lock"),
+        }
+    }
+
+    /// Records transitions, then delivers. Errors here are the lock session's.
+    async fn lead_tick(&mut self, desired: &[AlertSpec], now: DateTime<Utc>) -> Result<(), StoreError> {
+        let conn = self.lead.as_mut().expect("called while leading");
+        let transitions = budget_store::apply_transitions(conn, desired, &self.receivers, now).await?;
+        for t in &transitions {
+            info!(alert = %t.key, status = t.status, generation = t.generation, "budget alert changed state");
+        }
+        if self.notifier.has_alertmanager() {
+            let batch = budget_store::alertmanager_batch(conn).await?;
+            if !batch.is_empty() {
+                match self.notifier.post_alertmanager(&batch, now).await {
+                    Ok(()) => {
+                        telemetry::notification("alertmanager", true);
+                        budget_store::alertmanager_acknowledged(conn, &batch).await?;
+                    }
+                    Err(error) => {
+                        telemetry::notification("alertmanager", false);
+                        warn!(%error, alerts = batch.len(), "cannot post alerts to Alertmanager; retrying next evaluation");
+                    }
+                }
+            }
+        }
+        let pending = budget_store::pending_deliveries(conn, DELIVERY_BATCH).await?;
+        self.deliver(pending).await?;
+        let conn = self.lead.as_mut().expect("called while leading");
+        let backlog = budget_store::pending_count(conn, self.notifier.has_alertmanager()).await?;
+        telemetry::deliveries_pending(backlog);
+        Ok(())
+    }
+
+    /// Sends due webhook notifications in order. A receiver that fails holds back its later
+    /// notifications too, so a resolution never overtakes its firing.
+    async fn deliver(&mut self, pending: Vec<Delivery>) -> Result<(), StoreError> {
+        let mut blocked: HashSet<String> = HashSet::new();
+        for d in pending {
+            if blocked.contains(&d.receiver) {
+                continue;
+            }
+            if d.next_attempt_at > Utc::now() {
+                blocked.insert(d.receiver.clone());
+                continue;
+            }
+            let result = self.notifier.post_webhook(&d.receiver, d.id, &d.payload).await;
+            let conn = self.lead.as_mut().expect("called while leading");
+            match result {
+                Ok(()) => {
+                    telemetry::notification(&d.receiver, true);
+                    budget_store::delivered(conn, d.id).await?;
+                    debug!(delivery = d.id, receiver = %d.receiver, "webhook notification delivered");
+                }
+                Err(error) => {
+                    telemetry::notification(&d.receiver, false);
+                    let wait = notify::retry_delay(d.attempts);
+                    warn!(%error, delivery = d.id, attempts = d.attempts + 1, retry_in = ?wait, "webhook notification failed");
+                    let retry_at =
+                        Utc::now() + chrono::Duration::from_std(wait).unwrap_or(chrono::Duration::seconds(1));
+                    budget_store::delivery_failed(conn, d.id, &error.to_string(), retry_at).await?;
+                    blocked.insert(d.receiver.clone());
+                }
+            }
+        }
+        Ok(())
+    }
+}

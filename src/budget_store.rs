@@ -1,0 +1,484 @@
+//! PostgreSQL for budgets: the spend a budget's scope has (read from the priced history, the
+//! source of truth), the alert state machine, the webhook outbox, and the advisory lock that makes
+//! one instance the evaluator.
+//!
+//! Every write of alert state goes through the connection that holds the advisory lock: if that
+//! session is gone, so is the lock, and the write fails instead of racing a new leader.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+
+use chrono::{DateTime, Utc};
+use rust_decimal::Decimal;
+use serde::Serialize;
+use serde_json::{json, Value};
+use sqlx::{Connection, PgConnection, Row};
+
+use crate::budget::{like_pattern, AlertSpec, Observed, Ranges, UnpricedUsage};
+use crate::config::BudgetSettings;
+use crate::domain::Money;
+use crate::store::{Store, StoreError};
+
+/// The advisory lock key held by the instance that evaluates budgets ("costwatc" in ASCII).
+const ALERTING_LOCK: i64 = 0x636f_7374_7761_7463;
+
+/// The longest list of unpriced (model, hardware) pairs one budget reports.
+const MAX_UNPRICED_PAIRS: i64 = 100;
+
+/// Row cost, NULL when unpriced: the same expression the `usage_costs` view sums.
+const ROW_COST: &str = "compute * compute_price * k1 + storage * storage_price * k2";
+
+impl Store {
+    /// Reads what a budget's scope spent over each of `ranges`, and its unpriced usage.
+    pub async fn observe_budget(
+        &self,
+        budget: &BudgetSettings,
+        currency: &str,
+        ranges: &Ranges,
+    ) -> Result<Observed, StoreError> {
+        let (from, to) = ranges.span();
+        let model = like_pattern(budget.scope.model.as_deref());
+        let hardware = like_pattern(budget.scope.hardware.as_deref());
+        let split = |r: Option<(DateTime<Utc>, DateTime<Utc>)>| (r.map(|r| r.0), r.map(|r| r.1));
+        let (recent_from, recent_to) = split(ranges.drift_recent);
+        let (base_from, base_to) = split(ranges.drift_baseline);
+        let row = sqlx::query(&format!(
+            "SELECT
+               COALESCE(sum(cost) FILTER (WHERE window_start >= $3 AND window_start < $4), 0) AS period,
+               COALESCE(sum(cost) FILTER (WHERE window_start >= $5 AND window_start < $6), 0) AS short,
+               COALESCE(sum(cost) FILTER (WHERE window_start >= $7 AND window_start < $8), 0) AS long,
+               COALESCE(sum(cost) FILTER (WHERE window_start >= $9 AND window_start < $10), 0) AS recent,
+               COALESCE(sum(cost) FILTER (WHERE window_start >= $11 AND window_start < $12), 0) AS baseline
+             FROM (SELECT window_start, {ROW_COST} AS cost FROM window_usage
+                   WHERE window_start >= $1 AND window_start < $2
+                     AND model LIKE $13 ESCAPE '\\' AND hardware LIKE $14 ESCAPE '\\' AND currency = $15) w"
+        ))
+        .bind(from)
+        .bind(to)
+        .bind(ranges.period.0)
+        .bind(ranges.period.1)
+        .bind(ranges.short.0)
+        .bind(ranges.short.1)
+        .bind(ranges.long.0)
+        .bind(ranges.long.1)
+        .bind(recent_from)
+        .bind(recent_to)
+        .bind(base_from)
+        .bind(base_to)
+        .bind(&model)
+        .bind(&hardware)
+        .bind(currency)
+        .fetch_one(self.pool())
+        .await?;
+        let unpriced = if budget.unpriced {
+            sqlx::query(
+                "SELECT model, hardware, sum(events)::int8 AS events FROM window_usage
+                 WHERE window_start >= $1 AND window_start < $2
+                   AND (compute_price IS NULL OR storage_price IS NULL)
+                   AND model LIKE $3 ESCAPE '\\' AND hardware LIKE $4 ESCAPE '\\'
+                 GROUP BY model, hardware ORDER BY model, hardware LIMIT $5",
+            )
+            .bind(ranges.period.0)
+            .bind(ranges.period.1)
+            .bind(&model)
+            .bind(&hardware)
+            .bind(MAX_UNPRICED_PAIRS)
+            .fetch_all(self.pool())
+            .await?
+            .into_iter()
+            .map(|r| UnpricedUsage {
+                model: r.get("model"),
+                hardware: r.get("hardware"),
+                events: r.get("events"),
+            })
+            .collect()
+        } else {
+            Vec::new()
+        };
+        let m = |name: &str| Money(row.get::<Decimal, _>(name));
+        Ok(Observed {
+            period_spend: m("period"),
+            short_spend: m("short"),
+            long_spend: m("long"),
+            drift_recent_spend: m("recent"),
+            drift_baseline_spend: m("baseline"),
+            unpriced,
+        })
+    }
+
+    /// A new session that tries to take the alerting lock: `Some` when this instance is now the
+    /// one that evaluates budgets. The lock lives as long as the returned connection.
+    pub async fn try_lead(&self) -> Result<Option<PgConnection>, StoreError> {
+        let options = (*self.pool().connect_options()).clone();
+        let mut conn = PgConnection::connect_with(&options).await?;
+        let got: bool = sqlx::query_scalar("SELECT pg_try_advisory_lock($1)")
+            .bind(ALERTING_LOCK)
+            .fetch_one(&mut conn)
+            .await?;
+        if got {
+            Ok(Some(conn))
+        } else {
+            let _ = conn.close().await;
+            Ok(None)
+        }
+    }
+
+    /// Firing and recently changed alerts, newest first, for `GET /api/v1/alerts`.
+    pub async fn list_alerts(&self, state: Option<&str>, limit: i64) -> Result<Vec<AlertRecord>, StoreError> {
+        let rows = sqlx::query(
+            "SELECT a.alert_key, a.budget, a.kind, a.labels, a.annotations, a.state, a.generation,
+                    a.starts_at, a.ends_at, a.updated_at, a.alertmanager_pending,
+                    (SELECT count(*) FROM alert_delivery d
+                      WHERE d.alert_key = a.alert_key AND d.delivered_at IS NULL) AS pending_deliveries,
+                    (SELECT d.last_error FROM alert_delivery d
+                      WHERE d.alert_key = a.alert_key AND d.delivered_at IS NULL AND d.last_error IS NOT NULL
+                      ORDER BY d.id DESC LIMIT 1) AS last_error
+             FROM budget_alert a
+             WHERE $1::text IS NULL OR a.state = $1
+             ORDER BY a.updated_at DESC, a.alert_key LIMIT $2",
+        )
+        .bind(state)
+        .bind(limit)
+        .fetch_all(self.pool())
+        .await?;
+        Ok(rows.iter().map(AlertRecord::from_row).collect())
+    }
+
+    /// Firing alerts per kind, for the `costwatch_alerts_firing` gauge.
+    pub async fn firing_counts(&self) -> Result<HashMap<String, i64>, StoreError> {
+        let rows = sqlx::query("SELECT kind, count(*) AS n FROM budget_alert WHERE state = 'firing' GROUP BY kind")
+            .fetch_all(self.pool())
+            .await?;
+        Ok(rows.iter().map(|r| (r.get("kind"), r.get("n"))).collect())
+    }
+}
+
+/// One alert as stored.
+#[derive(Debug, Clone, Serialize)]
+pub struct AlertRecord {
+    pub key: String,
+    pub budget: String,
+    pub kind: String,
+    pub state: String,
+    pub labels: Value,
+    pub annotations: Value,
+    pub generation: i32,
+    pub starts_at: DateTime<Utc>,
+    pub ends_at: Option<DateTime<Utc>>,
+    pub updated_at: DateTime<Utc>,
+    /// Whether Alertmanager has yet to acknowledge the current state.
+    pub alertmanager_pending: bool,
+    /// Webhook notifications of this alert not delivered yet, and the last error trying.
+    pub pending_deliveries: i64,
+    pub last_error: Option<String>,
+}
+
+impl AlertRecord {
+    fn from_row(r: &sqlx::postgres::PgRow) -> Self {
+        Self {
+            key: r.get("alert_key"),
+            budget: r.get("budget"),
+            kind: r.get("kind"),
+            state: r.get("state"),
+            labels: r.get("labels"),
+            annotations: r.get("annotations"),
+            generation: r.get("generation"),
+            starts_at: r.get("starts_at"),
+            ends_at: r.get("ends_at"),
+            updated_at: r.get("updated_at"),
+            alertmanager_pending: r.get("alertmanager_pending"),
+            pending_deliveries: r.try_get("pending_deliveries").unwrap_or(0),
+            last_error: r.try_get("last_error").unwrap_or(None),
+        }
+    }
+}
+
+/// A state change recorded by [`apply_transitions`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Transition {
+    pub key: String,
+    pub status: &'static str,
+    pub generation: i32,
+}
+
+/// What Alertmanager is to be told about one alert.
+#[derive(Debug, Clone)]
+pub struct AlertmanagerAlert {
+    pub key: String,
+    pub state: String,
+    pub generation: i32,
+    pub labels: BTreeMap<String, String>,
+    pub annotations: BTreeMap<String, String>,
+    pub starts_at: DateTime<Utc>,
+    pub ends_at: Option<DateTime<Utc>>,
+}
+
+/// One webhook notification waiting in the outbox.
+#[derive(Debug, Clone)]
+pub struct Delivery {
+    pub id: i64,
+    pub receiver: String,
+    pub payload: Value,
+    pub attempts: i32,
+    pub next_attempt_at: DateTime<Utc>,
+}
+
+/// Mirrors the configured budgets into the `budget` table; budgets no longer configured are
+/// marked inactive.
+pub async fn sync_budgets(
+    conn: &mut PgConnection,
+    budgets: &[BudgetSettings],
+    currency: &str,
+) -> Result<(), StoreError> {
+    let mut tx = conn.begin().await?;
+    for b in budgets {
+        sqlx::query(
+            "INSERT INTO budget (name, period, amount, currency, model_glob, hardware_glob, thresholds, forecast,
+                                 drift, severity, time_zone, active, updated_at)
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, true, now())
+             ON CONFLICT (name) DO UPDATE SET
+               period = excluded.period, amount = excluded.amount, currency = excluded.currency,
+               model_glob = excluded.model_glob, hardware_glob = excluded.hardware_glob,
+               thresholds = excluded.thresholds, forecast = excluded.forecast, drift = excluded.drift,
+               severity = excluded.severity, time_zone = excluded.time_zone, active = true, updated_at = now()",
+        )
+        .bind(&b.name)
+        .bind(
+            serde_json::to_value(b.period)
+                .ok()
+                .and_then(|v| v.as_str().map(str::to_owned)),
+        )
+        .bind(b.amount.value())
+        .bind(currency)
+        .bind(b.scope.model.as_deref().unwrap_or("*"))
+        .bind(b.scope.hardware.as_deref().unwrap_or("*"))
+        .bind(&b.thresholds)
+        .bind(b.forecast)
+        .bind(b.drift.as_ref().map(|d| {
+            json!({
+                "factor": d.factor.normalize().to_string(),
+                "window": humantime::format_duration(d.window).to_string(),
+                "baseline": humantime::format_duration(d.baseline).to_string(),
+                "min_spend": d.min_spend.to_string(),
+            })
+        }))
+        .bind(&b.severity)
+        .bind(b.time_zone.name())
+        .execute(&mut *tx)
+        .await?;
+    }
+    let names: Vec<&str> = budgets.iter().map(|b| b.name.as_str()).collect();
+    sqlx::query("UPDATE budget SET active = false, updated_at = now() WHERE active AND name <> ALL($1)")
+        .bind(&names)
+        .execute(&mut *tx)
+        .await?;
+    tx.commit().await?;
+    Ok(())
+}
+
+/// Moves the stored alerts to `desired` in one transaction: new ones fire (a new generation),
+/// firing ones no longer desired resolve, and each transition queues one notification per
+/// webhook `receivers`. Alerts that stay firing only get fresh annotations.
+pub async fn apply_transitions(
+    conn: &mut PgConnection,
+    desired: &[AlertSpec],
+    receivers: &[String],
+    now: DateTime<Utc>,
+) -> Result<Vec<Transition>, StoreError> {
+    let mut tx = conn.begin().await?;
+    let firing: HashSet<String> =
+        sqlx::query_scalar("SELECT alert_key FROM budget_alert WHERE state = 'firing' FOR UPDATE")
+            .fetch_all(&mut *tx)
+            .await?
+            .into_iter()
+            .collect();
+    let mut transitions = Vec::new();
+    let mut wanted = HashSet::new();
+    for spec in desired {
+        wanted.insert(spec.key.as_str());
+        let labels = serde_json::to_value(&spec.labels).unwrap_or_default();
+        let annotations = serde_json::to_value(&spec.annotations).unwrap_or_default();
+        if firing.contains(&spec.key) {
+            sqlx::query(
+                "UPDATE budget_alert SET labels = $2, annotations = $3, updated_at = now() WHERE alert_key = $1",
+            )
+            .bind(&spec.key)
+            .bind(&labels)
+            .bind(&annotations)
+            .execute(&mut *tx)
+            .await?;
+            continue;
+        }
+        let generation: i32 = sqlx::query_scalar(
+            "INSERT INTO budget_alert (alert_key, budget, kind, labels, annotations, state, starts_at)
+             VALUES ($1, $2, $3, $4, $5, 'firing', $6)
+             ON CONFLICT (alert_key) DO UPDATE SET
+               state = 'firing', generation = budget_alert.generation + 1, starts_at = excluded.starts_at,
+               ends_at = NULL, labels = excluded.labels, annotations = excluded.annotations,
+               alertmanager_pending = true, updated_at = now()
+             RETURNING generation",
+        )
+        .bind(&spec.key)
+        .bind(&spec.budget)
+        .bind(spec.kind.as_str())
+        .bind(&labels)
+        .bind(&annotations)
+        .bind(now)
+        .fetch_one(&mut *tx)
+        .await?;
+        let alert = json!({
+            "key": spec.key, "labels": labels, "annotations": annotations,
+            "starts_at": now, "ends_at": null, "generation": generation,
+        });
+        enqueue(&mut tx, &spec.key, generation, "firing", alert, receivers).await?;
+        transitions.push(Transition {
+            key: spec.key.clone(),
+            status: "firing",
+            generation,
+        });
+    }
+    for key in firing.iter().filter(|k| !wanted.contains(k.as_str())) {
+        let row = sqlx::query(
+            "UPDATE budget_alert SET state = 'resolved', ends_at = $2, alertmanager_pending = true, updated_at = now()
+             WHERE alert_key = $1 RETURNING labels, annotations, generation, starts_at",
+        )
+        .bind(key)
+        .bind(now)
+        .fetch_one(&mut *tx)
+        .await?;
+        let generation: i32 = row.get("generation");
+        let alert = json!({
+            "key": key, "labels": row.get::<Value, _>("labels"), "annotations": row.get::<Value, _>("annotations"),
+            "starts_at": row.get::<DateTime<Utc>, _>("starts_at"), "ends_at": now, "generation": generation,
+        });
+        enqueue(&mut tx, key, generation, "resolved", alert, receivers).await?;
+        transitions.push(Transition {
+            key: key.clone(),
+            status: "resolved",
+            generation,
+        });
+    }
+    tx.commit().await?;
+    Ok(transitions)
+}
+
+async fn enqueue(
+    tx: &mut sqlx::Transaction<'_, sqlx::Postgres>,
+    key: &str,
+    generation: i32,
+    status: &str,
+    alert: Value,
+    receivers: &[String],
+) -> Result<(), StoreError> {
+    let payload = json!({ "version": "1", "status": status, "alert": alert });
+    for receiver in receivers {
+        sqlx::query(
+            "INSERT INTO alert_delivery (alert_key, generation, status, receiver, payload)
+             VALUES ($1, $2, $3, $4, $5) ON CONFLICT DO NOTHING",
+        )
+        .bind(key)
+        .bind(generation)
+        .bind(status)
+        .bind(receiver)
+        .bind(&payload)
+        .execute(&mut **tx)
+        .await?;
+    }
+    Ok(())
+}
+
+/// Every firing alert (Alertmanager wants them re-sent while they fire) and every resolution
+/// Alertmanager has not acknowledged yet.
+pub async fn alertmanager_batch(conn: &mut PgConnection) -> Result<Vec<AlertmanagerAlert>, StoreError> {
+    let rows = sqlx::query(
+        "SELECT alert_key, state, generation, labels, annotations, starts_at, ends_at FROM budget_alert
+         WHERE state = 'firing' OR alertmanager_pending ORDER BY alert_key",
+    )
+    .fetch_all(conn)
+    .await?;
+    Ok(rows
+        .iter()
+        .map(|r| AlertmanagerAlert {
+            key: r.get("alert_key"),
+            state: r.get("state"),
+            generation: r.get("generation"),
+            labels: serde_json::from_value(r.get("labels")).unwrap_or_default(),
+            annotations: serde_json::from_value(r.get("annotations")).unwrap_or_default(),
+            starts_at: r.get("starts_at"),
+            ends_at: r.get("ends_at"),
+        })
+        .collect())
+}
+
+/// Records that Alertmanager accepted `sent`; a state that changed meanwhile stays pending.
+pub async fn alertmanager_acknowledged(conn: &mut PgConnection, sent: &[AlertmanagerAlert]) -> Result<(), StoreError> {
+    sqlx::query(
+        "UPDATE budget_alert a SET alertmanager_pending = false, alertmanager_sent_at = now()
+         FROM UNNEST($1::text[], $2::text[], $3::int4[]) AS s(alert_key, state, generation)
+         WHERE a.alert_key = s.alert_key AND a.state = s.state AND a.generation = s.generation",
+    )
+    .bind(sent.iter().map(|a| a.key.as_str()).collect::<Vec<_>>())
+    .bind(sent.iter().map(|a| a.state.as_str()).collect::<Vec<_>>())
+    .bind(sent.iter().map(|a| a.generation).collect::<Vec<_>>())
+    .execute(conn)
+    .await?;
+    Ok(())
+}
+
+/// Undelivered webhook notifications, oldest first per receiver.
+pub async fn pending_deliveries(conn: &mut PgConnection, limit: i64) -> Result<Vec<Delivery>, StoreError> {
+    let rows = sqlx::query(
+        "SELECT id, receiver, payload, attempts, next_attempt_at FROM alert_delivery
+         WHERE delivered_at IS NULL ORDER BY receiver, id LIMIT $1",
+    )
+    .bind(limit)
+    .fetch_all(conn)
+    .await?;
+    Ok(rows
+        .iter()
+        .map(|r| Delivery {
+            id: r.get("id"),
+            receiver: r.get("receiver"),
+            payload: r.get("payload"),
+            attempts: r.get("attempts"),
+            next_attempt_at: r.get("next_attempt_at"),
+        })
+        .collect())
+}
+
+pub async fn delivered(conn: &mut PgConnection, id: i64) -> Result<(), StoreError> {
+    sqlx::query(
+        "UPDATE alert_delivery SET delivered_at = now(), attempts = attempts + 1, last_error = NULL WHERE id = $1",
+    )
+    .bind(id)
+    .execute(conn)
+    .await?;
+    Ok(())
+}
+
+pub async fn delivery_failed(
+    conn: &mut PgConnection,
+    id: i64,
+    error: &str,
+    retry_at: DateTime<Utc>,
+) -> Result<(), StoreError> {
+    sqlx::query(
+        "UPDATE alert_delivery SET attempts = attempts + 1, last_error = $2, next_attempt_at = $3 WHERE id = $1",
+    )
+    .bind(id)
+    .bind(error)
+    .bind(retry_at)
+    .execute(conn)
+    .await?;
+    Ok(())
+}
+
+/// Undelivered notifications: webhook rows plus alerts Alertmanager has yet to acknowledge.
+pub async fn pending_count(conn: &mut PgConnection, alertmanager: bool) -> Result<i64, StoreError> {
+    Ok(sqlx::query_scalar(
+        "SELECT (SELECT count(*) FROM alert_delivery WHERE delivered_at IS NULL)
+              + (SELECT count(*) FROM budget_alert WHERE alertmanager_pending AND $1)",
+    )
+    .bind(alertmanager)
+    .fetch_one(conn)
+    .await?)
+}

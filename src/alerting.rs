@@ -44,8 +44,10 @@ struct Evaluator {
     notifier: Notifier,
     receivers: Vec<String>,
     board: SharedBoard,
-    /// The session holding the alerting lock, while this instance leads.
-    lead: Option<PgConnection>,
+    /// The dedicated session that holds (or keeps trying for) the alerting lock.
+    session: Option<PgConnection>,
+    /// Whether `session` holds the lock.
+    leading: bool,
 }
 
 /// Runs until `cancel` fires; then lets go of the lock so another instance takes over at once.
@@ -63,7 +65,8 @@ pub async fn run(
         notifier,
         receivers,
         board,
-        lead: None,
+        session: None,
+        leading: false,
     };
     let mut ticks = tokio::time::interval(settings.alerting.evaluation_interval);
     ticks.set_missed_tick_behavior(MissedTickBehavior::Delay);
@@ -78,9 +81,11 @@ pub async fn run(
             _ = evaluator.tick() => {}
         }
     }
-    if let Some(conn) = evaluator.lead.take() {
+    if let Some(conn) = evaluator.session.take() {
         let _ = conn.close().await;
-        info!("released the alerting lock");
+        if evaluator.leading {
+            info!("released the alerting lock");
+        }
     }
     telemetry::alerting_leader(false);
     Ok(())
@@ -107,7 +112,7 @@ impl Evaluator {
         }
 
         self.ensure_leadership().await;
-        let leader = self.lead.is_some();
+        let leader = self.leading;
         {
             let mut board = self.board.write().unwrap_or_else(|p| p.into_inner());
             *board = BudgetBoard {
@@ -128,7 +133,8 @@ impl Evaluator {
         if let Err(error) = self.lead_tick(&desired, now).await {
             // The session (and with it the lock) may be gone; another instance may lead now.
             warn!(%error, "lost the alerting lock's session; another instance may take over");
-            self.lead = None;
+            self.session = None;
+            self.leading = false;
             telemetry::alerting_leader(false);
         }
     }
@@ -157,34 +163,53 @@ impl Evaluator {
         board.error = Some(error);
     }
 
-    /// Takes the lock if nobody holds it. A new leader first mirrors its budgets into PostgreSQL.
+    /// Takes the lock if nobody holds it, on a session kept open between attempts. A new
+    /// leader first mirrors its budgets into PostgreSQL.
     async fn ensure_leadership(&mut self) {
-        if self.lead.is_some() {
+        if self.leading {
             return;
         }
-        match self.store.try_lead().await {
-            Ok(Some(mut conn)) => {
-                if let Err(error) =
-                    budget_store::sync_budgets(&mut conn, &self.settings.budgets, &self.settings.pricing.currency).await
-                {
-                    warn!(%error, "cannot record the configured budgets; will try to lead again");
+        let mut session = match self.session.take() {
+            Some(session) => session,
+            None => match self.store.lock_session().await {
+                Ok(session) => session,
+                Err(error) => {
+                    debug!(%error, "cannot open the alerting lock's session");
                     return;
                 }
-                info!(
-                    budgets = self.settings.budgets.len(),
-                    "this instance now evaluates budget alerts (holds the alerting lock)"
-                );
-                self.lead = Some(conn);
-                telemetry::alerting_leader(true);
+            },
+        };
+        match budget_store::try_lock(&mut session).await {
+            Ok(true) => {}
+            Ok(false) => {
+                self.session = Some(session);
+                telemetry::alerting_leader(false);
+                return;
             }
-            Ok(None) => telemetry::alerting_leader(false),
-            Err(error) => debug!(%error, "cannot try the alerting lock"),
+            Err(error) => {
+                debug!(%error, "cannot try the alerting lock");
+                return;
+            }
         }
+        if let Err(error) =
+            budget_store::sync_budgets(&mut session, &self.settings.budgets, &self.settings.pricing.currency).await
+        {
+            // Dropping the session releases the lock for another try.
+            warn!(%error, "cannot record the configured budgets; will try to lead again");
+            return;
+        }
+        info!(
+            budgets = self.settings.budgets.len(),
+            "this instance now evaluates budget alerts (holds the alerting lock)"
+        );
+        self.session = Some(session);
+        self.leading = true;
+        telemetry::alerting_leader(true);
     }
 
     /// Records transitions, then delivers. Errors here are the lock session's.
     async fn lead_tick(&mut self, desired: &[AlertSpec], now: DateTime<Utc>) -> Result<(), StoreError> {
-        let conn = self.lead.as_mut().expect("called while leading");
+        let conn = self.session.as_mut().expect("called while leading");
         let transitions = budget_store::apply_transitions(conn, desired, &self.receivers, now).await?;
         for t in &transitions {
             info!(alert = %t.key, status = t.status, generation = t.generation, "budget alert changed state");
@@ -206,7 +231,7 @@ impl Evaluator {
         }
         let pending = budget_store::pending_deliveries(conn, DELIVERY_BATCH).await?;
         self.deliver(pending).await?;
-        let conn = self.lead.as_mut().expect("called while leading");
+        let conn = self.session.as_mut().expect("called while leading");
         let backlog = budget_store::pending_count(conn, self.notifier.has_alertmanager()).await?;
         telemetry::deliveries_pending(backlog);
         Ok(())
@@ -225,7 +250,7 @@ impl Evaluator {
                 continue;
             }
             let result = self.notifier.post_webhook(&d.receiver, d.id, &d.payload).await;
-            let conn = self.lead.as_mut().expect("called while leading");
+            let conn = self.session.as_mut().expect("called while leading");
             match result {
                 Ok(()) => {
                     telemetry::notification(&d.receiver, true);

@@ -105,21 +105,11 @@ impl Store {
         })
     }
 
-    /// A new session that tries to take the alerting lock: `Some` when this instance is now the
-    /// one that evaluates budgets. The lock lives as long as the returned connection.
-    pub async fn try_lead(&self) -> Result<Option<PgConnection>, StoreError> {
+    /// A dedicated session for the alerting lock (outside the pool: the lock lives and dies
+    /// with this one connection).
+    pub async fn lock_session(&self) -> Result<PgConnection, StoreError> {
         let options = (*self.pool().connect_options()).clone();
-        let mut conn = PgConnection::connect_with(&options).await?;
-        let got: bool = sqlx::query_scalar("SELECT pg_try_advisory_lock($1)")
-            .bind(ALERTING_LOCK)
-            .fetch_one(&mut conn)
-            .await?;
-        if got {
-            Ok(Some(conn))
-        } else {
-            let _ = conn.close().await;
-            Ok(None)
-        }
+        Ok(PgConnection::connect_with(&options).await?)
     }
 
     /// Firing and recently changed alerts, newest first, for `GET /api/v1/alerts`.
@@ -220,6 +210,15 @@ pub struct Delivery {
     pub payload: Value,
     pub attempts: i32,
     pub next_attempt_at: DateTime<Utc>,
+}
+
+/// Tries to take the alerting lock on `session`: true when this instance now evaluates budgets.
+/// The lock is held until the session ends.
+pub async fn try_lock(session: &mut PgConnection) -> Result<bool, StoreError> {
+    Ok(sqlx::query_scalar("SELECT pg_try_advisory_lock($1)")
+        .bind(ALERTING_LOCK)
+        .fetch_one(session)
+        .await?)
 }
 
 /// Mirrors the configured budgets into the `budget` table; budgets no longer configured are

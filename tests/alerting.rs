@@ -617,16 +617,17 @@ thresholds = [0.1, 0.3]
 async fn transitions_queue_one_notification_each() {
     let world = World::new(1).await;
     let fixture = world.store_fixture().await;
-    let mut conn = fixture
-        .store
-        .try_lead()
-        .await
-        .unwrap()
-        .expect("nobody else leads this database");
+    let mut conn = fixture.store.lock_session().await.unwrap();
     assert!(
-        fixture.store.try_lead().await.unwrap().is_none(),
+        budget_store::try_lock(&mut conn).await.unwrap(),
+        "nobody else leads this database"
+    );
+    let mut other = fixture.store.lock_session().await.unwrap();
+    assert!(
+        !budget_store::try_lock(&mut other).await.unwrap(),
         "a second session must not get the lock"
     );
+    // The lock is the session's: when the leader's session ends, another one gets it.
     let mut labels = BTreeMap::new();
     labels.insert("alertname".to_owned(), "CostwatchBudgetDrift".to_owned());
     labels.insert("budget".to_owned(), "b".to_owned());
@@ -663,6 +664,12 @@ async fn transitions_queue_one_notification_each() {
             vec![("firing", 2)]
         ]
     );
+    drop(conn);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !budget_store::try_lock(&mut other).await.unwrap() {
+        assert!(Instant::now() < deadline, "the lock outlived its session");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     let deliveries: Vec<(String, String, i32)> =
         sqlx::query_as("SELECT receiver, status, generation FROM alert_delivery ORDER BY id")
             .fetch_all(&world.pool)

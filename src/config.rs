@@ -30,6 +30,10 @@ pub struct Settings {
     pub http: HttpSettings,
     #[serde(default)]
     pub metrics: MetricsSettings,
+    #[serde(default)]
+    pub calibration: CalibrationSettings,
+    #[serde(default)]
+    pub recommendations: RecommendationSettings,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -159,6 +163,26 @@ pub struct HardwarePrice {
     pub compute_price: UnitPrice,
     #[serde(deserialize_with = "exact_decimal")]
     pub storage_price: UnitPrice,
+    /// Where the target runs, shown by `recommend`; untagged when absent.
+    #[serde(default)]
+    pub deployment: Option<Deployment>,
+}
+
+/// Where a hardware target runs: a cloud provider's machines or devices at the edge.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Deserialize, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Deployment {
+    Cloud,
+    Edge,
+}
+
+impl Deployment {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Deployment::Cloud => "cloud",
+            Deployment::Edge => "edge",
+        }
+    }
 }
 
 /// k1 and k2 of one (model, hardware) pair; pairs without an entry use 1 and 1.
@@ -223,6 +247,43 @@ impl Default for MetricsSettings {
     }
 }
 
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CalibrationSettings {
+    /// How often the daemon looks for coefficient versions stored by `costwatch calibrate`;
+    /// a new version prices new windows from the next flush after it is seen.
+    #[serde(default = "defaults::reload_interval", with = "humantime_serde")]
+    pub reload_interval: Duration,
+}
+
+impl Default for CalibrationSettings {
+    fn default() -> Self {
+        Self {
+            reload_interval: defaults::reload_interval(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RecommendationSettings {
+    /// The usage behind `costwatch_potential_savings`: this much history, ending now.
+    #[serde(default = "defaults::savings_window", with = "humantime_serde")]
+    pub savings_window: Duration,
+    /// How often the daemon recomputes `costwatch_potential_savings`.
+    #[serde(default = "defaults::savings_refresh", with = "humantime_serde")]
+    pub refresh_interval: Duration,
+}
+
+impl Default for RecommendationSettings {
+    fn default() -> Self {
+        Self {
+            savings_window: defaults::savings_window(),
+            refresh_interval: defaults::savings_refresh(),
+        }
+    }
+}
+
 mod defaults {
     use std::time::Duration;
 
@@ -261,6 +322,15 @@ mod defaults {
     }
     pub fn max_hardware() -> usize {
         50
+    }
+    pub fn reload_interval() -> Duration {
+        Duration::from_secs(5)
+    }
+    pub fn savings_window() -> Duration {
+        Duration::from_secs(24 * 60 * 60)
+    }
+    pub fn savings_refresh() -> Duration {
+        Duration::from_secs(60)
     }
     pub fn http_listen() -> String {
         "127.0.0.1:9464".to_owned()
@@ -412,6 +482,19 @@ impl Settings {
         require(
             self.metrics.max_hardware >= 1,
             "metrics.max_hardware: must be at least 1".into(),
+        );
+
+        require(
+            self.calibration.reload_interval >= Duration::from_millis(100),
+            "calibration.reload_interval: must be at least 100ms".into(),
+        );
+        require(
+            self.recommendations.savings_window >= Duration::from_secs(60),
+            "recommendations.savings_window: must be at least 1m".into(),
+        );
+        require(
+            self.recommendations.refresh_interval >= Duration::from_millis(100),
+            "recommendations.refresh_interval: must be at least 100ms".into(),
         );
 
         if problems.is_empty() {

@@ -4,11 +4,15 @@
 //! (decode and validate) → [`aggregate`] and [`window`] (event-time windows, dedup, lateness)
 //! → [`store`] (one transaction per flush) with [`pricing`] (the cost model). [`telemetry`]
 //! logs and counts, [`daemon`] wires it all, [`loadgen`] makes synthetic load.
-//! [`bills`] and [`calibrate`] are the pure groundwork of calibration (bills CSV, k1/k2 fit).
+//! Calibration: [`bills`] (bills CSV) and [`calibrate`] (the k1/k2 fit) are pure,
+//! [`calibration`] runs `costwatch calibrate`, [`calibration_store`] is its PostgreSQL side,
+//! [`rerate`] re-prices stored windows and [`recommend`] ranks hardware targets per model.
 
 pub mod aggregate;
 pub mod bills;
 pub mod calibrate;
+pub mod calibration;
+pub mod calibration_store;
 pub mod cli;
 pub mod config;
 pub mod consumer;
@@ -19,6 +23,8 @@ pub mod faults;
 pub mod http;
 pub mod loadgen;
 pub mod pricing;
+pub mod recommend;
+pub mod rerate;
 pub mod shutdown;
 pub mod store;
 pub mod telemetry;

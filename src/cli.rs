@@ -223,14 +223,23 @@ pub fn main() -> ExitCode {
         Command::Bills(BillsCommand::Import { ref file }) => with_store(cli.config.as_deref(), |settings, store| {
             import_bills(settings, store, file)
         }),
-        Command::Calibrate(ref args) => with_store(cli.config.as_deref(), |settings, store| {
-            run_calibrate(settings, store, args)
+        // Arguments are checked before the database is opened, so that a typo is reported as
+        // such even when PostgreSQL is away.
+        Command::Calibrate(ref args) => calibration_request(args).and_then(|request| {
+            with_store(cli.config.as_deref(), |settings, store| {
+                run_calibrate(settings, store, request, args.json)
+            })
         }),
-        Command::Rerate(ref args) => with_store(cli.config.as_deref(), |settings, store| {
-            run_rerate(settings, store, args)
+        Command::Rerate(ref args) => time_range(Some(&args.from), Some(&args.to)).and_then(|(from, to)| {
+            let (from, to) = (from.expect("required"), to.expect("required"));
+            with_store(cli.config.as_deref(), |settings, store| {
+                run_rerate(settings, store, from, to, args)
+            })
         }),
-        Command::Recommend(ref args) => with_store(cli.config.as_deref(), |settings, store| {
-            run_recommend(settings, store, args)
+        Command::Recommend(ref args) => time_range(args.from.as_deref(), args.to.as_deref()).and_then(|(from, to)| {
+            with_store(cli.config.as_deref(), |settings, store| {
+                run_recommend(settings, store, from, to, args.json)
+            })
         }),
     };
     match result {
@@ -403,6 +412,16 @@ fn parse_optional(flag: &str, value: Option<&str>) -> Result<Option<DateTime<Utc
     value.map(|v| parse_instant(flag, v)).transpose()
 }
 
+type TimeRange = (Option<DateTime<Utc>>, Option<DateTime<Utc>>);
+
+/// `--from` and `--to`, each optional, checked to be in order.
+fn time_range(from: Option<&str>, to: Option<&str>) -> anyhow::Result<TimeRange> {
+    let from = parse_optional("--from", from)?;
+    let to = parse_optional("--to", to)?;
+    check_order(from, to)?;
+    Ok((from, to))
+}
+
 fn check_order(from: Option<DateTime<Utc>>, to: Option<DateTime<Utc>>) -> Result<(), UsageError> {
     match (from, to) {
         (Some(from), Some(to)) if from >= to => Err(UsageError(format!(
@@ -412,6 +431,17 @@ fn check_order(from: Option<DateTime<Utc>>, to: Option<DateTime<Utc>>) -> Result
         ))),
         _ => Ok(()),
     }
+}
+
+fn calibration_request(args: &CalibrateArgs) -> anyhow::Result<CalibrationRequest> {
+    let (from, to) = time_range(args.from.as_deref(), args.to.as_deref())?;
+    let effective_from = parse_optional("--effective-from", args.effective_from.as_deref())?.unwrap_or_else(Utc::now);
+    Ok(CalibrationRequest {
+        from,
+        to,
+        effective_from,
+        dry_run: args.dry_run,
+    })
 }
 
 fn show_instant(t: DateTime<Utc>) -> String {
@@ -477,20 +507,15 @@ async fn import_bills(settings: Settings, store: Store, file: &std::path::Path) 
     Ok(())
 }
 
-async fn run_calibrate(settings: Settings, store: Store, args: &CalibrateArgs) -> anyhow::Result<()> {
-    let from = parse_optional("--from", args.from.as_deref())?;
-    let to = parse_optional("--to", args.to.as_deref())?;
-    check_order(from, to)?;
-    let effective_from = parse_optional("--effective-from", args.effective_from.as_deref())?.unwrap_or_else(Utc::now);
-    let request = CalibrationRequest {
-        from,
-        to,
-        effective_from,
-        dry_run: args.dry_run,
-    };
+async fn run_calibrate(
+    settings: Settings,
+    store: Store,
+    request: CalibrationRequest,
+    json: bool,
+) -> anyhow::Result<()> {
     let configured = PriceBook::from_settings(&settings.pricing);
     let report = calibration::calibrate(store.pool(), &configured, request).await?;
-    if args.json {
+    if json {
         println!("{}", serde_json::to_string_pretty(&report)?);
     } else {
         print!("{}", report.to_text());
@@ -509,10 +534,13 @@ async fn run_calibrate(settings: Settings, store: Store, args: &CalibrateArgs) -
     }
 }
 
-async fn run_rerate(settings: Settings, store: Store, args: &RerateArgs) -> anyhow::Result<()> {
-    let from = parse_instant("--from", &args.from)?;
-    let to = parse_instant("--to", &args.to)?;
-    check_order(Some(from), Some(to))?;
+async fn run_rerate(
+    settings: Settings,
+    store: Store,
+    from: DateTime<Utc>,
+    to: DateTime<Utc>,
+    args: &RerateArgs,
+) -> anyhow::Result<()> {
     let book = current_book(&settings, &store).await?;
     let report = rerate::rerate(store.pool(), &book, from, to, args.dry_run).await?;
     if args.json {
@@ -523,9 +551,15 @@ async fn run_rerate(settings: Settings, store: Store, args: &RerateArgs) -> anyh
     Ok(())
 }
 
-async fn run_recommend(settings: Settings, store: Store, args: &RecommendArgs) -> anyhow::Result<()> {
-    let to = parse_optional("--to", args.to.as_deref())?.unwrap_or_else(Utc::now);
-    let from = match parse_optional("--from", args.from.as_deref())? {
+async fn run_recommend(
+    settings: Settings,
+    store: Store,
+    from: Option<DateTime<Utc>>,
+    to: Option<DateTime<Utc>>,
+    json: bool,
+) -> anyhow::Result<()> {
+    let to = to.unwrap_or_else(Utc::now);
+    let from = match from {
         Some(from) => from,
         None => to - chrono::Duration::from_std(settings.recommendations.savings_window)?,
     };
@@ -533,7 +567,7 @@ async fn run_recommend(settings: Settings, store: Store, args: &RecommendArgs) -
     let book = current_book(&settings, &store).await?;
     let usage = calibration_store::usage_by_model(store.pool(), from, to).await?;
     let recommendations = recommend::recommend(&book, &usage, to)?;
-    if args.json {
+    if json {
         let document = recommend::Recommendations {
             from,
             to,

@@ -169,27 +169,27 @@ pub fn to_text(recommendations: &[Recommendation], currency: &str) -> String {
             r.model, r.compute, r.storage
         ));
         for (rank, t) in r.targets.iter().enumerate() {
-            let deployment = t.deployment.map(|d| format!(" [{}]", d.as_str())).unwrap_or_default();
+            let deployment = t.deployment.map(|d| format!(" ({})", d.as_str())).unwrap_or_default();
             let saving = match (t.saving, t.saving_percent) {
-                (Some(s), Some(p)) => format!(", saves {s} {currency} ({p} %)"),
-                (Some(s), None) => format!(", saves {s} {currency}"),
+                (Some(s), Some(p)) => format!(", saving {s} {currency} ({p} %)"),
+                (Some(s), None) => format!(", saving {s} {currency}"),
                 _ => String::new(),
             };
+            let source = match t.coefficient_version {
+                Some(v) => format!("{}, version {v}", t.coefficients.replace('_', " ")),
+                None => t.coefficients.to_owned(),
+            };
             out.push_str(&format!(
-                "  {}. {}{deployment}: {} {currency}{saving} (k1 {}, k2 {}, {})\n",
+                "  {}. {}{deployment}: {} {currency}{saving}; k1 {}, k2 {} ({source})\n",
                 rank + 1,
                 t.hardware,
                 t.cost,
                 t.k1,
                 t.k2,
-                match t.coefficient_version {
-                    Some(v) => format!("{} version {v}", t.coefficients),
-                    None => t.coefficients.to_owned(),
-                }
             ));
         }
         for s in &r.skipped {
-            out.push_str(&format!("  skipped {}: {}\n", s.hardware, s.reason));
+            out.push_str(&format!("  not ranked: {}: {}\n", s.hardware, s.reason));
         }
     }
     if recommendations.is_empty() {

@@ -170,10 +170,24 @@ pub struct HardwarePrice {
 
 /// Where a hardware target runs: a cloud provider's machines or devices at the edge.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Deserialize, serde::Serialize)]
-#[serde(rename_all = "lowercase")]
+#[serde(rename_all = "lowercase", try_from = "String")]
 pub enum Deployment {
     Cloud,
     Edge,
+}
+
+impl TryFrom<String> for Deployment {
+    type Error = String;
+
+    // By hand rather than serde's enum support, whose error through the `config` crate
+    // ("does not have variant constructor") does not say what is allowed.
+    fn try_from(s: String) -> Result<Self, String> {
+        match s.as_str() {
+            "cloud" => Ok(Deployment::Cloud),
+            "edge" => Ok(Deployment::Edge),
+            other => Err(format!("deployment must be \"cloud\" or \"edge\", got {other:?}")),
+        }
+    }
 }
 
 impl Deployment {
@@ -579,6 +593,32 @@ mod tests {
         let bad = EXAMPLE.replace("compute_price = \"0.1\"", "compute_price = 0.1");
         let err = parse(&bad).unwrap_err().to_string();
         assert!(err.contains("write 0.1 as a string (\"0.1\")"), "{err}");
+    }
+
+    #[test]
+    fn hardware_may_carry_a_deployment_tag_and_calibration_has_defaults() {
+        let tagged = EXAMPLE.replace(
+            "storage_price = \"0.2\"",
+            "storage_price = \"0.2\"\ndeployment = \"edge\"",
+        );
+        let s = parse(&tagged).unwrap();
+        assert_eq!(s.pricing.hardware[0].deployment, Some(Deployment::Edge));
+        assert_eq!(s.calibration.reload_interval, Duration::from_secs(5));
+        assert_eq!(s.recommendations.savings_window, Duration::from_secs(24 * 3600));
+        assert_eq!(parse(EXAMPLE).unwrap().pricing.hardware[0].deployment, None);
+
+        let err = parse(&tagged.replace("\"edge\"", "\"moon\"")).unwrap_err().to_string();
+        assert!(
+            err.contains("deployment must be \"cloud\" or \"edge\", got \"moon\""),
+            "{err}"
+        );
+        let err = parse(&format!("{EXAMPLE}\n[calibration]\nreload_interval = \"1ms\"\n"))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("calibration.reload_interval: must be at least 100ms"),
+            "{err}"
+        );
     }
 
     #[test]

@@ -884,3 +884,187 @@ async fn recommend_ranks_targets_cheapest_first_on_a_hand_computed_case() {
         "{metrics}"
     );
 }
+
+/// Ingests `events` (id, model, hardware, compute, storage, all at `ts`) into partition 0 from
+/// `offset` on, and returns the batch.
+fn batch_of(
+    agg: &mut costwatch::aggregate::Aggregator,
+    offset: i64,
+    ts: &str,
+    events: &[(&str, &str, &str, &str, &str)],
+) -> costwatch::aggregate::FlushBatch {
+    for (i, (id, model, hardware, compute, storage)) in events.iter().enumerate() {
+        let message = event(id, ts, model, hardware, compute, storage);
+        agg.ingest(0, offset + i as i64, Some(&message.payload), Utc::now());
+    }
+    agg.batch(None)
+}
+
+/// Per (model, hardware): (k1, k2, coefficient_version, total_cost) as the flush stored them.
+async fn priced_rows(
+    pool: &PgPool,
+) -> Vec<(
+    String,
+    String,
+    Option<Decimal>,
+    Option<Decimal>,
+    Option<i64>,
+    Option<Decimal>,
+)> {
+    sqlx::query(
+        "SELECT w.model, w.hardware, w.k1, w.k2, w.coefficient_version, u.total_cost
+         FROM window_usage w JOIN usage_costs u USING (window_start, model, hardware)
+         ORDER BY w.model, w.hardware",
+    )
+    .fetch_all(pool)
+    .await
+    .unwrap()
+    .iter()
+    .map(|r| {
+        let norm = |d: Option<Decimal>| d.map(|d| d.normalize());
+        (
+            r.get("model"),
+            r.get("hardware"),
+            norm(r.get("k1")),
+            norm(r.get("k2")),
+            r.get("coefficient_version"),
+            norm(r.get("total_cost")),
+        )
+    })
+    .collect()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_flush_prices_each_pair_by_the_documented_precedence() {
+    let world = World::new(1).await;
+    let common::StoreFixture {
+        store, rules, layout, ..
+    } = world.store_fixture().await;
+    let hour_ago = Utc::now() - chrono::Duration::hours(1);
+    // 1: a hardware default for a100-80g; 2: qwen's own version there; 3: a default for hw-0
+    // that is not in force yet.
+    sqlx::query(
+        "INSERT INTO coefficient_version (model, hardware, k1, k2, effective_from, periods, max_residual)
+         VALUES (NULL, 'a100-80g', 2, 3, $1, 12, 0), ('qwen2-7b-instruct', 'a100-80g', 0.85, 1.2, $1, 12, 0),
+                (NULL, 'hw-0', 7, 7, $1 + interval '2 hours', 12, 0)",
+    )
+    .bind(hour_ago)
+    .execute(&world.pool)
+    .await
+    .unwrap();
+    let settings = costwatch::config::Settings::load(Some(&world.config(""))).unwrap();
+    let book = costwatch::pricing::PriceBook::from_settings(&settings.pricing)
+        .with_versions(costwatch::calibration_store::load_versions(&world.pool).await.unwrap());
+
+    let mut agg = costwatch::aggregate::Aggregator::new(rules);
+    agg.assign(
+        store
+            .claim(&world.topic, "me", &[0], rules.dedup_horizon_ms)
+            .await
+            .unwrap(),
+    );
+    let ts = common::ago(Duration::from_secs(60));
+    let batch = batch_of(
+        &mut agg,
+        0,
+        &ts,
+        &[
+            ("a", "qwen2-7b-instruct", "a100-80g", "1000", "500"),
+            ("b", "m", "a100-80g", "1000", "500"),
+            ("c", "model-0", "hw-0", "1000", "500"),
+            ("d", "x", "hw-1", "1000", "500"),
+            ("e", "y", "tpu-v9", "1000", "500"),
+        ],
+    );
+    store.flush(&world.topic, &batch, &book, layout).await.unwrap();
+    let s = |v: &str| v.to_owned();
+    let d = |v: &str| Some(dec(v));
+    assert_eq!(
+        priced_rows(&world.pool).await,
+        [
+            // Hardware default version 1: 0.1 × 2 × 1000 + 0.2 × 3 × 500.
+            (s("m"), s("a100-80g"), d("2"), d("3"), Some(1), d("500")),
+            // Configured 1.1, 0.9 (hw-0's default is not in force yet).
+            (s("model-0"), s("hw-0"), d("1.1"), d("0.9"), None, d("0.449")),
+            // Its own version 2 outranks the hardware default: 85 + 120.
+            (
+                s("qwen2-7b-instruct"),
+                s("a100-80g"),
+                d("0.85"),
+                d("1.2"),
+                Some(2),
+                d("205")
+            ),
+            // Nothing known: 1 and 1.
+            (s("x"), s("hw-1"), d("1"), d("1"), None, d("0.26")),
+            // Unpriced: no rates, no cost.
+            (s("y"), s("tpu-v9"), None, None, None, None),
+        ]
+    );
+    let price_ids: Vec<Option<String>> =
+        sqlx::query_scalar("SELECT price_id FROM window_usage ORDER BY model, hardware")
+            .fetch_all(&world.pool)
+            .await
+            .unwrap();
+    assert_eq!(price_ids.iter().filter(|p| p.is_some()).count(), 4);
+    assert_eq!(price_ids[4], None, "an unpriced row has no price id");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_window_written_across_a_version_change_is_priced_whole_by_its_last_write() {
+    let world = World::new(1).await;
+    let common::StoreFixture {
+        store,
+        rules,
+        prices: configured,
+        layout,
+    } = world.store_fixture().await;
+    let mut agg = costwatch::aggregate::Aggregator::new(rules);
+    agg.assign(
+        store
+            .claim(&world.topic, "me", &[0], rules.dedup_horizon_ms)
+            .await
+            .unwrap(),
+    );
+    let ts = common::ago(Duration::from_secs(60));
+
+    let first = batch_of(
+        &mut agg,
+        0,
+        &ts,
+        &[("a", "qwen2-7b-instruct", "a100-80g", "1000", "500")],
+    );
+    store.flush(&world.topic, &first, &configured, layout).await.unwrap();
+    agg.flushed(&first);
+    assert_eq!(priced_rows(&world.pool).await[0].5, Some(dec("130")));
+
+    // A version in force for the window is loaded between two flushes into it.
+    let version = costwatch::pricing::CoefficientVersion {
+        id: sqlx::query_scalar(
+            "INSERT INTO coefficient_version (model, hardware, k1, k2, effective_from, periods, max_residual)
+             VALUES ('qwen2-7b-instruct', 'a100-80g', 0.85, 1.2, now() - interval '1 day', 12, 0) RETURNING id",
+        )
+        .fetch_one(&world.pool)
+        .await
+        .unwrap(),
+        model: Some(costwatch::domain::ModelName::parse("qwen2-7b-instruct").unwrap()),
+        hardware: HardwareName::parse("a100-80g").unwrap(),
+        k1: costwatch::domain::Coefficient(dec("0.85")),
+        k2: costwatch::domain::Coefficient(dec("1.2")),
+        effective_from: Utc::now() - chrono::Duration::days(1),
+    };
+    let calibrated = configured.clone().with_versions(vec![version]);
+    let second = batch_of(
+        &mut agg,
+        1,
+        &ts,
+        &[("b", "qwen2-7b-instruct", "a100-80g", "1000", "500")],
+    );
+    store.flush(&world.topic, &second, &calibrated, layout).await.unwrap();
+
+    // Both events' usage at the new rates, never 130 + 205.
+    let rows = priced_rows(&world.pool).await;
+    assert_eq!(rows.len(), 1);
+    assert_eq!(rows[0].4, Some(1));
+    assert_eq!(rows[0].5, Some(dec("410")));
+}

@@ -142,7 +142,7 @@ async fn load_book(store: &Store, configured: &PriceBook, cancel: &CancellationT
         match calibration_store::load_versions(store.pool()).await {
             Ok(versions) => {
                 let book = configured.clone().with_versions(versions);
-                telemetry::coefficients_loaded(book.newest_version(), book.version_count());
+                telemetry::coefficients_loaded(book.newest_version(), book.version_count(), false);
                 return Some(book);
             }
             Err(error) => {
@@ -188,9 +188,11 @@ async fn reload_coefficients(
         match calibration_store::load_versions(store.pool()).await {
             Ok(versions) => {
                 let book = configured.clone().with_versions(versions);
-                known = (book.newest_version(), book.version_count() as i64);
-                telemetry::coefficients_loaded(book.newest_version(), book.version_count());
+                let (newest, count) = (book.newest_version(), book.version_count());
+                known = (newest, count as i64);
+                // Swapped before it is reported, so that whoever sees the metric sees the book.
                 prices.replace(book);
+                telemetry::coefficients_loaded(newest, count, true);
             }
             Err(error) => warn!(%error, "cannot load coefficient versions; pricing with the loaded ones"),
         }

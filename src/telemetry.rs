@@ -90,7 +90,7 @@ pub fn describe_metrics() {
     describe_gauge!(
         POTENTIAL_SAVINGS,
         "Per model: its actual cost over recommendations.savings_window minus its cost on the cheapest \
-         priced hardware target (0 when it already runs there), in pricing.currency"
+         candidate hardware target, at least 0 (0 also when its actual cost is unknown), in pricing.currency"
     );
     describe_gauge!(
         WATERMARK,
@@ -277,9 +277,12 @@ pub fn assignment(owned: usize, watermark: Option<chrono::DateTime<chrono::Utc>>
     }
 }
 
-/// A price book with newer coefficient versions replaced the running one.
-pub fn coefficients_loaded(newest: Option<i64>, versions: usize) {
-    counter!(COEFFICIENT_RELOADS_TOTAL).increment(1);
+/// The daemon prices with these coefficient versions now: at start (`reloaded` false), or
+/// after new ones replaced the running book.
+pub fn coefficients_loaded(newest: Option<i64>, versions: usize, reloaded: bool) {
+    if reloaded {
+        counter!(COEFFICIENT_RELOADS_TOTAL).increment(1);
+    }
     gauge!(COEFFICIENT_VERSION).set(newest.unwrap_or(0) as f64);
     tracing::info!(newest_version = ?newest, versions, "loaded calibrated coefficient versions");
 }

@@ -651,7 +651,18 @@ async fn a_new_version_prices_new_windows_live_and_rerate_reprices_old_ones_exac
 
     // The running daemon picks the version up without a restart.
     let addr = daemon.http_addr().await;
-    wait_metric(&addr, "costwatch_coefficient_version 1").await;
+    let metrics = wait_metric(&addr, "costwatch_coefficient_version 1").await;
+    assert!(
+        metrics.lines().any(|l| l == "costwatch_coefficient_reloads_total 1"),
+        "{metrics}"
+    );
+    assert!(
+        daemon
+            .log_text()
+            .contains("loaded calibrated coefficient versions newest_version=Some(1) versions=1"),
+        "{}",
+        daemon.log_text()
+    );
 
     // A window starting after the effective time is priced with it; one before is not, also
     // when it is written to again after the version was loaded.

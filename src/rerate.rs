@@ -3,7 +3,7 @@
 //!
 //! Window rows keep ΣT and ΣS, and their costs are derived from them in the `usage_costs` view,
 //! so re-pricing only rewrites the four rates and the version columns: it is exact, and costs
-//! what one UPDATE of the affected rows costs.
+//! one UPDATE of the affected rows per day of history.
 
 use std::collections::BTreeMap;
 
@@ -12,7 +12,7 @@ use rust_decimal::Decimal;
 use serde::Serialize;
 use sqlx::{PgPool, Row};
 
-use crate::domain::{Coefficient, ComputeUnits, Money, StorageUnits, UnitPrice};
+use crate::domain::{Coefficient, ComputeUnits, HardwareName, ModelName, Money, StorageUnits, UnitPrice};
 use crate::pricing::{PriceBook, PricingError, Rates};
 
 /// One stored window row, as far as pricing goes.
@@ -82,16 +82,13 @@ pub struct Repriced {
     pub price_id: Option<String>,
 }
 
-/// What `rows` cost as stored and as `book` prices them; pure.
-pub fn reprice(
-    book: &PriceBook,
-    rows: &[StoredRow],
-    from: DateTime<Utc>,
-    to: DateTime<Utc>,
-    dry_run: bool,
-) -> Result<(RerateReport, Vec<Repriced>), RerateError> {
+/// The pairs seen so far, by (model, hardware), before their differences are taken.
+pub type PairTotals = BTreeMap<(String, String), PairDifference>;
+
+/// Re-prices `rows` with `book`, adding what they cost before and after to `pairs`, and
+/// returns the rows whose stored rates change; pure.
+pub fn reprice(book: &PriceBook, rows: &[StoredRow], pairs: &mut PairTotals) -> Result<Vec<Repriced>, RerateError> {
     let mut changes = Vec::new();
-    let mut pairs: BTreeMap<(String, String), PairDifference> = BTreeMap::new();
     for (i, row) in rows.iter().enumerate() {
         let fail = |source| RerateError::Pricing {
             model: row.model.clone(),
@@ -99,10 +96,10 @@ pub fn reprice(
             window_start: row.window_start,
             source,
         };
-        // A name the daemon stored is valid; parse failures cannot price, so leave such a row.
+        // Names the daemon stored are valid; a row whose are not cannot be priced at all.
         let priced = match (
-            crate::domain::ModelName::parse(row.model.as_str()),
-            crate::domain::HardwareName::parse(row.hardware.as_str()),
+            ModelName::parse(row.model.as_str()),
+            HardwareName::parse(row.hardware.as_str()),
         ) {
             (Ok(model), Ok(hardware)) => book.priced(&model, &hardware, row.window_start),
             _ => None,
@@ -118,6 +115,7 @@ pub fn reprice(
         };
         let before = cost(row.rates)?;
         let after = cost(new_rates)?;
+        // Rates compare as numbers (0.50 is 0.5), so a row priced the same is left alone.
         let changed = new_rates != row.rates
             || new_version != row.coefficient_version
             || new_price_id != row.price_id
@@ -146,6 +144,17 @@ pub fn reprice(
         pair.before = add(pair.before, before);
         pair.after = add(pair.after, after);
     }
+    Ok(changes)
+}
+
+/// The report of everything added to `pairs`.
+pub fn report(
+    pairs: PairTotals,
+    from: DateTime<Utc>,
+    to: DateTime<Utc>,
+    dry_run: bool,
+    currency: &str,
+) -> RerateReport {
     let mut pairs: Vec<PairDifference> = pairs.into_values().collect();
     for pair in &mut pairs {
         pair.difference = difference(pair.before, pair.after);
@@ -154,23 +163,21 @@ pub fn reprice(
         pairs
             .iter()
             .map(pick)
-            .try_fold(Money::ZERO, |sum, m| m.map(|m| sum + m))
+            .try_fold(Money::ZERO, |sum, m| m.map(|m| normalized(sum + m)))
     };
-    let before = total(|p| p.before);
-    let after = total(|p| p.after);
-    let report = RerateReport {
+    let (before, after) = (total(|p| p.before), total(|p| p.after));
+    RerateReport {
         from,
         to,
         dry_run,
-        currency: book.currency().to_owned(),
-        rows: rows.len(),
-        changed: changes.len(),
-        before: before.map(normalized),
-        after: after.map(normalized),
+        currency: currency.to_owned(),
+        rows: pairs.iter().map(|p| p.rows).sum(),
+        changed: pairs.iter().map(|p| p.changed).sum(),
+        before,
+        after,
         difference: difference(before, after),
         pairs,
-    };
-    Ok((report, changes))
+    }
 }
 
 fn add(sum: Option<Money>, cost: Option<Money>) -> Option<Money> {
@@ -185,10 +192,14 @@ fn normalized(m: Money) -> Money {
     Money(m.value().normalize())
 }
 
-/// Re-prices every window row starting inside `[from, to)` in one transaction (rolled back
-/// with `dry_run`). The rows are locked while they are re-priced, so a concurrent flush waits;
-/// a daemon that has not loaded the same versions yet may write its older rates to a row it
-/// adds to afterwards (see README, "Calibration").
+/// How much history one transaction re-prices: a day of one-minute windows is 1 440 rows per
+/// (model, hardware, label set), so memory stays bounded however long the range.
+pub const SLICE: chrono::TimeDelta = chrono::TimeDelta::days(1);
+
+/// Re-prices every window row starting inside `[from, to)`, one day of window starts per
+/// transaction (nothing is written with `dry_run`). Each slice's rows are locked while they
+/// are re-priced, so a concurrent flush into them waits. Re-rating is idempotent: a run that
+/// stops half way is finished by running it again.
 pub async fn rerate(
     pool: &PgPool,
     book: &PriceBook,
@@ -196,6 +207,24 @@ pub async fn rerate(
     to: DateTime<Utc>,
     dry_run: bool,
 ) -> Result<RerateReport, RerateError> {
+    let mut pairs = PairTotals::new();
+    let mut start = from;
+    while start < to {
+        let end = start.checked_add_signed(SLICE).map_or(to, |e| e.min(to));
+        rerate_slice(pool, book, start, end, dry_run, &mut pairs).await?;
+        start = end;
+    }
+    Ok(report(pairs, from, to, dry_run, book.currency()))
+}
+
+async fn rerate_slice(
+    pool: &PgPool,
+    book: &PriceBook,
+    from: DateTime<Utc>,
+    to: DateTime<Utc>,
+    dry_run: bool,
+    pairs: &mut PairTotals,
+) -> Result<(), RerateError> {
     let mut tx = pool.begin().await?;
     // A flush adding to one of these rows waits for our COMMIT. Should the two lock orders
     // cross, PostgreSQL aborts one as a deadlock: the flush retries by itself, and rerate
@@ -213,39 +242,13 @@ pub async fn rerate(
     .fetch_all(&mut *tx)
     .await?
     .iter()
-    .map(|r| {
-        let cp: Option<Decimal> = r.get("compute_price");
-        let sp: Option<Decimal> = r.get("storage_price");
-        let k1: Option<Decimal> = r.get("k1");
-        let k2: Option<Decimal> = r.get("k2");
-        let rates = match (cp, sp, k1, k2) {
-            (Some(cp), Some(sp), Some(k1), Some(k2)) => Some(Rates {
-                compute_price: UnitPrice(cp),
-                storage_price: UnitPrice(sp),
-                k1: Coefficient(k1),
-                k2: Coefficient(k2),
-            }),
-            _ => None,
-        };
-        StoredRow {
-            window_start: r.get("window_start"),
-            model: r.get("model"),
-            hardware: r.get("hardware"),
-            labels: r.get("labels"),
-            compute: ComputeUnits(r.get("compute")),
-            storage: StorageUnits(r.get("storage")),
-            rates,
-            coefficient_version: r.get("coefficient_version"),
-            price_id: r.get("price_id"),
-            currency: r.get("currency"),
-        }
-    })
+    .map(stored_row)
     .collect();
 
-    let (report, changes) = reprice(book, &rows, from, to, dry_run)?;
+    let changes = reprice(book, &rows, pairs)?;
     if dry_run || changes.is_empty() {
         tx.rollback().await?;
-        return Ok(report);
+        return Ok(());
     }
     let rate = |pick: fn(&Rates) -> Decimal| -> Vec<Option<Decimal>> {
         changes.iter().map(|c| c.rates.as_ref().map(pick)).collect()
@@ -278,7 +281,35 @@ pub async fn rerate(
     .execute(&mut *tx)
     .await?;
     tx.commit().await?;
-    Ok(report)
+    Ok(())
+}
+
+fn stored_row(r: &sqlx::postgres::PgRow) -> StoredRow {
+    let cp: Option<Decimal> = r.get("compute_price");
+    let sp: Option<Decimal> = r.get("storage_price");
+    let k1: Option<Decimal> = r.get("k1");
+    let k2: Option<Decimal> = r.get("k2");
+    let rates = match (cp, sp, k1, k2) {
+        (Some(cp), Some(sp), Some(k1), Some(k2)) => Some(Rates {
+            compute_price: UnitPrice(cp),
+            storage_price: UnitPrice(sp),
+            k1: Coefficient(k1),
+            k2: Coefficient(k2),
+        }),
+        _ => None,
+    };
+    StoredRow {
+        window_start: r.get("window_start"),
+        model: r.get("model"),
+        hardware: r.get("hardware"),
+        labels: r.get("labels"),
+        compute: ComputeUnits(r.get("compute")),
+        storage: StorageUnits(r.get("storage")),
+        rates,
+        coefficient_version: r.get("coefficient_version"),
+        price_id: r.get("price_id"),
+        currency: r.get("currency"),
+    }
 }
 
 impl RerateReport {
@@ -330,5 +361,105 @@ impl RerateReport {
             signed(self.difference)
         ));
         out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::{CoefficientEntry, HardwarePrice, PricingSettings};
+    use std::str::FromStr;
+
+    fn d(s: &str) -> Decimal {
+        Decimal::from_str(s).unwrap()
+    }
+
+    fn t(s: &str) -> DateTime<Utc> {
+        DateTime::parse_from_rfc3339(s).unwrap().with_timezone(&Utc)
+    }
+
+    fn book() -> PriceBook {
+        PriceBook::from_settings(&PricingSettings {
+            currency: "USD".into(),
+            hardware: vec![HardwarePrice {
+                name: HardwareName::parse("a100").unwrap(),
+                compute_price: UnitPrice(d("0.1")),
+                storage_price: UnitPrice(d("0.2")),
+                deployment: None,
+            }],
+            coefficients: vec![CoefficientEntry {
+                model: ModelName::parse("m").unwrap(),
+                hardware: HardwareName::parse("a100").unwrap(),
+                k1: Coefficient(d("0.5")),
+                k2: Coefficient(d("0.8")),
+            }],
+        })
+    }
+
+    fn row(hardware: &str, rates: Option<(&str, &str, &str, &str)>) -> StoredRow {
+        let book = book();
+        let price_id = book
+            .hardware(&HardwareName::parse(hardware).unwrap())
+            .map(|p| p.price_id.to_string());
+        StoredRow {
+            window_start: t("2026-01-01T00:00:00Z"),
+            model: "m".into(),
+            hardware: hardware.into(),
+            labels: "{}".into(),
+            compute: ComputeUnits(d("1000")),
+            storage: StorageUnits(d("500")),
+            rates: rates.map(|(cp, sp, k1, k2)| Rates {
+                compute_price: UnitPrice(d(cp)),
+                storage_price: UnitPrice(d(sp)),
+                k1: Coefficient(d(k1)),
+                k2: Coefficient(d(k2)),
+            }),
+            coefficient_version: None,
+            price_id,
+            currency: "USD".into(),
+        }
+    }
+
+    #[test]
+    fn only_rows_priced_differently_change_and_the_difference_is_exact() {
+        let rows = [
+            // Priced as the book prices it (written with trailing zeros): unchanged, 130.
+            row("a100", Some(("0.10", "0.2", "0.50", "0.8"))),
+            // Priced with k = 1 before the configured entry existed: 200 becomes 130.
+            row("a100", Some(("0.1", "0.2", "1", "1"))),
+            // Unpriced hardware stays unpriced.
+            row("tpu", None),
+        ];
+        let mut pairs = PairTotals::new();
+        let changes = reprice(&book(), &rows, &mut pairs).unwrap();
+        assert_eq!(changes.iter().map(|c| c.row).collect::<Vec<_>>(), [1]);
+        let report = report(
+            pairs,
+            t("2026-01-01T00:00:00Z"),
+            t("2026-01-02T00:00:00Z"),
+            false,
+            "USD",
+        );
+        assert_eq!((report.rows, report.changed), (3, 1));
+        let a100 = &report.pairs[0];
+        assert_eq!((a100.rows, a100.changed), (2, 1));
+        assert_eq!(
+            (a100.before, a100.after, a100.difference),
+            (Some(Money(d("330"))), Some(Money(d("260"))), Some(Money(d("-70"))))
+        );
+        let tpu = &report.pairs[1];
+        assert_eq!((tpu.before, tpu.after, tpu.difference), (None, None, None));
+        assert_eq!(
+            (report.before, report.difference),
+            (None, None),
+            "a total with unpriced rows is unknown"
+        );
+        assert_eq!(
+            report.to_text(),
+            "3 window rows from 2026-01-01T00:00:00Z to 2026-01-02T00:00:00Z: 1 re-priced\n\
+             m on a100: 2 rows, 1 changed, 330 -> 260 USD (-70)\n\
+             m on tpu: 1 rows, 0 changed, unpriced -> unpriced USD (n/a)\n\
+             total: unpriced -> unpriced USD (n/a)\n"
+        );
     }
 }

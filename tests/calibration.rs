@@ -1079,3 +1079,50 @@ async fn a_window_written_across_a_version_change_is_priced_whole_by_its_last_wr
     assert_eq!(rows[0].4, Some(1));
     assert_eq!(rows[0].5, Some(dec("410")));
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn rerate_over_several_days_reprices_every_day_and_adds_up_exactly() {
+    let world = World::new(1).await;
+    world.store_fixture().await;
+    let config = world.config("");
+    // Written with k1 = k2 = 1 (say, before the configured 0.5 and 0.8 existed), one row a day,
+    // and one row on the last day's end that is outside the range.
+    for n in 0..4 {
+        insert_usage(
+            &world.pool,
+            day(n) + chrono::Duration::hours(12),
+            "qwen2-7b-instruct",
+            "a100-80g",
+            dec("1000"),
+            dec("500"),
+            "0.1",
+            "0.2",
+        )
+        .await;
+    }
+    let out = succeed(
+        &config,
+        &["rerate", "--from", "2026-01-01", "--to", "2026-01-04", "--json"],
+    );
+    let report: Value = serde_json::from_str(&out).unwrap();
+    // 200 per row before, 130 after.
+    assert_eq!(
+        (report["rows"].as_i64(), report["changed"].as_i64()),
+        (Some(3), Some(3)),
+        "{report:#}"
+    );
+    assert_eq!(
+        (
+            report["before"].as_str(),
+            report["after"].as_str(),
+            report["difference"].as_str()
+        ),
+        (Some("600"), Some("390"), Some("-210"))
+    );
+    let totals: Vec<Decimal> = sqlx::query_scalar("SELECT total_cost FROM usage_costs ORDER BY window_start")
+        .fetch_all(&world.pool)
+        .await
+        .unwrap();
+    let totals: Vec<Decimal> = totals.into_iter().map(|t| t.normalize()).collect();
+    assert_eq!(totals, [dec("130"), dec("130"), dec("130"), dec("200")]);
+}

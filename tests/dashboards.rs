@@ -145,7 +145,8 @@ fn urlencode(s: &str) -> String {
 #[tokio::test(flavor = "multi_thread")]
 async fn every_dashboard_query_and_rule_answers_with_live_data() {
     let world = World::new(2).await;
-    let daemon = world.start(&world.config(""));
+    // Potential savings are recomputed every second, so their panel has data within the test.
+    let daemon = world.start(&world.config("\n[recommendations]\nrefresh_interval = \"1s\"\n"));
     let addr = daemon.http_addr().await;
     // Load with priced and unpriced hardware, duplicates, late and malformed events, sent
     // over the whole test so rates have data.

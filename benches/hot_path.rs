@@ -128,6 +128,7 @@ fn price_book() -> PriceBook {
                 name: HardwareName::parse(format!("hw-{h}")).unwrap(),
                 compute_price: UnitPrice(Decimal::from_str("0.00025").unwrap()),
                 storage_price: UnitPrice(Decimal::from_str("0.00002").unwrap()),
+                deployment: None,
             })
             .collect(),
         coefficients: Vec::new(),
@@ -194,6 +195,7 @@ fn pricing(c: &mut Criterion) {
     let book = price_book();
     let model = costwatch::domain::ModelName::parse("model-7").unwrap();
     let hardware = HardwareName::parse("hw-3").unwrap();
+    let window_start = end();
     let mut group = c.benchmark_group("pricing");
     group.throughput(Throughput::Elements(1));
     group.bench_function("price_window", |b| {
@@ -202,7 +204,7 @@ fn pricing(c: &mut Criterion) {
     group.bench_function("lookup_and_price_window", |b| {
         b.iter(|| {
             black_box(&book)
-                .rates(black_box(&model), black_box(&hardware))
+                .rates(black_box(&model), black_box(&hardware), black_box(window_start))
                 .map(|r| r.price(compute, storage))
         })
     });

@@ -1,4 +1,5 @@
-//! The command line: `run`, `migrate`, `check-config`, `estimate` and `loadgen`.
+//! The command line: `run`, `migrate`, `check-config`, `estimate`, `loadgen`, and the calibration
+//! commands `bills import`, `calibrate`, `rerate` and `recommend`.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -11,11 +12,14 @@ use rust_decimal::Decimal;
 use tokio_util::sync::CancellationToken;
 use tracing::{error, info};
 
+use crate::bills::{self, BillProblem, BillsError};
+use crate::calibration::{self, CalibrationRequest};
 use crate::config::{ConfigError, Settings};
 use crate::domain::{Coefficient, ComputeUnits, HardwareName, ModelName, StorageUnits, UnitPrice};
 use crate::event::parse_decimal;
 use crate::pricing::{EstimateRequest, PriceBook};
-use crate::{daemon, loadgen, shutdown, telemetry};
+use crate::store::Store;
+use crate::{calibration_store, daemon, loadgen, recommend, rerate, shutdown, telemetry};
 
 /// Exit code for invalid configuration or usage (EX_USAGE), before anything starts.
 const EXIT_CONFIG: u8 = 64;
@@ -46,7 +50,80 @@ pub enum Command {
     Estimate(EstimateArgs),
     /// Produce seeded synthetic usage events to Kafka.
     Loadgen(LoadgenArgs),
+    /// Bills: what providers charged, to calibrate k1 and k2 against.
+    #[command(subcommand)]
+    Bills(BillsCommand),
+    /// Fit k1 and k2 to the stored bills and store them as a new coefficient version.
+    Calibrate(CalibrateArgs),
+    /// Re-price stored windows with the prices and coefficient versions in force.
+    Rerate(RerateArgs),
+    /// Rank hardware targets per model by what its observed usage would cost there.
+    Recommend(RecommendArgs),
 }
+
+#[derive(Debug, Subcommand)]
+pub enum BillsCommand {
+    /// Import a bills CSV (period_start, period_end, hardware, model, amount, currency).
+    /// Importing the same file again changes nothing.
+    Import {
+        /// The CSV file.
+        file: PathBuf,
+    },
+}
+
+#[derive(Debug, Args)]
+pub struct CalibrateArgs {
+    /// Fit only bills whose period starts at or after this (RFC 3339 or YYYY-MM-DD, UTC).
+    #[arg(long)]
+    pub from: Option<String>,
+    /// Fit only bills whose period ends at or before this (RFC 3339 or YYYY-MM-DD, UTC).
+    #[arg(long)]
+    pub to: Option<String>,
+    /// The stored versions price windows starting at or after this (default: now).
+    #[arg(long)]
+    pub effective_from: Option<String>,
+    /// Fit and print, store nothing.
+    #[arg(long)]
+    pub dry_run: bool,
+    /// Print one JSON document with decimal strings.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct RerateArgs {
+    /// First window start to re-price (RFC 3339 or YYYY-MM-DD, UTC).
+    #[arg(long)]
+    pub from: String,
+    /// Re-price windows starting before this (RFC 3339 or YYYY-MM-DD, UTC).
+    #[arg(long)]
+    pub to: String,
+    /// Report the difference, write nothing.
+    #[arg(long)]
+    pub dry_run: bool,
+    /// Print one JSON document with decimal strings.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct RecommendArgs {
+    /// Usage in windows starting at or after this (default: `--to` minus
+    /// recommendations.savings_window).
+    #[arg(long)]
+    pub from: Option<String>,
+    /// Usage in windows starting before this (default: now).
+    #[arg(long)]
+    pub to: Option<String>,
+    /// Print one JSON document with decimal strings.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// A bad argument: reported like a configuration error, with exit code 64.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct UsageError(String);
 
 #[derive(Debug, Args)]
 pub struct EstimateArgs {
@@ -143,15 +220,35 @@ pub fn main() -> ExitCode {
             })
         }),
         Command::Run => load(cli.config.as_deref()).and_then(|settings| runtime()?.block_on(run(settings))),
+        Command::Bills(BillsCommand::Import { ref file }) => with_store(cli.config.as_deref(), |settings, store| {
+            import_bills(settings, store, file)
+        }),
+        // Arguments are checked before the database is opened, so that a typo is reported as
+        // such even when PostgreSQL is away.
+        Command::Calibrate(ref args) => calibration_request(args).and_then(|request| {
+            with_store(cli.config.as_deref(), |settings, store| {
+                run_calibrate(settings, store, request, args.json)
+            })
+        }),
+        Command::Rerate(ref args) => time_range(Some(&args.from), Some(&args.to)).and_then(|(from, to)| {
+            let (from, to) = (from.expect("required"), to.expect("required"));
+            with_store(cli.config.as_deref(), |settings, store| {
+                run_rerate(settings, store, from, to, args)
+            })
+        }),
+        Command::Recommend(ref args) => time_range(args.from.as_deref(), args.to.as_deref()).and_then(|(from, to)| {
+            with_store(cli.config.as_deref(), |settings, store| {
+                run_recommend(settings, store, from, to, args.json)
+            })
+        }),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            let code = if e.downcast_ref::<ConfigError>().is_some() {
-                EXIT_CONFIG
-            } else {
-                1
-            };
+            let usage = e.downcast_ref::<ConfigError>().is_some()
+                || e.downcast_ref::<UsageError>().is_some()
+                || e.downcast_ref::<BillsError>().is_some();
+            let code = if usage { EXIT_CONFIG } else { 1 };
             eprintln!("error: {e:#}");
             ExitCode::from(code)
         }
@@ -293,5 +390,193 @@ async fn run_loadgen(config: Option<&std::path::Path>, args: &LoadgenArgs) -> an
         "sent {} messages: {} events, {} duplicates, {} malformed, {} stamped late",
         expected.messages, expected.accepted, expected.duplicates, expected.rejected, expected.late_sent
     );
+    Ok(())
+}
+
+/// Parses a `--from`/`--to` style instant: RFC 3339 with any offset, or a date, meaning its
+/// midnight UTC.
+pub fn parse_instant(flag: &str, value: &str) -> Result<DateTime<Utc>, UsageError> {
+    let value = value.trim();
+    if let Ok(t) = DateTime::parse_from_rfc3339(value) {
+        return Ok(t.with_timezone(&Utc));
+    }
+    if let Ok(date) = chrono::NaiveDate::parse_from_str(value, "%Y-%m-%d") {
+        return Ok(date.and_time(chrono::NaiveTime::MIN).and_utc());
+    }
+    Err(UsageError(format!(
+        "{flag} {value:?} is neither an RFC 3339 timestamp (2026-01-01T00:00:00Z) nor a date (2026-01-01)"
+    )))
+}
+
+fn parse_optional(flag: &str, value: Option<&str>) -> Result<Option<DateTime<Utc>>, UsageError> {
+    value.map(|v| parse_instant(flag, v)).transpose()
+}
+
+type TimeRange = (Option<DateTime<Utc>>, Option<DateTime<Utc>>);
+
+/// `--from` and `--to`, each optional, checked to be in order.
+fn time_range(from: Option<&str>, to: Option<&str>) -> anyhow::Result<TimeRange> {
+    let from = parse_optional("--from", from)?;
+    let to = parse_optional("--to", to)?;
+    check_order(from, to)?;
+    Ok((from, to))
+}
+
+fn check_order(from: Option<DateTime<Utc>>, to: Option<DateTime<Utc>>) -> Result<(), UsageError> {
+    match (from, to) {
+        (Some(from), Some(to)) if from >= to => Err(UsageError(format!(
+            "--from ({}) must be before --to ({})",
+            show_instant(from),
+            show_instant(to)
+        ))),
+        _ => Ok(()),
+    }
+}
+
+fn calibration_request(args: &CalibrateArgs) -> anyhow::Result<CalibrationRequest> {
+    let (from, to) = time_range(args.from.as_deref(), args.to.as_deref())?;
+    let effective_from = parse_optional("--effective-from", args.effective_from.as_deref())?.unwrap_or_else(Utc::now);
+    Ok(CalibrationRequest {
+        from,
+        to,
+        effective_from,
+        dry_run: args.dry_run,
+    })
+}
+
+fn show_instant(t: DateTime<Utc>) -> String {
+    t.to_rfc3339_opts(chrono::SecondsFormat::AutoSi, true)
+}
+
+/// Loads settings, opens the database (creating it and migrating the schema, as `migrate`
+/// does, but without retrying: a one-shot command should fail fast) and runs `command`.
+fn with_store<F, Fut>(config: Option<&std::path::Path>, command: F) -> anyhow::Result<()>
+where
+    F: FnOnce(Settings, Store) -> Fut,
+    Fut: std::future::Future<Output = anyhow::Result<()>>,
+{
+    let settings = load(config)?;
+    runtime()?.block_on(async move {
+        let url = &settings.database.url;
+        if let Err(error) = Store::create_database_if_missing(url).await {
+            tracing::debug!(%error, "cannot check or create the database; trying to use it as it is");
+        }
+        let store = Store::connect_lazy(url, 2)?;
+        store.migrate().await.context("cannot prepare the database schema")?;
+        command(settings, store).await
+    })
+}
+
+/// The configured price book with every stored coefficient version: what the daemon prices with.
+async fn current_book(settings: &Settings, store: &Store) -> anyhow::Result<PriceBook> {
+    let versions = calibration_store::load_versions(store.pool())
+        .await
+        .context("cannot read coefficient versions")?;
+    Ok(PriceBook::from_settings(&settings.pricing).with_versions(versions))
+}
+
+async fn import_bills(settings: Settings, store: Store, file: &std::path::Path) -> anyhow::Result<()> {
+    let text = std::fs::read_to_string(file).with_context(|| format!("cannot read {}", file.display()))?;
+    let bills = bills::parse_bills(&text)?;
+    // Bills are compared with prices, which are all in one currency.
+    let problems: Vec<BillProblem> = bills
+        .iter()
+        .filter(|b| b.currency != settings.pricing.currency)
+        .map(|b| BillProblem {
+            line: b.line,
+            message: format!(
+                "currency {:?} is not pricing.currency {:?}; bills must be in the currency prices are quoted in",
+                b.currency, settings.pricing.currency
+            ),
+        })
+        .collect();
+    if !problems.is_empty() {
+        return Err(BillsError { problems }.into());
+    }
+    let outcome = calibration_store::import_bills(store.pool(), &bills)
+        .await
+        .context("cannot store the bills")?;
+    println!(
+        "{}: {} bills, {} new, {} updated, {} unchanged",
+        file.display(),
+        bills.len(),
+        outcome.inserted,
+        outcome.updated,
+        outcome.unchanged
+    );
+    Ok(())
+}
+
+async fn run_calibrate(
+    settings: Settings,
+    store: Store,
+    request: CalibrationRequest,
+    json: bool,
+) -> anyhow::Result<()> {
+    let configured = PriceBook::from_settings(&settings.pricing);
+    let report = calibration::calibrate(store.pool(), &configured, request).await?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    } else {
+        print!("{}", report.to_text());
+    }
+    match report.errors.as_slice() {
+        [] => Ok(()),
+        [one] => bail!("cannot fit {}: {}", one.target, one.error),
+        many => bail!(
+            "cannot fit {} targets:\n{}",
+            many.len(),
+            many.iter()
+                .map(|f| format!("  - {}: {}", f.target, f.error))
+                .collect::<Vec<_>>()
+                .join("\n")
+        ),
+    }
+}
+
+async fn run_rerate(
+    settings: Settings,
+    store: Store,
+    from: DateTime<Utc>,
+    to: DateTime<Utc>,
+    args: &RerateArgs,
+) -> anyhow::Result<()> {
+    let book = current_book(&settings, &store).await?;
+    let report = rerate::rerate(store.pool(), &book, from, to, args.dry_run).await?;
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    } else {
+        print!("{}", report.to_text());
+    }
+    Ok(())
+}
+
+async fn run_recommend(
+    settings: Settings,
+    store: Store,
+    from: Option<DateTime<Utc>>,
+    to: Option<DateTime<Utc>>,
+    json: bool,
+) -> anyhow::Result<()> {
+    let to = to.unwrap_or_else(Utc::now);
+    let from = match from {
+        Some(from) => from,
+        None => to - chrono::Duration::from_std(settings.recommendations.savings_window)?,
+    };
+    check_order(Some(from), Some(to))?;
+    let book = current_book(&settings, &store).await?;
+    let usage = calibration_store::usage_by_model(store.pool(), from, to).await?;
+    let recommendations = recommend::recommend(&book, &usage, to)?;
+    if json {
+        let document = recommend::Recommendations {
+            from,
+            to,
+            currency: book.currency().to_owned(),
+            models: recommendations,
+        };
+        println!("{}", serde_json::to_string_pretty(&document)?);
+    } else {
+        print!("{}", recommend::to_text(&recommendations, book.currency()));
+    }
     Ok(())
 }

@@ -35,6 +35,10 @@ pub struct Settings {
     /// Spend limits per period and scope, evaluated against the priced history.
     #[serde(default)]
     pub budgets: Vec<BudgetSettings>,
+    #[serde(default)]
+    pub calibration: CalibrationSettings,
+    #[serde(default)]
+    pub recommendations: RecommendationSettings,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -164,6 +168,40 @@ pub struct HardwarePrice {
     pub compute_price: UnitPrice,
     #[serde(deserialize_with = "exact_decimal")]
     pub storage_price: UnitPrice,
+    /// Where the target runs, shown by `recommend`; untagged when absent.
+    #[serde(default)]
+    pub deployment: Option<Deployment>,
+}
+
+/// Where a hardware target runs: a cloud provider's machines or devices at the edge.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Deserialize, serde::Serialize)]
+#[serde(rename_all = "lowercase", try_from = "String")]
+pub enum Deployment {
+    Cloud,
+    Edge,
+}
+
+impl TryFrom<String> for Deployment {
+    type Error = String;
+
+    // By hand rather than serde's enum support, whose error through the `config` crate
+    // ("does not have variant constructor") does not say what is allowed.
+    fn try_from(s: String) -> Result<Self, String> {
+        match s.as_str() {
+            "cloud" => Ok(Deployment::Cloud),
+            "edge" => Ok(Deployment::Edge),
+            other => Err(format!("deployment must be \"cloud\" or \"edge\", got {other:?}")),
+        }
+    }
+}
+
+impl Deployment {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Deployment::Cloud => "cloud",
+            Deployment::Edge => "edge",
+        }
+    }
 }
 
 /// k1 and k2 of one (model, hardware) pair; pairs without an entry use 1 and 1.
@@ -408,6 +446,43 @@ fn fractions<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<Decimal>, D::
     Ok(Vec::<Wrap>::deserialize(d)?.into_iter().map(|w| w.0).collect())
 }
 
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CalibrationSettings {
+    /// How often the daemon looks for coefficient versions stored by `costwatch calibrate`;
+    /// a new version prices new windows from the next flush after it is seen.
+    #[serde(default = "defaults::reload_interval", with = "humantime_serde")]
+    pub reload_interval: Duration,
+}
+
+impl Default for CalibrationSettings {
+    fn default() -> Self {
+        Self {
+            reload_interval: defaults::reload_interval(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RecommendationSettings {
+    /// The usage behind `costwatch_potential_savings`: this much history, ending now.
+    #[serde(default = "defaults::savings_window", with = "humantime_serde")]
+    pub savings_window: Duration,
+    /// How often the daemon recomputes `costwatch_potential_savings`.
+    #[serde(default = "defaults::savings_refresh", with = "humantime_serde")]
+    pub refresh_interval: Duration,
+}
+
+impl Default for RecommendationSettings {
+    fn default() -> Self {
+        Self {
+            savings_window: defaults::savings_window(),
+            refresh_interval: defaults::savings_refresh(),
+        }
+    }
+}
+
 mod defaults {
     use std::time::Duration;
 
@@ -479,6 +554,15 @@ mod defaults {
     }
     pub fn max_hardware() -> usize {
         50
+    }
+    pub fn reload_interval() -> Duration {
+        Duration::from_secs(5)
+    }
+    pub fn savings_window() -> Duration {
+        Duration::from_secs(24 * 60 * 60)
+    }
+    pub fn savings_refresh() -> Duration {
+        Duration::from_secs(60)
     }
     pub fn http_listen() -> String {
         "127.0.0.1:9464".to_owned()
@@ -630,6 +714,19 @@ impl Settings {
         require(
             self.metrics.max_hardware >= 1,
             "metrics.max_hardware: must be at least 1".into(),
+        );
+
+        require(
+            self.calibration.reload_interval >= Duration::from_millis(100),
+            "calibration.reload_interval: must be at least 100ms".into(),
+        );
+        require(
+            self.recommendations.savings_window >= Duration::from_secs(60),
+            "recommendations.savings_window: must be at least 1m".into(),
+        );
+        require(
+            self.recommendations.refresh_interval >= Duration::from_millis(100),
+            "recommendations.refresh_interval: must be at least 100ms".into(),
         );
 
         self.validate_alerting(&mut problems);
@@ -890,6 +987,32 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(float.contains("write 5000.5 as a string"), "{float}");
+    }
+
+    #[test]
+    fn hardware_may_carry_a_deployment_tag_and_calibration_has_defaults() {
+        let tagged = EXAMPLE.replace(
+            "storage_price = \"0.2\"",
+            "storage_price = \"0.2\"\ndeployment = \"edge\"",
+        );
+        let s = parse(&tagged).unwrap();
+        assert_eq!(s.pricing.hardware[0].deployment, Some(Deployment::Edge));
+        assert_eq!(s.calibration.reload_interval, Duration::from_secs(5));
+        assert_eq!(s.recommendations.savings_window, Duration::from_secs(24 * 3600));
+        assert_eq!(parse(EXAMPLE).unwrap().pricing.hardware[0].deployment, None);
+
+        let err = parse(&tagged.replace("\"edge\"", "\"moon\"")).unwrap_err().to_string();
+        assert!(
+            err.contains("deployment must be \"cloud\" or \"edge\", got \"moon\""),
+            "{err}"
+        );
+        let err = parse(&format!("{EXAMPLE}\n[calibration]\nreload_interval = \"1ms\"\n"))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("calibration.reload_interval: must be at least 100ms"),
+            "{err}"
+        );
     }
 
     #[test]

@@ -26,7 +26,7 @@ use crate::aggregate::{start_offset, Aggregator, FlushBatch, Outcome};
 use crate::config::{KafkaSettings, StartFrom};
 use crate::faults::{self, FaultPoint};
 use crate::http::Health;
-use crate::pricing::PriceBook;
+use crate::pricing::{LivePrices, PriceBook};
 use crate::store::{Store, StoreError, WindowLayout};
 use crate::telemetry;
 
@@ -36,7 +36,9 @@ pub struct Pipeline {
     /// This instance's name in `partition_progress.owner`.
     pub owner: String,
     pub store: Store,
-    pub prices: PriceBook,
+    /// Swapped by the daemon when calibrated coefficient versions change; each flush prices
+    /// with one snapshot of it.
+    pub prices: LivePrices,
     pub layout: WindowLayout,
     pub start_from: StartFrom,
     pub flush_interval: Duration,
@@ -53,7 +55,7 @@ impl Pipeline {
         topic: String,
         owner: String,
         store: Store,
-        prices: PriceBook,
+        prices: LivePrices,
         layout: WindowLayout,
         start_from: StartFrom,
         flush_interval: Duration,
@@ -164,16 +166,17 @@ impl Pipeline {
                 return Ok(());
             }
             let started = Instant::now();
+            let prices = self.prices.current();
             let written = self
                 .runtime
-                .block_on(self.store.flush(&self.topic, &batch, &self.prices, self.layout));
+                .block_on(self.store.flush(&self.topic, &batch, &prices, self.layout));
             match written {
-                Ok(()) => self.committed(consumer, &batch, started),
+                Ok(()) => self.committed(consumer, &batch, &prices, started),
                 Err(StoreError::Stale { fenced, applied }) => {
                     let done = batch.split_off(&applied);
                     if !done.is_empty() {
                         warn!(partitions = ?applied, "an earlier COMMIT went through although it reported an error; not writing it twice");
-                        self.committed(consumer, &done, started);
+                        self.committed(consumer, &done, &prices, started);
                     }
                     if !fenced.is_empty() {
                         warn!(partitions = ?fenced, "another instance owns these partitions now; dropping their unflushed work");
@@ -194,11 +197,17 @@ impl Pipeline {
     }
 
     /// Bookkeeping after a batch is known to be in PostgreSQL.
-    fn committed(&self, consumer: &BaseConsumer<KafkaContext>, batch: &FlushBatch, started: Instant) {
+    fn committed(
+        &self,
+        consumer: &BaseConsumer<KafkaContext>,
+        batch: &FlushBatch,
+        prices: &PriceBook,
+        started: Instant,
+    ) {
         faults::reached(FaultPoint::AfterCommit);
         let mut agg = self.aggregator();
         agg.flushed(batch);
-        telemetry::flush_committed(batch, &self.prices, started.elapsed());
+        telemetry::flush_committed(batch, prices, started.elapsed());
         self.report_assignment(&agg);
         drop(agg);
         self.commit_to_kafka(consumer, batch);

@@ -10,11 +10,13 @@ use tracing::{error, info, warn};
 
 use crate::aggregate::{millis, Aggregator, IngestRules};
 use crate::alerting;
+use crate::calibration_store;
 use crate::config::Settings;
 use crate::consumer::{self, Backoff, Pipeline};
 use crate::event::Limits;
 use crate::http::{self, AppState, Health};
-use crate::pricing::PriceBook;
+use crate::pricing::{LivePrices, PriceBook};
+use crate::recommend;
 use crate::store::{Store, WindowLayout};
 use crate::telemetry;
 use crate::window::WindowSize;
@@ -76,12 +78,32 @@ pub async fn run(
     info!("database schema is up to date");
     telemetry::set_label_caps(settings.metrics.max_models, settings.metrics.max_hardware);
 
-    let prices = PriceBook::from_settings(&settings.pricing);
+    // Calibrated versions are loaded before the first flush, so that no window is priced with
+    // configured coefficients while a version in force exists.
+    let configured = PriceBook::from_settings(&settings.pricing);
+    let Some(book) = load_book(&store, &configured, &cancel).await else {
+        return Ok(());
+    };
+    let prices = LivePrices::new(book);
+    tokio::spawn(reload_coefficients(
+        store.clone(),
+        configured,
+        prices.clone(),
+        settings.calibration.reload_interval,
+        cancel.clone(),
+    ));
+    tokio::spawn(refresh_savings(
+        store.clone(),
+        prices.clone(),
+        settings.recommendations.clone(),
+        cancel.clone(),
+    ));
     let health = Arc::new(Health::default());
     let board = alerting::SharedBoard::default();
     let app = AppState {
         store: store.clone(),
-        prices: Arc::new(prices.clone()),
+        prices: prices.clone(),
+        savings_window: settings.recommendations.savings_window,
         metrics,
         api_token: settings.http.api_token.as_deref().map(Arc::from),
         health: health.clone(),
@@ -116,6 +138,110 @@ pub async fn run(
     server.await.context("the http server panicked")??;
     evaluator.await.context("the budget evaluator panicked")??;
     result
+}
+
+/// The configured book with every stored version, retrying while PostgreSQL is away; `None`
+/// when shutdown began first.
+async fn load_book(store: &Store, configured: &PriceBook, cancel: &CancellationToken) -> Option<PriceBook> {
+    let mut backoff = Backoff::new();
+    loop {
+        match calibration_store::load_versions(store.pool()).await {
+            Ok(versions) => {
+                let book = configured.clone().with_versions(versions);
+                telemetry::coefficients_loaded(book.newest_version(), book.version_count(), false);
+                return Some(book);
+            }
+            Err(error) => {
+                let wait = backoff.next_wait();
+                error!(%error, retry_in = ?wait, "cannot load coefficient versions, retrying");
+                tokio::select! {
+                    _ = cancel.cancelled() => return None,
+                    _ = tokio::time::sleep(wait) => {}
+                }
+            }
+        }
+    }
+}
+
+/// Polls `coefficient_version` and swaps the pipeline's price book when it changed, so that
+/// a version stored by `costwatch calibrate` prices the next flush without a restart.
+async fn reload_coefficients(
+    store: Store,
+    configured: PriceBook,
+    prices: LivePrices,
+    every: std::time::Duration,
+    cancel: CancellationToken,
+) {
+    let mut tick = tokio::time::interval(every);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let current = prices.current();
+    let mut known = (current.newest_version(), current.version_count() as i64);
+    loop {
+        tokio::select! {
+            _ = cancel.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        let marker = match calibration_store::version_marker(store.pool()).await {
+            Ok(marker) => marker,
+            Err(error) => {
+                warn!(%error, "cannot poll coefficient versions; pricing with the loaded ones");
+                continue;
+            }
+        };
+        if marker == known {
+            continue;
+        }
+        match calibration_store::load_versions(store.pool()).await {
+            Ok(versions) => {
+                let book = configured.clone().with_versions(versions);
+                let (newest, count) = (book.newest_version(), book.version_count());
+                known = (newest, count as i64);
+                // Swapped before it is reported, so that whoever sees the metric sees the book.
+                prices.replace(book);
+                telemetry::coefficients_loaded(newest, count, true);
+            }
+            Err(error) => warn!(%error, "cannot load coefficient versions; pricing with the loaded ones"),
+        }
+    }
+}
+
+/// Recomputes `costwatch_potential_savings` over the last `savings_window`.
+async fn refresh_savings(
+    store: Store,
+    prices: LivePrices,
+    settings: crate::config::RecommendationSettings,
+    cancel: CancellationToken,
+) {
+    let mut tick = tokio::time::interval(settings.refresh_interval);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let window = chrono::Duration::from_std(settings.savings_window).unwrap_or(chrono::Duration::days(1));
+    loop {
+        tokio::select! {
+            _ = cancel.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        let to = chrono::Utc::now();
+        let usage = match calibration_store::usage_by_model(store.pool(), to - window, to).await {
+            Ok(usage) => usage,
+            Err(error) => {
+                warn!(%error, "cannot read usage for potential savings; keeping the last values");
+                continue;
+            }
+        };
+        match recommend::recommend(&prices.current(), &usage, to) {
+            Ok(recommendations) => {
+                let savings: Vec<(String, rust_decimal::Decimal)> = recommendations
+                    .iter()
+                    .map(|r| {
+                        let saving = r.potential_saving.map(|s| s.value()).unwrap_or_default();
+                        (r.model.as_str().to_owned(), saving)
+                    })
+                    .collect();
+                telemetry::potential_savings(&savings);
+            }
+            Err(error) => warn!(%error, "cannot price recommendations for potential savings"),
+        }
+    }
 }
 
 /// `host-pid`: unique among live instances, readable in `partition_progress.owner`.

@@ -24,9 +24,9 @@ use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
 use crate::alerting::SharedBoard;
-use crate::pricing::{EstimateError, EstimateRequest, PriceBook};
+use crate::pricing::{EstimateError, EstimateRequest, LivePrices};
 use crate::store::Store;
-use crate::telemetry;
+use crate::{calibration_store, recommend, telemetry};
 
 /// What the consumer reports for `/readyz`.
 #[derive(Debug, Default)]
@@ -53,7 +53,10 @@ const POLL_STALE: Duration = Duration::from_secs(15);
 #[derive(Clone)]
 pub struct AppState {
     pub store: Store,
-    pub prices: Arc<PriceBook>,
+    /// The daemon's live price book: calibrated versions appear here as they are loaded.
+    pub prices: LivePrices,
+    /// The default range of `/api/v1/recommendations`, ending now.
+    pub savings_window: Duration,
     pub metrics: Option<PrometheusHandle>,
     pub api_token: Option<Arc<str>>,
     pub health: Arc<Health>,
@@ -66,6 +69,7 @@ pub fn router(state: AppState) -> Router {
         .route("/costs", get(costs))
         .route("/estimate", post(estimate))
         .route("/rejected", get(rejected))
+        .route("/recommendations", get(recommendations))
         .route("/budgets", get(budgets))
         .route("/alerts", get(alerts))
         .route_layer(middleware::from_fn_with_state(state.clone(), require_token))
@@ -310,7 +314,7 @@ async fn costs(
         "step": trunc,
         "model": q.model,
         "hardware": q.hardware,
-        "currency": state.prices.currency(),
+        "currency": state.prices.current().currency(),
         "totals": point(None, events, totals, unpriced),
         "series": series,
     }))
@@ -337,7 +341,7 @@ async fn estimate(
 ) -> Result<Response, ApiError> {
     let Json(request) = body?;
     let estimate = request
-        .price(Some(&state.prices))
+        .price(Some(&state.prices.current()))
         .map_err(|e: EstimateError| ApiError::BadRequest(e.to_string()))?;
     Ok(Json(estimate).into_response())
 }
@@ -426,6 +430,41 @@ async fn alerts(
     Ok(Json(json!({ "items": items })).into_response())
 }
 
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RecommendationsQuery {
+    from: Option<DateTime<Utc>>,
+    to: Option<DateTime<Utc>>,
+}
+
+async fn recommendations(
+    State(state): State<AppState>,
+    query: Result<Query<RecommendationsQuery>, QueryRejection>,
+) -> Result<Response, ApiError> {
+    let Query(q) = query?;
+    let to = q.to.unwrap_or_else(Utc::now);
+    let window = chrono::Duration::from_std(state.savings_window).unwrap_or(chrono::Duration::days(1));
+    let from = match q.from {
+        Some(from) => from,
+        None => to
+            .checked_sub_signed(window)
+            .ok_or_else(|| ApiError::BadRequest(format!("to ({to}) is too early to count back from")))?,
+    };
+    if from >= to {
+        return Err(ApiError::BadRequest(format!("from ({from}) must be before to ({to})")));
+    }
+    let usage = calibration_store::usage_by_model(state.store.pool(), from, to).await?;
+    let book = state.prices.current();
+    let models = recommend::recommend(&book, &usage, to).map_err(|e| ApiError::BadRequest(e.to_string()))?;
+    Ok(Json(recommend::Recommendations {
+        from,
+        to,
+        currency: book.currency().to_owned(),
+        models,
+    })
+    .into_response())
+}
+
 async fn openapi() -> Response {
     (
         [(header::CONTENT_TYPE, "application/json")],
@@ -453,6 +492,7 @@ mod tests {
             "/api/v1/costs",
             "/api/v1/estimate",
             "/api/v1/rejected",
+            "/api/v1/recommendations",
             "/api/v1/budgets",
             "/api/v1/alerts",
             "/healthz",

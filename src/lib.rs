@@ -7,7 +7,9 @@
 //! Budgets: [`budget`] (periods, forecast, drift: what should alert), [`budget_store`] (spend
 //! from PostgreSQL, alert state, outbox), [`alerting`] (the single evaluator) and [`notify`]
 //! (Alertmanager and signed webhooks).
-//! [`bills`] and [`calibrate`] are the pure groundwork of calibration (bills CSV, k1/k2 fit).
+//! Calibration: [`bills`] (bills CSV) and [`calibrate`] (the k1/k2 fit) are pure,
+//! [`calibration`] runs `costwatch calibrate`, [`calibration_store`] is its PostgreSQL side,
+//! [`rerate`] re-prices stored windows and [`recommend`] ranks hardware targets per model.
 
 pub mod aggregate;
 pub mod alerting;
@@ -15,6 +17,8 @@ pub mod bills;
 pub mod budget;
 pub mod budget_store;
 pub mod calibrate;
+pub mod calibration;
+pub mod calibration_store;
 pub mod cli;
 pub mod config;
 pub mod consumer;
@@ -26,6 +30,8 @@ pub mod http;
 pub mod loadgen;
 pub mod notify;
 pub mod pricing;
+pub mod recommend;
+pub mod rerate;
 pub mod shutdown;
 pub mod store;
 pub mod telemetry;

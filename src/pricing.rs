@@ -2,11 +2,14 @@
 //! `cost = C_C(hw) * k1(model, hw) * T + C_S(hw) * k2(model, hw) * S`.
 
 use std::collections::HashMap;
+use std::fmt;
+use std::sync::{Arc, RwLock};
 
+use chrono::{DateTime, Utc};
 use rust_decimal::Decimal;
 use serde::{Deserialize, Serialize};
 
-use crate::config::PricingSettings;
+use crate::config::{Deployment, PricingSettings};
 use crate::domain::{
     exact_decimal, exact_decimal_opt, Coefficient, ComputeUnits, HardwareName, ModelName, Money, StorageUnits,
     UnitPrice,
@@ -56,21 +59,130 @@ impl Rates {
     }
 }
 
-/// Prices per hardware target and coefficients per (model, hardware), as loaded from config.
+/// A stable identifier of one configured price entry (hardware, C_C, C_S, currency): stored
+/// with every window row so that a row says which prices priced it, and `rerate` can tell rows
+/// priced under an older price list. FNV-1a of the entry's canonical text, so it is the same
+/// across restarts, hosts and Rust releases (std's hasher promises none of that).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct PriceId(u64);
+
+impl PriceId {
+    pub fn of(hardware: &HardwareName, compute_price: UnitPrice, storage_price: UnitPrice, currency: &str) -> Self {
+        let canonical = format!("{hardware}\0{compute_price}\0{storage_price}\0{currency}");
+        let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
+        for byte in canonical.bytes() {
+            hash ^= u64::from(byte);
+            hash = hash.wrapping_mul(0x0100_0000_01b3);
+        }
+        Self(hash)
+    }
+}
+
+impl fmt::Display for PriceId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{:016x}", self.0)
+    }
+}
+
+/// One coefficient version stored by `costwatch calibrate`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct CoefficientVersion {
+    pub id: i64,
+    /// `None`: the hardware default, for models without a version of their own.
+    pub model: Option<ModelName>,
+    pub hardware: HardwareName,
+    pub k1: Coefficient,
+    pub k2: Coefficient,
+    /// The version prices windows that start at or after this instant.
+    pub effective_from: DateTime<Utc>,
+}
+
+/// Where the k1 and k2 that priced something came from, in order of precedence.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CoefficientSource {
+    /// A calibrated version for the (model, hardware) pair.
+    ModelVersion(i64),
+    /// A calibrated hardware default version.
+    HardwareVersion(i64),
+    /// `pricing.coefficients` in the configuration.
+    Configured,
+    /// Nothing known: k1 = k2 = 1.
+    Unit,
+}
+
+impl CoefficientSource {
+    /// The `coefficient_version` id, `None` for configured or default coefficients.
+    pub fn version(self) -> Option<i64> {
+        match self {
+            CoefficientSource::ModelVersion(id) | CoefficientSource::HardwareVersion(id) => Some(id),
+            CoefficientSource::Configured | CoefficientSource::Unit => None,
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            CoefficientSource::ModelVersion(_) => "calibrated",
+            CoefficientSource::HardwareVersion(_) => "calibrated_hardware_default",
+            CoefficientSource::Configured => "configured",
+            CoefficientSource::Unit => "default",
+        }
+    }
+}
+
+/// The rates for one (model, hardware) at one instant, and what they came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Priced {
+    pub rates: Rates,
+    pub source: CoefficientSource,
+    pub price_id: PriceId,
+}
+
+/// A priced hardware target of the price book.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HardwarePricing {
+    pub compute_price: UnitPrice,
+    pub storage_price: UnitPrice,
+    pub deployment: Option<Deployment>,
+    pub price_id: PriceId,
+}
+
+/// Prices per hardware target and coefficients per (model, hardware): the configuration, plus
+/// the calibrated coefficient versions stored in PostgreSQL.
+///
+/// k1 and k2 of a (model, hardware) pair for a window starting at `t` are, in this order of
+/// precedence:
+/// 1. the newest (highest id) version for the pair in force at `t` (`effective_from <= t`);
+/// 2. the newest hardware-default version for the hardware in force at `t`;
+/// 3. the configured `pricing.coefficients` entry;
+/// 4. k1 = k2 = 1.
+///
+/// "Newest" is the latest stored, not the latest `effective_from`: a recalibration dated back
+/// replaces earlier versions from its effective time on.
 #[derive(Debug, Clone, Default)]
 pub struct PriceBook {
     currency: String,
-    hardware: HashMap<HardwareName, (UnitPrice, UnitPrice)>,
+    hardware: HashMap<HardwareName, HardwarePricing>,
     coefficients: HashMap<(ModelName, HardwareName), (Coefficient, Coefficient)>,
+    /// Per (model or `None` for the hardware default, hardware), highest id first.
+    versions: HashMap<(Option<ModelName>, HardwareName), Vec<CoefficientVersion>>,
+    newest_version: Option<i64>,
 }
 
 impl PriceBook {
-    /// Builds the book from validated settings.
+    /// Builds the book from validated settings, without calibrated versions.
     pub fn from_settings(settings: &PricingSettings) -> Self {
         let hardware = settings
             .hardware
             .iter()
-            .map(|h| (h.name.clone(), (h.compute_price, h.storage_price)))
+            .map(|h| {
+                let entry = HardwarePricing {
+                    compute_price: h.compute_price,
+                    storage_price: h.storage_price,
+                    deployment: h.deployment,
+                    price_id: PriceId::of(&h.name, h.compute_price, h.storage_price, &settings.currency),
+                };
+                (h.name.clone(), entry)
+            })
             .collect();
         let coefficients = settings
             .coefficients
@@ -81,28 +193,132 @@ impl PriceBook {
             currency: settings.currency.clone(),
             hardware,
             coefficients,
+            versions: HashMap::new(),
+            newest_version: None,
         }
+    }
+
+    /// The same book with `versions` (all stored versions, in any order) as its calibrated
+    /// coefficients, replacing any it had.
+    pub fn with_versions(mut self, versions: Vec<CoefficientVersion>) -> Self {
+        self.newest_version = versions.iter().map(|v| v.id).max();
+        self.versions.clear();
+        for v in versions {
+            self.versions
+                .entry((v.model.clone(), v.hardware.clone()))
+                .or_default()
+                .push(v);
+        }
+        for list in self.versions.values_mut() {
+            list.sort_unstable_by_key(|v| std::cmp::Reverse(v.id));
+        }
+        self
+    }
+
+    /// How many coefficient versions the book holds.
+    pub fn version_count(&self) -> usize {
+        self.versions.values().map(Vec::len).sum()
+    }
+
+    /// The highest coefficient version id the book holds.
+    pub fn newest_version(&self) -> Option<i64> {
+        self.newest_version
     }
 
     pub fn currency(&self) -> &str {
         &self.currency
     }
 
-    /// The rates for a pair, or `None` when the hardware has no price (the pair is *unpriced*).
-    /// A priced hardware with no coefficient entry for the model uses k1 = k2 = 1.
-    pub fn rates(&self, model: &ModelName, hardware: &HardwareName) -> Option<Rates> {
-        let (compute_price, storage_price) = *self.hardware.get(hardware)?;
-        let (k1, k2) = self
-            .coefficients
-            .get(&(model.clone(), hardware.clone()))
-            .copied()
-            .unwrap_or((Coefficient::ONE, Coefficient::ONE));
-        Some(Rates {
-            compute_price,
-            storage_price,
-            k1,
-            k2,
+    /// The priced hardware targets, by name.
+    pub fn hardware_targets(&self) -> Vec<(&HardwareName, &HardwarePricing)> {
+        let mut targets: Vec<_> = self.hardware.iter().collect();
+        targets.sort_unstable_by(|a, b| a.0.cmp(b.0));
+        targets
+    }
+
+    pub fn hardware(&self, hardware: &HardwareName) -> Option<&HardwarePricing> {
+        self.hardware.get(hardware)
+    }
+
+    /// The rates of a pair for a window starting at `at`, or `None` when the hardware has no
+    /// price (the pair is *unpriced*).
+    pub fn priced(&self, model: &ModelName, hardware: &HardwareName, at: DateTime<Utc>) -> Option<Priced> {
+        let pricing = self.hardware.get(hardware)?;
+        let (k1, k2, source) = self.known_coefficients(model, hardware, at).unwrap_or((
+            Coefficient::ONE,
+            Coefficient::ONE,
+            CoefficientSource::Unit,
+        ));
+        Some(Priced {
+            rates: Rates {
+                compute_price: pricing.compute_price,
+                storage_price: pricing.storage_price,
+                k1,
+                k2,
+            },
+            source,
+            price_id: pricing.price_id,
         })
+    }
+
+    /// [`PriceBook::priced`] without the provenance.
+    pub fn rates(&self, model: &ModelName, hardware: &HardwareName, at: DateTime<Utc>) -> Option<Rates> {
+        self.priced(model, hardware, at).map(|p| p.rates)
+    }
+
+    /// The newest hardware-default version for `hardware` in force at `at`.
+    pub fn hardware_default(&self, hardware: &HardwareName, at: DateTime<Utc>) -> Option<&CoefficientVersion> {
+        self.versions
+            .get(&(None, hardware.clone()))
+            .and_then(|list| list.iter().find(|v| v.effective_from <= at))
+    }
+
+    /// k1 and k2 of a pair at `at` by the precedence above, or `None` when nothing is known
+    /// about the pair (no version, no hardware default, no configured entry), where pricing
+    /// falls back to 1 and 1.
+    pub fn known_coefficients(
+        &self,
+        model: &ModelName,
+        hardware: &HardwareName,
+        at: DateTime<Utc>,
+    ) -> Option<(Coefficient, Coefficient, CoefficientSource)> {
+        // Without versions (most flushes, until a first calibration) skip the key clones.
+        if self.newest_version.is_some() {
+            let own = self
+                .versions
+                .get(&(Some(model.clone()), hardware.clone()))
+                .and_then(|list| list.iter().find(|v| v.effective_from <= at));
+            if let Some(v) = own {
+                return Some((v.k1, v.k2, CoefficientSource::ModelVersion(v.id)));
+            }
+            if let Some(v) = self.hardware_default(hardware, at) {
+                return Some((v.k1, v.k2, CoefficientSource::HardwareVersion(v.id)));
+            }
+        }
+        self.coefficients
+            .get(&(model.clone(), hardware.clone()))
+            .map(|&(k1, k2)| (k1, k2, CoefficientSource::Configured))
+    }
+}
+
+/// The price book the daemon prices with, swapped whole when new coefficient versions are
+/// loaded. Readers take a snapshot (`current`) and price a whole flush with it, so one flush
+/// never mixes two books.
+#[derive(Debug, Clone)]
+pub struct LivePrices(Arc<RwLock<Arc<PriceBook>>>);
+
+impl LivePrices {
+    pub fn new(book: PriceBook) -> Self {
+        Self(Arc::new(RwLock::new(Arc::new(book))))
+    }
+
+    pub fn current(&self) -> Arc<PriceBook> {
+        // A panic while holding the lock cannot leave a half-written Arc behind.
+        self.0.read().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    pub fn replace(&self, book: PriceBook) {
+        *self.0.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(book);
     }
 }
 
@@ -166,7 +382,7 @@ impl EstimateRequest {
             (Some(model), Some(hardware), None, None) => {
                 let book = book.ok_or(EstimateError::NoPriceBook)?;
                 let rates = book
-                    .rates(model, hardware)
+                    .rates(model, hardware, Utc::now())
                     .ok_or_else(|| EstimateError::Unpriced(hardware.clone()))?;
                 (rates, Some(book.currency().to_owned()))
             }
@@ -233,6 +449,121 @@ mod tests {
         assert_eq!(cost.compute_cost.to_string(), "50");
         assert_eq!(cost.storage_cost.to_string(), "80");
         assert_eq!(cost.total_cost.to_string(), "130");
+    }
+
+    fn t(s: &str) -> DateTime<Utc> {
+        DateTime::parse_from_rfc3339(s).unwrap().with_timezone(&Utc)
+    }
+
+    fn version(id: i64, model: Option<&str>, hardware: &str, k1: &str, k2: &str, from: &str) -> CoefficientVersion {
+        CoefficientVersion {
+            id,
+            model: model.map(|m| ModelName::parse(m).unwrap()),
+            hardware: HardwareName::parse(hardware).unwrap(),
+            k1: Coefficient(d(k1)),
+            k2: Coefficient(d(k2)),
+            effective_from: t(from),
+        }
+    }
+
+    fn configured_book() -> PriceBook {
+        use crate::config::{CoefficientEntry, HardwarePrice};
+        PriceBook::from_settings(&PricingSettings {
+            currency: "USD".into(),
+            hardware: ["a100", "h100"]
+                .into_iter()
+                .map(|name| HardwarePrice {
+                    name: HardwareName::parse(name).unwrap(),
+                    compute_price: UnitPrice(d("0.1")),
+                    storage_price: UnitPrice(d("0.2")),
+                    deployment: None,
+                })
+                .collect(),
+            coefficients: vec![CoefficientEntry {
+                model: ModelName::parse("m").unwrap(),
+                hardware: HardwareName::parse("a100").unwrap(),
+                k1: Coefficient(d("0.5")),
+                k2: Coefficient(d("0.8")),
+            }],
+        })
+    }
+
+    #[test]
+    fn coefficients_follow_the_documented_precedence_at_the_window_start() {
+        let book = configured_book().with_versions(vec![
+            version(1, None, "a100", "2", "2", "2026-01-01T00:00:00Z"),
+            version(2, Some("m"), "a100", "3", "3", "2026-02-01T00:00:00Z"),
+            // Stored later but dated back: it replaces version 2 from its effective time on.
+            version(3, Some("m"), "a100", "4", "4", "2026-01-15T00:00:00Z"),
+        ]);
+        let (m, other) = (ModelName::parse("m").unwrap(), ModelName::parse("other").unwrap());
+        let (a100, h100) = (
+            HardwareName::parse("a100").unwrap(),
+            HardwareName::parse("h100").unwrap(),
+        );
+        let at = |model: &ModelName, hw: &HardwareName, when: &str| {
+            let p = book.priced(model, hw, t(when)).unwrap();
+            (p.rates.k1.to_string(), p.source)
+        };
+        // Before any version: the configured pair, then 1 and 1.
+        assert_eq!(
+            at(&m, &a100, "2025-12-31T23:59:00Z"),
+            ("0.5".into(), CoefficientSource::Configured)
+        );
+        assert_eq!(
+            at(&other, &h100, "2026-03-01T00:00:00Z"),
+            ("1".into(), CoefficientSource::Unit)
+        );
+        // The hardware default outranks the configured pair.
+        assert_eq!(
+            at(&m, &a100, "2026-01-01T00:00:00Z"),
+            ("2".into(), CoefficientSource::HardwareVersion(1))
+        );
+        assert_eq!(
+            at(&other, &a100, "2026-03-01T00:00:00Z"),
+            ("2".into(), CoefficientSource::HardwareVersion(1))
+        );
+        // The pair's own versions outrank it; the highest id in force wins.
+        assert_eq!(
+            at(&m, &a100, "2026-01-20T00:00:00Z"),
+            ("4".into(), CoefficientSource::ModelVersion(3))
+        );
+        assert_eq!(
+            at(&m, &a100, "2026-03-01T00:00:00Z"),
+            ("4".into(), CoefficientSource::ModelVersion(3))
+        );
+        assert_eq!(book.newest_version(), Some(3));
+        assert_eq!(book.version_count(), 3);
+    }
+
+    #[test]
+    fn a_price_id_names_the_price_entry_and_is_stable() {
+        let book = configured_book();
+        let a100 = book.hardware(&HardwareName::parse("a100").unwrap()).unwrap().price_id;
+        let h100 = book.hardware(&HardwareName::parse("h100").unwrap()).unwrap().price_id;
+        assert_ne!(a100, h100);
+        // Pinned: a row written today must carry the same id as one written by the next release.
+        assert_eq!(
+            PriceId::of(
+                &HardwareName::parse("a100").unwrap(),
+                UnitPrice(d("0.1")),
+                UnitPrice(d("0.2")),
+                "USD"
+            )
+            .to_string()
+            .len(),
+            16
+        );
+        assert_eq!(
+            PriceId::of(
+                &HardwareName::parse("a100").unwrap(),
+                UnitPrice(d("0.10")),
+                UnitPrice(d("0.2")),
+                "USD"
+            ),
+            a100,
+            "0.10 and 0.1 are one price"
+        );
     }
 
     #[test]

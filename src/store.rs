@@ -349,6 +349,8 @@ async fn write_windows(
     let mut storage_price: Vec<Option<Decimal>> = Vec::with_capacity(n);
     let mut k1: Vec<Option<Decimal>> = Vec::with_capacity(n);
     let mut k2: Vec<Option<Decimal>> = Vec::with_capacity(n);
+    let mut versions: Vec<Option<i64>> = Vec::with_capacity(n);
+    let mut price_ids: Vec<Option<String>> = Vec::with_capacity(n);
     for (key, sums) in windows {
         let end_ms = key.start_ms + layout.size.millis();
         starts.push(from_millis(key.start_ms));
@@ -362,20 +364,26 @@ async fn write_windows(
         late.push(sums.late_events);
         compute.push(sums.compute.value());
         storage.push(sums.storage.value());
-        let rates = prices.rates(&key.model, &key.hardware);
+        // Coefficients in force at the window's start, as `rerate` would choose them, so that
+        // a live-priced row and a re-rated one agree.
+        let priced = prices.priced(&key.model, &key.hardware, from_millis(key.start_ms));
+        let rates = priced.map(|p| p.rates);
         compute_price.push(rates.map(|r| r.compute_price.value()));
         storage_price.push(rates.map(|r| r.storage_price.value()));
         k1.push(rates.map(|r| r.k1.value()));
         k2.push(rates.map(|r| r.k2.value()));
+        versions.push(priced.and_then(|p| p.source.version()));
+        price_ids.push(priced.map(|p| p.price_id.to_string()));
     }
     sqlx::query(
         "INSERT INTO window_usage AS w (window_start, window_end, finalizes_at, model, hardware, labels,
-                events, late_events, compute, storage, compute_price, storage_price, k1, k2, currency)
-         SELECT s, e, f, m, h, l::jsonb, ev, le, c, st, cp, sp, a, b, $15
+                events, late_events, compute, storage, compute_price, storage_price, k1, k2, currency,
+                coefficient_version, price_id)
+         SELECT s, e, f, m, h, l::jsonb, ev, le, c, st, cp, sp, a, b, $15, cv, pi
          FROM UNNEST($1::timestamptz[], $2::timestamptz[], $3::timestamptz[], $4::text[], $5::text[], $6::text[],
                      $7::int8[], $8::int8[], $9::numeric[], $10::numeric[], $11::numeric[], $12::numeric[],
-                     $13::numeric[], $14::numeric[])
-              AS t(s, e, f, m, h, l, ev, le, c, st, cp, sp, a, b)
+                     $13::numeric[], $14::numeric[], $16::int8[], $17::text[])
+              AS t(s, e, f, m, h, l, ev, le, c, st, cp, sp, a, b, cv, pi)
          ON CONFLICT (window_start, model, hardware, labels) DO UPDATE SET
              events = w.events + excluded.events,
              late_events = w.late_events + excluded.late_events,
@@ -386,6 +394,8 @@ async fn write_windows(
              k1 = excluded.k1,
              k2 = excluded.k2,
              currency = excluded.currency,
+             coefficient_version = excluded.coefficient_version,
+             price_id = excluded.price_id,
              updated_at = now()",
     )
     .bind(&starts)
@@ -403,6 +413,8 @@ async fn write_windows(
     .bind(&k1)
     .bind(&k2)
     .bind(prices.currency())
+    .bind(&versions)
+    .bind(&price_ids)
     .execute(&mut **tx)
     .await?;
     Ok(())

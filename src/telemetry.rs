@@ -30,6 +30,9 @@ pub const WATERMARK: &str = "costwatch_watermark_timestamp_seconds";
 pub const WATERMARK_DELAY: &str = "costwatch_watermark_delay_seconds";
 pub const CONSUMER_LAG: &str = "costwatch_consumer_lag";
 pub const DATABASE_ERRORS_TOTAL: &str = "costwatch_database_errors_total";
+pub const COEFFICIENT_VERSION: &str = "costwatch_coefficient_version";
+pub const COEFFICIENT_RELOADS_TOTAL: &str = "costwatch_coefficient_reloads_total";
+pub const POTENTIAL_SAVINGS: &str = "costwatch_potential_savings";
 pub const BUDGET_AMOUNT: &str = "costwatch_budget_amount";
 pub const BUDGET_SPEND: &str = "costwatch_budget_spend";
 pub const BUDGET_FORECAST: &str = "costwatch_budget_forecast";
@@ -65,6 +68,7 @@ pub fn describe_metrics() {
         BROKER_ERRORS_TOTAL,
         FENCED_TOTAL,
         START_REWINDS_TOTAL,
+        COEFFICIENT_RELOADS_TOTAL,
     ] {
         counter!(name).increment(0);
     }
@@ -109,6 +113,19 @@ pub fn describe_metrics() {
     );
     describe_counter!(BROKER_ERRORS_TOTAL, "Errors reported by the Kafka client");
     describe_gauge!(ASSIGNED_PARTITIONS, "Partitions this instance owns");
+    describe_gauge!(
+        COEFFICIENT_VERSION,
+        "Highest calibrated coefficient version the price book holds (0: configured coefficients only)"
+    );
+    describe_counter!(
+        COEFFICIENT_RELOADS_TOTAL,
+        "Times new calibrated coefficient versions were loaded into the running price book"
+    );
+    describe_gauge!(
+        POTENTIAL_SAVINGS,
+        "Per model: its actual cost over recommendations.savings_window minus its cost on the cheapest \
+         candidate hardware target, at least 0 (0 also when its actual cost is unknown), in pricing.currency"
+    );
     describe_gauge!(
         WATERMARK,
         Unit::Seconds,
@@ -167,7 +184,8 @@ pub fn flush_committed(batch: &FlushBatch, prices: &PriceBook, took: Duration) {
         let pair = vec![("model", model.clone()), ("hardware", hardware.clone())];
         inner.add(COMPUTE_UNITS_TOTAL, pair.clone(), sums.compute.value());
         inner.add(STORAGE_UNITS_TOTAL, pair.clone(), sums.storage.value());
-        let Some(rates) = prices.rates(&key.model, &key.hardware) else {
+        let at = crate::window::from_millis(key.start_ms);
+        let Some(rates) = prices.rates(&key.model, &key.hardware, at) else {
             counter!(UNPRICED_EVENTS_TOTAL, "model" => model, "hardware" => hardware).increment(sums.events as u64);
             continue;
         };
@@ -322,6 +340,42 @@ pub fn assignment(owned: usize, watermark: Option<chrono::DateTime<chrono::Utc>>
         let delay = chrono::Utc::now() - w;
         gauge!(WATERMARK_DELAY).set(delay.num_milliseconds().max(0) as f64 / 1000.0);
     }
+}
+
+/// The daemon prices with these coefficient versions now: at start (`reloaded` false), or
+/// after new ones replaced the running book.
+pub fn coefficients_loaded(newest: Option<i64>, versions: usize, reloaded: bool) {
+    if reloaded {
+        counter!(COEFFICIENT_RELOADS_TOTAL).increment(1);
+    }
+    gauge!(COEFFICIENT_VERSION).set(newest.unwrap_or(0) as f64);
+    tracing::info!(newest_version = ?newest, versions, "loaded calibrated coefficient versions");
+}
+
+/// Sets `costwatch_potential_savings` per model. Models past `metrics.max_models` are summed
+/// under `other`; a model that had a value before and has none now is set to 0, so a stale
+/// saving never lingers on a dashboard.
+pub fn potential_savings(savings: &[(String, Decimal)]) {
+    use rust_decimal::prelude::ToPrimitive;
+    static SHOWN: OnceLock<Mutex<HashSet<String>>> = OnceLock::new();
+    let mut by_label: BTreeMap<String, Decimal> = BTreeMap::new();
+    {
+        let mut inner = ledger().inner.lock().unwrap_or_else(|p| p.into_inner());
+        for (model, saving) in savings {
+            *by_label.entry(inner.cap.model(model)).or_default() += *saving;
+        }
+    }
+    let mut shown = SHOWN
+        .get_or_init(Default::default)
+        .lock()
+        .unwrap_or_else(|p| p.into_inner());
+    for gone in shown.iter().filter(|m| !by_label.contains_key(*m)) {
+        gauge!(POTENTIAL_SAVINGS, "model" => gone.clone()).set(0.0);
+    }
+    for (model, saving) in &by_label {
+        gauge!(POTENTIAL_SAVINGS, "model" => model.clone()).set(saving.to_f64().unwrap_or(0.0));
+    }
+    shown.extend(by_label.into_keys());
 }
 
 pub fn start_rewound() {

@@ -152,6 +152,10 @@ async fn every_dashboard_query_and_rule_answers_with_live_data() {
 [alerting]
 evaluation_interval = "1s"
 
+# Potential savings are recomputed every second, so their panel has data within the test.
+[recommendations]
+refresh_interval = "1s"
+
 [[budgets]]
 name = "dashboard"
 period = "monthly"

@@ -1,0 +1,247 @@
+//! PostgreSQL side of calibration, re-rating and recommendations: bills, coefficient versions,
+//! the usage behind each bill, window rows to re-price, and usage per model.
+
+use chrono::{DateTime, Utc};
+use rust_decimal::Decimal;
+use sqlx::{PgPool, Row};
+
+use crate::bills::{bill_key, Bill};
+use crate::domain::{Coefficient, ComputeUnits, HardwareName, ModelName, Money, StorageUnits};
+use crate::pricing::CoefficientVersion;
+use crate::recommend::ModelUsage;
+
+/// What an import did, bill by bill.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ImportOutcome {
+    pub inserted: usize,
+    pub updated: usize,
+    pub unchanged: usize,
+}
+
+/// Stores `bills` in one transaction. A bill already stored under the same key keeps its row;
+/// its amount is replaced only when it differs (numerically: `1.50` is `1.5`), so importing a
+/// file twice changes nothing.
+pub async fn import_bills(pool: &PgPool, bills: &[Bill]) -> Result<ImportOutcome, sqlx::Error> {
+    let keys: Vec<String> = bills.iter().map(bill_key).collect();
+    let rows = sqlx::query(
+        "INSERT INTO bill AS b (bill_key, period_start, period_end, hardware, model, amount, currency)
+         SELECT * FROM UNNEST($1::text[], $2::timestamptz[], $3::timestamptz[], $4::text[], $5::text[],
+                              $6::numeric[], $7::text[])
+         ON CONFLICT (bill_key) DO UPDATE
+             SET amount = excluded.amount, currency = excluded.currency, updated_at = now()
+             WHERE b.amount <> excluded.amount OR b.currency <> excluded.currency
+         RETURNING (xmax = 0) AS inserted",
+    )
+    .bind(&keys)
+    .bind(bills.iter().map(|b| b.period_start).collect::<Vec<_>>())
+    .bind(bills.iter().map(|b| b.period_end).collect::<Vec<_>>())
+    .bind(bills.iter().map(|b| b.hardware.as_str()).collect::<Vec<_>>())
+    .bind(
+        bills
+            .iter()
+            .map(|b| b.model.as_ref().map(ModelName::as_str))
+            .collect::<Vec<_>>(),
+    )
+    .bind(bills.iter().map(|b| b.amount.value()).collect::<Vec<_>>())
+    .bind(bills.iter().map(|b| b.currency.as_str()).collect::<Vec<_>>())
+    .fetch_all(pool)
+    .await?;
+    let inserted = rows.iter().filter(|r| r.get::<bool, _>("inserted")).count();
+    let updated = rows.len() - inserted;
+    Ok(ImportOutcome {
+        inserted,
+        updated,
+        unchanged: bills.len() - rows.len(),
+    })
+}
+
+/// A stored bill with the usage recorded for its hardware (and model) over its period.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BilledUsage {
+    pub period_start: DateTime<Utc>,
+    pub period_end: DateTime<Utc>,
+    pub hardware: HardwareName,
+    pub model: Option<ModelName>,
+    pub amount: Money,
+    pub currency: String,
+    /// ΣT over the windows that start inside the period.
+    pub compute: ComputeUnits,
+    /// ΣS over the same windows.
+    pub storage: StorageUnits,
+    /// Σ(T × C_C) over the windows priced when written, with the price they were written with.
+    pub compute_money: Decimal,
+    /// Σ(S × C_S) likewise.
+    pub storage_money: Decimal,
+    /// ΣT and ΣS of the windows written while the hardware had no price.
+    pub unpriced_compute: ComputeUnits,
+    pub unpriced_storage: StorageUnits,
+}
+
+/// Every bill whose whole period lies inside `[from, to)` (unbounded where `None`), with the
+/// usage of its hardware (and model, or all models) in the windows starting inside the period.
+pub async fn billed_usage(
+    pool: &PgPool,
+    from: Option<DateTime<Utc>>,
+    to: Option<DateTime<Utc>>,
+) -> Result<Vec<BilledUsage>, sqlx::Error> {
+    let rows = sqlx::query(
+        "SELECT b.period_start, b.period_end, b.hardware, b.model, b.amount, b.currency,
+                COALESCE(sum(w.compute), 0) AS compute,
+                COALESCE(sum(w.storage), 0) AS storage,
+                COALESCE(sum(w.compute * w.compute_price), 0) AS compute_money,
+                COALESCE(sum(w.storage * w.storage_price), 0) AS storage_money,
+                COALESCE(sum(w.compute) FILTER (WHERE w.compute_price IS NULL), 0) AS unpriced_compute,
+                COALESCE(sum(w.storage) FILTER (WHERE w.storage_price IS NULL), 0) AS unpriced_storage
+         FROM bill b
+         LEFT JOIN window_usage w
+                ON w.hardware = b.hardware AND (b.model IS NULL OR w.model = b.model)
+               AND w.window_start >= b.period_start AND w.window_start < b.period_end
+         WHERE ($1::timestamptz IS NULL OR b.period_start >= $1)
+           AND ($2::timestamptz IS NULL OR b.period_end <= $2)
+         GROUP BY b.id
+         ORDER BY b.hardware, b.model NULLS FIRST, b.period_start",
+    )
+    .bind(from)
+    .bind(to)
+    .fetch_all(pool)
+    .await?;
+    rows.iter()
+        .map(|r| {
+            Ok(BilledUsage {
+                period_start: r.get("period_start"),
+                period_end: r.get("period_end"),
+                hardware: stored_name(r.get("hardware"), HardwareName::parse)?,
+                model: r
+                    .get::<Option<String>, _>("model")
+                    .map(|m| stored_name(m, ModelName::parse))
+                    .transpose()?,
+                amount: Money(r.get("amount")),
+                currency: r.get("currency"),
+                compute: ComputeUnits(r.get("compute")),
+                storage: StorageUnits(r.get("storage")),
+                compute_money: r.get("compute_money"),
+                storage_money: r.get("storage_money"),
+                unpriced_compute: ComputeUnits(r.get("unpriced_compute")),
+                unpriced_storage: StorageUnits(r.get("unpriced_storage")),
+            })
+        })
+        .collect()
+}
+
+/// Names in the database were validated on the way in; one that is not valid now is corrupt.
+fn stored_name<T, E: std::fmt::Display>(s: String, parse: impl Fn(String) -> Result<T, E>) -> Result<T, sqlx::Error> {
+    let shown = s.clone();
+    parse(s).map_err(|e| sqlx::Error::Decode(format!("stored name {shown:?} is invalid: {e}").into()))
+}
+
+/// A fitted version to store, with the statistics `calibrate` printed for it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct NewVersion {
+    pub model: Option<ModelName>,
+    pub hardware: HardwareName,
+    pub k1: Coefficient,
+    pub k2: Coefficient,
+    pub effective_from: DateTime<Utc>,
+    pub periods: usize,
+    pub r_squared: Option<Decimal>,
+    pub mape: Option<Decimal>,
+    pub max_residual: Money,
+    pub warnings: Vec<String>,
+    pub fitted_from: Option<DateTime<Utc>>,
+    pub fitted_to: Option<DateTime<Utc>>,
+}
+
+/// Stores `versions` in one transaction and returns their ids, in order. The daemon's next
+/// poll picks them up.
+pub async fn insert_versions(pool: &PgPool, versions: &[NewVersion]) -> Result<Vec<i64>, sqlx::Error> {
+    let mut tx = pool.begin().await?;
+    let mut ids = Vec::with_capacity(versions.len());
+    for v in versions {
+        let id: i64 = sqlx::query_scalar(
+            "INSERT INTO coefficient_version (model, hardware, k1, k2, effective_from, periods, r_squared, mape,
+                                              max_residual, warnings, fitted_from, fitted_to)
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12)
+             RETURNING id",
+        )
+        .bind(v.model.as_ref().map(ModelName::as_str))
+        .bind(v.hardware.as_str())
+        .bind(v.k1.value())
+        .bind(v.k2.value())
+        .bind(v.effective_from)
+        .bind(i32::try_from(v.periods).unwrap_or(i32::MAX))
+        .bind(v.r_squared)
+        .bind(v.mape)
+        .bind(v.max_residual.value())
+        .bind(sqlx::types::Json(&v.warnings))
+        .bind(v.fitted_from)
+        .bind(v.fitted_to)
+        .fetch_one(&mut *tx)
+        .await?;
+        ids.push(id);
+    }
+    tx.commit().await?;
+    Ok(ids)
+}
+
+/// Every stored coefficient version; there are a handful per hardware target, so loading all
+/// of them is cheaper than being clever.
+pub async fn load_versions(pool: &PgPool) -> Result<Vec<CoefficientVersion>, sqlx::Error> {
+    let rows = sqlx::query("SELECT id, model, hardware, k1, k2, effective_from FROM coefficient_version ORDER BY id")
+        .fetch_all(pool)
+        .await?;
+    rows.iter()
+        .map(|r| {
+            Ok(CoefficientVersion {
+                id: r.get("id"),
+                model: r
+                    .get::<Option<String>, _>("model")
+                    .map(|m| stored_name(m, ModelName::parse))
+                    .transpose()?,
+                hardware: stored_name(r.get("hardware"), HardwareName::parse)?,
+                k1: Coefficient(r.get("k1")),
+                k2: Coefficient(r.get("k2")),
+                effective_from: r.get("effective_from"),
+            })
+        })
+        .collect()
+}
+
+/// The highest version id and the number of versions: what the daemon polls to notice a change
+/// (the count too, in case a version was deleted by hand).
+pub async fn version_marker(pool: &PgPool) -> Result<(Option<i64>, i64), sqlx::Error> {
+    let row = sqlx::query("SELECT max(id) AS newest, count(*) AS n FROM coefficient_version")
+        .fetch_one(pool)
+        .await?;
+    Ok((row.get("newest"), row.get("n")))
+}
+
+/// Per model with usage in windows starting inside `[from, to)`.
+pub async fn usage_by_model(
+    pool: &PgPool,
+    from: DateTime<Utc>,
+    to: DateTime<Utc>,
+) -> Result<Vec<ModelUsage>, sqlx::Error> {
+    let rows = sqlx::query(
+        "SELECT model, sum(compute) AS compute, sum(storage) AS storage,
+                CASE WHEN bool_and(total_cost IS NOT NULL) THEN sum(total_cost) END AS actual_cost,
+                COALESCE(sum(events) FILTER (WHERE total_cost IS NULL), 0)::int8 AS unpriced_events
+         FROM usage_costs
+         WHERE window_start >= $1 AND window_start < $2
+         GROUP BY model ORDER BY model",
+    )
+    .bind(from)
+    .bind(to)
+    .fetch_all(pool)
+    .await?;
+    rows.iter()
+        .map(|r| {
+            Ok(ModelUsage {
+                model: stored_name(r.get("model"), ModelName::parse)?,
+                compute: ComputeUnits(r.get("compute")),
+                storage: StorageUnits(r.get("storage")),
+                actual_cost: r.get::<Option<Decimal>, _>("actual_cost").map(|c| Money(c.normalize())),
+                unpriced_events: r.get("unpriced_events"),
+            })
+        })
+        .collect()
+}

@@ -1,0 +1,377 @@
+//! Recommendations: what each model's observed usage would have cost on every hardware target
+//! that can price it, cheapest first, against what it actually cost; pure.
+//!
+//! This is the "min over M" of the cost model: for a model with usage ΣT, ΣS over a period,
+//! `cost(hw) = C_C(hw) × k1(model, hw) × ΣT + C_S(hw) × k2(model, hw) × ΣS`. A target is a
+//! candidate only when it has prices and coefficients that say something about this model on
+//! it: a calibrated version for the pair, a calibrated hardware default, or a configured entry.
+//! The k1 = k2 = 1 fallback says nothing about how the model runs there, so targets with only
+//! that are listed as skipped, with the reason, instead of ranked.
+
+use chrono::{DateTime, Utc};
+use rust_decimal::Decimal;
+use serde::Serialize;
+
+use crate::config::Deployment;
+use crate::domain::{Coefficient, ComputeUnits, HardwareName, ModelName, Money, StorageUnits, UnitPrice};
+use crate::pricing::{PriceBook, PricingError, Rates};
+
+/// Usage of one model over a range, summed over every hardware it ran on.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ModelUsage {
+    pub model: ModelName,
+    pub compute: ComputeUnits,
+    pub storage: StorageUnits,
+    /// What the usage cost as priced (`usage_costs.total_cost`); `None` when part of it ran on
+    /// unpriced hardware, so that its cost is unknown.
+    pub actual_cost: Option<Money>,
+    /// Events on unpriced hardware.
+    pub unpriced_events: i64,
+}
+
+/// The model's usage priced on one hardware target.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct TargetCost {
+    pub hardware: HardwareName,
+    pub deployment: Option<Deployment>,
+    pub compute_price: UnitPrice,
+    pub storage_price: UnitPrice,
+    pub k1: Coefficient,
+    pub k2: Coefficient,
+    /// `calibrated`, `calibrated_hardware_default` or `configured`.
+    pub coefficients: &'static str,
+    pub coefficient_version: Option<i64>,
+    /// The observed ΣT and ΣS priced here.
+    pub cost: Money,
+    /// Actual cost minus `cost`: positive is money saved by running here. `None` when the
+    /// actual cost is unknown.
+    pub saving: Option<Money>,
+    /// `saving` as a per cent of the actual cost, to 2 decimals; `None` when the actual cost is
+    /// unknown or 0.
+    pub saving_percent: Option<Decimal>,
+}
+
+/// A priced hardware target that is not a candidate for this model.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Skipped {
+    pub hardware: HardwareName,
+    pub reason: String,
+}
+
+/// One model's ranking.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Recommendation {
+    pub model: ModelName,
+    pub compute: ComputeUnits,
+    pub storage: StorageUnits,
+    /// What the usage cost as priced; `None` when part of it ran on unpriced hardware.
+    pub actual_cost: Option<Money>,
+    pub unpriced_events: i64,
+    /// The saving of the cheapest target, never below 0; `None` when the actual cost is
+    /// unknown or no target is a candidate.
+    pub potential_saving: Option<Money>,
+    /// Cheapest first; ties by hardware name.
+    pub targets: Vec<TargetCost>,
+    pub skipped: Vec<Skipped>,
+}
+
+/// The answer of `recommend --json` and `GET /api/v1/recommendations`.
+#[derive(Debug, Clone, Serialize)]
+pub struct Recommendations {
+    pub from: DateTime<Utc>,
+    pub to: DateTime<Utc>,
+    pub currency: String,
+    pub models: Vec<Recommendation>,
+}
+
+/// The reason a priced target without coefficients for the model is not ranked.
+pub const NO_COEFFICIENTS: &str =
+    "no coefficients for this model here and no calibrated hardware default; k1 = k2 = 1 would be a guess";
+
+/// Ranks every priced target for each model, with coefficients in force at `at`.
+pub fn recommend(
+    book: &PriceBook,
+    usage: &[ModelUsage],
+    at: DateTime<Utc>,
+) -> Result<Vec<Recommendation>, PricingError> {
+    usage.iter().map(|u| recommend_one(book, u, at)).collect()
+}
+
+fn recommend_one(book: &PriceBook, usage: &ModelUsage, at: DateTime<Utc>) -> Result<Recommendation, PricingError> {
+    let mut targets = Vec::new();
+    let mut skipped = Vec::new();
+    for (hardware, pricing) in book.hardware_targets() {
+        let Some((k1, k2, source)) = book.known_coefficients(&usage.model, hardware, at) else {
+            skipped.push(Skipped {
+                hardware: hardware.clone(),
+                reason: NO_COEFFICIENTS.to_owned(),
+            });
+            continue;
+        };
+        let rates = Rates {
+            compute_price: pricing.compute_price,
+            storage_price: pricing.storage_price,
+            k1,
+            k2,
+        };
+        let cost = rates.price(usage.compute, usage.storage)?.total_cost;
+        let saving = usage
+            .actual_cost
+            .map(|actual| actual.value().checked_sub(cost.value()).ok_or(PricingError::Overflow))
+            .transpose()?;
+        let saving_percent = match (usage.actual_cost, saving) {
+            (Some(actual), Some(saving)) if !actual.value().is_zero() => {
+                Some((saving / actual.value() * Decimal::ONE_HUNDRED).round_dp(2).normalize())
+            }
+            _ => None,
+        };
+        targets.push(TargetCost {
+            hardware: hardware.clone(),
+            deployment: pricing.deployment,
+            compute_price: pricing.compute_price,
+            storage_price: pricing.storage_price,
+            k1,
+            k2,
+            coefficients: source.as_str(),
+            coefficient_version: source.version(),
+            cost,
+            saving: saving.map(|s| Money(s.normalize())),
+            saving_percent,
+        });
+    }
+    targets.sort_by(|a, b| a.cost.cmp(&b.cost).then_with(|| a.hardware.cmp(&b.hardware)));
+    let potential_saving = match (targets.first(), &usage.actual_cost) {
+        (Some(cheapest), Some(_)) => cheapest.saving.map(|s| Money(s.value().max(Decimal::ZERO))),
+        _ => None,
+    };
+    Ok(Recommendation {
+        model: usage.model.clone(),
+        compute: usage.compute,
+        storage: usage.storage,
+        actual_cost: usage.actual_cost,
+        unpriced_events: usage.unpriced_events,
+        potential_saving,
+        targets,
+        skipped,
+    })
+}
+
+/// The human-readable form of a set of recommendations.
+pub fn to_text(recommendations: &[Recommendation], currency: &str) -> String {
+    let mut out = String::new();
+    for r in recommendations {
+        let actual = r.actual_cost.map_or_else(
+            || format!("unknown ({} events on unpriced hardware)", r.unpriced_events),
+            |c| format!("{c} {currency}"),
+        );
+        out.push_str(&format!(
+            "{}: T {}, S {}, actual cost {actual}\n",
+            r.model, r.compute, r.storage
+        ));
+        for (rank, t) in r.targets.iter().enumerate() {
+            let deployment = t.deployment.map(|d| format!(" ({})", d.as_str())).unwrap_or_default();
+            let saving = match (t.saving, t.saving_percent) {
+                (Some(s), Some(p)) => format!(", saving {s} {currency} ({p} %)"),
+                (Some(s), None) => format!(", saving {s} {currency}"),
+                _ => String::new(),
+            };
+            let source = match t.coefficient_version {
+                Some(v) => format!("{}, version {v}", t.coefficients.replace('_', " ")),
+                None => t.coefficients.to_owned(),
+            };
+            out.push_str(&format!(
+                "  {}. {}{deployment}: {} {currency}{saving}; k1 {}, k2 {} ({source})\n",
+                rank + 1,
+                t.hardware,
+                t.cost,
+                t.k1,
+                t.k2,
+            ));
+        }
+        for s in &r.skipped {
+            out.push_str(&format!("  not ranked: {}: {}\n", s.hardware, s.reason));
+        }
+    }
+    if recommendations.is_empty() {
+        out.push_str("no usage in this period\n");
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::{CoefficientEntry, HardwarePrice, PricingSettings};
+    use crate::pricing::CoefficientVersion;
+    use std::str::FromStr;
+
+    fn d(s: &str) -> Decimal {
+        Decimal::from_str(s).unwrap()
+    }
+
+    fn hw(s: &str) -> HardwareName {
+        HardwareName::parse(s).unwrap()
+    }
+
+    fn model(s: &str) -> ModelName {
+        ModelName::parse(s).unwrap()
+    }
+
+    fn t(s: &str) -> DateTime<Utc> {
+        DateTime::parse_from_rfc3339(s).unwrap().with_timezone(&Utc)
+    }
+
+    fn price(name: &str, cc: &str, cs: &str, deployment: Option<Deployment>) -> HardwarePrice {
+        HardwarePrice {
+            name: hw(name),
+            compute_price: UnitPrice(d(cc)),
+            storage_price: UnitPrice(d(cs)),
+            deployment,
+        }
+    }
+
+    fn coefficient(m: &str, h: &str, k1: &str, k2: &str) -> CoefficientEntry {
+        CoefficientEntry {
+            model: model(m),
+            hardware: hw(h),
+            k1: Coefficient(d(k1)),
+            k2: Coefficient(d(k2)),
+        }
+    }
+
+    /// The hand-computed case of the README: llama with T = 1000, S = 200 that actually cost 100.
+    ///
+    /// | target | C_C | C_S | k1 | k2 | cost |
+    /// |---|---|---|---|---|---|
+    /// | a100 (cloud, configured) | 0.08 | 0.1 | 1 | 0.5 | 80 + 10 = 90 |
+    /// | jetson (edge, hardware default version 7) | 0.02 | 0.05 | 2 | 1 | 40 + 10 = 50 |
+    /// | cpu (cloud, own version 9) | 0.01 | 0.01 | 6 | 2 | 60 + 4 = 64 |
+    /// | tpu (no coefficients) | skipped | | | | |
+    #[test]
+    fn targets_rank_cheapest_first_with_savings_against_the_actual_cost() {
+        let book = PriceBook::from_settings(&PricingSettings {
+            currency: "USD".into(),
+            hardware: vec![
+                price("a100", "0.08", "0.1", Some(Deployment::Cloud)),
+                price("jetson", "0.02", "0.05", Some(Deployment::Edge)),
+                price("cpu", "0.01", "0.01", Some(Deployment::Cloud)),
+                price("tpu", "0.001", "0.001", None),
+            ],
+            coefficients: vec![
+                coefficient("llama", "a100", "1", "0.5"),
+                coefficient("llama", "cpu", "100", "100"),
+            ],
+        })
+        .with_versions(vec![
+            CoefficientVersion {
+                id: 7,
+                model: None,
+                hardware: hw("jetson"),
+                k1: Coefficient(d("2")),
+                k2: Coefficient(d("1")),
+                effective_from: t("2026-01-01T00:00:00Z"),
+            },
+            CoefficientVersion {
+                id: 9,
+                model: Some(model("llama")),
+                hardware: hw("cpu"),
+                k1: Coefficient(d("6")),
+                k2: Coefficient(d("2")),
+                effective_from: t("2026-01-01T00:00:00Z"),
+            },
+            // Not in force yet at the time asked about.
+            CoefficientVersion {
+                id: 10,
+                model: Some(model("llama")),
+                hardware: hw("cpu"),
+                k1: Coefficient(d("0.001")),
+                k2: Coefficient(d("0.001")),
+                effective_from: t("2026-03-01T00:00:00Z"),
+            },
+        ]);
+        let usage = ModelUsage {
+            model: model("llama"),
+            compute: ComputeUnits(d("1000")),
+            storage: StorageUnits(d("200")),
+            actual_cost: Some(Money(d("100"))),
+            unpriced_events: 0,
+        };
+        let r = &recommend(&book, &[usage], t("2026-02-01T00:00:00Z")).unwrap()[0];
+        let ranked: Vec<(&str, String, Option<String>, Option<String>)> = r
+            .targets
+            .iter()
+            .map(|t| {
+                (
+                    t.hardware.as_str(),
+                    t.cost.to_string(),
+                    t.saving.map(|s| s.to_string()),
+                    t.saving_percent.map(|p| p.to_string()),
+                )
+            })
+            .collect();
+        assert_eq!(
+            ranked,
+            [
+                ("jetson", "50".into(), Some("50".into()), Some("50".into())),
+                ("cpu", "64".into(), Some("36".into()), Some("36".into())),
+                ("a100", "90".into(), Some("10".into()), Some("10".into())),
+            ]
+        );
+        assert_eq!(r.targets[0].deployment, Some(Deployment::Edge));
+        assert_eq!(r.targets[0].coefficients, "calibrated_hardware_default");
+        assert_eq!(r.targets[1].coefficient_version, Some(9));
+        assert_eq!(r.targets[2].coefficients, "configured");
+        assert_eq!(r.potential_saving, Some(Money(d("50"))));
+        assert_eq!(
+            r.skipped,
+            [Skipped {
+                hardware: hw("tpu"),
+                reason: NO_COEFFICIENTS.into()
+            }]
+        );
+    }
+
+    #[test]
+    fn an_unknown_actual_cost_gives_costs_but_no_savings() {
+        let book = PriceBook::from_settings(&PricingSettings {
+            currency: "USD".into(),
+            hardware: vec![price("a100", "0.1", "0.2", None)],
+            coefficients: vec![coefficient("m", "a100", "0.5", "0.8")],
+        });
+        let usage = ModelUsage {
+            model: model("m"),
+            compute: ComputeUnits(d("1000")),
+            storage: StorageUnits(d("500")),
+            actual_cost: None,
+            unpriced_events: 3,
+        };
+        let r = &recommend(&book, &[usage], Utc::now()).unwrap()[0];
+        assert_eq!(r.targets[0].cost, Money(d("130")));
+        assert_eq!((r.targets[0].saving, r.targets[0].saving_percent), (None, None));
+        assert_eq!(r.potential_saving, None);
+    }
+
+    #[test]
+    fn a_model_already_on_its_cheapest_target_has_no_potential_saving() {
+        let book = PriceBook::from_settings(&PricingSettings {
+            currency: "USD".into(),
+            hardware: vec![price("a100", "0.1", "0.2", None), price("h100", "1", "1", None)],
+            coefficients: vec![
+                coefficient("m", "a100", "0.5", "0.8"),
+                coefficient("m", "h100", "1", "1"),
+            ],
+        });
+        let usage = ModelUsage {
+            model: model("m"),
+            compute: ComputeUnits(d("1000")),
+            storage: StorageUnits(d("500")),
+            actual_cost: Some(Money(d("130"))),
+            unpriced_events: 0,
+        };
+        let r = &recommend(&book, &[usage], Utc::now()).unwrap()[0];
+        assert_eq!(r.targets[0].saving, Some(Money::ZERO));
+        assert_eq!(r.targets[1].saving, Some(Money(d("-1370"))));
+        assert_eq!(r.targets[1].saving_percent, Some(d("-1053.85")));
+        assert_eq!(r.potential_saving, Some(Money::ZERO));
+    }
+}

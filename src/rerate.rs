@@ -1,0 +1,465 @@
+//! `costwatch rerate`: re-prices stored window rows with the prices and coefficient versions in
+//! force for each window's start, and reports what that changed.
+//!
+//! Window rows keep ΣT and ΣS, and their costs are derived from them in the `usage_costs` view,
+//! so re-pricing only rewrites the four rates and the version columns: it is exact, and costs
+//! one UPDATE of the affected rows per day of history.
+
+use std::collections::BTreeMap;
+
+use chrono::{DateTime, SecondsFormat, Utc};
+use rust_decimal::Decimal;
+use serde::Serialize;
+use sqlx::{PgPool, Row};
+
+use crate::domain::{Coefficient, ComputeUnits, HardwareName, ModelName, Money, StorageUnits, UnitPrice};
+use crate::pricing::{PriceBook, PricingError, Rates};
+
+/// One stored window row, as far as pricing goes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StoredRow {
+    pub window_start: DateTime<Utc>,
+    pub model: String,
+    pub hardware: String,
+    /// The label set as JSON text; only used to address the row.
+    pub labels: String,
+    pub compute: ComputeUnits,
+    pub storage: StorageUnits,
+    /// `None` when the row was written unpriced.
+    pub rates: Option<Rates>,
+    pub coefficient_version: Option<i64>,
+    pub price_id: Option<String>,
+    pub currency: String,
+}
+
+/// The difference re-rating made for one (model, hardware) pair.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct PairDifference {
+    pub model: String,
+    pub hardware: String,
+    pub rows: usize,
+    pub changed: usize,
+    /// Total cost before; `None` when a row of the pair was unpriced.
+    pub before: Option<Money>,
+    pub after: Option<Money>,
+    /// `after - before`; `None` when either is unknown.
+    pub difference: Option<Money>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct RerateReport {
+    pub from: DateTime<Utc>,
+    pub to: DateTime<Utc>,
+    pub dry_run: bool,
+    pub currency: String,
+    pub rows: usize,
+    pub changed: usize,
+    pub before: Option<Money>,
+    pub after: Option<Money>,
+    pub difference: Option<Money>,
+    pub pairs: Vec<PairDifference>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum RerateError {
+    #[error("a window of {model} on {hardware} at {window_start}: {source}")]
+    Pricing {
+        model: String,
+        hardware: String,
+        window_start: DateTime<Utc>,
+        source: PricingError,
+    },
+    #[error("PostgreSQL error: {0}")]
+    Database(#[from] sqlx::Error),
+}
+
+/// A row whose rates change.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Repriced {
+    pub row: usize,
+    pub rates: Option<Rates>,
+    pub coefficient_version: Option<i64>,
+    pub price_id: Option<String>,
+}
+
+/// The pairs seen so far, by (model, hardware), before their differences are taken.
+pub type PairTotals = BTreeMap<(String, String), PairDifference>;
+
+/// Re-prices `rows` with `book`, adding what they cost before and after to `pairs`, and
+/// returns the rows whose stored rates change; pure.
+pub fn reprice(book: &PriceBook, rows: &[StoredRow], pairs: &mut PairTotals) -> Result<Vec<Repriced>, RerateError> {
+    let mut changes = Vec::new();
+    for (i, row) in rows.iter().enumerate() {
+        let fail = |source| RerateError::Pricing {
+            model: row.model.clone(),
+            hardware: row.hardware.clone(),
+            window_start: row.window_start,
+            source,
+        };
+        // Names the daemon stored are valid; a row whose are not cannot be priced at all.
+        let priced = match (
+            ModelName::parse(row.model.as_str()),
+            HardwareName::parse(row.hardware.as_str()),
+        ) {
+            (Ok(model), Ok(hardware)) => book.priced(&model, &hardware, row.window_start),
+            _ => None,
+        };
+        let new_rates = priced.map(|p| p.rates);
+        let new_version = priced.and_then(|p| p.source.version());
+        let new_price_id = priced.map(|p| p.price_id.to_string());
+        let cost = |rates: Option<Rates>| -> Result<Option<Money>, RerateError> {
+            rates
+                .map(|r| r.price(row.compute, row.storage).map(|c| c.total_cost))
+                .transpose()
+                .map_err(fail)
+        };
+        let before = cost(row.rates)?;
+        let after = cost(new_rates)?;
+        // Rates compare as numbers (0.50 is 0.5), so a row priced the same is left alone.
+        let changed = new_rates != row.rates
+            || new_version != row.coefficient_version
+            || new_price_id != row.price_id
+            || row.currency != book.currency();
+        if changed {
+            changes.push(Repriced {
+                row: i,
+                rates: new_rates,
+                coefficient_version: new_version,
+                price_id: new_price_id,
+            });
+        }
+        let pair = pairs
+            .entry((row.model.clone(), row.hardware.clone()))
+            .or_insert_with(|| PairDifference {
+                model: row.model.clone(),
+                hardware: row.hardware.clone(),
+                rows: 0,
+                changed: 0,
+                before: Some(Money::ZERO),
+                after: Some(Money::ZERO),
+                difference: None,
+            });
+        pair.rows += 1;
+        pair.changed += usize::from(changed);
+        pair.before = add(pair.before, before);
+        pair.after = add(pair.after, after);
+    }
+    Ok(changes)
+}
+
+/// The report of everything added to `pairs`.
+pub fn report(
+    pairs: PairTotals,
+    from: DateTime<Utc>,
+    to: DateTime<Utc>,
+    dry_run: bool,
+    currency: &str,
+) -> RerateReport {
+    let mut pairs: Vec<PairDifference> = pairs.into_values().collect();
+    for pair in &mut pairs {
+        pair.difference = difference(pair.before, pair.after);
+    }
+    let total = |pick: fn(&PairDifference) -> Option<Money>| {
+        pairs
+            .iter()
+            .map(pick)
+            .try_fold(Money::ZERO, |sum, m| m.map(|m| normalized(sum + m)))
+    };
+    let (before, after) = (total(|p| p.before), total(|p| p.after));
+    RerateReport {
+        from,
+        to,
+        dry_run,
+        currency: currency.to_owned(),
+        rows: pairs.iter().map(|p| p.rows).sum(),
+        changed: pairs.iter().map(|p| p.changed).sum(),
+        before,
+        after,
+        difference: difference(before, after),
+        pairs,
+    }
+}
+
+fn add(sum: Option<Money>, cost: Option<Money>) -> Option<Money> {
+    Some(normalized(sum? + cost?))
+}
+
+fn difference(before: Option<Money>, after: Option<Money>) -> Option<Money> {
+    Some(Money((after?.value() - before?.value()).normalize()))
+}
+
+fn normalized(m: Money) -> Money {
+    Money(m.value().normalize())
+}
+
+/// How much history one transaction re-prices: a day of one-minute windows is 1 440 rows per
+/// (model, hardware, label set), so memory stays bounded however long the range.
+pub const SLICE: chrono::TimeDelta = chrono::TimeDelta::days(1);
+
+/// Re-prices every window row starting inside `[from, to)`, one day of window starts per
+/// transaction (nothing is written with `dry_run`). Each slice's rows are locked while they
+/// are re-priced, so a concurrent flush into them waits. Re-rating is idempotent: a run that
+/// stops half way is finished by running it again.
+pub async fn rerate(
+    pool: &PgPool,
+    book: &PriceBook,
+    from: DateTime<Utc>,
+    to: DateTime<Utc>,
+    dry_run: bool,
+) -> Result<RerateReport, RerateError> {
+    let mut pairs = PairTotals::new();
+    let mut start = from;
+    while start < to {
+        let end = start.checked_add_signed(SLICE).map_or(to, |e| e.min(to));
+        rerate_slice(pool, book, start, end, dry_run, &mut pairs).await?;
+        start = end;
+    }
+    Ok(report(pairs, from, to, dry_run, book.currency()))
+}
+
+async fn rerate_slice(
+    pool: &PgPool,
+    book: &PriceBook,
+    from: DateTime<Utc>,
+    to: DateTime<Utc>,
+    dry_run: bool,
+    pairs: &mut PairTotals,
+) -> Result<(), RerateError> {
+    let mut tx = pool.begin().await?;
+    // A flush adding to one of these rows waits for our COMMIT. Should the two lock orders
+    // cross, PostgreSQL aborts one as a deadlock: the flush retries by itself, and rerate
+    // reports the error and can simply be run again.
+    let rows: Vec<StoredRow> = sqlx::query(
+        "SELECT window_start, model, hardware, labels::text AS labels, compute, storage,
+                compute_price, storage_price, k1, k2, coefficient_version, price_id, currency
+         FROM window_usage
+         WHERE window_start >= $1 AND window_start < $2
+         ORDER BY window_start, model, hardware, labels
+         FOR UPDATE",
+    )
+    .bind(from)
+    .bind(to)
+    .fetch_all(&mut *tx)
+    .await?
+    .iter()
+    .map(stored_row)
+    .collect();
+
+    let changes = reprice(book, &rows, pairs)?;
+    if dry_run || changes.is_empty() {
+        tx.rollback().await?;
+        return Ok(());
+    }
+    let rate = |pick: fn(&Rates) -> Decimal| -> Vec<Option<Decimal>> {
+        changes.iter().map(|c| c.rates.as_ref().map(pick)).collect()
+    };
+    sqlx::query(
+        "UPDATE window_usage AS w
+            SET compute_price = u.cp, storage_price = u.sp, k1 = u.k1, k2 = u.k2,
+                coefficient_version = u.cv, price_id = u.pi, currency = $11, updated_at = now()
+         FROM UNNEST($1::timestamptz[], $2::text[], $3::text[], $4::text[], $5::numeric[], $6::numeric[],
+                     $7::numeric[], $8::numeric[], $9::int8[], $10::text[])
+              AS u(s, m, h, l, cp, sp, k1, k2, cv, pi)
+         WHERE w.window_start = u.s AND w.model = u.m AND w.hardware = u.h AND w.labels = u.l::jsonb",
+    )
+    .bind(changes.iter().map(|c| rows[c.row].window_start).collect::<Vec<_>>())
+    .bind(changes.iter().map(|c| rows[c.row].model.as_str()).collect::<Vec<_>>())
+    .bind(
+        changes
+            .iter()
+            .map(|c| rows[c.row].hardware.as_str())
+            .collect::<Vec<_>>(),
+    )
+    .bind(changes.iter().map(|c| rows[c.row].labels.as_str()).collect::<Vec<_>>())
+    .bind(rate(|r| r.compute_price.value()))
+    .bind(rate(|r| r.storage_price.value()))
+    .bind(rate(|r| r.k1.value()))
+    .bind(rate(|r| r.k2.value()))
+    .bind(changes.iter().map(|c| c.coefficient_version).collect::<Vec<_>>())
+    .bind(changes.iter().map(|c| c.price_id.as_deref()).collect::<Vec<_>>())
+    .bind(book.currency())
+    .execute(&mut *tx)
+    .await?;
+    tx.commit().await?;
+    Ok(())
+}
+
+fn stored_row(r: &sqlx::postgres::PgRow) -> StoredRow {
+    let cp: Option<Decimal> = r.get("compute_price");
+    let sp: Option<Decimal> = r.get("storage_price");
+    let k1: Option<Decimal> = r.get("k1");
+    let k2: Option<Decimal> = r.get("k2");
+    let rates = match (cp, sp, k1, k2) {
+        (Some(cp), Some(sp), Some(k1), Some(k2)) => Some(Rates {
+            compute_price: UnitPrice(cp),
+            storage_price: UnitPrice(sp),
+            k1: Coefficient(k1),
+            k2: Coefficient(k2),
+        }),
+        _ => None,
+    };
+    StoredRow {
+        window_start: r.get("window_start"),
+        model: r.get("model"),
+        hardware: r.get("hardware"),
+        labels: r.get("labels"),
+        compute: ComputeUnits(r.get("compute")),
+        storage: StorageUnits(r.get("storage")),
+        rates,
+        coefficient_version: r.get("coefficient_version"),
+        price_id: r.get("price_id"),
+        currency: r.get("currency"),
+    }
+}
+
+impl RerateReport {
+    pub fn to_text(&self) -> String {
+        let show = |m: Option<Money>| m.map_or_else(|| "unpriced".to_owned(), |m| m.to_string());
+        let signed = |m: Option<Money>| {
+            m.map_or_else(
+                || "n/a".to_owned(),
+                |m| {
+                    if m.value() > Decimal::ZERO {
+                        format!("+{m}")
+                    } else {
+                        m.to_string()
+                    }
+                },
+            )
+        };
+        let instant = |t: DateTime<Utc>| t.to_rfc3339_opts(SecondsFormat::AutoSi, true);
+        let mut out = format!(
+            "{} window rows from {} to {}: {} {}\n",
+            self.rows,
+            instant(self.from),
+            instant(self.to),
+            self.changed,
+            if self.dry_run {
+                "would change (--dry-run, nothing written)"
+            } else {
+                "re-priced"
+            }
+        );
+        for p in &self.pairs {
+            out.push_str(&format!(
+                "{} on {}: {} rows, {} changed, {} -> {} {} ({})\n",
+                p.model,
+                p.hardware,
+                p.rows,
+                p.changed,
+                show(p.before),
+                show(p.after),
+                self.currency,
+                signed(p.difference)
+            ));
+        }
+        out.push_str(&format!(
+            "total: {} -> {} {} ({})\n",
+            show(self.before),
+            show(self.after),
+            self.currency,
+            signed(self.difference)
+        ));
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::{CoefficientEntry, HardwarePrice, PricingSettings};
+    use std::str::FromStr;
+
+    fn d(s: &str) -> Decimal {
+        Decimal::from_str(s).unwrap()
+    }
+
+    fn t(s: &str) -> DateTime<Utc> {
+        DateTime::parse_from_rfc3339(s).unwrap().with_timezone(&Utc)
+    }
+
+    fn book() -> PriceBook {
+        PriceBook::from_settings(&PricingSettings {
+            currency: "USD".into(),
+            hardware: vec![HardwarePrice {
+                name: HardwareName::parse("a100").unwrap(),
+                compute_price: UnitPrice(d("0.1")),
+                storage_price: UnitPrice(d("0.2")),
+                deployment: None,
+            }],
+            coefficients: vec![CoefficientEntry {
+                model: ModelName::parse("m").unwrap(),
+                hardware: HardwareName::parse("a100").unwrap(),
+                k1: Coefficient(d("0.5")),
+                k2: Coefficient(d("0.8")),
+            }],
+        })
+    }
+
+    fn row(hardware: &str, rates: Option<(&str, &str, &str, &str)>) -> StoredRow {
+        let book = book();
+        let price_id = book
+            .hardware(&HardwareName::parse(hardware).unwrap())
+            .map(|p| p.price_id.to_string());
+        StoredRow {
+            window_start: t("2026-01-01T00:00:00Z"),
+            model: "m".into(),
+            hardware: hardware.into(),
+            labels: "{}".into(),
+            compute: ComputeUnits(d("1000")),
+            storage: StorageUnits(d("500")),
+            rates: rates.map(|(cp, sp, k1, k2)| Rates {
+                compute_price: UnitPrice(d(cp)),
+                storage_price: UnitPrice(d(sp)),
+                k1: Coefficient(d(k1)),
+                k2: Coefficient(d(k2)),
+            }),
+            coefficient_version: None,
+            price_id,
+            currency: "USD".into(),
+        }
+    }
+
+    #[test]
+    fn only_rows_priced_differently_change_and_the_difference_is_exact() {
+        let rows = [
+            // Priced as the book prices it (written with trailing zeros): unchanged, 130.
+            row("a100", Some(("0.10", "0.2", "0.50", "0.8"))),
+            // Priced with k = 1 before the configured entry existed: 200 becomes 130.
+            row("a100", Some(("0.1", "0.2", "1", "1"))),
+            // Unpriced hardware stays unpriced.
+            row("tpu", None),
+        ];
+        let mut pairs = PairTotals::new();
+        let changes = reprice(&book(), &rows, &mut pairs).unwrap();
+        assert_eq!(changes.iter().map(|c| c.row).collect::<Vec<_>>(), [1]);
+        let report = report(
+            pairs,
+            t("2026-01-01T00:00:00Z"),
+            t("2026-01-02T00:00:00Z"),
+            false,
+            "USD",
+        );
+        assert_eq!((report.rows, report.changed), (3, 1));
+        let a100 = &report.pairs[0];
+        assert_eq!((a100.rows, a100.changed), (2, 1));
+        assert_eq!(
+            (a100.before, a100.after, a100.difference),
+            (Some(Money(d("330"))), Some(Money(d("260"))), Some(Money(d("-70"))))
+        );
+        let tpu = &report.pairs[1];
+        assert_eq!((tpu.before, tpu.after, tpu.difference), (None, None, None));
+        assert_eq!(
+            (report.before, report.difference),
+            (None, None),
+            "a total with unpriced rows is unknown"
+        );
+        assert_eq!(
+            report.to_text(),
+            "3 window rows from 2026-01-01T00:00:00Z to 2026-01-02T00:00:00Z: 1 re-priced\n\
+             m on a100: 2 rows, 1 changed, 330 -> 260 USD (-70)\n\
+             m on tpu: 1 rows, 0 changed, unpriced -> unpriced USD (n/a)\n\
+             total: unpriced -> unpriced USD (n/a)\n"
+        );
+    }
+}

@@ -7,6 +7,9 @@ export PATH="$HOME/.cargo/bin:$PATH"
 
 scripts/postgres.sh
 scripts/broker.sh
+# The broker-restart fault test runs its own tansu with on-disk storage.
+scripts/durable-broker.sh
+export COSTWATCH_TEST_DURABLE_TANSU="${COSTWATCH_DURABLE_TANSU_ROOT:-$HOME/.local/tansu-libsql}/bin/tansu"
 # The dashboard test runs a real Prometheus, the alerting test a real Alertmanager (Debian's
 # packages).
 if ! command -v prometheus >/dev/null || ! command -v prometheus-alertmanager >/dev/null; then

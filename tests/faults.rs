@@ -8,7 +8,8 @@
 
 mod common;
 
-use std::process::Command;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use chrono::Utc;
@@ -54,8 +55,8 @@ fn config(world: &World) -> std::path::PathBuf {
 }
 
 fn send_in_background(world: &World, messages: Vec<Message>, rate: u64) -> tokio::task::JoinHandle<()> {
-    let topic = world.topic.clone();
-    tokio::task::spawn_blocking(move || loadgen::send(&common::brokers(), &topic, &messages, rate).unwrap())
+    let (topic, brokers) = (world.topic.clone(), world.brokers.clone());
+    tokio::task::spawn_blocking(move || loadgen::send(&brokers, &topic, &messages, rate).unwrap())
 }
 
 /// Waits until the topic is drained into PostgreSQL. tansu 0.6 sometimes leaves a `kill -9`ed
@@ -257,6 +258,123 @@ async fn a_postgres_outage_pauses_consumption_without_leaving_the_group() {
     producer.await.unwrap();
     assert_exact(&world, &expected, &config, "postgres outage").await;
     assert!(daemon.log_text().contains("database writes recovered"));
+    assert!(daemon.terminate(WAIT).success());
+}
+
+/// A broker that keeps its log on disk: tansu with its SQLite engine, built by
+/// `scripts/durable-broker.sh`. It can be killed and started again without losing the topic,
+/// which the in-memory test broker cannot.
+struct DurableBroker {
+    child: Option<Child>,
+    dir: PathBuf,
+    port: u16,
+}
+
+impl DurableBroker {
+    fn binary() -> PathBuf {
+        std::env::var_os("COSTWATCH_TEST_DURABLE_TANSU")
+            .map(PathBuf::from)
+            .unwrap_or_else(|| PathBuf::from(std::env::var("HOME").unwrap()).join(".local/tansu-libsql/bin/tansu"))
+    }
+
+    fn start(dir: &Path) -> Self {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let mut broker = DurableBroker {
+            child: None,
+            dir: dir.to_path_buf(),
+            port,
+        };
+        broker.restart();
+        broker
+    }
+
+    fn addr(&self) -> String {
+        format!("127.0.0.1:{}", self.port)
+    }
+
+    /// Starts the process on the same port and the same database file.
+    fn restart(&mut self) {
+        let binary = Self::binary();
+        assert!(
+            binary.exists(),
+            "{} is missing: scripts/durable-broker.sh (run by scripts/test.sh) installs it",
+            binary.display()
+        );
+        let url = format!("tcp://{}", self.addr());
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.join("tansu.log"))
+            .unwrap();
+        // The SQLite file is resolved against the working directory.
+        let child = Command::new(binary)
+            .args(["broker", "--listener-url", &url, "--advertised-listener-url", &url])
+            .args(["--storage-engine", "sqlite://tansu.db"])
+            .current_dir(&self.dir)
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        self.child = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while std::net::TcpStream::connect(self.addr()).is_err() {
+            assert!(Instant::now() < deadline, "the durable broker did not start listening");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    fn kill9(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+impl Drop for DurableBroker {
+    fn drop(&mut self) {
+        self.kill9();
+        if std::thread::panicking() {
+            let log = std::fs::read_to_string(self.dir.join("tansu.log")).unwrap_or_default();
+            eprintln!("--- durable broker log ---\n{log}");
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_broker_killed_and_restarted_loses_nothing() {
+    let _serial = SERIAL.lock().await;
+    let dir = tempfile::tempdir().unwrap();
+    let mut broker = DurableBroker::start(dir.path());
+    let world = World::on(&broker.addr(), 2).await;
+    let config = config(&world);
+    let (mut messages, expected) = load(20_000, 47, 0);
+    let second = messages.split_off(12_000);
+    world.produce(messages).await;
+    let mut daemon = world.start(&config);
+
+    // Kill the broker while costwatch is draining the first part.
+    let started = Instant::now();
+    loop {
+        let consumed = world.consumed().await;
+        if consumed > 0 || started.elapsed() > WAIT {
+            eprintln!("broker killed with {consumed} of 12000 messages stored");
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    broker.kill9();
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    assert!(daemon.is_running(), "costwatch must ride out a broker outage");
+    assert!(daemon.log_text().contains("kafka client error"), "the outage is logged");
+
+    broker.restart();
+    world.produce(second).await;
+    assert_exact(&world, &expected, &config, "broker killed and restarted").await;
     assert!(daemon.terminate(WAIT).success());
 }
 

@@ -38,6 +38,8 @@ fn random_suffix() -> String {
 
 /// One test's world: its database, topic, config file and scratch directory.
 pub struct World {
+    /// The broker this world's topic lives on (the shared test broker unless `on` was used).
+    pub brokers: String,
     pub db_url: String,
     pub pool: PgPool,
     pub topic: String,
@@ -47,6 +49,11 @@ pub struct World {
 impl World {
     /// A fresh database and a topic with `partitions` partitions.
     pub async fn new(partitions: i32) -> World {
+        World::on(&brokers(), partitions).await
+    }
+
+    /// A fresh database and a topic on the broker at `brokers`.
+    pub async fn on(brokers: &str, partitions: i32) -> World {
         let name = format!("cw_test_{}", random_suffix());
         let admin = PgPoolOptions::new()
             .max_connections(1)
@@ -62,10 +69,11 @@ impl World {
         let db_url = format!("{}/{name}", &base[..base.rfind('/').unwrap()]);
         let pool = PgPoolOptions::new().max_connections(4).connect(&db_url).await.unwrap();
         let topic = format!("cw-test-{}", random_suffix());
-        loadgen::ensure_topic(&brokers(), &topic, partitions)
+        loadgen::ensure_topic(brokers, &topic, partitions)
             .await
             .expect("the broker must be running for the integration tests (scripts/broker.sh)");
         World {
+            brokers: brokers.to_owned(),
             db_url,
             pool,
             topic,
@@ -89,7 +97,7 @@ session_timeout = "6s"
 [database]
 url = "{db}"
 "#,
-            brokers = brokers(),
+            brokers = self.brokers,
             topic = self.topic,
             db = self.db_url
         );
@@ -159,8 +167,8 @@ k2 = "0.9"
     }
 
     pub async fn produce(&self, messages: Vec<Message>) {
-        let topic = self.topic.clone();
-        tokio::task::spawn_blocking(move || loadgen::send(&brokers(), &topic, &messages, 0))
+        let (topic, brokers) = (self.topic.clone(), self.brokers.clone());
+        tokio::task::spawn_blocking(move || loadgen::send(&brokers, &topic, &messages, 0))
             .await
             .unwrap()
             .unwrap();
@@ -211,11 +219,11 @@ k2 = "0.9"
     /// offsets reach each partition's end. (Counting produced messages is not enough: a
     /// producer retry can write one message twice.)
     pub async fn wait_drained(&self, at_least: u64, timeout: Duration) {
-        let topic = self.topic.clone();
+        let (topic, brokers) = (self.topic.clone(), self.brokers.clone());
         let end: i64 = tokio::task::spawn_blocking(move || {
             use rdkafka::consumer::{BaseConsumer, Consumer};
             let consumer: BaseConsumer = rdkafka::ClientConfig::new()
-                .set("bootstrap.servers", brokers())
+                .set("bootstrap.servers", &brokers)
                 .create()
                 .unwrap();
             let metadata = consumer.fetch_metadata(Some(&topic), Duration::from_secs(10)).unwrap();

@@ -468,15 +468,7 @@ pub fn alert_key(labels: &BTreeMap<String, String>) -> String {
 mod tests {
     use super::*;
     use crate::config::{DriftSettings, ScopeSettings};
-    use std::str::FromStr;
-
-    fn d(s: &str) -> Decimal {
-        Decimal::from_str(s).unwrap()
-    }
-
-    fn t(s: &str) -> DateTime<Utc> {
-        DateTime::parse_from_rfc3339(s).unwrap().with_timezone(&Utc)
-    }
+    use crate::test_support::{d, t};
 
     fn budget() -> BudgetSettings {
         BudgetSettings {

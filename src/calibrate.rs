@@ -411,13 +411,9 @@ fn dot(a: &[f64], b: &[f64]) -> f64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::test_support::d;
     use rand::rngs::StdRng;
     use rand::{Rng, SeedableRng};
-    use std::str::FromStr;
-
-    fn d(s: &str) -> Decimal {
-        Decimal::from_str(s).unwrap()
-    }
 
     fn k(s: &str) -> Coefficient {
         Coefficient(d(s))

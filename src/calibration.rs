@@ -323,23 +323,7 @@ mod tests {
     use crate::config::{CoefficientEntry, HardwarePrice, PricingSettings};
     use crate::domain::{ComputeUnits, StorageUnits};
     use crate::pricing::CoefficientVersion;
-    use std::str::FromStr;
-
-    fn d(s: &str) -> Decimal {
-        Decimal::from_str(s).unwrap()
-    }
-
-    fn hw(s: &str) -> HardwareName {
-        HardwareName::parse(s).unwrap()
-    }
-
-    fn model(s: &str) -> ModelName {
-        ModelName::parse(s).unwrap()
-    }
-
-    fn t(s: &str) -> DateTime<Utc> {
-        DateTime::parse_from_rfc3339(s).unwrap().with_timezone(&Utc)
-    }
+    use crate::test_support::{d, hw, model, t};
 
     fn book() -> PriceBook {
         PriceBook::from_settings(&PricingSettings {

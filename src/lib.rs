@@ -35,4 +35,6 @@ pub mod rerate;
 pub mod shutdown;
 pub mod store;
 pub mod telemetry;
+#[cfg(test)]
+mod test_support;
 pub mod window;

@@ -431,11 +431,7 @@ impl EstimateRequest {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::str::FromStr;
-
-    fn d(s: &str) -> Decimal {
-        Decimal::from_str(s).unwrap()
-    }
+    use crate::test_support::{d, t};
 
     #[test]
     fn worked_example_costs_130() {
@@ -449,10 +445,6 @@ mod tests {
         assert_eq!(cost.compute_cost.to_string(), "50");
         assert_eq!(cost.storage_cost.to_string(), "80");
         assert_eq!(cost.total_cost.to_string(), "130");
-    }
-
-    fn t(s: &str) -> DateTime<Utc> {
-        DateTime::parse_from_rfc3339(s).unwrap().with_timezone(&Utc)
     }
 
     fn version(id: i64, model: Option<&str>, hardware: &str, k1: &str, k2: &str, from: &str) -> CoefficientVersion {

@@ -368,15 +368,7 @@ impl RerateReport {
 mod tests {
     use super::*;
     use crate::config::{CoefficientEntry, HardwarePrice, PricingSettings};
-    use std::str::FromStr;
-
-    fn d(s: &str) -> Decimal {
-        Decimal::from_str(s).unwrap()
-    }
-
-    fn t(s: &str) -> DateTime<Utc> {
-        DateTime::parse_from_rfc3339(s).unwrap().with_timezone(&Utc)
-    }
+    use crate::test_support::{d, t};
 
     fn book() -> PriceBook {
         PriceBook::from_settings(&PricingSettings {

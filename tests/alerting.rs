@@ -211,6 +211,38 @@ where
     }
 }
 
+/// One test's setting: a world, the receiver, and a config with `budgets` whose alerts go to
+/// Alertmanager on `am_port` (running, or not yet) and to the signed webhook.
+struct Scene {
+    world: World,
+    inbox: Inbox,
+    receiver: String,
+    am_port: u16,
+    config: PathBuf,
+    am: Option<Alertmanager>,
+}
+
+impl Scene {
+    async fn start(partitions: i32, alertmanager: bool, budgets: &str) -> Scene {
+        let world = World::new(partitions).await;
+        let (inbox, receiver) = Inbox::start().await;
+        let am_port = free_port();
+        let am = match alertmanager {
+            true => Some(Alertmanager::start(world.dir.path(), am_port, &receiver).await),
+            false => None,
+        };
+        let config = world.config(&format!("{}{budgets}", alerting_toml(am_port, &receiver)));
+        Scene {
+            world,
+            inbox,
+            receiver,
+            am_port,
+            config,
+            am,
+        }
+    }
+}
+
 /// The `[alerting]` section plus one webhook to the test receiver.
 fn alerting_toml(am_port: u16, receiver: &str) -> String {
     format!(
@@ -267,21 +299,25 @@ async fn alert_rows(world: &World) -> Vec<(String, String, i32)> {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_threshold_crossing_pages_exactly_once_even_across_a_restart() {
-    let world = World::new(2).await;
-    let (inbox, receiver) = Inbox::start().await;
-    let am_port = free_port();
-    let _am = Alertmanager::start(world.dir.path(), am_port, &receiver).await;
-    let config = world.config(&format!(
-        r#"{}
+    let Scene {
+        world,
+        inbox,
+        config,
+        am: _am,
+        ..
+    } = Scene::start(
+        2,
+        true,
+        r#"
 [[budgets]]
 name = "team-a"
 period = "monthly"
 amount = "1000"
-match = {{ model = "qwen2-*" }}
+match = { model = "qwen2-*" }
 thresholds = [0.5]
 "#,
-        alerting_toml(am_port, &receiver)
-    ));
+    )
+    .await;
     let mut daemon = world.start(&config);
     let addr = daemon.http_addr().await;
 
@@ -351,10 +387,6 @@ thresholds = [0.5]
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_forecast_alert_fires_on_a_burn_and_resolves_when_it_stops() {
-    let world = World::new(1).await;
-    let (inbox, receiver) = Inbox::start().await;
-    let am_port = free_port();
-    let _am = Alertmanager::start(world.dir.path(), am_port, &receiver).await;
     // Whichever calendar period has more time left, so that the projection is far above the
     // amount whatever day the test runs.
     let now = Utc::now();
@@ -363,8 +395,17 @@ async fn a_forecast_alert_fires_on_a_burn_and_resolves_when_it_stops() {
         .max_by_key(|p| period_bounds(*p, chrono_tz::UTC, now).1)
         .unwrap();
     let period = serde_json::to_value(period).unwrap();
-    let config = world.config(&format!(
-        r#"{}
+    let Scene {
+        world,
+        inbox,
+        config,
+        am: _am,
+        ..
+    } = Scene::start(
+        1,
+        true,
+        &format!(
+            r#"
 [[budgets]]
 name = "burn"
 period = {period}
@@ -372,9 +413,10 @@ amount = "1000"
 thresholds = []
 forecast = true
 severity = "ticket"
-"#,
-        alerting_toml(am_port, &receiver)
-    ));
+"#
+        ),
+    )
+    .await;
     let daemon = world.start(&config);
     let addr = daemon.http_addr().await;
 
@@ -411,21 +453,25 @@ severity = "ticket"
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_drift_alert_fires_on_a_jump_and_unpriced_usage_alerts_on_its_own() {
-    let world = World::new(2).await;
-    let (inbox, receiver) = Inbox::start().await;
-    let am_port = free_port();
-    let _am = Alertmanager::start(world.dir.path(), am_port, &receiver).await;
-    let config = world.config(&format!(
-        r#"{}
+    let Scene {
+        world,
+        inbox,
+        config,
+        am: _am,
+        ..
+    } = Scene::start(
+        2,
+        true,
+        r#"
 [[budgets]]
 name = "drifty"
 period = "monthly"
 amount = "1000000"
 thresholds = []
-drift = {{ factor = 3, window = "30s", baseline = "5m", min_spend = "1" }}
+drift = { factor = 3, window = "30s", baseline = "5m", min_spend = "1" }
 "#,
-        alerting_toml(am_port, &receiver)
-    ));
+    )
+    .await;
     // A steady baseline over the last five minutes: 0.5 every 30 s.
     let now = Utc::now();
     let mut baseline = Vec::new();
@@ -481,21 +527,26 @@ drift = {{ factor = 3, window = "30s", baseline = "5m", min_spend = "1" }}
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_receiver_outage_delays_the_notification_but_does_not_lose_it() {
-    let world = World::new(2).await;
-    let (inbox, receiver) = Inbox::start().await;
-    inbox.failing.store(true, Ordering::SeqCst);
-    // Alertmanager is not running yet either: nothing listens on its port.
-    let am_port = free_port();
-    let config = world.config(&format!(
-        r#"{}
+    let Scene {
+        world,
+        inbox,
+        receiver,
+        am_port,
+        config,
+        am: _am,
+    } = Scene::start(
+        2,
+        false,
+        r#"
 [[budgets]]
 name = "outage"
 period = "monthly"
 amount = "100"
 thresholds = [1.0]
 "#,
-        alerting_toml(am_port, &receiver)
-    ));
+    )
+    .await;
+    inbox.failing.store(true, Ordering::SeqCst);
     let daemon = world.start(&config);
     let addr = daemon.http_addr().await;
     world.produce(vec![priced_event("o1")]).await;
@@ -538,20 +589,24 @@ thresholds = [1.0]
 
 #[tokio::test(flavor = "multi_thread")]
 async fn two_instances_never_both_send_and_the_survivor_takes_over() {
-    let world = World::new(2).await;
-    let (inbox, receiver) = Inbox::start().await;
-    let am_port = free_port();
-    let _am = Alertmanager::start(world.dir.path(), am_port, &receiver).await;
-    let config = world.config(&format!(
-        r#"{}
+    let Scene {
+        world,
+        inbox,
+        config,
+        am: _am,
+        ..
+    } = Scene::start(
+        2,
+        true,
+        r#"
 [[budgets]]
 name = "shared"
 period = "monthly"
 amount = "1000"
 thresholds = [0.1, 0.3]
 "#,
-        alerting_toml(am_port, &receiver)
-    ));
+    )
+    .await;
     let mut daemons = [world.start(&config), world.start(&config)];
     let addrs = [daemons[0].http_addr().await, daemons[1].http_addr().await];
     wait_until("exactly one leader", WAIT, || async {

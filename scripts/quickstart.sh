@@ -13,6 +13,8 @@ scripts/broker.sh
 cargo build --release --quiet
 bin=target/release/costwatch
 export COSTWATCH_CONFIG=config/costwatch.toml
+# Evaluate budgets every 2 s (15 s by default) so the summary below is current.
+export COSTWATCH__ALERTING__EVALUATION_INTERVAL=2s
 mkdir -p .local
 
 $bin migrate
@@ -44,6 +46,24 @@ psql "$db_url" -c "
   FROM usage_costs ORDER BY window_start DESC, model, hardware LIMIT 5"
 echo "== rejected events by reason =="
 psql "$db_url" -c "SELECT reason_code, count(*) FROM rejected_events GROUP BY 1 ORDER BY 2 DESC"
+
+echo "== budgets (GET /api/v1/budgets; evaluated every alerting.evaluation_interval) =="
+sleep 3
+python3 - <<'PY' || echo "(the API did not answer; see .local/costwatch.log)"
+import json, urllib.request
+board = json.load(urllib.request.urlopen("http://127.0.0.1:9464/api/v1/budgets", timeout=5))
+for b in board["budgets"]:
+    print(f"{b['name']}: {b['spend']} of {b['amount']} {b['currency']} this {b['period']} period "
+          f"({float(b['utilization']):.1%}), forecast {b['forecast']}, state {b['state']}")
+PY
+echo "== alerts (GET /api/v1/alerts) =="
+python3 - <<'PY' || true
+import json, urllib.request
+for a in json.load(urllib.request.urlopen("http://127.0.0.1:9464/api/v1/alerts", timeout=5))["items"]:
+    print(f"{a['state']:9} {a['labels']['alertname']}: {a['annotations'].get('summary', '')}")
+PY
+echo "== where each model would be cheapest (costwatch recommend) =="
+$bin recommend || true
 
 if [ "$keep" = 1 ]; then
   echo "costwatch keeps running; Ctrl-C stops it."

@@ -397,17 +397,17 @@ pub fn desired_alerts(budget: &BudgetSettings, status: &BudgetStatus) -> Vec<Ale
     }
     if let Some(drift) = status.drift.as_ref().filter(|d| d.firing) {
         let (labels, mut ann) = common(AlertKind::Drift, &budget.severity);
-        let ratio = drift
-            .ratio
-            .map(|r| format!("{r}x"))
-            .unwrap_or_else(|| "from zero".into());
         ann.insert("recent_per_hour".to_owned(), drift.recent_per_hour.to_string());
         ann.insert("baseline_per_hour".to_owned(), drift.baseline_per_hour.to_string());
+        let compared = match drift.ratio {
+            Some(r) => format!("{r}x its baseline of {} {cur}/h", drift.baseline_per_hour),
+            None => format!("from nothing (baseline 0 {cur}/h)"),
+        };
         ann.insert(
             "summary".to_owned(),
             format!(
-                "Spend rate of budget {} jumped to {} {cur}/h, {ratio} its baseline of {} {cur}/h",
-                budget.name, drift.recent_per_hour, drift.baseline_per_hour
+                "Spend rate of budget {} jumped to {} {cur}/h, {compared}",
+                budget.name, drift.recent_per_hour
             ),
         );
         ann.insert(
@@ -641,6 +641,17 @@ mod tests {
         assert_eq!(
             alerts[0].annotations["summary"],
             "Spend rate of budget search-llm jumped to 12 USD/h, 6x its baseline of 2 USD/h"
+        );
+        // From a zero baseline: no ratio, and the summary says so.
+        let from_zero = Observed {
+            drift_recent_spend: Money(d("12")),
+            ..Observed::default()
+        };
+        let s = evaluate(&budget(), "USD", &r, &from_zero, now);
+        assert_eq!(s.drift.as_ref().unwrap().ratio, None);
+        assert_eq!(
+            desired_alerts(&budget(), &s)[0].annotations["summary"],
+            "Spend rate of budget search-llm jumped to 12 USD/h, from nothing (baseline 0 USD/h)"
         );
         // Exactly 3x does not fire: the rate must be *above* factor x baseline.
         let edge = Observed {

@@ -16,7 +16,7 @@ use tracing::{debug, info, warn};
 
 use crate::budget::{self, AlertSpec, BudgetStatus, ForecastWindows, Ranges};
 use crate::budget_store::{self, Delivery};
-use crate::config::Settings;
+use crate::config::{BudgetSettings, Settings};
 use crate::notify::{self, Notifier};
 use crate::store::{Store, StoreError};
 use crate::telemetry;
@@ -48,6 +48,27 @@ struct Evaluator {
     session: Option<PgConnection>,
     /// Whether `session` holds the lock.
     leading: bool,
+}
+
+/// Each configured budget with its status at `now`, read from PostgreSQL. Shared by the
+/// evaluator and `costwatch budgets`.
+pub async fn evaluate_all<'s>(
+    settings: &'s Settings,
+    store: &Store,
+    now: DateTime<Utc>,
+) -> Result<Vec<(&'s BudgetSettings, BudgetStatus)>, StoreError> {
+    let windows = ForecastWindows {
+        short: settings.alerting.forecast_short_window,
+        long: settings.alerting.forecast_long_window,
+    };
+    let currency = &settings.pricing.currency;
+    let mut out = Vec::with_capacity(settings.budgets.len());
+    for b in &settings.budgets {
+        let ranges = Ranges::new(b, windows, now);
+        let seen = store.observe_budget(b, currency, &ranges).await?;
+        out.push((b, budget::evaluate(b, currency, &ranges, &seen, now)));
+    }
+    Ok(out)
 }
 
 /// Runs until `cancel` fires; then lets go of the lock so another instance takes over at once.
@@ -139,23 +160,8 @@ impl Evaluator {
         }
     }
 
-    /// Each configured budget with its status now.
-    async fn evaluate(
-        &self,
-        now: DateTime<Utc>,
-    ) -> Result<Vec<(&crate::config::BudgetSettings, BudgetStatus)>, StoreError> {
-        let windows = ForecastWindows {
-            short: self.settings.alerting.forecast_short_window,
-            long: self.settings.alerting.forecast_long_window,
-        };
-        let currency = &self.settings.pricing.currency;
-        let mut out = Vec::with_capacity(self.settings.budgets.len());
-        for b in &self.settings.budgets {
-            let ranges = Ranges::new(b, windows, now);
-            let seen = self.store.observe_budget(b, currency, &ranges).await?;
-            out.push((b, budget::evaluate(b, currency, &ranges, &seen, now)));
-        }
-        Ok(out)
+    async fn evaluate(&self, now: DateTime<Utc>) -> Result<Vec<(&BudgetSettings, BudgetStatus)>, StoreError> {
+        evaluate_all(&self.settings, &self.store, now).await
     }
 
     fn publish_error(&self, error: String) {

@@ -1,5 +1,5 @@
-//! The command line: `run`, `migrate`, `check-config`, `estimate`, `loadgen`, and the calibration
-//! commands `bills import`, `calibrate`, `rerate` and `recommend`.
+//! The command line: `run`, `migrate`, `check-config`, `estimate`, `loadgen`, the calibration
+//! commands `bills import`, `calibrate`, `rerate` and `recommend`, and `budgets` and `alerts`.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -19,7 +19,7 @@ use crate::domain::{Coefficient, ComputeUnits, HardwareName, ModelName, StorageU
 use crate::event::parse_decimal;
 use crate::pricing::{EstimateRequest, PriceBook};
 use crate::store::Store;
-use crate::{calibration_store, daemon, loadgen, recommend, rerate, shutdown, telemetry};
+use crate::{alerting, calibration_store, daemon, loadgen, recommend, rerate, shutdown, telemetry};
 
 /// Exit code for invalid configuration or usage (EX_USAGE), before anything starts.
 const EXIT_CONFIG: u8 = 64;
@@ -59,6 +59,30 @@ pub enum Command {
     Rerate(RerateArgs),
     /// Rank hardware targets per model by what its observed usage would cost there.
     Recommend(RecommendArgs),
+    /// Each configured budget's spend so far, forecast and state, read from PostgreSQL now.
+    Budgets(JsonArgs),
+    /// Budget alerts as recorded in PostgreSQL, newest first.
+    Alerts(AlertsArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct JsonArgs {
+    /// Print one JSON document with decimal strings.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct AlertsArgs {
+    /// Only alerts in this state.
+    #[arg(long, value_parser = ["firing", "resolved", "all"], default_value = "all")]
+    pub state: String,
+    /// At most this many, newest first.
+    #[arg(long, default_value_t = 50, value_parser = clap::value_parser!(i64).range(1..=1000))]
+    pub limit: i64,
+    /// Print one JSON document.
+    #[arg(long)]
+    pub json: bool,
 }
 
 #[derive(Debug, Subcommand)]
@@ -235,6 +259,12 @@ pub fn main() -> ExitCode {
             with_store(cli.config.as_deref(), |settings, store| {
                 run_rerate(settings, store, from, to, args)
             })
+        }),
+        Command::Budgets(ref args) => with_store(cli.config.as_deref(), |settings, store| {
+            show_budgets(settings, store, args.json)
+        }),
+        Command::Alerts(ref args) => with_store(cli.config.as_deref(), |_, store| {
+            show_alerts(store, &args.state, args.limit, args.json)
         }),
         Command::Recommend(ref args) => time_range(args.from.as_deref(), args.to.as_deref()).and_then(|(from, to)| {
             with_store(cli.config.as_deref(), |settings, store| {
@@ -547,6 +577,93 @@ async fn run_rerate(
         println!("{}", serde_json::to_string_pretty(&report)?);
     } else {
         print!("{}", report.to_text());
+    }
+    Ok(())
+}
+
+async fn show_budgets(settings: Settings, store: Store, json: bool) -> anyhow::Result<()> {
+    let now = Utc::now();
+    let evaluated = alerting::evaluate_all(&settings, &store, now)
+        .await
+        .context("cannot read budget spend from PostgreSQL")?;
+    let statuses: Vec<_> = evaluated.into_iter().map(|(_, s)| s).collect();
+    if json {
+        let document = serde_json::json!({ "evaluated_at": now, "budgets": statuses });
+        println!("{}", serde_json::to_string_pretty(&document)?);
+        return Ok(());
+    }
+    if statuses.is_empty() {
+        println!("no budgets configured ([[budgets]] in the configuration)");
+    }
+    for s in &statuses {
+        let pct = (s.utilization * Decimal::from(100)).round_dp(1).normalize();
+        println!(
+            "{}: {} of {} {} ({pct}%) this {} period, {} to {}; state {}",
+            s.name,
+            s.spend,
+            s.amount,
+            s.currency,
+            s.period.as_str(),
+            s.period_start.to_rfc3339(),
+            s.period_end.to_rfc3339(),
+            s.state
+        );
+        if let Some(forecast) = s.forecast {
+            println!(
+                "  forecast {forecast} {} (burn {}/h short, {}/h long)",
+                s.currency, s.burn_rate_short_per_hour, s.burn_rate_long_per_hour
+            );
+        }
+        if !s.thresholds_reached.is_empty() {
+            let reached: Vec<String> = s.thresholds_reached.iter().map(|t| t.to_string()).collect();
+            println!("  thresholds reached: {}", reached.join(", "));
+        }
+        if let Some(d) = &s.drift {
+            let ratio = d.ratio.map(|r| format!("{r}x")).unwrap_or_else(|| "n/a".into());
+            println!(
+                "  drift: {}/h recent, {}/h baseline ({ratio}; alerts above {}x){}",
+                d.recent_per_hour,
+                d.baseline_per_hour,
+                d.factor,
+                if d.firing { ", firing" } else { "" }
+            );
+        }
+        for u in &s.unpriced {
+            println!("  unpriced: {} events of {} on {}", u.events, u.model, u.hardware);
+        }
+    }
+    Ok(())
+}
+
+async fn show_alerts(store: Store, state: &str, limit: i64, json: bool) -> anyhow::Result<()> {
+    let filter = (state != "all").then_some(state);
+    let alerts = store
+        .list_alerts(filter, limit)
+        .await
+        .context("cannot read alerts from PostgreSQL")?;
+    if json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&serde_json::json!({ "items": alerts }))?
+        );
+        return Ok(());
+    }
+    if alerts.is_empty() {
+        println!("no {} alerts", if state == "all" { "budget" } else { state });
+    }
+    for a in &alerts {
+        let summary = a.annotations.get("summary").and_then(|v| v.as_str()).unwrap_or("");
+        let since = a.ends_at.unwrap_or(a.starts_at).to_rfc3339();
+        let pending = if a.pending_deliveries > 0 {
+            format!(
+                " [{} notification(s) pending: {}]",
+                a.pending_deliveries,
+                a.last_error.as_deref().unwrap_or("not sent yet")
+            )
+        } else {
+            String::new()
+        };
+        println!("{} since {since}: {summary}{pending}", a.state);
     }
     Ok(())
 }

@@ -377,6 +377,30 @@ thresholds = [0.5]
     let rows = alert_rows(&world).await;
     assert_eq!(rows.len(), 1);
     assert_eq!((rows[0].1.as_str(), rows[0].2), ("firing", 1));
+    // The same from the command line, for whoever is on call without the API at hand.
+    let cli = |args: &[&str]| {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_costwatch"))
+            .args(args)
+            .arg("--config")
+            .arg(&config)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8(out.stdout).unwrap()
+    };
+    let budgets_text = cli(&["budgets"]);
+    assert!(
+        budgets_text.starts_with("team-a: 520 of 1000 USD (52%) this monthly period, "),
+        "{budgets_text}"
+    );
+    assert!(budgets_text.contains("  thresholds reached: 0.5\n"), "{budgets_text}");
+    let alerts_text = cli(&["alerts", "--state", "firing"]);
+    assert!(
+        alerts_text.starts_with("firing since ")
+            && alerts_text
+                .ends_with(": Budget team-a has used 52% of 1000 USD this period (520 USD spent; threshold 50%)\n"),
+        "{alerts_text}"
+    );
     let (status, body) = http(&addr, "GET", "/api/v1/alerts?state=firing", None, None).await;
     assert_eq!(status, 200);
     let alerts: Value = serde_json::from_str(&body).unwrap();

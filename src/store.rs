@@ -194,6 +194,19 @@ impl Store {
         prices: &PriceBook,
         layout: WindowLayout,
     ) -> Result<(), StoreError> {
+        self.write(topic, batch, &batch.windows(), prices, layout).await
+    }
+
+    /// [`Store::flush`] with the batch's windows already merged ([`FlushBatch::windows`]), for a
+    /// caller that uses them again afterwards.
+    pub async fn write(
+        &self,
+        topic: &str,
+        batch: &FlushBatch,
+        windows: &[(WindowKey, WindowSums)],
+        prices: &PriceBook,
+        layout: WindowLayout,
+    ) -> Result<(), StoreError> {
         let mut tx = self.pool.begin().await?;
 
         // A stalled flush (a lock, a slow disk) must fail and be retried rather than block the
@@ -254,9 +267,8 @@ impl Store {
             return Err(StoreError::Stale { fenced, applied });
         }
 
-        let windows = batch.windows();
         if !windows.is_empty() {
-            write_windows(&mut tx, &windows, prices, layout).await?;
+            write_windows(&mut tx, windows, prices, layout).await?;
         }
 
         let r: Vec<_> = batch.rejected().collect();

@@ -444,6 +444,27 @@ impl Aggregator {
         self.partitions.iter().map(|(p, s)| (*p, s.next_offset)).collect()
     }
 
+    /// Where to read each partition again from after consumption was paused: a little before
+    /// the next offset to count, checked like a fresh assignment. librdkafka resumes a paused
+    /// partition at the message after the last one it delivered, which is usually inside a
+    /// record batch, and tansu 0.6 answers a fetch from inside a batch with the *next* batch:
+    /// the rest of the batch would be skipped (see [`START_MARGIN`]).
+    pub fn resume_points(&mut self) -> Vec<(i32, i64)> {
+        self.partitions
+            .iter_mut()
+            .filter_map(|(&p, state)| {
+                let next = state.next_offset.filter(|n| *n > 0)?;
+                let from = start_offset(next);
+                state.unverified_start = Some(StartCheck {
+                    next,
+                    from,
+                    step: START_MARGIN,
+                });
+                Some((p, from))
+            })
+            .collect()
+    }
+
     /// Messages taken in since the last flush, over all partitions.
     pub fn pending_messages(&self) -> usize {
         self.partitions.values().map(|p| p.messages_since_flush).sum()

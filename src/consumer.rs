@@ -510,7 +510,7 @@ pub fn consume(consumer: BaseConsumer<KafkaContext>, pipeline: Arc<Pipeline>) ->
         // A write runs while the loop keeps polling; its outcome is taken as soon as it is known.
         if !pipeline.write_pending() {
             let settled = pipeline.settle(&consumer, Settle::IfDone);
-            written(&consumer, settled, &mut retry);
+            written(&consumer, &pipeline, settled, &mut retry);
         }
 
         let due = match &retry {
@@ -527,13 +527,13 @@ pub fn consume(consumer: BaseConsumer<KafkaContext>, pipeline: Arc<Pipeline>) ->
         }
         // At most one write in flight: the next batch applies on top of this one.
         let settled = pipeline.settle(&consumer, Settle::Wait);
-        if !written(&consumer, settled, &mut retry) {
+        if !written(&consumer, &pipeline, settled, &mut retry) {
             continue;
         }
         last_flush = Instant::now();
         if !pipeline.start_write(None) && retry.take().is_some() {
             // The failed batch was settled elsewhere (a rebalance) and nothing is left to write.
-            resume(&consumer);
+            resume(&consumer, &pipeline);
         }
     }
 
@@ -567,6 +567,7 @@ pub fn consume(consumer: BaseConsumer<KafkaContext>, pipeline: Arc<Pipeline>) ->
 /// failed (nothing newer may start before the retry is due).
 fn written(
     consumer: &BaseConsumer<KafkaContext>,
+    pipeline: &Pipeline,
     settled: Result<bool, StoreError>,
     retry: &mut Option<(Instant, Backoff)>,
 ) -> bool {
@@ -574,7 +575,7 @@ fn written(
         Ok(reached) => {
             if reached && retry.take().is_some() {
                 info!("database writes recovered; resuming consumption");
-                resume(consumer);
+                resume(consumer, pipeline);
             }
             true
         }
@@ -594,9 +595,23 @@ fn written(
     }
 }
 
-fn resume(consumer: &BaseConsumer<KafkaContext>) {
+/// Resumes consumption at the offsets the aggregator counts from, not where librdkafka would
+/// resume (see [`Aggregator::resume_points`]). The seeks come after the resume: they discard
+/// whatever the resumed fetch brings before the next poll.
+fn resume(consumer: &BaseConsumer<KafkaContext>, pipeline: &Pipeline) {
     if let Ok(assignment) = consumer.assignment() {
         let _ = consumer.resume(&assignment);
+    }
+    let points = pipeline.aggregator().resume_points();
+    for (partition, from) in points {
+        if let Err(error) = consumer.seek(
+            &pipeline.topic,
+            partition,
+            Offset::Offset(from),
+            Duration::from_secs(10),
+        ) {
+            warn!(partition, %error, "cannot seek back after resuming; the next message checks the position again");
+        }
     }
 }
 

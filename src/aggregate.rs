@@ -85,11 +85,59 @@ pub struct RejectedMessage {
     pub payload: Vec<u8>,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct SeenEvent {
-    pub partition: i32,
-    pub event_id: EventId,
-    pub event_time: DateTime<Utc>,
+/// The dedup ids a partition took in since its last flush, already in the form they are stored
+/// in (one `seen_event_batch` row per partition per flush): per id a big-endian u16 byte length,
+/// the UTF-8 id (at most 128 characters, so at most 512 bytes) and a big-endian i64 of Unix
+/// milliseconds. Appending to one buffer costs no allocation per event, where an `EventId` per
+/// event cost one, and the flush has nothing left to encode.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct SeenIds {
+    bytes: Vec<u8>,
+    newest_ms: Option<i64>,
+}
+
+impl SeenIds {
+    pub fn push(&mut self, id: &EventId, event_time_ms: i64) {
+        let id = id.as_str().as_bytes();
+        // A validated id is at most 128 characters, 512 bytes: the length fits a u16.
+        self.bytes.extend_from_slice(&(id.len() as u16).to_be_bytes());
+        self.bytes.extend_from_slice(id);
+        self.bytes.extend_from_slice(&event_time_ms.to_be_bytes());
+        self.newest_ms = Some(self.newest_ms.map_or(event_time_ms, |n| n.max(event_time_ms)));
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.bytes.is_empty()
+    }
+
+    /// The packed form, as stored in `seen_event_batch.ids`.
+    pub fn as_bytes(&self) -> &[u8] {
+        &self.bytes
+    }
+
+    /// The latest event time among the ids.
+    pub fn newest(&self) -> Option<DateTime<Utc>> {
+        self.newest_ms.map(from_millis)
+    }
+
+    /// Each id with its event time, in the order they were taken in.
+    pub fn iter(&self) -> impl Iterator<Item = (&str, DateTime<Utc>)> + '_ {
+        decode_ids(&self.bytes)
+    }
+}
+
+/// Unpacks the [`SeenIds`] form; a truncated tail (which this code never writes) is ignored.
+pub fn decode_ids(mut bytes: &[u8]) -> impl Iterator<Item = (&str, DateTime<Utc>)> + '_ {
+    std::iter::from_fn(move || loop {
+        let len = u16::from_be_bytes([*bytes.first()?, *bytes.get(1)?]) as usize;
+        let record = bytes.get(2..2 + len + 8)?;
+        bytes = &bytes[2 + len + 8..];
+        let (id, ms) = record.split_at(len);
+        let ms = i64::from_be_bytes(ms.try_into().expect("8 bytes"));
+        if let (Ok(id), Some(t)) = (std::str::from_utf8(id), DateTime::<Utc>::from_timestamp_millis(ms)) {
+            return Some((id, t));
+        }
+    })
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -129,7 +177,7 @@ pub struct PartitionBatch {
     pub progress: Progress,
     pub windows: PendingWindows,
     pub rejected: Vec<RejectedMessage>,
-    pub seen: Vec<SeenEvent>,
+    pub seen: SeenIds,
     pub counts: OutcomeCounts,
     pub rejected_by_code: BTreeMap<&'static str, u64>,
 }
@@ -156,10 +204,6 @@ impl FlushBatch {
 
     pub fn rejected(&self) -> impl Iterator<Item = &RejectedMessage> {
         self.parts.iter().flat_map(|p| &p.rejected)
-    }
-
-    pub fn seen(&self) -> impl Iterator<Item = &SeenEvent> {
-        self.parts.iter().flat_map(|p| &p.seen)
     }
 
     /// Window sums merged over partitions and sorted by key, so concurrent writers lock rows in
@@ -215,7 +259,7 @@ struct PartitionState {
     seen: HashMap<EventId, i64>,
     pending: PendingWindows,
     rejected: Vec<RejectedMessage>,
-    new_seen: Vec<SeenEvent>,
+    new_seen: SeenIds,
     counts: OutcomeCounts,
     rejected_by_code: BTreeMap<&'static str, u64>,
     /// Offsets advanced since the last flush (a rejected-only batch still moves the offset).
@@ -247,7 +291,7 @@ impl PartitionState {
             seen,
             pending: PendingWindows::new(),
             rejected: Vec::new(),
-            new_seen: Vec::new(),
+            new_seen: SeenIds::default(),
             counts: OutcomeCounts::default(),
             rejected_by_code: BTreeMap::new(),
             dirty: false,
@@ -312,12 +356,8 @@ impl PartitionState {
         }
         // An event older than the dedup horizon cannot be checked against ids we have already
         // forgotten; it is still accepted (dedup is best effort beyond the horizon, by contract).
-        self.seen.insert(event.event_id.clone(), ts_ms);
-        self.new_seen.push(SeenEvent {
-            partition,
-            event_id: event.event_id,
-            event_time: event.timestamp,
-        });
+        self.new_seen.push(&event.event_id, ts_ms);
+        self.seen.insert(event.event_id, ts_ms);
 
         let late = self.watermark_ms.is_some_and(|w| ts_ms < w - rules.allowed_lateness_ms);
         self.watermark_ms = Some(self.watermark_ms.map_or(ts_ms, |w| w.max(ts_ms)));
@@ -560,6 +600,23 @@ mod tests {
         let mut a = Aggregator::new(rules());
         a.assign(vec![new_claim(partition)]);
         a
+    }
+
+    #[test]
+    fn packed_ids_round_trip() {
+        let ids = ["a", "req-7f3a", &"é".repeat(128)];
+        let first_ms = 1_764_385_200_123;
+        let mut seen = SeenIds::default();
+        for (i, id) in ids.iter().enumerate() {
+            seen.push(&EventId::parse(*id).unwrap(), first_ms + i as i64);
+        }
+        let want: Vec<(&str, DateTime<Utc>)> = ids
+            .iter()
+            .enumerate()
+            .map(|(i, id)| (*id, from_millis(first_ms + i as i64)))
+            .collect();
+        assert_eq!(seen.iter().collect::<Vec<_>>(), want);
+        assert_eq!(seen.newest(), Some(from_millis(first_ms + 2)));
     }
 
     #[test]

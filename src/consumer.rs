@@ -9,7 +9,7 @@
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-use chrono::Utc;
+use chrono::{DateTime, Utc};
 use rdkafka::bindings::rd_kafka_resp_err_t as RespErr;
 use rdkafka::client::ClientContext;
 use rdkafka::config::{ClientConfig, RDKafkaLogLevel};
@@ -476,16 +476,17 @@ pub fn consume(consumer: BaseConsumer<KafkaContext>, pipeline: Arc<Pipeline>) ->
 
     let mut last_flush = Instant::now();
     let mut retry: Option<(Instant, Backoff)> = None;
+    let mut clock = Clock::default();
     while !pipeline.cancel.is_cancelled() {
         pipeline.health.polled();
         match consumer.poll(Duration::from_millis(100)) {
-            None => {}
+            None => clock.idle(),
             Some(Err(error)) => {
                 telemetry::broker_error();
                 warn!(%error, "kafka consumer error");
             }
             Some(Ok(message)) => {
-                let now = Utc::now();
+                let now = clock.now();
                 let partition = message.partition();
                 let outcome = pipeline
                     .aggregator()
@@ -612,6 +613,37 @@ fn resume(consumer: &BaseConsumer<KafkaContext>, pipeline: &Pipeline) {
         ) {
             warn!(partition, %error, "cannot seek back after resuming; the next message checks the position again");
         }
+    }
+}
+
+/// The wall clock for event validation, read once per [`Clock::READS_PER_TICK`] messages (and after every empty poll): it
+/// only enters through the future/too-old limits, which are minutes and days wide, and reading
+/// it for every message showed up at 3% of the CPU in profiles.
+#[derive(Debug, Default)]
+struct Clock {
+    now: Option<DateTime<Utc>>,
+    reads: u32,
+}
+
+impl Clock {
+    /// Under load (100,000 messages/s) the time used is well under a millisecond old; a slow
+    /// trickle that never leaves the queue empty for a whole poll is at most 64 messages late.
+    const READS_PER_TICK: u32 = 64;
+
+    fn now(&mut self) -> DateTime<Utc> {
+        self.reads += 1;
+        match self.now {
+            Some(now) if self.reads < Self::READS_PER_TICK => now,
+            _ => {
+                self.reads = 0;
+                *self.now.insert(Utc::now())
+            }
+        }
+    }
+
+    /// An empty poll may have waited: read the clock again at the next message.
+    fn idle(&mut self) {
+        self.now = None;
     }
 }
 

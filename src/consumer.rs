@@ -48,7 +48,8 @@ pub struct Pipeline {
     pub runtime: Handle,
     pub cancel: CancellationToken,
     pub health: Arc<Health>,
-    aggregator: Mutex<Aggregator>,
+    /// Shared with the write task, which reports the watermark right after its COMMIT.
+    aggregator: Arc<Mutex<Aggregator>>,
     /// The write in flight, if any. Only the consumer thread (its loop and the rebalance
     /// callbacks it runs) touches it; the mutex is for the shared `Arc`.
     writing: Mutex<Option<JoinHandle<Written>>>,
@@ -57,7 +58,6 @@ pub struct Pipeline {
 /// A finished write, with everything its bookkeeping needs.
 struct Written {
     batch: FlushBatch,
-    windows: Vec<(WindowKey, WindowSums)>,
     prices: Arc<PriceBook>,
     started: Instant,
     result: Result<(), StoreError>,
@@ -98,14 +98,13 @@ impl Pipeline {
             runtime,
             cancel,
             health,
-            aggregator: Mutex::new(aggregator),
+            aggregator: Arc::new(Mutex::new(aggregator)),
             writing: Mutex::new(None),
         }
     }
 
     fn aggregator(&self) -> MutexGuard<'_, Aggregator> {
-        // A panic while holding the lock already ends the process; poisoning adds nothing.
-        self.aggregator.lock().unwrap_or_else(|p| p.into_inner())
+        lock(&self.aggregator)
     }
 
     /// Claims partitions in PostgreSQL, retrying while the database is away. Returns false only
@@ -213,13 +212,20 @@ impl Pipeline {
         let layout = self.layout;
         let prices = self.prices.current();
         let started = Instant::now();
+        let aggregator = self.aggregator.clone();
         let task = self.runtime.spawn(async move {
             // Merged once, here, off the consumer thread; the metrics of the flush reuse it.
             let windows = batch.windows();
             let result = store.write(&topic, &batch, &windows, &prices, layout).await;
+            if result.is_ok() {
+                // Right after COMMIT, as when the consumer thread wrote itself: the counters
+                // trail the database by as little as they did then.
+                report_committed(&batch, &windows, &prices, started);
+                let agg = lock(&aggregator);
+                telemetry::assignment(agg.owned_count(), agg.watermark());
+            }
             Written {
                 batch,
-                windows,
                 prices,
                 started,
                 result,
@@ -261,14 +267,13 @@ impl Pipeline {
             };
             let Written {
                 mut batch,
-                windows,
                 prices,
                 started,
                 result,
             } = written;
             match result {
                 Ok(()) => {
-                    self.committed(consumer, &batch, &windows, &prices, started);
+                    self.committed(consumer, &batch, started);
                     return Ok(true);
                 }
                 Err(StoreError::Stale { fenced, applied }) => {
@@ -276,7 +281,8 @@ impl Pipeline {
                     let done = batch.split_off(&applied);
                     if !done.is_empty() {
                         warn!(partitions = ?applied, "an earlier COMMIT went through although it reported an error; not writing it twice");
-                        self.committed(consumer, &done, &done.windows(), &prices, started);
+                        report_committed(&done, &done.windows(), &prices, started);
+                        self.committed(consumer, &done, started);
                     }
                     if !fenced.is_empty() {
                         warn!(partitions = ?fenced, "another instance owns these partitions now; dropping their unflushed work");
@@ -304,19 +310,11 @@ impl Pipeline {
         self.writing.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Bookkeeping after a batch is known to be in PostgreSQL.
-    fn committed(
-        &self,
-        consumer: &BaseConsumer<KafkaContext>,
-        batch: &FlushBatch,
-        windows: &[(WindowKey, WindowSums)],
-        prices: &PriceBook,
-        started: Instant,
-    ) {
-        faults::reached(FaultPoint::AfterCommit);
+    /// Bookkeeping after a batch is known to be in PostgreSQL and reported
+    /// ([`report_committed`]).
+    fn committed(&self, consumer: &BaseConsumer<KafkaContext>, batch: &FlushBatch, started: Instant) {
         let mut agg = self.aggregator();
         agg.flushed(batch);
-        telemetry::flush_committed(batch, windows, prices, started.elapsed());
         self.report_assignment(&agg);
         drop(agg);
         self.commit_to_kafka(consumer, batch);
@@ -333,6 +331,18 @@ impl Pipeline {
             debug!(%error, "offset commit to Kafka failed (informational only)");
         }
     }
+}
+
+fn lock(aggregator: &Mutex<Aggregator>) -> MutexGuard<'_, Aggregator> {
+    // A panic while holding the lock already ends the process; poisoning adds nothing.
+    aggregator.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// The metrics of a batch known to be in PostgreSQL; the `after_commit` fault point comes first,
+/// so an abort there leaves the counters behind the database, never ahead.
+fn report_committed(batch: &FlushBatch, windows: &[(WindowKey, WindowSums)], prices: &PriceBook, started: Instant) {
+    faults::reached(FaultPoint::AfterCommit);
+    telemetry::flush_committed(batch, windows, prices, started.elapsed());
 }
 
 /// librdkafka callbacks: logs into `tracing`, and rebalances that claim partitions in PostgreSQL

@@ -11,8 +11,8 @@ use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 
-use crate::domain::EventId;
-use crate::event::{self, Limits, RejectCode, Rejection};
+use crate::domain::{EventId, HardwareName, ModelName};
+use crate::event::{self, Labels, Limits, RejectCode, Rejection, UsageEventRef};
 use crate::window::{from_millis, PendingWindows, WindowKey, WindowSize, WindowSums};
 
 /// The fixed rules ingestion applies, derived from settings once.
@@ -97,8 +97,8 @@ pub struct SeenIds {
 }
 
 impl SeenIds {
-    pub fn push(&mut self, id: &EventId, event_time_ms: i64) {
-        let id = id.as_str().as_bytes();
+    pub fn push(&mut self, id: &str, event_time_ms: i64) {
+        let id = id.as_bytes();
         // A validated id is at most 128 characters, 512 bytes: the length fits a u16.
         self.bytes.extend_from_slice(&(id.len() as u16).to_be_bytes());
         self.bytes.extend_from_slice(id);
@@ -248,6 +248,99 @@ impl FlushBatch {
     }
 }
 
+/// A pending window by number: its start and the numbers of its model, hardware and label set
+/// in the partition's [`Names`]. Hashing and comparing it costs no string work, and adding an
+/// event to a window that already exists allocates nothing.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+struct PendingKey {
+    start_ms: i64,
+    model: u32,
+    hardware: u32,
+    labels: u32,
+}
+
+/// The distinct names and label sets of a partition's pending windows, each kept once. Emptied
+/// at every flush together with the windows that refer to it, so it never outgrows them.
+#[derive(Debug, Default)]
+struct Names {
+    models: Table<ModelName>,
+    hardware: Table<HardwareName>,
+    labels: Table<Labels>,
+    /// Reused buffer for a label set's lookup text.
+    scratch: String,
+}
+
+impl Names {
+    fn key(&mut self, start_ms: i64, event: &UsageEventRef<'_>) -> PendingKey {
+        let valid = "validated by decode_ref";
+        let model = self
+            .models
+            .number(&event.model, || ModelName::parse(event.model.as_ref()).expect(valid));
+        let hardware = self.hardware.number(&event.hardware, || {
+            HardwareName::parse(event.hardware.as_ref()).expect(valid)
+        });
+        // Keys and values hold no NUL (validated), so NUL-separated sorted pairs name a label
+        // set unambiguously.
+        self.scratch.clear();
+        for (k, v) in &event.labels {
+            for part in [k, v] {
+                self.scratch.push_str(part);
+                self.scratch.push('\0');
+            }
+        }
+        let labels = self.labels.number(&self.scratch, || {
+            event
+                .labels
+                .iter()
+                .map(|(k, v)| (k.as_ref().to_owned(), v.as_ref().to_owned()))
+                .collect()
+        });
+        PendingKey {
+            start_ms,
+            model,
+            hardware,
+            labels,
+        }
+    }
+
+    fn window_key(&self, key: &PendingKey) -> WindowKey {
+        WindowKey {
+            start_ms: key.start_ms,
+            model: self.models.values[key.model as usize].clone(),
+            hardware: self.hardware.values[key.hardware as usize].clone(),
+            labels: self.labels.values[key.labels as usize].clone(),
+        }
+    }
+}
+
+#[derive(Debug)]
+struct Table<T> {
+    numbers: HashMap<Box<str>, u32>,
+    values: Vec<T>,
+}
+
+impl<T> Default for Table<T> {
+    fn default() -> Self {
+        Self {
+            numbers: HashMap::new(),
+            values: Vec::new(),
+        }
+    }
+}
+
+impl<T> Table<T> {
+    fn number(&mut self, text: &str, value: impl FnOnce() -> T) -> u32 {
+        if let Some(&n) = self.numbers.get(text) {
+            return n;
+        }
+        // At most one entry per pending window: far below u32::MAX.
+        let n = self.values.len() as u32;
+        self.values.push(value());
+        self.numbers.insert(text.into(), n);
+        n
+    }
+}
+
 #[derive(Debug)]
 struct PartitionState {
     epoch: i64,
@@ -257,7 +350,8 @@ struct PartitionState {
     watermark_ms: Option<i64>,
     /// Event id to event time (ms); pruned once older than watermark minus the dedup horizon.
     seen: HashMap<EventId, i64>,
-    pending: PendingWindows,
+    pending: HashMap<PendingKey, WindowSums>,
+    names: Names,
     rejected: Vec<RejectedMessage>,
     new_seen: SeenIds,
     counts: OutcomeCounts,
@@ -289,7 +383,8 @@ impl PartitionState {
             stored_offset: claim.next_offset,
             watermark_ms,
             seen,
-            pending: PendingWindows::new(),
+            pending: HashMap::new(),
+            names: Names::default(),
             rejected: Vec::new(),
             new_seen: SeenIds::default(),
             counts: OutcomeCounts::default(),
@@ -333,7 +428,7 @@ impl PartitionState {
         self.dirty = true;
         self.messages_since_flush += 1;
 
-        let event = match event::decode(payload, &rules.limits, now) {
+        let event = match event::decode_ref(payload, &rules.limits, now) {
             Ok(event) => event,
             Err(rejection) => {
                 let code = rejection.code;
@@ -350,24 +445,20 @@ impl PartitionState {
         };
 
         let ts_ms = event.timestamp.timestamp_millis();
-        if self.seen.contains_key(&event.event_id) {
+        if self.seen.contains_key(event.event_id.as_ref()) {
             self.counts.duplicate += 1;
             return Outcome::Duplicate;
         }
         // An event older than the dedup horizon cannot be checked against ids we have already
         // forgotten; it is still accepted (dedup is best effort beyond the horizon, by contract).
         self.new_seen.push(&event.event_id, ts_ms);
-        self.seen.insert(event.event_id, ts_ms);
+        let id = EventId::parse(event.event_id.as_ref()).expect("validated by decode_ref");
+        self.seen.insert(id, ts_ms);
 
         let late = self.watermark_ms.is_some_and(|w| ts_ms < w - rules.allowed_lateness_ms);
         self.watermark_ms = Some(self.watermark_ms.map_or(ts_ms, |w| w.max(ts_ms)));
 
-        let key = WindowKey {
-            start_ms: rules.window.start_of(event.timestamp),
-            model: event.model,
-            hardware: event.hardware,
-            labels: event.labels,
-        };
+        let key = self.names.key(rules.window.start_of(event.timestamp), &event);
         let sums = self.pending.entry(key).or_default();
         sums.events += 1;
         sums.compute += event.compute;
@@ -388,6 +479,17 @@ impl PartitionState {
         self.forget_before_ms = Some(cutoff);
     }
 
+    /// The pending windows under their full keys; empties them and the names they used.
+    fn take_windows(&mut self) -> PendingWindows {
+        let windows = self
+            .pending
+            .drain()
+            .map(|(key, sums)| (self.names.window_key(&key), sums))
+            .collect();
+        self.names = Names::default();
+        windows
+    }
+
     /// Moves the pending state out into a batch share (None when nothing moved).
     fn take_part(&mut self, partition: i32, prune: bool, rules: &IngestRules) -> Option<PartitionBatch> {
         if !self.dirty {
@@ -406,7 +508,7 @@ impl PartitionState {
                 watermark: self.watermark_ms.map(from_millis),
                 forget_before: self.forget_before_ms.take().map(from_millis),
             },
-            windows: std::mem::take(&mut self.pending),
+            windows: self.take_windows(),
             rejected: std::mem::take(&mut self.rejected),
             seen: std::mem::take(&mut self.new_seen),
             counts: std::mem::take(&mut self.counts),
@@ -608,7 +710,7 @@ mod tests {
         let first_ms = 1_764_385_200_123;
         let mut seen = SeenIds::default();
         for (i, id) in ids.iter().enumerate() {
-            seen.push(&EventId::parse(*id).unwrap(), first_ms + i as i64);
+            seen.push(id, first_ms + i as i64);
         }
         let want: Vec<(&str, DateTime<Utc>)> = ids
             .iter()
@@ -617,6 +719,44 @@ mod tests {
             .collect();
         assert_eq!(seen.iter().collect::<Vec<_>>(), want);
         assert_eq!(seen.newest(), Some(from_millis(first_ms + 2)));
+    }
+
+    #[test]
+    fn a_label_set_is_one_window_whatever_the_order_and_names_start_over_after_a_flush() {
+        let mut a = fresh(0);
+        let with_labels = |id: &str, labels: &str| {
+            format!(
+                r#"{{"event_id":"{id}","timestamp":"2026-11-29T03:00:00Z","model":"m","hardware":"h","compute":1,"storage":1,"labels":{labels}}}"#
+            )
+            .into_bytes()
+        };
+        a.ingest(0, 0, Some(&with_labels("a", r#"{"team":"x","env":"prod"}"#)), now());
+        a.ingest(0, 1, Some(&with_labels("b", r#"{"env":"prod","team":"x"}"#)), now());
+        a.ingest(0, 2, Some(&with_labels("c", r#"{"env":"prod"}"#)), now());
+        a.ingest(0, 3, Some(&event("d", "2026-11-29T03:00:00Z", "1")), now());
+        let windows = a.batch(None).windows();
+        let events: Vec<(Vec<(&str, &str)>, i64)> = windows
+            .iter()
+            .map(|(k, s)| {
+                (
+                    k.labels.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect(),
+                    s.events,
+                )
+            })
+            .collect();
+        assert_eq!(
+            events,
+            vec![
+                (vec![], 1),
+                (vec![("env", "prod")], 1),
+                (vec![("env", "prod"), ("team", "x")], 2)
+            ]
+        );
+        a.ingest(0, 4, Some(&with_labels("e", r#"{"team":"y"}"#)), now());
+        let next = a.batch(None).windows();
+        assert_eq!(next.len(), 1);
+        assert_eq!(next[0].0.labels, Labels::from([("team".to_owned(), "y".to_owned())]));
+        assert_eq!((next[0].0.model.as_str(), next[0].0.hardware.as_str()), ("m", "h"));
     }
 
     #[test]

@@ -7,6 +7,7 @@
 //! it back. See `docs/architecture.md` for the invariant this keeps.
 
 use std::sync::{Arc, Mutex, MutexGuard};
+use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use chrono::{DateTime, Utc};
@@ -19,7 +20,6 @@ use rdkafka::message::Message;
 use rdkafka::statistics::Statistics;
 use rdkafka::{Offset, TopicPartitionList};
 use tokio::runtime::Handle;
-use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, info, warn};
 
@@ -48,7 +48,7 @@ pub struct Pipeline {
     pub runtime: Handle,
     pub cancel: CancellationToken,
     pub health: Arc<Health>,
-    /// Shared with the write task, which reports the watermark right after its COMMIT.
+    /// Shared with the writer thread, which reports the watermark right after its COMMIT.
     aggregator: Arc<Mutex<Aggregator>>,
     /// The write in flight, if any. Only the consumer thread (its loop and the rebalance
     /// callbacks it runs) touches it; the mutex is for the shared `Arc`.
@@ -197,7 +197,7 @@ impl Pipeline {
     }
 
     /// Hands the next batch (the failed one first, else the pending state of `only` those
-    /// partitions) to a task of the runtime and returns at once; false when there was nothing
+    /// partitions) to a writer thread and returns at once; false when there was nothing
     /// to write. At most one write is in flight: the caller settles the previous one first,
     /// because each batch applies only on top of the one before it (`prev_offset`).
     fn start_write(&self, only: Option<&[i32]>) -> bool {
@@ -213,10 +213,15 @@ impl Pipeline {
         let prices = self.prices.current();
         let started = Instant::now();
         let aggregator = self.aggregator.clone();
-        let task = self.runtime.spawn(async move {
+        let runtime = self.runtime.clone();
+        // A thread of its own rather than a runtime task: merging the windows and encoding the
+        // rows is tens of milliseconds of CPU for a large batch, too long to hold a runtime
+        // worker that also serves the HTTP endpoints. One thread per flush (one a second by
+        // default) costs next to nothing.
+        let write = move || {
             // Merged once, here, off the consumer thread; the metrics of the flush reuse it.
             let windows = batch.windows();
-            let result = store.write(&topic, &batch, &windows, &prices, layout).await;
+            let result = runtime.block_on(store.write(&topic, &batch, &windows, &prices, layout));
             if result.is_ok() {
                 // Right after COMMIT, as when the consumer thread wrote itself: the counters
                 // trail the database by as little as they did then.
@@ -230,7 +235,11 @@ impl Pipeline {
                 started,
                 result,
             }
-        });
+        };
+        let task = std::thread::Builder::new()
+            .name("costwatch-writer".into())
+            .spawn(write)
+            .expect("cannot start a thread to write the batch");
         *writing = Some(task);
         true
     }
@@ -259,11 +268,11 @@ impl Pipeline {
                     Some(task) => task,
                 }
             };
-            let written = match self.runtime.block_on(task) {
+            let written = match task.join() {
                 Ok(written) => written,
-                // The write task panicked: its batch is gone with it, and writing anything newer
+                // The writer panicked: its batch is gone with it, and writing anything newer
                 // would leave a hole. End the process; the restart recounts from PostgreSQL.
-                Err(error) => panic!("the flush task failed: {error}"),
+                Err(panic) => std::panic::resume_unwind(panic),
             };
             let Written {
                 mut batch,

@@ -21,9 +21,9 @@ use chrono::{DateTime, Utc};
 use criterion::{criterion_group, criterion_main, BatchSize, BenchmarkId, Criterion, Throughput};
 use rust_decimal::Decimal;
 
-use costwatch::aggregate::{millis, Aggregator, Claim, FlushBatch, IngestRules};
+use costwatch::aggregate::{millis, Aggregator, Claim, FlushBatch, IngestRules, SeenIds};
 use costwatch::config::{HardwarePrice, PricingSettings};
-use costwatch::domain::{ComputeUnits, EventId, HardwareName, StorageUnits, UnitPrice};
+use costwatch::domain::{ComputeUnits, HardwareName, StorageUnits, UnitPrice};
 use costwatch::event::{self, Limits};
 use costwatch::loadgen::{self, LoadSpec};
 use costwatch::pricing::{PriceBook, Rates};
@@ -275,9 +275,11 @@ impl ScratchDb {
 fn with_fresh_ids(template: &FlushBatch, round: u64) -> FlushBatch {
     let mut batch = template.clone();
     for part in &mut batch.parts {
-        for seen in &mut part.seen {
-            seen.event_id = EventId::parse(format!("{}-r{round}", seen.event_id)).unwrap();
+        let mut fresh = SeenIds::default();
+        for (id, t) in part.seen.iter() {
+            fresh.push(&format!("{id}-r{round}"), t.timestamp_millis());
         }
+        part.seen = fresh;
     }
     batch
 }

@@ -11,8 +11,8 @@ use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 
-use crate::domain::EventId;
-use crate::event::{self, Limits, RejectCode, Rejection};
+use crate::domain::{EventId, HardwareName, ModelName};
+use crate::event::{self, Labels, Limits, RejectCode, Rejection, UsageEventRef};
 use crate::window::{from_millis, PendingWindows, WindowKey, WindowSize, WindowSums};
 
 /// The fixed rules ingestion applies, derived from settings once.
@@ -85,11 +85,59 @@ pub struct RejectedMessage {
     pub payload: Vec<u8>,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct SeenEvent {
-    pub partition: i32,
-    pub event_id: EventId,
-    pub event_time: DateTime<Utc>,
+/// The dedup ids a partition took in since its last flush, already in the form they are stored
+/// in (one `seen_event_batch` row per partition per flush): per id a big-endian u16 byte length,
+/// the UTF-8 id (at most 128 characters, so at most 512 bytes) and a big-endian i64 of Unix
+/// milliseconds. Appending to one buffer costs no allocation per event, where an `EventId` per
+/// event cost one, and the flush has nothing left to encode.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct SeenIds {
+    bytes: Vec<u8>,
+    newest_ms: Option<i64>,
+}
+
+impl SeenIds {
+    pub fn push(&mut self, id: &str, event_time_ms: i64) {
+        let id = id.as_bytes();
+        // A validated id is at most 128 characters, 512 bytes: the length fits a u16.
+        self.bytes.extend_from_slice(&(id.len() as u16).to_be_bytes());
+        self.bytes.extend_from_slice(id);
+        self.bytes.extend_from_slice(&event_time_ms.to_be_bytes());
+        self.newest_ms = Some(self.newest_ms.map_or(event_time_ms, |n| n.max(event_time_ms)));
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.bytes.is_empty()
+    }
+
+    /// The packed form, as stored in `seen_event_batch.ids`.
+    pub fn as_bytes(&self) -> &[u8] {
+        &self.bytes
+    }
+
+    /// The latest event time among the ids.
+    pub fn newest(&self) -> Option<DateTime<Utc>> {
+        self.newest_ms.map(from_millis)
+    }
+
+    /// Each id with its event time, in the order they were taken in.
+    pub fn iter(&self) -> impl Iterator<Item = (&str, DateTime<Utc>)> + '_ {
+        decode_ids(&self.bytes)
+    }
+}
+
+/// Unpacks the [`SeenIds`] form; a truncated tail (which this code never writes) is ignored.
+pub fn decode_ids(mut bytes: &[u8]) -> impl Iterator<Item = (&str, DateTime<Utc>)> + '_ {
+    std::iter::from_fn(move || loop {
+        let len = u16::from_be_bytes([*bytes.first()?, *bytes.get(1)?]) as usize;
+        let record = bytes.get(2..2 + len + 8)?;
+        bytes = &bytes[2 + len + 8..];
+        let (id, ms) = record.split_at(len);
+        let ms = i64::from_be_bytes(ms.try_into().expect("8 bytes"));
+        if let (Ok(id), Some(t)) = (std::str::from_utf8(id), DateTime::<Utc>::from_timestamp_millis(ms)) {
+            return Some((id, t));
+        }
+    })
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -129,7 +177,7 @@ pub struct PartitionBatch {
     pub progress: Progress,
     pub windows: PendingWindows,
     pub rejected: Vec<RejectedMessage>,
-    pub seen: Vec<SeenEvent>,
+    pub seen: SeenIds,
     pub counts: OutcomeCounts,
     pub rejected_by_code: BTreeMap<&'static str, u64>,
 }
@@ -156,10 +204,6 @@ impl FlushBatch {
 
     pub fn rejected(&self) -> impl Iterator<Item = &RejectedMessage> {
         self.parts.iter().flat_map(|p| &p.rejected)
-    }
-
-    pub fn seen(&self) -> impl Iterator<Item = &SeenEvent> {
-        self.parts.iter().flat_map(|p| &p.seen)
     }
 
     /// Window sums merged over partitions and sorted by key, so concurrent writers lock rows in
@@ -204,6 +248,99 @@ impl FlushBatch {
     }
 }
 
+/// A pending window by number: its start and the numbers of its model, hardware and label set
+/// in the partition's [`Names`]. Hashing and comparing it costs no string work, and adding an
+/// event to a window that already exists allocates nothing.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+struct PendingKey {
+    start_ms: i64,
+    model: u32,
+    hardware: u32,
+    labels: u32,
+}
+
+/// The distinct names and label sets of a partition's pending windows, each kept once. Emptied
+/// at every flush together with the windows that refer to it, so it never outgrows them.
+#[derive(Debug, Default)]
+struct Names {
+    models: Table<ModelName>,
+    hardware: Table<HardwareName>,
+    labels: Table<Labels>,
+    /// Reused buffer for a label set's lookup text.
+    scratch: String,
+}
+
+impl Names {
+    fn key(&mut self, start_ms: i64, event: &UsageEventRef<'_>) -> PendingKey {
+        let valid = "validated by decode_ref";
+        let model = self
+            .models
+            .number(&event.model, || ModelName::parse(event.model.as_ref()).expect(valid));
+        let hardware = self.hardware.number(&event.hardware, || {
+            HardwareName::parse(event.hardware.as_ref()).expect(valid)
+        });
+        // Keys and values hold no NUL (validated), so NUL-separated sorted pairs name a label
+        // set unambiguously.
+        self.scratch.clear();
+        for (k, v) in &event.labels {
+            for part in [k, v] {
+                self.scratch.push_str(part);
+                self.scratch.push('\0');
+            }
+        }
+        let labels = self.labels.number(&self.scratch, || {
+            event
+                .labels
+                .iter()
+                .map(|(k, v)| (k.as_ref().to_owned(), v.as_ref().to_owned()))
+                .collect()
+        });
+        PendingKey {
+            start_ms,
+            model,
+            hardware,
+            labels,
+        }
+    }
+
+    fn window_key(&self, key: &PendingKey) -> WindowKey {
+        WindowKey {
+            start_ms: key.start_ms,
+            model: self.models.values[key.model as usize].clone(),
+            hardware: self.hardware.values[key.hardware as usize].clone(),
+            labels: self.labels.values[key.labels as usize].clone(),
+        }
+    }
+}
+
+#[derive(Debug)]
+struct Table<T> {
+    numbers: HashMap<Box<str>, u32>,
+    values: Vec<T>,
+}
+
+impl<T> Default for Table<T> {
+    fn default() -> Self {
+        Self {
+            numbers: HashMap::new(),
+            values: Vec::new(),
+        }
+    }
+}
+
+impl<T> Table<T> {
+    fn number(&mut self, text: &str, value: impl FnOnce() -> T) -> u32 {
+        if let Some(&n) = self.numbers.get(text) {
+            return n;
+        }
+        // At most one entry per pending window: far below u32::MAX.
+        let n = self.values.len() as u32;
+        self.values.push(value());
+        self.numbers.insert(text.into(), n);
+        n
+    }
+}
+
 #[derive(Debug)]
 struct PartitionState {
     epoch: i64,
@@ -213,9 +350,10 @@ struct PartitionState {
     watermark_ms: Option<i64>,
     /// Event id to event time (ms); pruned once older than watermark minus the dedup horizon.
     seen: HashMap<EventId, i64>,
-    pending: PendingWindows,
+    pending: HashMap<PendingKey, WindowSums>,
+    names: Names,
     rejected: Vec<RejectedMessage>,
-    new_seen: Vec<SeenEvent>,
+    new_seen: SeenIds,
     counts: OutcomeCounts,
     rejected_by_code: BTreeMap<&'static str, u64>,
     /// Offsets advanced since the last flush (a rejected-only batch still moves the offset).
@@ -245,9 +383,10 @@ impl PartitionState {
             stored_offset: claim.next_offset,
             watermark_ms,
             seen,
-            pending: PendingWindows::new(),
+            pending: HashMap::new(),
+            names: Names::default(),
             rejected: Vec::new(),
-            new_seen: Vec::new(),
+            new_seen: SeenIds::default(),
             counts: OutcomeCounts::default(),
             rejected_by_code: BTreeMap::new(),
             dirty: false,
@@ -289,7 +428,7 @@ impl PartitionState {
         self.dirty = true;
         self.messages_since_flush += 1;
 
-        let event = match event::decode(payload, &rules.limits, now) {
+        let event = match event::decode_ref(payload, &rules.limits, now) {
             Ok(event) => event,
             Err(rejection) => {
                 let code = rejection.code;
@@ -306,28 +445,20 @@ impl PartitionState {
         };
 
         let ts_ms = event.timestamp.timestamp_millis();
-        if self.seen.contains_key(&event.event_id) {
+        if self.seen.contains_key(event.event_id.as_ref()) {
             self.counts.duplicate += 1;
             return Outcome::Duplicate;
         }
         // An event older than the dedup horizon cannot be checked against ids we have already
         // forgotten; it is still accepted (dedup is best effort beyond the horizon, by contract).
-        self.seen.insert(event.event_id.clone(), ts_ms);
-        self.new_seen.push(SeenEvent {
-            partition,
-            event_id: event.event_id,
-            event_time: event.timestamp,
-        });
+        self.new_seen.push(&event.event_id, ts_ms);
+        let id = EventId::parse(event.event_id.as_ref()).expect("validated by decode_ref");
+        self.seen.insert(id, ts_ms);
 
         let late = self.watermark_ms.is_some_and(|w| ts_ms < w - rules.allowed_lateness_ms);
         self.watermark_ms = Some(self.watermark_ms.map_or(ts_ms, |w| w.max(ts_ms)));
 
-        let key = WindowKey {
-            start_ms: rules.window.start_of(event.timestamp),
-            model: event.model,
-            hardware: event.hardware,
-            labels: event.labels,
-        };
+        let key = self.names.key(rules.window.start_of(event.timestamp), &event);
         let sums = self.pending.entry(key).or_default();
         sums.events += 1;
         sums.compute += event.compute;
@@ -348,6 +479,17 @@ impl PartitionState {
         self.forget_before_ms = Some(cutoff);
     }
 
+    /// The pending windows under their full keys; empties them and the names they used.
+    fn take_windows(&mut self) -> PendingWindows {
+        let windows = self
+            .pending
+            .drain()
+            .map(|(key, sums)| (self.names.window_key(&key), sums))
+            .collect();
+        self.names = Names::default();
+        windows
+    }
+
     /// Moves the pending state out into a batch share (None when nothing moved).
     fn take_part(&mut self, partition: i32, prune: bool, rules: &IngestRules) -> Option<PartitionBatch> {
         if !self.dirty {
@@ -366,7 +508,7 @@ impl PartitionState {
                 watermark: self.watermark_ms.map(from_millis),
                 forget_before: self.forget_before_ms.take().map(from_millis),
             },
-            windows: std::mem::take(&mut self.pending),
+            windows: self.take_windows(),
             rejected: std::mem::take(&mut self.rejected),
             seen: std::mem::take(&mut self.new_seen),
             counts: std::mem::take(&mut self.counts),
@@ -442,6 +584,27 @@ impl Aggregator {
     /// Each owned partition with the next offset it will count.
     pub fn positions(&self) -> Vec<(i32, Option<i64>)> {
         self.partitions.iter().map(|(p, s)| (*p, s.next_offset)).collect()
+    }
+
+    /// Where to read each partition again from after consumption was paused: a little before
+    /// the next offset to count, checked like a fresh assignment. librdkafka resumes a paused
+    /// partition at the message after the last one it delivered, which is usually inside a
+    /// record batch, and tansu 0.6 answers a fetch from inside a batch with the *next* batch:
+    /// the rest of the batch would be skipped (see [`START_MARGIN`]).
+    pub fn resume_points(&mut self) -> Vec<(i32, i64)> {
+        self.partitions
+            .iter_mut()
+            .filter_map(|(&p, state)| {
+                let next = state.next_offset.filter(|n| *n > 0)?;
+                let from = start_offset(next);
+                state.unverified_start = Some(StartCheck {
+                    next,
+                    from,
+                    step: START_MARGIN,
+                });
+                Some((p, from))
+            })
+            .collect()
     }
 
     /// Messages taken in since the last flush, over all partitions.
@@ -539,6 +702,61 @@ mod tests {
         let mut a = Aggregator::new(rules());
         a.assign(vec![new_claim(partition)]);
         a
+    }
+
+    #[test]
+    fn packed_ids_round_trip() {
+        let ids = ["a", "req-7f3a", &"é".repeat(128)];
+        let first_ms = 1_764_385_200_123;
+        let mut seen = SeenIds::default();
+        for (i, id) in ids.iter().enumerate() {
+            seen.push(id, first_ms + i as i64);
+        }
+        let want: Vec<(&str, DateTime<Utc>)> = ids
+            .iter()
+            .enumerate()
+            .map(|(i, id)| (*id, from_millis(first_ms + i as i64)))
+            .collect();
+        assert_eq!(seen.iter().collect::<Vec<_>>(), want);
+        assert_eq!(seen.newest(), Some(from_millis(first_ms + 2)));
+    }
+
+    #[test]
+    fn a_label_set_is_one_window_whatever_the_order_and_names_start_over_after_a_flush() {
+        let mut a = fresh(0);
+        let with_labels = |id: &str, labels: &str| {
+            format!(
+                r#"{{"event_id":"{id}","timestamp":"2026-11-29T03:00:00Z","model":"m","hardware":"h","compute":1,"storage":1,"labels":{labels}}}"#
+            )
+            .into_bytes()
+        };
+        a.ingest(0, 0, Some(&with_labels("a", r#"{"team":"x","env":"prod"}"#)), now());
+        a.ingest(0, 1, Some(&with_labels("b", r#"{"env":"prod","team":"x"}"#)), now());
+        a.ingest(0, 2, Some(&with_labels("c", r#"{"env":"prod"}"#)), now());
+        a.ingest(0, 3, Some(&event("d", "2026-11-29T03:00:00Z", "1")), now());
+        let windows = a.batch(None).windows();
+        let events: Vec<(Vec<(&str, &str)>, i64)> = windows
+            .iter()
+            .map(|(k, s)| {
+                (
+                    k.labels.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect(),
+                    s.events,
+                )
+            })
+            .collect();
+        assert_eq!(
+            events,
+            vec![
+                (vec![], 1),
+                (vec![("env", "prod")], 1),
+                (vec![("env", "prod"), ("team", "x")], 2)
+            ]
+        );
+        a.ingest(0, 4, Some(&with_labels("e", r#"{"team":"y"}"#)), now());
+        let next = a.batch(None).windows();
+        assert_eq!(next.len(), 1);
+        assert_eq!(next[0].0.labels, Labels::from([("team".to_owned(), "y".to_owned())]));
+        assert_eq!((next[0].0.model.as_str(), next[0].0.hardware.as_str()), ("m", "h"));
     }
 
     #[test]

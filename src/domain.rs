@@ -23,7 +23,9 @@ pub enum NameError {
     Nul,
 }
 
-fn check_name(s: &str) -> Result<(), NameError> {
+/// The rule every bounded name follows (1 to 128 characters, no NUL), for callers that check a
+/// borrowed name before deciding whether to keep it.
+pub fn check_name(s: &str) -> Result<(), NameError> {
     if s.is_empty() {
         return Err(NameError::Empty);
     }
@@ -57,6 +59,14 @@ macro_rules! bounded_name {
             }
 
             pub fn as_str(&self) -> &str {
+                &self.0
+            }
+        }
+
+        // Hash and Eq are those of the inner `String`, so maps keyed by the name can be
+        // looked up with a borrowed `&str`.
+        impl std::borrow::Borrow<str> for $name {
+            fn borrow(&self) -> &str {
                 &self.0
             }
         }

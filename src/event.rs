@@ -12,7 +12,7 @@ use rust_decimal::Decimal;
 use serde::Deserialize;
 use serde_json::value::RawValue;
 
-use crate::domain::{ComputeUnits, EventId, HardwareName, ModelName, NameError, StorageUnits};
+use crate::domain::{check_name, ComputeUnits, EventId, HardwareName, ModelName, NameError, StorageUnits};
 
 /// Largest T or S one event may carry. Far above any real request, low enough that a window's
 /// sums can never overflow the 96-bit decimal they are kept in.
@@ -33,6 +33,39 @@ pub struct UsageEvent {
     pub compute: ComputeUnits,
     pub storage: StorageUnits,
     pub labels: Labels,
+}
+
+/// A valid event as [`decode_ref`] returns it: names and labels are borrowed from the payload
+/// (unless JSON escapes had to be undone), so that the aggregator allocates only for what it
+/// keeps. Every field is validated exactly as in [`UsageEvent`].
+#[derive(Debug, Clone, PartialEq)]
+pub struct UsageEventRef<'a> {
+    pub event_id: Cow<'a, str>,
+    pub timestamp: DateTime<Utc>,
+    pub model: Cow<'a, str>,
+    pub hardware: Cow<'a, str>,
+    pub compute: ComputeUnits,
+    pub storage: StorageUnits,
+    pub labels: BTreeMap<Cow<'a, str>, Cow<'a, str>>,
+}
+
+impl UsageEventRef<'_> {
+    pub fn into_owned(self) -> UsageEvent {
+        let valid = "validated by decode_ref";
+        UsageEvent {
+            event_id: EventId::parse(self.event_id).expect(valid),
+            timestamp: self.timestamp,
+            model: ModelName::parse(self.model).expect(valid),
+            hardware: HardwareName::parse(self.hardware).expect(valid),
+            compute: self.compute,
+            storage: self.storage,
+            labels: self
+                .labels
+                .into_iter()
+                .map(|(k, v)| (k.into_owned(), v.into_owned()))
+                .collect(),
+        }
+    }
 }
 
 /// The machine-readable part of a rejection; stored as its `as_str()` in `rejected_events`.
@@ -144,6 +177,15 @@ struct Wire<'a> {
 
 /// Decodes and validates one Kafka payload (`None` is a tombstone or empty message).
 pub fn decode(payload: Option<&[u8]>, limits: &Limits, now: DateTime<Utc>) -> Result<UsageEvent, Rejection> {
+    decode_ref(payload, limits, now).map(UsageEventRef::into_owned)
+}
+
+/// [`decode`] without copying the names and labels out of the payload.
+pub fn decode_ref<'a>(
+    payload: Option<&'a [u8]>,
+    limits: &Limits,
+    now: DateTime<Utc>,
+) -> Result<UsageEventRef<'a>, Rejection> {
     let bytes = match payload {
         Some(b) if !b.is_empty() => b,
         _ => return Err(Rejection::new(RejectCode::EmptyPayload, "the message has no payload")),
@@ -162,15 +204,15 @@ pub fn decode(payload: Option<&[u8]>, limits: &Limits, now: DateTime<Utc>) -> Re
         .map_err(|e| Rejection::new(RejectCode::InvalidUtf8, format!("the payload is not valid UTF-8: {e}")))?;
     let wire: Wire<'_> = serde_json::from_str(text).map_err(classify_json_error)?;
 
-    let event_id = name("event_id", wire.event_id, EventId::parse)?;
-    let model = name("model", wire.model, ModelName::parse)?;
-    let hardware = name("hardware", wire.hardware, HardwareName::parse)?;
+    let event_id = name("event_id", wire.event_id)?;
+    let model = name("model", wire.model)?;
+    let hardware = name("hardware", wire.hardware)?;
     let compute = ComputeUnits(quantity("compute", wire.compute)?);
     let storage = StorageUnits(quantity("storage", wire.storage)?);
     let timestamp = timestamp(&wire.timestamp, limits, now)?;
     let labels = labels(wire.labels)?;
 
-    Ok(UsageEvent {
+    Ok(UsageEventRef {
         event_id,
         timestamp,
         model,
@@ -194,8 +236,8 @@ fn classify_json_error(e: serde_json::Error) -> Rejection {
     }
 }
 
-fn name<T>(field: &str, value: Cow<'_, str>, parse: fn(String) -> Result<T, NameError>) -> Result<T, Rejection> {
-    parse(value.into_owned()).map_err(|e| {
+fn name<'a>(field: &str, value: Cow<'a, str>) -> Result<Cow<'a, str>, Rejection> {
+    check_name(&value).map(|()| value).map_err(|e| {
         let code = match e {
             NameError::Empty | NameError::Nul => RejectCode::InvalidField,
             NameError::TooLong(_) => RejectCode::FieldTooLong,
@@ -274,9 +316,11 @@ fn timestamp(text: &str, limits: &Limits, now: DateTime<Utc>) -> Result<DateTime
     Ok(ts)
 }
 
-fn labels(raw: Option<BTreeMap<Cow<'_, str>, Cow<'_, str>>>) -> Result<Labels, Rejection> {
+type RawLabels<'a> = BTreeMap<Cow<'a, str>, Cow<'a, str>>;
+
+fn labels(raw: Option<RawLabels<'_>>) -> Result<RawLabels<'_>, Rejection> {
     let Some(raw) = raw else {
-        return Ok(Labels::new());
+        return Ok(RawLabels::new());
     };
     if raw.len() > MAX_LABELS {
         return Err(Rejection::new(
@@ -284,29 +328,27 @@ fn labels(raw: Option<BTreeMap<Cow<'_, str>, Cow<'_, str>>>) -> Result<Labels, R
             format!("labels has {} entries, the limit is {MAX_LABELS}", raw.len()),
         ));
     }
-    raw.into_iter()
-        .map(|(k, v)| {
-            for (what, s) in [("key", &k), ("value", &v)] {
-                if s.contains('\0') {
-                    return Err(Rejection::new(
-                        RejectCode::InvalidField,
-                        format!("label {what} {} must not contain NUL characters", abbreviate(s)),
-                    ));
-                }
-                let chars = s.chars().count();
-                if chars > crate::domain::MAX_NAME_CHARS {
-                    return Err(Rejection::new(
-                        RejectCode::FieldTooLong,
-                        format!(
-                            "label {what} {} is {chars} characters long, the limit is 128",
-                            abbreviate(s)
-                        ),
-                    ));
-                }
+    for (k, v) in &raw {
+        for (what, s) in [("key", k), ("value", v)] {
+            if s.contains('\0') {
+                return Err(Rejection::new(
+                    RejectCode::InvalidField,
+                    format!("label {what} {} must not contain NUL characters", abbreviate(s)),
+                ));
             }
-            Ok((k.into_owned(), v.into_owned()))
-        })
-        .collect()
+            let chars = s.chars().count();
+            if chars > crate::domain::MAX_NAME_CHARS {
+                return Err(Rejection::new(
+                    RejectCode::FieldTooLong,
+                    format!(
+                        "label {what} {} is {chars} characters long, the limit is 128",
+                        abbreviate(s)
+                    ),
+                ));
+            }
+        }
+    }
+    Ok(raw)
 }
 
 /// Keeps quoted input short in messages: a rejected 60 KB field should not become a 60 KB reason.

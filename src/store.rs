@@ -9,7 +9,7 @@ use rust_decimal::Decimal;
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use sqlx::{ConnectOptions, PgPool, Row};
 
-use crate::aggregate::{Claim, FlushBatch, IngestRules, SeenEvent};
+use crate::aggregate::{decode_ids, Claim, FlushBatch, IngestRules};
 use crate::faults::{self, FaultPoint};
 use crate::pricing::PriceBook;
 use crate::window::{from_millis, WindowKey, WindowSize, WindowSums};
@@ -179,7 +179,8 @@ impl Store {
         for r in seen_rows {
             let partition: i32 = r.get("partition");
             if let Some(c) = claims.iter_mut().find(|c| c.partition == partition) {
-                c.seen.extend(decode_ids(r.get("ids")));
+                let ids: &[u8] = r.get("ids");
+                c.seen.extend(decode_ids(ids).map(|(id, t)| (id.to_owned(), t)));
             }
         }
         Ok(claims)
@@ -191,6 +192,19 @@ impl Store {
         &self,
         topic: &str,
         batch: &FlushBatch,
+        prices: &PriceBook,
+        layout: WindowLayout,
+    ) -> Result<(), StoreError> {
+        self.write(topic, batch, &batch.windows(), prices, layout).await
+    }
+
+    /// [`Store::flush`] with the batch's windows already merged ([`FlushBatch::windows`]), for a
+    /// caller that uses them again afterwards.
+    pub async fn write(
+        &self,
+        topic: &str,
+        batch: &FlushBatch,
+        windows: &[(WindowKey, WindowSums)],
         prices: &PriceBook,
         layout: WindowLayout,
     ) -> Result<(), StoreError> {
@@ -254,9 +268,8 @@ impl Store {
             return Err(StoreError::Stale { fenced, applied });
         }
 
-        let windows = batch.windows();
         if !windows.is_empty() {
-            write_windows(&mut tx, &windows, prices, layout).await?;
+            write_windows(&mut tx, windows, prices, layout).await?;
         }
 
         let r: Vec<_> = batch.rejected().collect();
@@ -279,13 +292,10 @@ impl Store {
 
         // One row per partition with all of this flush's new ids: a per-event row costs more
         // than everything else in the flush together.
-        let packed: Vec<(i32, DateTime<Utc>, Vec<u8>)> = batch
+        let packed: Vec<(i32, DateTime<Utc>, &[u8])> = batch
             .parts
             .iter()
-            .filter_map(|part| {
-                let newest = part.seen.iter().map(|e| e.event_time).max()?;
-                Some((part.progress.partition, newest, encode_ids(&part.seen)))
-            })
+            .filter_map(|part| Some((part.progress.partition, part.seen.newest()?, part.seen.as_bytes())))
             .collect();
         if !packed.is_empty() {
             sqlx::query(
@@ -295,7 +305,7 @@ impl Store {
             .bind(topic)
             .bind(packed.iter().map(|p| p.0).collect::<Vec<_>>())
             .bind(packed.iter().map(|p| p.1).collect::<Vec<_>>())
-            .bind(packed.iter().map(|p| p.2.as_slice()).collect::<Vec<_>>())
+            .bind(packed.iter().map(|p| p.2).collect::<Vec<_>>())
             .execute(&mut *tx)
             .await?;
         }
@@ -420,61 +430,7 @@ async fn write_windows(
     Ok(())
 }
 
-/// Packs event ids with their event times: per id a big-endian u16 byte length, the UTF-8 id
-/// (at most 128 characters, so at most 512 bytes) and a big-endian i64 of Unix milliseconds.
-fn encode_ids(seen: &[SeenEvent]) -> Vec<u8> {
-    let mut out = Vec::with_capacity(seen.iter().map(|e| e.event_id.as_str().len() + 10).sum());
-    for e in seen {
-        let id = e.event_id.as_str().as_bytes();
-        out.extend_from_slice(&(id.len() as u16).to_be_bytes());
-        out.extend_from_slice(id);
-        out.extend_from_slice(&e.event_time.timestamp_millis().to_be_bytes());
-    }
-    out
-}
-
-/// Unpacks [`encode_ids`]; a truncated tail (which this code never writes) is ignored.
-fn decode_ids(mut bytes: &[u8]) -> Vec<(String, DateTime<Utc>)> {
-    let mut ids = Vec::new();
-    while bytes.len() >= 2 {
-        let len = u16::from_be_bytes([bytes[0], bytes[1]]) as usize;
-        let Some(record) = bytes.get(2..2 + len + 8) else { break };
-        let (id, ms) = record.split_at(len);
-        let ms = i64::from_be_bytes(ms.try_into().expect("8 bytes"));
-        if let (Ok(id), Some(t)) = (std::str::from_utf8(id), DateTime::<Utc>::from_timestamp_millis(ms)) {
-            ids.push((id.to_owned(), t));
-        }
-        bytes = &bytes[2 + len + 8..];
-    }
-    ids
-}
-
 /// The payload as text when PostgreSQL can hold it as text (valid UTF-8, no NUL byte).
 fn payload_text(payload: &[u8]) -> Option<&str> {
     std::str::from_utf8(payload).ok().filter(|s| !s.contains('\0'))
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::domain::EventId;
-
-    #[test]
-    fn packed_ids_round_trip() {
-        let seen: Vec<SeenEvent> = ["a", "req-7f3a", &"é".repeat(128)]
-            .iter()
-            .enumerate()
-            .map(|(i, id)| SeenEvent {
-                partition: 0,
-                event_id: EventId::parse(*id).unwrap(),
-                event_time: DateTime::<Utc>::from_timestamp_millis(1_764_385_200_123 + i as i64).unwrap(),
-            })
-            .collect();
-        let decoded = decode_ids(&encode_ids(&seen));
-        let want: Vec<(String, DateTime<Utc>)> = seen
-            .iter()
-            .map(|e| (e.event_id.as_str().to_owned(), e.event_time))
-            .collect();
-        assert_eq!(decoded, want);
-    }
 }

@@ -12,6 +12,7 @@ use rust_decimal::Decimal;
 
 use crate::aggregate::FlushBatch;
 use crate::pricing::PriceBook;
+use crate::window::{WindowKey, WindowSums};
 
 pub const EVENTS_TOTAL: &str = "costwatch_events_total";
 pub const REJECTED_TOTAL: &str = "costwatch_rejected_events_total";
@@ -166,7 +167,8 @@ pub fn deliveries_pending(n: i64) {
 
 /// Counts a committed flush. Called only after COMMIT, so counters never run ahead of the
 /// database: their increase over a range matches `usage_costs` for that range.
-pub fn flush_committed(batch: &FlushBatch, prices: &PriceBook, took: Duration) {
+/// `windows` are the batch's merged windows ([`FlushBatch::windows`]), as the flush wrote them.
+pub fn flush_committed(batch: &FlushBatch, windows: &[(WindowKey, WindowSums)], prices: &PriceBook, took: Duration) {
     let c = batch.counts();
     counter!(EVENTS_TOTAL, "outcome" => "accepted").increment(c.accepted - c.late);
     counter!(EVENTS_TOTAL, "outcome" => "late").increment(c.late);
@@ -177,8 +179,7 @@ pub fn flush_committed(batch: &FlushBatch, prices: &PriceBook, took: Duration) {
     }
     let ledger = ledger();
     let mut inner = ledger.inner.lock().unwrap_or_else(|p| p.into_inner());
-    // Per partition share, unmerged: counters only add, so merging first would be wasted work.
-    for (key, sums) in batch.parts.iter().flat_map(|p| &p.windows) {
+    for (key, sums) in windows {
         let model = inner.cap.model(key.model.as_str());
         let hardware = inner.cap.hardware(key.hardware.as_str());
         let pair = vec![("model", model.clone()), ("hardware", hardware.clone())];

@@ -529,7 +529,16 @@ async fn a_soak_of_mixed_faults_keeps_totals_exact() {
             1 if daemons.len() < 3 => daemons.push(world.start(&config)),
             2 if daemons.len() > 1 => {
                 let mut d = daemons.pop().unwrap();
-                assert!(d.terminate(WAIT).success());
+                let status = d.terminate(WAIT);
+                // A daemon started with COSTWATCH_FAULTS may reach its injected abort in the
+                // final flush: that is one more crash, not a failed shutdown. Any other exit
+                // must be clean.
+                let injected = d.log_text().contains("injected fault: aborting");
+                assert!(
+                    status.success() || injected,
+                    "SIGTERM ended costwatch with {status}:\n{}",
+                    d.log_text()
+                );
             }
             3 => {
                 let fault = ["before_commit=2", "after_commit=2", "ambiguous_commit=2"][rng.gen_range(0..3)];

@@ -115,7 +115,7 @@ pub async fn run(
 impl Evaluator {
     async fn tick(&mut self) {
         let now = Utc::now();
-        let evaluated = match self.evaluate(now).await {
+        let evaluated = match evaluate_all(&self.settings, &self.store, now).await {
             Ok(evaluated) => evaluated,
             Err(error) => {
                 warn!(%error, "cannot evaluate budgets; keeping the previous state");
@@ -158,10 +158,6 @@ impl Evaluator {
             self.leading = false;
             telemetry::alerting_leader(false);
         }
-    }
-
-    async fn evaluate(&self, now: DateTime<Utc>) -> Result<Vec<(&BudgetSettings, BudgetStatus)>, StoreError> {
-        evaluate_all(&self.settings, &self.store, now).await
     }
 
     fn publish_error(&self, error: String) {

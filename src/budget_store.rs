@@ -176,8 +176,8 @@ impl AlertRecord {
             ends_at: r.get("ends_at"),
             updated_at: r.get("updated_at"),
             alertmanager_pending: r.get("alertmanager_pending"),
-            pending_deliveries: r.try_get("pending_deliveries").unwrap_or(0),
-            last_error: r.try_get("last_error").unwrap_or(None),
+            pending_deliveries: r.get("pending_deliveries"),
+            last_error: r.get("last_error"),
         }
     }
 }

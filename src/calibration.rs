@@ -320,27 +320,15 @@ impl CalibrationReport {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::{CoefficientEntry, HardwarePrice, PricingSettings};
     use crate::domain::{ComputeUnits, StorageUnits};
     use crate::pricing::CoefficientVersion;
-    use crate::test_support::{d, hw, model, t};
+    use crate::test_support::{book as book_of, coefficient, d, hardware_price, hw, model, t};
 
     fn book() -> PriceBook {
-        PriceBook::from_settings(&PricingSettings {
-            currency: "USD".into(),
-            hardware: vec![HardwarePrice {
-                name: hw("gpu"),
-                compute_price: UnitPrice(d("0.1")),
-                storage_price: UnitPrice(d("0")),
-                deployment: None,
-            }],
-            coefficients: vec![CoefficientEntry {
-                model: model("m"),
-                hardware: hw("gpu"),
-                k1: Coefficient(d("0.5")),
-                k2: Coefficient(d("0.7")),
-            }],
-        })
+        book_of(
+            vec![hardware_price("gpu", "0.1", "0", None)],
+            vec![coefficient("m", "gpu", "0.5", "0.7")],
+        )
     }
 
     /// A bill of `amount` over day `day` with usage `compute`, priced at 0.1 when written.

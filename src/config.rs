@@ -314,13 +314,6 @@ impl Default for AlertingSettings {
     }
 }
 
-impl AlertingSettings {
-    /// True when alerts have somewhere to go.
-    pub fn has_receivers(&self) -> bool {
-        self.alertmanager_url.is_some() || !self.webhooks.is_empty()
-    }
-}
-
 /// One generic webhook receiver. The body is signed with HMAC-SHA256 over the exact bytes.
 #[derive(Clone, Deserialize)]
 #[serde(deny_unknown_fields)]

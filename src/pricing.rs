@@ -431,7 +431,7 @@ impl EstimateRequest {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::test_support::{d, t};
+    use crate::test_support::{book, coefficient, d, hardware_price, t};
 
     #[test]
     fn worked_example_costs_130() {
@@ -459,25 +459,13 @@ mod tests {
     }
 
     fn configured_book() -> PriceBook {
-        use crate::config::{CoefficientEntry, HardwarePrice};
-        PriceBook::from_settings(&PricingSettings {
-            currency: "USD".into(),
-            hardware: ["a100", "h100"]
-                .into_iter()
-                .map(|name| HardwarePrice {
-                    name: HardwareName::parse(name).unwrap(),
-                    compute_price: UnitPrice(d("0.1")),
-                    storage_price: UnitPrice(d("0.2")),
-                    deployment: None,
-                })
-                .collect(),
-            coefficients: vec![CoefficientEntry {
-                model: ModelName::parse("m").unwrap(),
-                hardware: HardwareName::parse("a100").unwrap(),
-                k1: Coefficient(d("0.5")),
-                k2: Coefficient(d("0.8")),
-            }],
-        })
+        book(
+            vec![
+                hardware_price("a100", "0.1", "0.2", None),
+                hardware_price("h100", "0.1", "0.2", None),
+            ],
+            vec![coefficient("m", "a100", "0.5", "0.8")],
+        )
     }
 
     #[test]

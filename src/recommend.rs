@@ -201,27 +201,8 @@ pub fn to_text(recommendations: &[Recommendation], currency: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::{CoefficientEntry, HardwarePrice, PricingSettings};
     use crate::pricing::CoefficientVersion;
-    use crate::test_support::{d, hw, model, t};
-
-    fn price(name: &str, cc: &str, cs: &str, deployment: Option<Deployment>) -> HardwarePrice {
-        HardwarePrice {
-            name: hw(name),
-            compute_price: UnitPrice(d(cc)),
-            storage_price: UnitPrice(d(cs)),
-            deployment,
-        }
-    }
-
-    fn coefficient(m: &str, h: &str, k1: &str, k2: &str) -> CoefficientEntry {
-        CoefficientEntry {
-            model: model(m),
-            hardware: hw(h),
-            k1: Coefficient(d(k1)),
-            k2: Coefficient(d(k2)),
-        }
-    }
+    use crate::test_support::{book, coefficient, d, hardware_price, hw, model, t};
 
     /// The hand-computed case of the README: llama with T = 1000, S = 200 that actually cost 100.
     ///
@@ -233,19 +214,18 @@ mod tests {
     /// | tpu (no coefficients) | skipped | | | | |
     #[test]
     fn targets_rank_cheapest_first_with_savings_against_the_actual_cost() {
-        let book = PriceBook::from_settings(&PricingSettings {
-            currency: "USD".into(),
-            hardware: vec![
-                price("a100", "0.08", "0.1", Some(Deployment::Cloud)),
-                price("jetson", "0.02", "0.05", Some(Deployment::Edge)),
-                price("cpu", "0.01", "0.01", Some(Deployment::Cloud)),
-                price("tpu", "0.001", "0.001", None),
+        let book = book(
+            vec![
+                hardware_price("a100", "0.08", "0.1", Some(Deployment::Cloud)),
+                hardware_price("jetson", "0.02", "0.05", Some(Deployment::Edge)),
+                hardware_price("cpu", "0.01", "0.01", Some(Deployment::Cloud)),
+                hardware_price("tpu", "0.001", "0.001", None),
             ],
-            coefficients: vec![
+            vec![
                 coefficient("llama", "a100", "1", "0.5"),
                 coefficient("llama", "cpu", "100", "100"),
             ],
-        })
+        )
         .with_versions(vec![
             CoefficientVersion {
                 id: 7,
@@ -317,11 +297,10 @@ mod tests {
 
     #[test]
     fn an_unknown_actual_cost_gives_costs_but_no_savings() {
-        let book = PriceBook::from_settings(&PricingSettings {
-            currency: "USD".into(),
-            hardware: vec![price("a100", "0.1", "0.2", None)],
-            coefficients: vec![coefficient("m", "a100", "0.5", "0.8")],
-        });
+        let book = book(
+            vec![hardware_price("a100", "0.1", "0.2", None)],
+            vec![coefficient("m", "a100", "0.5", "0.8")],
+        );
         let usage = ModelUsage {
             model: model("m"),
             compute: ComputeUnits(d("1000")),
@@ -337,14 +316,16 @@ mod tests {
 
     #[test]
     fn a_model_already_on_its_cheapest_target_has_no_potential_saving() {
-        let book = PriceBook::from_settings(&PricingSettings {
-            currency: "USD".into(),
-            hardware: vec![price("a100", "0.1", "0.2", None), price("h100", "1", "1", None)],
-            coefficients: vec![
+        let book = book(
+            vec![
+                hardware_price("a100", "0.1", "0.2", None),
+                hardware_price("h100", "1", "1", None),
+            ],
+            vec![
                 coefficient("m", "a100", "0.5", "0.8"),
                 coefficient("m", "h100", "1", "1"),
             ],
-        });
+        );
         let usage = ModelUsage {
             model: model("m"),
             compute: ComputeUnits(d("1000")),

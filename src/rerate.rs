@@ -367,25 +367,13 @@ impl RerateReport {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::{CoefficientEntry, HardwarePrice, PricingSettings};
-    use crate::test_support::{d, t};
+    use crate::test_support::{book as book_of, coefficient, d, hardware_price, t};
 
     fn book() -> PriceBook {
-        PriceBook::from_settings(&PricingSettings {
-            currency: "USD".into(),
-            hardware: vec![HardwarePrice {
-                name: HardwareName::parse("a100").unwrap(),
-                compute_price: UnitPrice(d("0.1")),
-                storage_price: UnitPrice(d("0.2")),
-                deployment: None,
-            }],
-            coefficients: vec![CoefficientEntry {
-                model: ModelName::parse("m").unwrap(),
-                hardware: HardwareName::parse("a100").unwrap(),
-                k1: Coefficient(d("0.5")),
-                k2: Coefficient(d("0.8")),
-            }],
-        })
+        book_of(
+            vec![hardware_price("a100", "0.1", "0.2", None)],
+            vec![coefficient("m", "a100", "0.5", "0.8")],
+        )
     }
 
     fn row(hardware: &str, rates: Option<(&str, &str, &str, &str)>) -> StoredRow {

@@ -5,13 +5,15 @@
 //! after the stored offset): that is what makes replay after a crash produce the same rows.
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
 
 use ahash::{HashMap, HashMapExt};
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 
-use crate::domain::{EventId, HardwareName, ModelName};
+use crate::dedup::SeenSet;
+use crate::domain::{HardwareName, ModelName};
 use crate::event::{self, Labels, Limits, RejectCode, Rejection, UsageEventRef};
 use crate::window::{from_millis, PendingWindows, WindowKey, WindowSize, WindowSums};
 
@@ -73,8 +75,9 @@ pub struct Claim {
     /// The first offset not yet counted; `None` when nothing was ever counted.
     pub next_offset: Option<i64>,
     pub watermark: Option<DateTime<Utc>>,
-    /// Event ids inside the dedup horizon, with their event time.
-    pub seen: Vec<(String, DateTime<Utc>)>,
+    /// Event ids stored for this partition (in PostgreSQL's packed form), with their event time;
+    /// those inside the dedup horizon are remembered.
+    pub seen: SeenIds,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -104,6 +107,13 @@ impl SeenIds {
         self.bytes.extend_from_slice(id);
         self.bytes.extend_from_slice(&event_time_ms.to_be_bytes());
         self.newest_ms = Some(self.newest_ms.map_or(event_time_ms, |n| n.max(event_time_ms)));
+    }
+
+    /// Appends ids in the packed form (a `seen_event_batch.ids` value read back).
+    pub fn extend_packed(&mut self, bytes: &[u8]) {
+        for (id, t) in decode_ids(bytes) {
+            self.push(id, t.timestamp_millis());
+        }
     }
 
     pub fn is_empty(&self) -> bool {
@@ -208,15 +218,16 @@ impl FlushBatch {
 
     /// Window sums merged over partitions and sorted by key, so concurrent writers lock rows in
     /// the same order and cannot deadlock.
-    pub fn windows(&self) -> Vec<(WindowKey, WindowSums)> {
+    /// The keys are borrowed from the batch: a large batch's keys are not held twice.
+    pub fn windows(&self) -> Vec<(&WindowKey, WindowSums)> {
         let mut merged: HashMap<&WindowKey, WindowSums> = HashMap::new();
         for part in &self.parts {
             for (key, sums) in &part.windows {
                 merged.entry(key).or_default().merge(sums);
             }
         }
-        let mut windows: Vec<(WindowKey, WindowSums)> = merged.into_iter().map(|(k, v)| (k.clone(), v)).collect();
-        windows.sort_unstable_by(|a, b| a.0.cmp(&b.0));
+        let mut windows: Vec<(&WindowKey, WindowSums)> = merged.into_iter().collect();
+        windows.sort_unstable_by(|a, b| a.0.cmp(b.0));
         windows
     }
 
@@ -265,7 +276,7 @@ struct PendingKey {
 struct Names {
     models: Table<ModelName>,
     hardware: Table<HardwareName>,
-    labels: Table<Labels>,
+    labels: Table<Arc<Labels>>,
     /// Reused buffer for a label set's lookup text.
     scratch: String,
 }
@@ -289,11 +300,13 @@ impl Names {
             }
         }
         let labels = self.labels.number(&self.scratch, || {
-            event
-                .labels
-                .iter()
-                .map(|(k, v)| (k.as_ref().to_owned(), v.as_ref().to_owned()))
-                .collect()
+            Arc::new(
+                event
+                    .labels
+                    .iter()
+                    .map(|(k, v)| (k.as_ref().to_owned(), v.as_ref().to_owned()))
+                    .collect(),
+            )
         });
         PendingKey {
             start_ms,
@@ -348,8 +361,9 @@ struct PartitionState {
     /// What PostgreSQL holds for this partition, as of the last confirmed flush.
     stored_offset: Option<i64>,
     watermark_ms: Option<i64>,
-    /// Event id to event time (ms); pruned once older than watermark minus the dedup horizon.
-    seen: HashMap<EventId, i64>,
+    /// Event ids counted, with their event time; pruned once older than watermark minus the
+    /// dedup horizon.
+    seen: SeenSet,
     pending: HashMap<PendingKey, WindowSums>,
     names: Names,
     rejected: Vec<RejectedMessage>,
@@ -368,15 +382,13 @@ impl PartitionState {
     fn from_claim(claim: Claim, rules: &IngestRules) -> Self {
         let watermark_ms = claim.watermark.map(|w| w.timestamp_millis());
         let horizon_start = watermark_ms.map(|w| w - rules.dedup_horizon_ms);
-        let seen = claim
-            .seen
-            .into_iter()
-            .filter_map(|(id, t)| {
-                let ms = t.timestamp_millis();
-                let inside = horizon_start.is_none_or(|h| ms >= h);
-                Some((EventId::parse(id).ok()?, ms)).filter(|_| inside)
-            })
-            .collect();
+        let mut seen = SeenSet::new();
+        for (id, t) in claim.seen.iter() {
+            let ms = t.timestamp_millis();
+            if horizon_start.is_none_or(|h| ms >= h) {
+                seen.insert(id, ms);
+            }
+        }
         Self {
             epoch: claim.epoch,
             next_offset: claim.next_offset,
@@ -445,15 +457,13 @@ impl PartitionState {
         };
 
         let ts_ms = event.timestamp.timestamp_millis();
-        if self.seen.contains_key(event.event_id.as_ref()) {
+        // An event older than the dedup horizon cannot be checked against ids we have already
+        // forgotten; it is still accepted (dedup is best effort beyond the horizon, by contract).
+        if !self.seen.insert(&event.event_id, ts_ms) {
             self.counts.duplicate += 1;
             return Outcome::Duplicate;
         }
-        // An event older than the dedup horizon cannot be checked against ids we have already
-        // forgotten; it is still accepted (dedup is best effort beyond the horizon, by contract).
         self.new_seen.push(&event.event_id, ts_ms);
-        let id = EventId::parse(event.event_id.as_ref()).expect("validated by decode_ref");
-        self.seen.insert(id, ts_ms);
 
         let late = self.watermark_ms.is_some_and(|w| ts_ms < w - rules.allowed_lateness_ms);
         self.watermark_ms = Some(self.watermark_ms.map_or(ts_ms, |w| w.max(ts_ms)));
@@ -475,7 +485,7 @@ impl PartitionState {
     fn prune_seen(&mut self, rules: &IngestRules) {
         let Some(w) = self.watermark_ms else { return };
         let cutoff = w - rules.dedup_horizon_ms;
-        self.seen.retain(|_, t| *t >= cutoff);
+        self.seen.retain_from(cutoff);
         self.forget_before_ms = Some(cutoff);
     }
 
@@ -694,7 +704,7 @@ mod tests {
             epoch: 1,
             next_offset: None,
             watermark: None,
-            seen: vec![],
+            seen: SeenIds::default(),
         }
     }
 
@@ -734,7 +744,8 @@ mod tests {
         a.ingest(0, 1, Some(&with_labels("b", r#"{"env":"prod","team":"x"}"#)), now());
         a.ingest(0, 2, Some(&with_labels("c", r#"{"env":"prod"}"#)), now());
         a.ingest(0, 3, Some(&event("d", "2026-11-29T03:00:00Z", "1")), now());
-        let windows = a.batch(None).windows();
+        let batch = a.batch(None);
+        let windows = batch.windows();
         let events: Vec<(Vec<(&str, &str)>, i64)> = windows
             .iter()
             .map(|(k, s)| {
@@ -753,9 +764,10 @@ mod tests {
             ]
         );
         a.ingest(0, 4, Some(&with_labels("e", r#"{"team":"y"}"#)), now());
-        let next = a.batch(None).windows();
+        let batch = a.batch(None);
+        let next = batch.windows();
         assert_eq!(next.len(), 1);
-        assert_eq!(next[0].0.labels, Labels::from([("team".to_owned(), "y".to_owned())]));
+        assert_eq!(*next[0].0.labels, Labels::from([("team".to_owned(), "y".to_owned())]));
         assert_eq!((next[0].0.model.as_str(), next[0].0.hardware.as_str()), ("m", "h"));
     }
 
@@ -780,10 +792,12 @@ mod tests {
             epoch: 2,
             next_offset: Some(10),
             watermark: Some("2026-11-29T03:30:00Z".parse().unwrap()),
-            seen: vec![
-                ("inside".into(), "2026-11-29T03:00:00Z".parse().unwrap()),
-                ("outside".into(), "2026-11-29T02:00:00Z".parse().unwrap()),
-            ],
+            seen: {
+                let mut seen = SeenIds::default();
+                seen.push("inside", 1_795_921_200_000); // 03:00
+                seen.push("outside", 1_795_917_600_000); // 02:00
+                seen
+            },
         }]);
         assert_eq!(
             a.ingest(3, 9, Some(&event("x", "2026-11-29T03:00:00Z", "1")), now()),
@@ -823,7 +837,7 @@ mod tests {
             epoch: 1,
             next_offset: Some(50_000),
             watermark: None,
-            seen: vec![],
+            seen: SeenIds::default(),
         }]);
         // Assigned at 40 000 (START_MARGIN before), yet the broker answered from past 50 000.
         let e = event("a", "2026-11-29T03:00:00Z", "1");
@@ -842,7 +856,7 @@ mod tests {
             epoch: 1,
             next_offset: Some(50),
             watermark: None,
-            seen: vec![],
+            seen: SeenIds::default(),
         }]);
         // Assigned at 0 already (50 is within the margin): a later first message is a real gap.
         let e = event("a", "2026-11-29T03:00:00Z", "1");

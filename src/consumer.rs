@@ -157,7 +157,7 @@ impl Pipeline {
                 partition = claim.partition,
                 epoch = claim.epoch,
                 next_offset = ?claim.next_offset,
-                dedup_ids = claim.seen.len(),
+                dedup_ids = claim.seen.iter().count(),
                 "partition assigned"
             );
         }
@@ -349,7 +349,7 @@ fn lock(aggregator: &Mutex<Aggregator>) -> MutexGuard<'_, Aggregator> {
 
 /// The metrics of a batch known to be in PostgreSQL; the `after_commit` fault point comes first,
 /// so an abort there leaves the counters behind the database, never ahead.
-fn report_committed(batch: &FlushBatch, windows: &[(WindowKey, WindowSums)], prices: &PriceBook, started: Instant) {
+fn report_committed(batch: &FlushBatch, windows: &[(&WindowKey, WindowSums)], prices: &PriceBook, started: Instant) {
     faults::reached(FaultPoint::AfterCommit);
     telemetry::flush_committed(batch, windows, prices, started.elapsed());
 }
@@ -538,8 +538,12 @@ pub fn consume(consumer: BaseConsumer<KafkaContext>, pipeline: Arc<Pipeline>) ->
             Some(_) if pipeline.write_pending() => false,
             Some((at, _)) => Instant::now() >= *at,
             None => {
-                last_flush.elapsed() >= pipeline.flush_interval
-                    || pipeline.aggregator().pending_messages() >= pipeline.max_pending_events
+                let full = pipeline.aggregator().pending_messages() >= pipeline.max_pending_events;
+                // A write that outlasts the flush interval (a large batch, a slow database) is
+                // not waited for: consumption goes on and the next batch starts as soon as it
+                // is done. Waiting here let librdkafka's prefetch queue fill up meanwhile, which
+                // cost memory and then time to drain. Only a full pending state waits.
+                (last_flush.elapsed() >= pipeline.flush_interval && !pipeline.write_pending()) || full
             }
         };
         if !due {

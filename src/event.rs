@@ -9,8 +9,10 @@ use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 use rust_decimal::Decimal;
+use serde::de::{self, Visitor};
 use serde::Deserialize;
 use serde_json::value::RawValue;
+use smallvec::SmallVec;
 
 use crate::domain::{check_name, ComputeUnits, EventId, HardwareName, ModelName, NameError, StorageUnits};
 
@@ -46,7 +48,7 @@ pub struct UsageEventRef<'a> {
     pub hardware: Cow<'a, str>,
     pub compute: ComputeUnits,
     pub storage: StorageUnits,
-    pub labels: BTreeMap<Cow<'a, str>, Cow<'a, str>>,
+    pub labels: RawLabels<'a>,
 }
 
 impl UsageEventRef<'_> {
@@ -171,8 +173,78 @@ struct Wire<'a> {
     compute: &'a RawValue,
     #[serde(borrow)]
     storage: &'a RawValue,
-    #[serde(default, borrow)]
-    labels: Option<BTreeMap<Cow<'a, str>, Cow<'a, str>>>,
+    #[serde(default, borrow, deserialize_with = "label_list")]
+    labels: Option<RawLabels<'a>>,
+}
+
+/// A label set as decoded: sorted by key, one pair per key (the last one wins, as when a JSON
+/// object is read into a map), borrowed from the payload unless JSON escapes had to be undone.
+/// Up to four labels cost no allocation; a map cost one per key, one per value and a node.
+pub type RawLabels<'a> = SmallVec<[(Cow<'a, str>, Cow<'a, str>); 4]>;
+
+/// A string borrowed from the payload where it can be. (`Cow<str>`'s own `Deserialize` always
+/// copies; serde borrows only for a `Cow` that is a struct field of its own.)
+struct Text<'a>(Cow<'a, str>);
+
+impl<'de> Deserialize<'de> for Text<'de> {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct TextVisitor;
+        impl<'de> Visitor<'de> for TextVisitor {
+            type Value = Text<'de>;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("a string")
+            }
+            fn visit_borrowed_str<E: de::Error>(self, v: &'de str) -> Result<Self::Value, E> {
+                Ok(Text(Cow::Borrowed(v)))
+            }
+            fn visit_str<E: de::Error>(self, v: &str) -> Result<Self::Value, E> {
+                Ok(Text(Cow::Owned(v.to_owned())))
+            }
+            fn visit_string<E: de::Error>(self, v: String) -> Result<Self::Value, E> {
+                Ok(Text(Cow::Owned(v)))
+            }
+        }
+        deserializer.deserialize_str(TextVisitor)
+    }
+}
+
+/// `labels`: absent or null is no labels; otherwise an object of strings to strings. Generic in
+/// the output lifetime because `SmallVec` is invariant: the derive needs `RawLabels<'a>` for
+/// some `'a` that `'de` outlives.
+fn label_list<'de: 'a, 'a, D: serde::Deserializer<'de>>(deserializer: D) -> Result<Option<RawLabels<'a>>, D::Error> {
+    struct LabelsVisitor<'a>(std::marker::PhantomData<Cow<'a, str>>);
+    impl<'de: 'a, 'a> Visitor<'de> for LabelsVisitor<'a> {
+        type Value = Option<RawLabels<'a>>;
+        fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+            f.write_str("a map")
+        }
+        fn visit_none<E: de::Error>(self) -> Result<Self::Value, E> {
+            Ok(None)
+        }
+        fn visit_unit<E: de::Error>(self) -> Result<Self::Value, E> {
+            Ok(None)
+        }
+        fn visit_some<D: serde::Deserializer<'de>>(self, d: D) -> Result<Self::Value, D::Error> {
+            d.deserialize_map(self)
+        }
+        fn visit_map<A: de::MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
+            let mut labels = RawLabels::new();
+            while let Some((Text(k), Text(v))) = map.next_entry()? {
+                labels.push((k, v));
+            }
+            // Stable: pairs with the same key stay in payload order, and the last one is kept.
+            labels.sort_by(|a, b| a.0.cmp(&b.0));
+            labels.dedup_by(|later, kept| {
+                let same = later.0 == kept.0;
+                if same {
+                    std::mem::swap(later, kept);
+                }
+                same
+            });
+            Ok(Some(labels))
+        }
+    }
+    deserializer.deserialize_option(LabelsVisitor(std::marker::PhantomData))
 }
 
 /// Decodes and validates one Kafka payload (`None` is a tombstone or empty message).
@@ -315,8 +387,6 @@ fn timestamp(text: &str, limits: &Limits, now: DateTime<Utc>) -> Result<DateTime
     }
     Ok(ts)
 }
-
-type RawLabels<'a> = BTreeMap<Cow<'a, str>, Cow<'a, str>>;
 
 fn labels(raw: Option<RawLabels<'_>>) -> Result<RawLabels<'_>, Rejection> {
     let Some(raw) = raw else {
@@ -482,6 +552,40 @@ mod tests {
         assert_eq!(r.to_string(), "negative_value: compute must be >= 0, got -1");
         let r = decode_str(&GOOD.replace(r#""model": "qwen2-7b-instruct","#, "")).unwrap_err();
         assert!(r.message.starts_with("missing field `model`"), "{r}");
+    }
+
+    #[test]
+    fn labels_come_sorted_once_per_key_and_borrowed_unless_escaped() {
+        let with = |labels: &str| GOOD.replace(r#"{"tenant": "search"}"#, labels);
+        let decoded = |labels: &str| {
+            let payload = with(labels);
+            let e = decode_ref(Some(payload.as_bytes()), &limits(), now()).unwrap();
+            e.labels
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string(), matches!(v, Cow::Borrowed(_))))
+                .collect::<Vec<_>>()
+        };
+        let owned = |k: &str, v: &str, borrowed| (k.to_owned(), v.to_owned(), borrowed);
+        assert_eq!(
+            decoded(r#"{"team": "x", "env": "prod", "a": "1"}"#),
+            vec![owned("a", "1", true), owned("env", "prod", true), owned("team", "x", true)]
+        );
+        // A repeated key keeps its last value, as a JSON object read into a map does.
+        assert_eq!(
+            decoded(r#"{"env": "dev", "team": "x", "env": "prod"}"#),
+            vec![owned("env", "prod", true), owned("team", "x", true)]
+        );
+        assert_eq!(decoded(r#"{"env": "a\"b"}"#), vec![owned("env", "a\"b", false)]);
+        assert_eq!(decoded("null"), vec![]);
+        assert_eq!(decoded("{}"), vec![]);
+        let over: Vec<String> = (0..=MAX_LABELS).map(|i| format!("\"k{i}\": \"v\"")).collect();
+        let r = decode_str(&with(&format!("{{{}}}", over.join(", ")))).unwrap_err();
+        assert_eq!(r.to_string(), "field_too_long: labels has 17 entries, the limit is 16");
+        let r = decode_str(&with(r#"{"env": 5}"#)).unwrap_err();
+        assert_eq!(r.code, RejectCode::InvalidField);
+        assert!(r.message.starts_with("invalid type: integer `5`, expected a string"), "{r}");
+        let r = decode_str(&with(r#"["env"]"#)).unwrap_err();
+        assert!(r.message.starts_with("invalid type: sequence, expected a map"), "{r}");
     }
 
     #[test]

@@ -23,6 +23,7 @@ pub mod cli;
 pub mod config;
 pub mod consumer;
 pub mod daemon;
+pub mod dedup;
 pub mod domain;
 pub mod event;
 pub mod faults;

@@ -9,7 +9,7 @@ use rust_decimal::Decimal;
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use sqlx::{ConnectOptions, PgPool, Row};
 
-use crate::aggregate::{decode_ids, Claim, FlushBatch, IngestRules};
+use crate::aggregate::{Claim, FlushBatch, IngestRules, SeenIds};
 use crate::faults::{self, FaultPoint};
 use crate::pricing::PriceBook;
 use crate::window::{from_millis, WindowKey, WindowSize, WindowSums};
@@ -173,14 +173,14 @@ impl Store {
                 epoch: r.get("epoch"),
                 next_offset: r.get("next_offset"),
                 watermark: r.get("watermark"),
-                seen: Vec::new(),
+                seen: SeenIds::default(),
             })
             .collect();
         for r in seen_rows {
             let partition: i32 = r.get("partition");
             if let Some(c) = claims.iter_mut().find(|c| c.partition == partition) {
                 let ids: &[u8] = r.get("ids");
-                c.seen.extend(decode_ids(ids).map(|(id, t)| (id.to_owned(), t)));
+                c.seen.extend_packed(ids);
             }
         }
         Ok(claims)
@@ -204,7 +204,7 @@ impl Store {
         &self,
         topic: &str,
         batch: &FlushBatch,
-        windows: &[(WindowKey, WindowSums)],
+        windows: &[(&WindowKey, WindowSums)],
         prices: &PriceBook,
         layout: WindowLayout,
     ) -> Result<(), StoreError> {
@@ -340,7 +340,7 @@ impl Store {
 
 async fn write_windows(
     tx: &mut sqlx::Transaction<'_, sqlx::Postgres>,
-    windows: &[(WindowKey, WindowSums)],
+    windows: &[(&WindowKey, WindowSums)],
     prices: &PriceBook,
     layout: WindowLayout,
 ) -> Result<(), StoreError> {

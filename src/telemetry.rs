@@ -168,7 +168,7 @@ pub fn deliveries_pending(n: i64) {
 /// Counts a committed flush. Called only after COMMIT, so counters never run ahead of the
 /// database: their increase over a range matches `usage_costs` for that range.
 /// `windows` are the batch's merged windows ([`FlushBatch::windows`]), as the flush wrote them.
-pub fn flush_committed(batch: &FlushBatch, windows: &[(WindowKey, WindowSums)], prices: &PriceBook, took: Duration) {
+pub fn flush_committed(batch: &FlushBatch, windows: &[(&WindowKey, WindowSums)], prices: &PriceBook, took: Duration) {
     let c = batch.counts();
     counter!(EVENTS_TOTAL, "outcome" => "accepted").increment(c.accepted - c.late);
     counter!(EVENTS_TOTAL, "outcome" => "late").increment(c.late);

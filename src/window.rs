@@ -1,6 +1,7 @@
 //! Event-time tumbling windows: which window an event belongs to, and the per-window sums that
 //! accumulate between two flushes.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use chrono::{DateTime, TimeZone, Utc};
@@ -43,7 +44,9 @@ pub struct WindowKey {
     pub start_ms: i64,
     pub model: ModelName,
     pub hardware: HardwareName,
-    pub labels: Labels,
+    /// Shared: every window of a label set refers to one copy (a map's node is about 500 bytes,
+    /// and a flush can hold tens of thousands of keys).
+    pub labels: Arc<Labels>,
 }
 
 /// Usage summed over a key since the last flush.

@@ -21,7 +21,9 @@
 # database (default postgres://postgres@127.0.0.1:5432/postgres), --config-extra TOML (appended
 # to the generated costwatch configuration, e.g. $'[ingest]\nmax_pending_events = 20000'),
 # --no-build, --keep (keep the per-run databases and the scratch directory).
-# Reports go to bench-results/.
+# Reports go to bench-results/. With COSTWATCH_BENCH_PERF=1 in the environment each costwatch
+# run is sampled by `perf record -g` into bench-results/perf-<tag>-<run>.data (slower; for
+# finding hot spots, not for quoting).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -266,6 +268,13 @@ def run_costwatch(run):
     started = time.monotonic()
     proc = subprocess.Popen(["target/release/costwatch", "run", "--config", config], stdin=subprocess.DEVNULL,
                             stdout=subprocess.DEVNULL, stderr=log)
+    # COSTWATCH_BENCH_PERF=1: sample costwatch's stacks with perf while it drains (the profile
+    # costs a few per cent of the rate; do not quote profiled runs as results).
+    perf = None
+    if env.get("COSTWATCH_BENCH_PERF") == "1":
+        perf_out = f"bench-results/perf-{TAG}-{run}.data"
+        perf = subprocess.Popen(["perf", "record", "-F", "999", "-g", "-q", "-o", perf_out, "-p", str(proc.pid)],
+                                stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=log)
     admin, session, stored = Psql(ADMIN_URL), None, 0
     deadline = started + 1800
     try:
@@ -284,6 +293,10 @@ def run_costwatch(run):
                     break
             time.sleep(POLL_S)
         elapsed = time.monotonic() - started
+        if perf is not None:
+            perf.send_signal(signal.SIGINT)
+            perf.wait(timeout=120)
+            print(f"perf profile: {perf_out}", file=sys.stderr)
         cpu = cpu_seconds(proc.pid)
         peak_kb = status_kb(proc.pid, "VmHWM")
         broker_cpu = cpu_delta(broker_before, group_cpu("tansu"))

@@ -259,69 +259,81 @@ impl FlushBatch {
     }
 }
 
-/// A pending window by number: its start and the numbers of its model, hardware and label set
-/// in the partition's [`Names`]. Hashing and comparing it costs no string work, and adding an
-/// event to a window that already exists allocates nothing.
+/// A pending window by number: its start and the number of its series (model, hardware and
+/// label set) in the partition's [`Names`]. Hashing and comparing it costs no string work, and
+/// adding an event to a window that already exists allocates nothing.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 struct PendingKey {
     start_ms: i64,
-    model: u32,
-    hardware: u32,
-    labels: u32,
+    series: u32,
 }
 
-/// The distinct names and label sets of a partition's pending windows, each kept once. Emptied
-/// at every flush together with the windows that refer to it, so it never outgrows them.
+/// One (model, hardware, label set) of a partition's pending windows.
+#[derive(Debug)]
+struct Series {
+    model: ModelName,
+    hardware: HardwareName,
+    labels: Arc<Labels>,
+}
+
+/// The distinct series of a partition's pending windows, each kept once. Emptied at every flush
+/// together with the windows that refer to it, so it never outgrows them.
 #[derive(Debug, Default)]
 struct Names {
-    models: Table<ModelName>,
-    hardware: Table<HardwareName>,
+    /// Looked up once per event, by the series' text.
+    series: Table<Series>,
+    /// Consulted only for a new series: windows with the same label set share one copy of it.
     labels: Table<Arc<Labels>>,
-    /// Reused buffer for a label set's lookup text.
+    /// Reused buffer for the lookup texts.
     scratch: String,
 }
 
 impl Names {
     fn key(&mut self, start_ms: i64, event: &UsageEventRef<'_>) -> PendingKey {
-        let valid = "validated by decode_ref";
-        let model = self
-            .models
-            .number(&event.model, || ModelName::parse(event.model.as_ref()).expect(valid));
-        let hardware = self.hardware.number(&event.hardware, || {
-            HardwareName::parse(event.hardware.as_ref()).expect(valid)
-        });
-        // Keys and values hold no NUL (validated), so NUL-separated sorted pairs name a label
-        // set unambiguously.
+        // Names, label keys and values hold no NUL (validated), so NUL-separated parts (label
+        // pairs sorted by key) name a series unambiguously; the labels come last, so their text
+        // is the tail of the series' text.
         self.scratch.clear();
+        for part in [&event.model, &event.hardware] {
+            self.scratch.push_str(part);
+            self.scratch.push('\0');
+        }
+        let labels_from = self.scratch.len();
         for (k, v) in &event.labels {
             for part in [k, v] {
                 self.scratch.push_str(part);
                 self.scratch.push('\0');
             }
         }
-        let labels = self.labels.number(&self.scratch, || {
-            Arc::new(
-                event
-                    .labels
-                    .iter()
-                    .map(|(k, v)| (k.as_ref().to_owned(), v.as_ref().to_owned()))
-                    .collect(),
-            )
+        let (series_text, labels_text) = (&self.scratch[..], &self.scratch[labels_from..]);
+        let labels = &mut self.labels;
+        let series = self.series.number(series_text, || {
+            let valid = "validated by decode_ref";
+            let shared = labels.number(labels_text, || {
+                Arc::new(
+                    event
+                        .labels
+                        .iter()
+                        .map(|(k, v)| (k.as_ref().to_owned(), v.as_ref().to_owned()))
+                        .collect(),
+                )
+            });
+            Series {
+                model: ModelName::parse(event.model.as_ref()).expect(valid),
+                hardware: HardwareName::parse(event.hardware.as_ref()).expect(valid),
+                labels: labels.values[shared as usize].clone(),
+            }
         });
-        PendingKey {
-            start_ms,
-            model,
-            hardware,
-            labels,
-        }
+        PendingKey { start_ms, series }
     }
 
     fn window_key(&self, key: &PendingKey) -> WindowKey {
+        let series = &self.series.values[key.series as usize];
         WindowKey {
             start_ms: key.start_ms,
-            model: self.models.values[key.model as usize].clone(),
-            hardware: self.hardware.values[key.hardware as usize].clone(),
-            labels: self.labels.values[key.labels as usize].clone(),
+            model: series.model.clone(),
+            hardware: series.hardware.clone(),
+            labels: series.labels.clone(),
         }
     }
 }

@@ -273,7 +273,7 @@ def run_costwatch(run):
     perf = None
     if env.get("COSTWATCH_BENCH_PERF") == "1":
         perf_out = f"bench-results/perf-{TAG}-{run}.data"
-        perf = subprocess.Popen(["perf", "record", "-F", "999", "-g", "-q", "-o", perf_out, "-p", str(proc.pid)],
+        perf = subprocess.Popen(["perf", "record", "-e", "cpu-clock", "-F", "999", "-g", "-q", "-o", perf_out, "-p", str(proc.pid)],
                                 stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=log)
     admin, session, stored = Psql(ADMIN_URL), None, 0
     deadline = started + 1800

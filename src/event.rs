@@ -568,7 +568,11 @@ mod tests {
         let owned = |k: &str, v: &str, borrowed| (k.to_owned(), v.to_owned(), borrowed);
         assert_eq!(
             decoded(r#"{"team": "x", "env": "prod", "a": "1"}"#),
-            vec![owned("a", "1", true), owned("env", "prod", true), owned("team", "x", true)]
+            vec![
+                owned("a", "1", true),
+                owned("env", "prod", true),
+                owned("team", "x", true)
+            ]
         );
         // A repeated key keeps its last value, as a JSON object read into a map does.
         assert_eq!(
@@ -583,7 +587,10 @@ mod tests {
         assert_eq!(r.to_string(), "field_too_long: labels has 17 entries, the limit is 16");
         let r = decode_str(&with(r#"{"env": 5}"#)).unwrap_err();
         assert_eq!(r.code, RejectCode::InvalidField);
-        assert!(r.message.starts_with("invalid type: integer `5`, expected a string"), "{r}");
+        assert!(
+            r.message.starts_with("invalid type: integer `5`, expected a string"),
+            "{r}"
+        );
         let r = decode_str(&with(r#"["env"]"#)).unwrap_err();
         assert!(r.message.starts_with("invalid type: sequence, expected a map"), "{r}");
     }

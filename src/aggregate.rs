@@ -596,6 +596,11 @@ impl Aggregator {
         self.partitions.len()
     }
 
+    /// Event ids remembered for dedup, over owned partitions.
+    pub fn dedup_ids(&self) -> usize {
+        self.partitions.values().map(|p| p.seen.len()).sum()
+    }
+
     pub fn ingest(&mut self, partition: i32, offset: i64, payload: Option<&[u8]>, now: DateTime<Utc>) -> Outcome {
         match self.partitions.get_mut(&partition) {
             Some(state) => state.ingest(partition, offset, payload, &self.rules, now),

@@ -170,7 +170,7 @@ impl Pipeline {
     fn report_assignment(&self, agg: &Aggregator) {
         let owned = agg.owned_count();
         self.health.set_assigned(owned);
-        telemetry::assignment(owned, agg.watermark());
+        telemetry::assignment(agg);
     }
 
     /// Sleeps up to `d`; true when shutdown began meanwhile.
@@ -227,7 +227,7 @@ impl Pipeline {
                 // trail the database by as little as they did then.
                 report_committed(&batch, &windows, &prices, started);
                 let agg = lock(&aggregator);
-                telemetry::assignment(agg.owned_count(), agg.watermark());
+                telemetry::assignment(&agg);
             }
             Written {
                 batch,

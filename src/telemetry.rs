@@ -10,7 +10,7 @@ use std::sync::{Mutex, OnceLock};
 use metrics::{counter, describe_counter, describe_gauge, describe_histogram, gauge, histogram, Unit};
 use rust_decimal::Decimal;
 
-use crate::aggregate::FlushBatch;
+use crate::aggregate::{Aggregator, FlushBatch};
 use crate::pricing::PriceBook;
 use crate::window::{WindowKey, WindowSums};
 
@@ -26,6 +26,7 @@ pub const FLUSH_ERRORS_TOTAL: &str = "costwatch_flush_errors_total";
 pub const FENCED_TOTAL: &str = "costwatch_fenced_partitions_total";
 pub const BROKER_ERRORS_TOTAL: &str = "costwatch_broker_errors_total";
 pub const ASSIGNED_PARTITIONS: &str = "costwatch_assigned_partitions";
+pub const DEDUP_IDS: &str = "costwatch_dedup_ids";
 pub const START_REWINDS_TOTAL: &str = "costwatch_start_rewinds_total";
 pub const WATERMARK: &str = "costwatch_watermark_timestamp_seconds";
 pub const WATERMARK_DELAY: &str = "costwatch_watermark_delay_seconds";
@@ -114,6 +115,10 @@ pub fn describe_metrics() {
     );
     describe_counter!(BROKER_ERRORS_TOTAL, "Errors reported by the Kafka client");
     describe_gauge!(ASSIGNED_PARTITIONS, "Partitions this instance owns");
+    describe_gauge!(
+        DEDUP_IDS,
+        "Event ids held in memory for dedup (owned partitions, inside ingest.dedup_horizon)"
+    );
     describe_gauge!(
         COEFFICIENT_VERSION,
         "Highest calibrated coefficient version the price book holds (0: configured coefficients only)"
@@ -334,9 +339,12 @@ pub fn broker_error() {
     counter!(BROKER_ERRORS_TOTAL).increment(1);
 }
 
-pub fn assignment(owned: usize, watermark: Option<chrono::DateTime<chrono::Utc>>) {
-    gauge!(ASSIGNED_PARTITIONS).set(owned as f64);
-    if let Some(w) = watermark {
+/// Ownership and progress of the partitions this instance holds, after an assignment change or
+/// a committed flush.
+pub fn assignment(agg: &Aggregator) {
+    gauge!(ASSIGNED_PARTITIONS).set(agg.owned_count() as f64);
+    gauge!(DEDUP_IDS).set(agg.dedup_ids() as f64);
+    if let Some(w) = agg.watermark() {
         gauge!(WATERMARK).set(w.timestamp_millis() as f64 / 1000.0);
         let delay = chrono::Utc::now() - w;
         gauge!(WATERMARK_DELAY).set(delay.num_milliseconds().max(0) as f64 / 1000.0);

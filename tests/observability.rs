@@ -106,6 +106,12 @@ async fn metrics_agree_with_usage_costs_to_the_last_digit() {
         sum_where(&metrics, "costwatch_rejected_events_total", "reason", "malformed_json"),
         dec("1")
     );
+    // a, b and c, each once: the duplicate and the rejected message add no id.
+    let ids: Decimal = samples(&metrics, "costwatch_dedup_ids")
+        .into_iter()
+        .map(|(_, v)| v)
+        .sum();
+    assert_eq!(ids, dec("3"), "{metrics}");
     assert!(metrics.contains("# TYPE costwatch_cost_total counter"), "{metrics}");
     for name in [
         "costwatch_flush_duration_seconds_count",

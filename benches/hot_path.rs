@@ -85,6 +85,7 @@ fn fresh_claims() -> Vec<Claim> {
             next_offset: None,
             watermark: None,
             seen: SeenIds::default(),
+            continued: false,
         })
         .collect()
 }

@@ -66,6 +66,17 @@ struct StartCheck {
     step: i64,
 }
 
+impl StartCheck {
+    /// Reading starts at [`start_offset`] of `next`; the first message tells whether it did.
+    fn before(next: i64) -> Self {
+        Self {
+            next,
+            from: start_offset(next),
+            step: START_MARGIN,
+        }
+    }
+}
+
 /// What PostgreSQL knows of a partition when this instance takes it over.
 #[derive(Debug, Clone)]
 pub struct Claim {
@@ -76,8 +87,12 @@ pub struct Claim {
     pub next_offset: Option<i64>,
     pub watermark: Option<DateTime<Utc>>,
     /// Event ids stored for this partition (in PostgreSQL's packed form), with their event time;
-    /// those inside the dedup horizon are remembered.
+    /// those inside the dedup horizon are remembered. Not loaded for a continued claim.
     pub seen: SeenIds,
+    /// This instance held the partition at exactly the previous epoch and offset (see
+    /// [`Aggregator::park`]): nobody else claimed it in between, so the state it parked is what
+    /// PostgreSQL holds, and the dedup ids were not loaded again.
+    pub continued: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -416,12 +431,16 @@ impl PartitionState {
             dirty: false,
             messages_since_flush: 0,
             forget_before_ms: None,
-            unverified_start: claim.next_offset.filter(|n| *n > 0).map(|next| StartCheck {
-                next,
-                from: start_offset(next),
-                step: START_MARGIN,
-            }),
+            unverified_start: claim.next_offset.filter(|n| *n > 0).map(StartCheck::before),
         }
+    }
+
+    /// This parked state, taken over again under a new epoch. Like a fresh claim, the
+    /// partition is assigned a little before its offset and checked (see [`START_MARGIN`]).
+    fn continued(mut self, epoch: i64) -> Self {
+        self.epoch = epoch;
+        self.unverified_start = self.next_offset.filter(|n| *n > 0).map(StartCheck::before);
+        self
     }
 
     fn ingest(
@@ -553,6 +572,8 @@ pub struct Aggregator {
     /// A batch whose write failed (or whose COMMIT outcome is unknown): written again, as it
     /// is, before anything newer.
     in_flight: Option<FlushBatch>,
+    /// Revoked partitions with nothing unflushed, until the next assignment ([`Aggregator::park`]).
+    parked: BTreeMap<i32, PartitionState>,
 }
 
 /// Dedup entries are pruned every this many flushes; pruning is O(entries), flushing is frequent.
@@ -565,6 +586,7 @@ impl Aggregator {
             partitions: BTreeMap::new(),
             flushes_since_prune: 0,
             in_flight: None,
+            parked: BTreeMap::new(),
         }
     }
 
@@ -573,12 +595,45 @@ impl Aggregator {
     }
 
     /// Takes over partitions as PostgreSQL described them; any older state for them is dropped.
+    /// A continued claim picks up the partition's parked state (its dedup set above all); parked
+    /// partitions that were not assigned again are forgotten.
     pub fn assign(&mut self, claims: Vec<Claim>) {
         for claim in claims {
             let partition = claim.partition;
-            self.partitions
-                .insert(partition, PartitionState::from_claim(claim, &self.rules));
+            let state = match self.parked.remove(&partition) {
+                Some(parked) if claim.continued => parked.continued(claim.epoch),
+                _ => PartitionState::from_claim(claim, &self.rules),
+            };
+            self.partitions.insert(partition, state);
         }
+        self.parked.clear();
+    }
+
+    /// Revoked partitions whose state is all in PostgreSQL (their flush committed) are kept
+    /// aside rather than dropped: an eager rebalance revokes every partition and usually hands
+    /// most of them straight back, and a partition's dedup set is the costly part to load again
+    /// (in proportion to the ids inside the horizon). Partitions with anything unflushed are
+    /// dropped as by [`Aggregator::drop_partitions`].
+    pub fn park(&mut self, partitions: &[i32]) {
+        for p in partitions {
+            let Some(state) = self.partitions.remove(p) else {
+                continue;
+            };
+            if !state.dirty && state.next_offset.is_some() && state.next_offset == state.stored_offset {
+                self.parked.insert(*p, state);
+            }
+        }
+        if let Some(batch) = self.in_flight.as_mut() {
+            batch.split_off(partitions);
+        }
+    }
+
+    /// The parked partitions with the epoch and offset they were parked at, for the next claim.
+    pub fn parked(&self) -> Vec<(i32, i64, i64)> {
+        self.parked
+            .iter()
+            .filter_map(|(&p, s)| Some((p, s.epoch, s.next_offset?)))
+            .collect()
     }
 
     /// Drops partitions and their unflushed state (their offsets were not stored either, so the
@@ -623,13 +678,9 @@ impl Aggregator {
             .iter_mut()
             .filter_map(|(&p, state)| {
                 let next = state.next_offset.filter(|n| *n > 0)?;
-                let from = start_offset(next);
-                state.unverified_start = Some(StartCheck {
-                    next,
-                    from,
-                    step: START_MARGIN,
-                });
-                Some((p, from))
+                let check = StartCheck::before(next);
+                state.unverified_start = Some(check);
+                Some((p, check.from))
             })
             .collect()
     }
@@ -722,6 +773,7 @@ mod tests {
             next_offset: None,
             watermark: None,
             seen: SeenIds::default(),
+            continued: false,
         }
     }
 
@@ -815,6 +867,7 @@ mod tests {
                 seen.push("outside", 1_795_917_600_000); // 02:00
                 seen
             },
+            continued: false,
         }]);
         assert_eq!(
             a.ingest(3, 9, Some(&event("x", "2026-11-29T03:00:00Z", "1")), now()),
@@ -828,6 +881,78 @@ mod tests {
             a.ingest(3, 11, Some(&event("outside", "2026-11-29T03:00:00Z", "1")), now()),
             Outcome::Accepted { late: true }
         );
+    }
+
+    /// The claim PostgreSQL would return for a partition this instance parked at `epoch`.
+    fn continued_claim(partition: i32, epoch: i64, next_offset: i64) -> Claim {
+        Claim {
+            next_offset: Some(next_offset),
+            epoch,
+            continued: true,
+            ..new_claim(partition)
+        }
+    }
+
+    #[test]
+    fn a_partition_handed_straight_back_keeps_its_dedup_set_without_reloading_it() {
+        let mut a = fresh(0);
+        a.ingest(0, 0, Some(&event("a", "2026-11-29T03:00:00Z", "1")), now());
+        let batch = a.batch(None);
+        a.flushed(&batch);
+        a.park(&[0]);
+        assert_eq!(a.owned_count(), 0);
+        assert_eq!(a.parked(), vec![(0, 1, 1)]);
+        // Back at the next epoch, its ids not loaded: "a" is still known, the offset is kept and
+        // checked like any assignment.
+        a.assign(vec![continued_claim(0, 2, 1)]);
+        assert_eq!(a.parked(), vec![]);
+        assert_eq!(
+            a.ingest(0, 0, Some(&event("a", "2026-11-29T03:00:00Z", "1")), now()),
+            Outcome::AlreadyCounted
+        );
+        assert_eq!(
+            a.ingest(0, 1, Some(&event("a", "2026-11-29T03:00:00Z", "1")), now()),
+            Outcome::Duplicate
+        );
+        let batch = a.batch(None);
+        assert_eq!(batch.parts[0].progress.epoch, 2);
+        assert_eq!(batch.parts[0].progress.prev_offset, Some(1));
+    }
+
+    #[test]
+    fn a_partition_with_unflushed_state_or_claimed_elsewhere_meanwhile_starts_from_postgres() {
+        let mut a = fresh(0);
+        a.ingest(0, 0, Some(&event("a", "2026-11-29T03:00:00Z", "1")), now());
+        // Revoked with its event not flushed: nothing is parked.
+        a.park(&[0]);
+        assert_eq!(a.parked(), vec![]);
+
+        let mut a = fresh(0);
+        a.ingest(0, 0, Some(&event("a", "2026-11-29T03:00:00Z", "1")), now());
+        let batch = a.batch(None);
+        a.flushed(&batch);
+        a.park(&[0]);
+        // Someone else held it in between (the claim is not continued): the parked state is
+        // forgotten and the claim's ids (here: none) are what counts.
+        a.assign(vec![Claim {
+            epoch: 3,
+            next_offset: Some(1),
+            ..new_claim(0)
+        }]);
+        assert_eq!(
+            a.ingest(0, 1, Some(&event("a", "2026-11-29T03:00:00Z", "1")), now()),
+            Outcome::Accepted { late: false }
+        );
+        // A parked partition not assigned again is forgotten at the next assignment.
+        let mut b = fresh(1);
+        let batch = {
+            b.ingest(1, 0, Some(&event("x", "2026-11-29T03:00:00Z", "1")), now());
+            b.batch(None)
+        };
+        b.flushed(&batch);
+        b.park(&[1]);
+        b.assign(vec![new_claim(2)]);
+        assert_eq!(b.parked(), vec![]);
     }
 
     #[test]
@@ -855,6 +980,7 @@ mod tests {
             next_offset: Some(50_000),
             watermark: None,
             seen: SeenIds::default(),
+            continued: false,
         }]);
         // Assigned at 40 000 (START_MARGIN before), yet the broker answered from past 50 000.
         let e = event("a", "2026-11-29T03:00:00Z", "1");
@@ -874,6 +1000,7 @@ mod tests {
             next_offset: Some(50),
             watermark: None,
             seen: SeenIds::default(),
+            continued: false,
         }]);
         // Assigned at 0 already (50 is within the margin): a later first message is a real gap.
         let e = event("a", "2026-11-29T03:00:00Z", "1");

@@ -124,12 +124,19 @@ impl Pipeline {
         if partitions.is_empty() {
             return true;
         }
-        let horizon = self.aggregator().rules().dedup_horizon_ms;
+        let (horizon, parked) = {
+            let agg = self.aggregator();
+            (agg.rules().dedup_horizon_ms, agg.parked())
+        };
         let mut backoff = Backoff::new();
         let claims = loop {
-            let claimed = self
-                .runtime
-                .block_on(self.store.claim(&self.topic, &self.owner, &partitions, horizon));
+            let claimed = self.runtime.block_on(self.store.claim_continuing(
+                &self.topic,
+                &self.owner,
+                &partitions,
+                horizon,
+                &parked,
+            ));
             match claimed {
                 Ok(claims) => break claims,
                 Err(error) => {
@@ -158,6 +165,7 @@ impl Pipeline {
                 epoch = claim.epoch,
                 next_offset = ?claim.next_offset,
                 dedup_ids = claim.seen.iter().count(),
+                continued = claim.continued,
                 "partition assigned"
             );
         }
@@ -422,16 +430,23 @@ impl ConsumerContext for KafkaContext {
                 // outcome decides what their state is. A lost assignment means another member
                 // may already own them: writing more would be refused by the fence anyway, so
                 // skip straight to dropping.
-                let flushed = if consumer.assignment_lost() {
+                let lost = consumer.assignment_lost();
+                let flushed = if lost {
                     self.pipeline.settle(consumer, Settle::Wait).map(|_| ())
                 } else {
                     self.pipeline.flush_now(consumer, Some(&partitions))
                 };
-                if let Err(error) = flushed {
+                if let Err(error) = &flushed {
                     warn!(%error, ?partitions, "cannot flush revoked partitions; the next owner recounts them");
                 }
                 let mut agg = self.pipeline.aggregator();
-                agg.drop_partitions(&partitions);
+                // Flushed: nothing of theirs is only in memory, so their state may wait for the
+                // assignment that usually follows (see `Aggregator::park`).
+                if flushed.is_ok() && !lost {
+                    agg.park(&partitions);
+                } else {
+                    agg.drop_partitions(&partitions);
+                }
                 self.pipeline.report_assignment(&agg);
                 drop(agg);
                 info!(?partitions, "partitions revoked");

@@ -138,6 +138,23 @@ impl Store {
         partitions: &[i32],
         dedup_horizon_ms: i64,
     ) -> Result<Vec<Claim>, StoreError> {
+        self.claim_continuing(topic, owner, partitions, dedup_horizon_ms, &[])
+            .await
+    }
+
+    /// [`Store::claim`], told which partitions this instance parked and at which (epoch, next
+    /// offset). A partition that comes back at exactly the next epoch and the same offset was
+    /// claimed by nobody in between (every claim bumps the epoch by one), so PostgreSQL holds
+    /// what the parked state says: its claim is marked `continued` and its dedup ids are not
+    /// read again.
+    pub async fn claim_continuing(
+        &self,
+        topic: &str,
+        owner: &str,
+        partitions: &[i32],
+        dedup_horizon_ms: i64,
+        parked: &[(i32, i64, i64)],
+    ) -> Result<Vec<Claim>, StoreError> {
         let mut sorted = partitions.to_vec();
         sorted.sort_unstable();
         let mut tx = self.pool.begin().await?;
@@ -153,6 +170,24 @@ impl Store {
         .bind(owner)
         .fetch_all(&mut *tx)
         .await?;
+        let mut claims: Vec<Claim> = rows
+            .iter()
+            .map(|r| {
+                let (partition, epoch, next_offset) = (r.get("partition"), r.get("epoch"), r.get("next_offset"));
+                let continued = parked
+                    .iter()
+                    .any(|&(p, e, next)| p == partition && e + 1 == epoch && next_offset == Some(next));
+                Claim {
+                    partition,
+                    epoch,
+                    next_offset,
+                    watermark: r.get("watermark"),
+                    seen: SeenIds::default(),
+                    continued,
+                }
+            })
+            .collect();
+        let load: Vec<i32> = claims.iter().filter(|c| !c.continued).map(|c| c.partition).collect();
         let seen_rows = sqlx::query(
             "SELECT s.partition, s.ids
              FROM seen_event_batch s JOIN partition_progress p USING (topic, partition)
@@ -160,22 +195,12 @@ impl Store {
                AND s.max_event_time >= p.watermark - ($3::bigint * interval '1 millisecond')",
         )
         .bind(topic)
-        .bind(&sorted)
+        .bind(&load)
         .bind(dedup_horizon_ms)
         .fetch_all(&mut *tx)
         .await?;
         tx.commit().await?;
 
-        let mut claims: Vec<Claim> = rows
-            .iter()
-            .map(|r| Claim {
-                partition: r.get("partition"),
-                epoch: r.get("epoch"),
-                next_offset: r.get("next_offset"),
-                watermark: r.get("watermark"),
-                seen: SeenIds::default(),
-            })
-            .collect();
         for r in seen_rows {
             let partition: i32 = r.get("partition");
             if let Some(c) = claims.iter_mut().find(|c| c.partition == partition) {

@@ -407,6 +407,53 @@ async fn a_stale_instance_cannot_overwrite_the_new_owners_work() {
     assert_eq!(owner, "fresh");
 }
 
+#[tokio::test(flavor = "multi_thread")]
+async fn a_partition_handed_back_continues_only_if_nobody_claimed_it_in_between() {
+    let world = World::new(1).await;
+    let common::StoreFixture {
+        store,
+        rules,
+        prices,
+        layout,
+    } = world.store_fixture().await;
+    let horizon = rules.dedup_horizon_ms;
+    let payload = event("a", &ago(Duration::from_secs(30)), "m", "a100-80g", "1", "1").payload;
+    let mut agg = Aggregator::new(rules);
+    agg.assign(store.claim(&world.topic, "me", &[0], horizon).await.unwrap());
+    agg.ingest(0, 0, Some(&payload), Utc::now());
+    let batch = agg.batch(None);
+    store.flush(&world.topic, &batch, &prices, layout).await.unwrap();
+    agg.flushed(&batch);
+    agg.park(&[0]);
+    assert_eq!(agg.parked(), vec![(0, 1, 1)]);
+
+    // Straight back: continued, and the stored id is not read again.
+    let back = store
+        .claim_continuing(&world.topic, "me", &[0], horizon, &agg.parked())
+        .await
+        .unwrap();
+    assert!(
+        back[0].continued && back[0].epoch == 2 && back[0].seen.is_empty(),
+        "{back:?}"
+    );
+    agg.assign(back);
+    assert_eq!(agg.ingest(0, 1, Some(&payload), Utc::now()), Outcome::Duplicate);
+    let batch = agg.batch(None);
+    store.flush(&world.topic, &batch, &prices, layout).await.unwrap();
+    agg.flushed(&batch);
+    agg.park(&[0]);
+
+    // Another instance held it in between: not continued, the ids come from PostgreSQL.
+    store.claim(&world.topic, "other", &[0], horizon).await.unwrap();
+    let back = store
+        .claim_continuing(&world.topic, "me", &[0], horizon, &agg.parked())
+        .await
+        .unwrap();
+    assert!(!back[0].continued && back[0].epoch == 4, "{back:?}");
+    assert_eq!(back[0].seen.iter().map(|(id, _)| id).collect::<Vec<_>>(), vec!["a"]);
+    assert_eq!(world.accepted_events().await, 1);
+}
+
 /// Starts a daemon whose config has one address replaced by an unreachable one (`swap` says
 /// which, for the world), waits for `line` in its log, and checks it is still running two
 /// seconds later and stops cleanly.

@@ -112,6 +112,7 @@ pub struct RejectedMessage {
 pub struct SeenIds {
     bytes: Vec<u8>,
     newest_ms: Option<i64>,
+    len: usize,
 }
 
 impl SeenIds {
@@ -122,6 +123,7 @@ impl SeenIds {
         self.bytes.extend_from_slice(id);
         self.bytes.extend_from_slice(&event_time_ms.to_be_bytes());
         self.newest_ms = Some(self.newest_ms.map_or(event_time_ms, |n| n.max(event_time_ms)));
+        self.len += 1;
     }
 
     /// Appends ids in the packed form (a `seen_event_batch.ids` value read back).
@@ -133,6 +135,11 @@ impl SeenIds {
 
     pub fn is_empty(&self) -> bool {
         self.bytes.is_empty()
+    }
+
+    /// How many ids, without unpacking them.
+    pub fn len(&self) -> usize {
+        self.len
     }
 
     /// The packed form, as stored in `seen_event_batch.ids`.
@@ -798,6 +805,7 @@ mod tests {
             .collect();
         assert_eq!(seen.iter().collect::<Vec<_>>(), want);
         assert_eq!(seen.newest(), Some(from_millis(first_ms + 2)));
+        assert_eq!(seen.len(), 3);
     }
 
     #[test]
@@ -857,7 +865,6 @@ mod tests {
     fn a_restart_remembers_ids_inside_the_horizon() {
         let mut a = Aggregator::new(rules());
         a.assign(vec![Claim {
-            partition: 3,
             epoch: 2,
             next_offset: Some(10),
             watermark: Some("2026-11-29T03:30:00Z".parse().unwrap()),
@@ -867,7 +874,7 @@ mod tests {
                 seen.push("outside", 1_795_917_600_000); // 02:00
                 seen
             },
-            continued: false,
+            ..new_claim(3)
         }]);
         assert_eq!(
             a.ingest(3, 9, Some(&event("x", "2026-11-29T03:00:00Z", "1")), now()),
@@ -975,12 +982,8 @@ mod tests {
     fn a_start_past_the_stored_offset_rewinds_until_it_is_covered() {
         let mut a = Aggregator::new(rules());
         a.assign(vec![Claim {
-            partition: 0,
-            epoch: 1,
             next_offset: Some(50_000),
-            watermark: None,
-            seen: SeenIds::default(),
-            continued: false,
+            ..new_claim(0)
         }]);
         // Assigned at 40 000 (START_MARGIN before), yet the broker answered from past 50 000.
         let e = event("a", "2026-11-29T03:00:00Z", "1");
@@ -995,12 +998,8 @@ mod tests {
     fn a_gap_that_survives_a_start_at_zero_is_real() {
         let mut a = Aggregator::new(rules());
         a.assign(vec![Claim {
-            partition: 0,
-            epoch: 1,
             next_offset: Some(50),
-            watermark: None,
-            seen: SeenIds::default(),
-            continued: false,
+            ..new_claim(0)
         }]);
         // Assigned at 0 already (50 is within the margin): a later first message is a real gap.
         let e = event("a", "2026-11-29T03:00:00Z", "1");

@@ -164,7 +164,7 @@ impl Pipeline {
                 partition = claim.partition,
                 epoch = claim.epoch,
                 next_offset = ?claim.next_offset,
-                dedup_ids = claim.seen.iter().count(),
+                dedup_ids = claim.seen.len(),
                 continued = claim.continued,
                 "partition assigned"
             );
@@ -233,9 +233,7 @@ impl Pipeline {
             if result.is_ok() {
                 // Right after COMMIT, as when the consumer thread wrote itself: the counters
                 // trail the database by as little as they did then.
-                report_committed(&batch, &windows, &prices, started);
-                let agg = lock(&aggregator);
-                telemetry::assignment(&agg);
+                report_committed(&batch, &windows, &prices, started, &aggregator);
             }
             Written {
                 batch,
@@ -298,7 +296,7 @@ impl Pipeline {
                     let done = batch.split_off(&applied);
                     if !done.is_empty() {
                         warn!(partitions = ?applied, "an earlier COMMIT went through although it reported an error; not writing it twice");
-                        report_committed(&done, &done.windows(), &prices, started);
+                        report_committed(&done, &done.windows(), &prices, started, &self.aggregator);
                         self.committed(consumer, &done, started);
                     }
                     if !fenced.is_empty() {
@@ -330,10 +328,7 @@ impl Pipeline {
     /// Bookkeeping after a batch is known to be in PostgreSQL and reported
     /// ([`report_committed`]).
     fn committed(&self, consumer: &BaseConsumer<KafkaContext>, batch: &FlushBatch, started: Instant) {
-        let mut agg = self.aggregator();
-        agg.flushed(batch);
-        self.report_assignment(&agg);
-        drop(agg);
+        self.aggregator().flushed(batch);
         self.commit_to_kafka(consumer, batch);
         debug!(partitions = batch.parts.len(), took = ?started.elapsed(), "flushed");
     }
@@ -355,11 +350,19 @@ fn lock(aggregator: &Mutex<Aggregator>) -> MutexGuard<'_, Aggregator> {
     aggregator.lock().unwrap_or_else(|p| p.into_inner())
 }
 
-/// The metrics of a batch known to be in PostgreSQL; the `after_commit` fault point comes first,
-/// so an abort there leaves the counters behind the database, never ahead.
-fn report_committed(batch: &FlushBatch, windows: &[(&WindowKey, WindowSums)], prices: &PriceBook, started: Instant) {
+/// The metrics of a batch known to be in PostgreSQL, with the watermark and dedup gauges it
+/// moved; the `after_commit` fault point comes first, so an abort there leaves the counters
+/// behind the database, never ahead.
+fn report_committed(
+    batch: &FlushBatch,
+    windows: &[(&WindowKey, WindowSums)],
+    prices: &PriceBook,
+    started: Instant,
+    aggregator: &Mutex<Aggregator>,
+) {
     faults::reached(FaultPoint::AfterCommit);
     telemetry::flush_committed(batch, windows, prices, started.elapsed());
+    telemetry::assignment(&lock(aggregator));
 }
 
 /// librdkafka callbacks: logs into `tracing`, and rebalances that claim partitions in PostgreSQL

@@ -90,6 +90,8 @@ impl SeenSet {
         }
     }
 
+    /// Only tests look without inserting; ingestion asks [`SeenSet::insert`].
+    #[cfg(test)]
     pub fn contains(&self, id: &str) -> bool {
         self.times.contains_key(&self.digest(id))
     }

@@ -63,14 +63,6 @@ macro_rules! bounded_name {
             }
         }
 
-        // Hash and Eq are those of the inner `String`, so maps keyed by the name can be
-        // looked up with a borrowed `&str`.
-        impl std::borrow::Borrow<str> for $name {
-            fn borrow(&self) -> &str {
-                &self.0
-            }
-        }
-
         impl fmt::Display for $name {
             fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
                 f.write_str(&self.0)

@@ -10,6 +10,8 @@ mod common;
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use chrono::Utc;
@@ -57,6 +59,27 @@ fn config(world: &World) -> std::path::PathBuf {
 fn send_in_background(world: &World, messages: Vec<Message>, rate: u64) -> tokio::task::JoinHandle<()> {
     let (topic, brokers) = (world.topic.clone(), world.brokers.clone());
     tokio::task::spawn_blocking(move || loadgen::send(&brokers, &topic, &messages, rate).unwrap())
+}
+
+/// Sends `messages` at `rate` for as long as `paced` stays set, then the rest at full speed.
+/// Fails if the messages run out while still paced: the daemons under test would starve.
+fn send_while(world: &World, messages: Vec<Message>, rate: u64, paced: Arc<AtomicBool>) -> tokio::task::JoinHandle<()> {
+    let (topic, brokers) = (world.topic.clone(), world.brokers.clone());
+    tokio::task::spawn_blocking(move || {
+        // Half a second of messages per call; each call waits for its acknowledgements.
+        let slice = (rate as usize / 2).max(1);
+        let mut rest = messages.as_slice();
+        while paced.load(Ordering::Relaxed) {
+            assert!(
+                !rest.is_empty(),
+                "the producer ran out of messages while the faults were still running"
+            );
+            let (now, later) = rest.split_at(slice.min(rest.len()));
+            loadgen::send(&brokers, &topic, now, rate).unwrap();
+            rest = later;
+        }
+        loadgen::send(&brokers, &topic, rest, 0).unwrap();
+    })
 }
 
 /// Waits until the topic is drained into PostgreSQL. tansu 0.6 sometimes leaves a `kill -9`ed
@@ -145,15 +168,21 @@ async fn a_crash_inside_the_flush_or_between_the_database_and_kafka_commits_lose
     let _serial = SERIAL.lock().await;
     let world = World::new(2).await;
     let config = config(&world);
-    // Slow enough that every daemon below still has flushes to make when it starts.
-    let (messages, expected) = load(8_000, 21, 300);
-    let producer = send_in_background(&world, messages, 300);
+    // Each daemon below must reach its N-th flush, so new messages must keep coming however long
+    // it takes to join the group (a rebalance waits out the aborted member's session): send at a
+    // steady rate until the last abort, then the rest at once.
+    let (messages, expected) = load(40_000, 21, 300);
+    let faults_running = Arc::new(AtomicBool::new(true));
+    let producer = send_while(&world, messages, 300, faults_running.clone());
+    let started = Instant::now();
     for fault in ["before_commit=3", "after_commit=4", "before_commit=2", "after_commit=2"] {
         let mut daemon = world.start_with(&config, &[("COSTWATCH_FAULTS", fault)]);
         let status = daemon.wait_exit(WAIT);
         assert!(!status.success(), "{fault}: the injected abort must have happened");
         assert!(daemon.log_text().contains("injected fault: aborting"), "{fault}");
+        eprintln!("{fault}: aborted {:?} into the test", started.elapsed());
     }
+    faults_running.store(false, Ordering::Relaxed);
     producer.await.unwrap();
     let mut daemon = world.start(&config);
     assert_exact(&world, &expected, &config, "crash around commit").await;

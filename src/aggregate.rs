@@ -442,6 +442,11 @@ impl PartitionState {
         }
     }
 
+    /// Nothing of this partition is only in memory: every offset it read is in PostgreSQL.
+    fn all_stored(&self) -> bool {
+        !self.dirty && self.next_offset.is_some() && self.next_offset == self.stored_offset
+    }
+
     /// This parked state, taken over again under a new epoch. Like a fresh claim, the
     /// partition is assigned a little before its offset and checked (see [`START_MARGIN`]).
     fn continued(mut self, epoch: i64) -> Self {
@@ -622,16 +627,10 @@ impl Aggregator {
     /// (in proportion to the ids inside the horizon). Partitions with anything unflushed are
     /// dropped as by [`Aggregator::drop_partitions`].
     pub fn park(&mut self, partitions: &[i32]) {
-        for p in partitions {
-            let Some(state) = self.partitions.remove(p) else {
-                continue;
-            };
-            if !state.dirty && state.next_offset.is_some() && state.next_offset == state.stored_offset {
-                self.parked.insert(*p, state);
+        for (p, state) in self.remove_partitions(partitions) {
+            if state.all_stored() {
+                self.parked.insert(p, state);
             }
-        }
-        if let Some(batch) = self.in_flight.as_mut() {
-            batch.split_off(partitions);
         }
     }
 
@@ -646,12 +645,18 @@ impl Aggregator {
     /// Drops partitions and their unflushed state (their offsets were not stored either, so the
     /// next owner counts those messages again: nothing is lost or doubled).
     pub fn drop_partitions(&mut self, partitions: &[i32]) {
-        for p in partitions {
-            self.partitions.remove(p);
-        }
+        self.remove_partitions(partitions);
+    }
+
+    /// Takes `partitions` out of this instance, their share of a batch in flight included.
+    fn remove_partitions(&mut self, partitions: &[i32]) -> Vec<(i32, PartitionState)> {
         if let Some(batch) = self.in_flight.as_mut() {
             batch.split_off(partitions);
         }
+        partitions
+            .iter()
+            .filter_map(|&p| Some((p, self.partitions.remove(&p)?)))
+            .collect()
     }
 
     pub fn owned_count(&self) -> usize {

@@ -12,9 +12,10 @@ use crate::aggregate::{millis, Aggregator, IngestRules};
 use crate::alerting;
 use crate::calibration_store;
 use crate::config::Settings;
-use crate::consumer::{self, Backoff, Pipeline};
+use crate::consumer::{self, Backoff, FlushLimits, Pipeline};
 use crate::event::Limits;
-use crate::http::{self, AppState, Health};
+use crate::health::Health;
+use crate::http::{self, AppState};
 use crate::pricing::{LivePrices, PriceBook};
 use crate::recommend;
 use crate::store::{Store, WindowLayout};
@@ -29,6 +30,7 @@ pub fn ingest_rules(settings: &Settings) -> IngestRules {
             max_future_skew: settings.ingest.max_future_skew,
             max_event_age: settings.ingest.max_event_age,
         },
+        max_rejected_payload_bytes: settings.ingest.max_rejected_payload_bytes,
         window: WindowSize::new(settings.windows.size),
         allowed_lateness_ms: millis(settings.windows.allowed_lateness),
         dedup_horizon_ms: millis(settings.ingest.dedup_horizon),
@@ -98,7 +100,12 @@ pub async fn run(
         settings.recommendations.clone(),
         cancel.clone(),
     ));
-    let health = Arc::new(Health::default());
+    tokio::spawn(prune_rejected(
+        store.clone(),
+        settings.ingest.rejected_retention,
+        cancel.clone(),
+    ));
+    let health = Arc::new(Health::new(settings.ingest.stall_after));
     let board = alerting::SharedBoard::default();
     let app = AppState {
         store: store.clone(),
@@ -122,8 +129,11 @@ pub async fn run(
         prices,
         layout,
         settings.kafka.start_from,
-        settings.ingest.flush_interval,
-        settings.ingest.max_pending_events,
+        FlushLimits {
+            interval: settings.ingest.flush_interval,
+            max_pending_events: settings.ingest.max_pending_events,
+            max_pending_bytes: settings.ingest.max_pending_bytes,
+        },
         Aggregator::new(rules),
         tokio::runtime::Handle::current(),
         cancel.clone(),
@@ -204,6 +214,37 @@ async fn reload_coefficients(
         }
     }
 }
+
+/// Deletes rejected messages older than `ingest.rejected_retention`, at start and then hourly.
+/// Every instance tries; one at a time gets the job ([`Store::prune_rejected`]).
+async fn prune_rejected(store: Store, retention: std::time::Duration, cancel: CancellationToken) {
+    let mut tick = tokio::time::interval(PRUNE_EVERY);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let retention = chrono::Duration::from_std(retention).unwrap_or(chrono::Duration::MAX);
+    loop {
+        tokio::select! {
+            _ = cancel.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        // A retention longer than the calendar can count back keeps everything.
+        let Some(before) = chrono::Utc::now().checked_sub_signed(retention) else {
+            continue;
+        };
+        match store.prune_rejected(before).await {
+            Ok(Some(n)) => {
+                telemetry::rejected_pruned(n);
+                if n > 0 {
+                    info!(deleted = n, %before, "pruned rejected messages past ingest.rejected_retention");
+                }
+            }
+            Ok(None) => {}
+            Err(error) => warn!(%error, "cannot prune rejected messages; trying again in an hour"),
+        }
+    }
+}
+
+/// How often rejected messages past their retention are deleted.
+const PRUNE_EVERY: std::time::Duration = std::time::Duration::from_secs(60 * 60);
 
 /// Recomputes `costwatch_potential_savings` over the last `savings_window`.
 async fn refresh_savings(

@@ -105,7 +105,9 @@ pub async fn run(
         settings.ingest.rejected_retention,
         cancel.clone(),
     ));
-    let health = Arc::new(Health::new(settings.ingest.stall_after));
+    // Offsets move once per flush at best: a long flush interval is not a stall.
+    let stall_after = settings.ingest.stall_after.max(settings.ingest.flush_interval * 2);
+    let health = Arc::new(Health::new(stall_after));
     let board = alerting::SharedBoard::default();
     let app = AppState {
         store: store.clone(),

@@ -1015,6 +1015,43 @@ mod tests {
     }
 
     #[test]
+    fn pending_bytes_count_every_payload_read_until_the_batch_is_taken() {
+        let mut a = fresh(0);
+        let good = event("a", "2026-11-29T03:00:00Z", "1");
+        let bad = vec![b'x'; 10_000];
+        a.ingest(0, 0, Some(&good), now());
+        a.ingest(0, 1, Some(&bad), now());
+        assert_eq!(a.pending_bytes(), good.len() + 10_000);
+        let batch = a.batch(None);
+        assert_eq!(a.pending_bytes(), 0);
+        // The rejected message keeps its first 4096 bytes, its size and its digest.
+        let kept = &batch.parts[0].rejected[0];
+        assert_eq!((kept.payload.len(), kept.payload_size), (4096, 10_000));
+    }
+
+    #[test]
+    fn a_truncated_text_payload_is_cut_at_a_character_boundary() {
+        let text = "é".repeat(10);
+        let r = RejectedMessage::new(0, 0, Rejection::new(RejectCode::Oversized, "x"), text.as_bytes(), 5);
+        assert_eq!(r.payload, "éé".as_bytes());
+        assert!(r.is_text());
+        assert_eq!(r.payload_size, 20);
+    }
+
+    #[test]
+    fn the_watermark_stops_at_the_clock_for_an_event_stamped_ahead() {
+        let mut a = fresh(0);
+        // now() is 04:00; an event at 04:04 is inside the 5 minute skew.
+        a.ingest(0, 0, Some(&event("ahead", "2026-11-29T04:04:00Z", "1")), now());
+        assert_eq!(a.watermark(), Some(now()));
+        // An on-time event is not late because of it.
+        assert_eq!(
+            a.ingest(0, 1, Some(&event("on-time", "2026-11-29T03:59:30Z", "1")), now()),
+            Outcome::Accepted { late: false }
+        );
+    }
+
+    #[test]
     fn a_restart_remembers_ids_inside_the_horizon() {
         let mut a = Aggregator::new(rules());
         a.assign(vec![Claim {

@@ -244,23 +244,7 @@ pub struct Progress {
     pub forget_before: Option<DateTime<Utc>>,
 }
 
-/// Counts by outcome, for metrics after a successful flush.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct OutcomeCounts {
-    pub accepted: u64,
-    pub late: u64,
-    pub duplicate: u64,
-    pub rejected: u64,
-}
-
-impl OutcomeCounts {
-    fn add(&mut self, o: &OutcomeCounts) {
-        self.accepted += o.accepted;
-        self.late += o.late;
-        self.duplicate += o.duplicate;
-        self.rejected += o.rejected;
-    }
-}
+pub use crate::telemetry::OutcomeCounts;
 
 /// One partition's share of a flush.
 #[derive(Debug, Clone)]

@@ -365,6 +365,12 @@ impl fmt::Debug for WebhookSettings {
 }
 
 impl WebhookSettings {
+    /// The name this receiver goes by in the outbox, logs and metrics: `name`, else
+    /// `webhook-<index>`.
+    pub fn name_or_default(&self, index: usize) -> String {
+        self.name.clone().unwrap_or_else(|| format!("webhook-{index}"))
+    }
+
     /// The secret from the file or from the named environment variable.
     pub fn resolve_secret(&self) -> Option<String> {
         match (&self.secret, &self.secret_env) {
@@ -817,7 +823,7 @@ impl Settings {
                 format!("alerting.webhooks[{i}].url: not an http(s) URL"),
             );
             require(
-                names.insert(crate::notify::webhook_name(i, w)),
+                names.insert(w.name_or_default(i)),
                 format!("alerting.webhooks[{i}].name: two webhooks share this name"),
             );
             match (&w.secret, &w.secret_env) {

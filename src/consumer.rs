@@ -184,7 +184,7 @@ impl Pipeline {
     fn report_assignment(&self, agg: &Aggregator) {
         let owned = agg.owned_count();
         self.health.set_assigned(owned);
-        telemetry::assignment(agg);
+        telemetry::assignment(agg.owned_count(), agg.dedup_ids(), agg.watermark());
     }
 
     /// Sleeps up to `d`; true when shutdown began meanwhile.
@@ -393,8 +393,16 @@ fn report_committed(
     aggregator: &Mutex<Aggregator>,
 ) {
     faults::reached(FaultPoint::AfterCommit);
-    telemetry::flush_committed(batch, windows, refused, prices, started.elapsed());
-    telemetry::assignment(&lock(aggregator));
+    telemetry::flush_committed(
+        batch.counts(),
+        batch.rejected_by_code(),
+        windows,
+        refused,
+        prices,
+        started.elapsed(),
+    );
+    let agg = lock(aggregator);
+    telemetry::assignment(agg.owned_count(), agg.dedup_ids(), agg.watermark());
 }
 
 /// librdkafka callbacks: logs into `tracing`, and rebalances that claim partitions in PostgreSQL

@@ -118,9 +118,13 @@ pub async fn run(
         health: health.clone(),
         budgets: board.clone(),
     };
-    let server = tokio::spawn(http::serve(listener, app, cancel.clone()));
     let settings = Arc::new(settings);
-    let evaluator = tokio::spawn(alerting::run(settings.clone(), store.clone(), board, cancel.clone()));
+    let mut tasks = Supervisor::new(cancel.clone());
+    tasks.spawn("the http server", http::serve(listener, app, cancel.clone()));
+    tasks.spawn(
+        "the budget evaluator",
+        alerting::run(settings.clone(), store.clone(), board, cancel.clone()),
+    );
 
     let rules = ingest_rules(&settings);
     let layout = WindowLayout::from_rules(&rules);
@@ -141,15 +145,69 @@ pub async fn run(
         cancel.clone(),
         health,
     ));
-    let consumer =
-        consumer::build_consumer(&settings.kafka, pipeline.clone()).context("cannot create the Kafka consumer")?;
-    let worker = tokio::task::spawn_blocking(move || consumer::consume(consumer, pipeline));
-    let result = worker.await.context("the consumer thread panicked")?;
-    // Whatever ended the consumer ends everything else too.
-    cancel.cancel();
-    server.await.context("the http server panicked")??;
-    evaluator.await.context("the budget evaluator panicked")??;
-    result
+    let consumer = match consumer::build_consumer(&settings.kafka, pipeline.clone()) {
+        Ok(consumer) => consumer,
+        Err(error) => {
+            cancel.cancel();
+            tasks.wait().await?;
+            return Err(error).context("cannot create the Kafka consumer");
+        }
+    };
+    tasks.spawn("the consumer", async move {
+        tokio::task::spawn_blocking(move || consumer::consume(consumer, pipeline))
+            .await
+            .map_err(|e| anyhow::anyhow!("the consumer thread panicked: {e}"))?
+    });
+    tasks.wait().await
+}
+
+/// The daemon's long-running tasks, run as one: when any of them ends (an error, a panic, or
+/// even a clean return before shutdown began), the shared cancellation token stops the others,
+/// and the first error is what `run` returns, so the process exits non-zero. A failed HTTP
+/// server or evaluator once left the consumer running without them.
+struct Supervisor {
+    cancel: CancellationToken,
+    tasks: tokio::task::JoinSet<(&'static str, anyhow::Result<()>)>,
+}
+
+impl Supervisor {
+    fn new(cancel: CancellationToken) -> Self {
+        Self {
+            cancel,
+            tasks: tokio::task::JoinSet::new(),
+        }
+    }
+
+    fn spawn(
+        &mut self,
+        name: &'static str,
+        task: impl std::future::Future<Output = anyhow::Result<()>> + Send + 'static,
+    ) {
+        self.tasks.spawn(async move { (name, task.await) });
+    }
+
+    /// Waits for every task; returns the first failure.
+    async fn wait(mut self) -> anyhow::Result<()> {
+        let mut first: Option<anyhow::Error> = None;
+        while let Some(joined) = self.tasks.join_next().await {
+            let failure = match joined {
+                Ok((_, Ok(()))) => None,
+                Ok((name, Err(error))) => Some(error.context(format!("{name} failed"))),
+                Err(panic) => Some(anyhow::anyhow!("a task panicked: {panic}")),
+            };
+            if !self.cancel.is_cancelled() {
+                match &failure {
+                    Some(error) => error!(error = format!("{error:#}"), "stopping everything"),
+                    None => warn!("a task ended before shutdown; stopping everything"),
+                }
+                self.cancel.cancel();
+            }
+            if first.is_none() {
+                first = failure;
+            }
+        }
+        first.map_or(Ok(()), Err)
+    }
 }
 
 /// The configured book with every stored version, retrying while PostgreSQL is away; `None`

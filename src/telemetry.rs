@@ -10,10 +10,27 @@ use std::sync::{Mutex, OnceLock};
 use metrics::{counter, describe_counter, describe_gauge, describe_histogram, gauge, histogram, Unit};
 use rust_decimal::Decimal;
 
-use crate::aggregate::{Aggregator, FlushBatch};
 use crate::error_class::ErrorClass;
 use crate::pricing::PriceBook;
 use crate::window::{WindowKey, WindowSums};
+
+/// Messages of a flush by outcome, for `costwatch_events_total`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct OutcomeCounts {
+    pub accepted: u64,
+    pub late: u64,
+    pub duplicate: u64,
+    pub rejected: u64,
+}
+
+impl OutcomeCounts {
+    pub fn add(&mut self, o: &OutcomeCounts) {
+        self.accepted += o.accepted;
+        self.late += o.late;
+        self.duplicate += o.duplicate;
+        self.rejected += o.rejected;
+    }
+}
 
 pub const EVENTS_TOTAL: &str = "costwatch_events_total";
 pub const REJECTED_TOTAL: &str = "costwatch_rejected_events_total";
@@ -195,14 +212,14 @@ pub fn deliveries_pending(n: i64) {
 /// `refused` are the window rows PostgreSQL refused (see `Store::write`): their events count as
 /// rejected (`unstorable`), not accepted, and `windows` no longer holds them.
 pub fn flush_committed(
-    batch: &FlushBatch,
+    counts: OutcomeCounts,
+    rejected_by_code: BTreeMap<&'static str, u64>,
     windows: &[(&WindowKey, WindowSums)],
     refused: &[WindowSums],
     prices: &PriceBook,
     took: Duration,
 ) {
-    let mut c = batch.counts();
-    let mut by_code = batch.rejected_by_code();
+    let (mut c, mut by_code) = (counts, rejected_by_code);
     for sums in refused {
         c.accepted -= sums.events as u64;
         c.late -= sums.late_events as u64;
@@ -390,10 +407,10 @@ pub fn broker_error() {
 
 /// Ownership and progress of the partitions this instance holds, after an assignment change or
 /// a committed flush.
-pub fn assignment(agg: &Aggregator) {
-    gauge!(ASSIGNED_PARTITIONS).set(agg.owned_count() as f64);
-    gauge!(DEDUP_IDS).set(agg.dedup_ids() as f64);
-    if let Some(w) = agg.watermark() {
+pub fn assignment(owned: usize, dedup_ids: usize, watermark: Option<chrono::DateTime<chrono::Utc>>) {
+    gauge!(ASSIGNED_PARTITIONS).set(owned as f64);
+    gauge!(DEDUP_IDS).set(dedup_ids as f64);
+    if let Some(w) = watermark {
         gauge!(WATERMARK).set(w.timestamp_millis() as f64 / 1000.0);
         let delay = chrono::Utc::now() - w;
         gauge!(WATERMARK_DELAY).set(delay.num_milliseconds().max(0) as f64 / 1000.0);

@@ -21,14 +21,15 @@ use chrono::{DateTime, Utc};
 use criterion::{criterion_group, criterion_main, BatchSize, BenchmarkId, Criterion, Throughput};
 use rust_decimal::Decimal;
 
-use costwatch::aggregate::{millis, Aggregator, Claim, FlushBatch, IngestRules, SeenIds};
 use costwatch::config::{HardwarePrice, PricingSettings};
 use costwatch::domain::{ComputeUnits, HardwareName, StorageUnits, UnitPrice};
-use costwatch::event::{self, Limits};
+use costwatch::ingest::aggregate::{millis, Aggregator, Claim, FlushBatch, IngestRules, SeenIds};
+use costwatch::ingest::event::{self, Limits};
+use costwatch::ingest::store::WindowLayout;
+use costwatch::ingest::window::WindowSize;
 use costwatch::loadgen::{self, LoadSpec};
 use costwatch::pricing::{PriceBook, Rates};
-use costwatch::store::{Store, WindowLayout};
-use costwatch::window::WindowSize;
+use costwatch::store::Store;
 
 const PARTITIONS: i32 = 4;
 /// The README's documented event, as a producer would send it.

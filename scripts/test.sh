@@ -20,6 +20,8 @@ fi
 
 # Rules and dashboard files: promtool check and promtool's own rule unit tests.
 scripts/check-deploy.sh
+# Module dependencies point one way (docs/architecture.md, "The tree, by layer").
+python3 scripts/check-layers.py
 
 # The OpenAPI fuzz test runs schemathesis (PyPI) from a virtualenv of its own.
 if [ ! -x .local/venv/bin/schemathesis ]; then

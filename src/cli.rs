@@ -12,14 +12,15 @@ use rust_decimal::Decimal;
 use tokio_util::sync::CancellationToken;
 use tracing::{error, info};
 
-use crate::bills::{self, BillProblem, BillsError};
-use crate::calibration::{self, CalibrationRequest};
+use crate::calibration::bills::{self, BillProblem, BillsError};
+use crate::calibration::run::CalibrationRequest;
+use crate::calibration::{self, recommend, rerate};
 use crate::config::{ConfigError, Settings};
 use crate::domain::{Coefficient, ComputeUnits, HardwareName, ModelName, StorageUnits, UnitPrice};
-use crate::event::parse_decimal;
+use crate::ingest::event::parse_decimal;
 use crate::pricing::{EstimateRequest, PriceBook};
 use crate::store::Store;
-use crate::{alerting, calibration_store, daemon, loadgen, recommend, rerate, shutdown, telemetry};
+use crate::{alerting, daemon, loadgen, shutdown, telemetry};
 
 /// Exit code for invalid configuration or usage (EX_USAGE), before anything starts.
 const EXIT_CONFIG: u8 = 64;
@@ -315,6 +316,7 @@ async fn run(settings: Settings) -> anyhow::Result<()> {
         .install_recorder()
         .context("cannot install the metrics recorder")?;
     telemetry::describe_metrics();
+    telemetry::rejection_reasons(crate::ingest::event::RejectCode::ALL.map(|code| code.as_str()));
     // We render /metrics ourselves, so the exporter's periodic upkeep (histogram draining) is ours.
     let upkeep = handle.clone();
     tokio::spawn(async move {
@@ -506,7 +508,7 @@ where
 
 /// The configured price book with every stored coefficient version: what the daemon prices with.
 async fn current_book(settings: &Settings, store: &Store) -> anyhow::Result<PriceBook> {
-    let versions = calibration_store::load_versions(store.pool())
+    let versions = calibration::store::load_versions(store.pool())
         .await
         .context("cannot read coefficient versions")?;
     Ok(PriceBook::from_settings(&settings.pricing).with_versions(versions))
@@ -530,7 +532,7 @@ async fn import_bills(settings: Settings, store: Store, file: &std::path::Path) 
     if !problems.is_empty() {
         return Err(BillsError { problems }.into());
     }
-    let outcome = calibration_store::import_bills(store.pool(), &bills)
+    let outcome = calibration::store::import_bills(store.pool(), &bills)
         .await
         .context("cannot store the bills")?;
     println!(
@@ -551,7 +553,7 @@ async fn run_calibrate(
     json: bool,
 ) -> anyhow::Result<()> {
     let configured = PriceBook::from_settings(&settings.pricing);
-    let report = calibration::calibrate(store.pool(), &configured, request).await?;
+    let report = calibration::run::calibrate(store.pool(), &configured, request).await?;
     if json {
         println!("{}", serde_json::to_string_pretty(&report)?);
     } else {
@@ -590,7 +592,7 @@ async fn run_rerate(
 
 async fn show_budgets(settings: Settings, store: Store, json: bool) -> anyhow::Result<()> {
     let now = Utc::now();
-    let evaluated = alerting::evaluate_all(&settings, &store, now)
+    let evaluated = alerting::evaluator::evaluate_all(&settings, &store, now)
         .await
         .context("cannot read budget spend from PostgreSQL")?;
     let statuses: Vec<_> = evaluated.into_iter().map(|(_, s)| s).collect();
@@ -689,7 +691,7 @@ async fn run_recommend(
     };
     check_order(Some(from), Some(to))?;
     let book = current_book(&settings, &store).await?;
-    let usage = calibration_store::usage_by_model(store.pool(), from, to).await?;
+    let usage = calibration::store::usage_by_model(store.pool(), from, to).await?;
     let recommendations = recommend::recommend(&book, &usage, to)?;
     if json {
         let document = recommend::Recommendations {

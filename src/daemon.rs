@@ -8,19 +8,20 @@ use metrics_exporter_prometheus::PrometheusHandle;
 use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
 
-use crate::aggregate::{millis, Aggregator, IngestRules};
 use crate::alerting;
-use crate::calibration_store;
+use crate::calibration;
+use crate::calibration::recommend;
 use crate::config::Settings;
-use crate::consumer::{self, Backoff, FlushLimits, Pipeline};
-use crate::event::Limits;
-use crate::health::Health;
 use crate::http::{self, AppState};
+use crate::ingest::aggregate::{millis, Aggregator, IngestRules};
+use crate::ingest::consumer::{self, Backoff, FlushLimits, Pipeline};
+use crate::ingest::event::Limits;
+use crate::ingest::health::Health;
+use crate::ingest::store::WindowLayout;
+use crate::ingest::window::WindowSize;
 use crate::pricing::{LivePrices, PriceBook};
-use crate::recommend;
-use crate::store::{Store, WindowLayout};
+use crate::store::Store;
 use crate::telemetry;
-use crate::window::WindowSize;
 
 /// Derives the ingestion rules from settings.
 pub fn ingest_rules(settings: &Settings) -> IngestRules {
@@ -215,7 +216,7 @@ impl Supervisor {
 async fn load_book(store: &Store, configured: &PriceBook, cancel: &CancellationToken) -> Option<PriceBook> {
     let mut backoff = Backoff::new();
     loop {
-        match calibration_store::load_versions(store.pool()).await {
+        match calibration::store::load_versions(store.pool()).await {
             Ok(versions) => {
                 let book = configured.clone().with_versions(versions);
                 telemetry::coefficients_loaded(book.newest_version(), book.version_count(), false);
@@ -251,7 +252,7 @@ async fn reload_coefficients(
             _ = cancel.cancelled() => return,
             _ = tick.tick() => {}
         }
-        let marker = match calibration_store::version_marker(store.pool()).await {
+        let marker = match calibration::store::version_marker(store.pool()).await {
             Ok(marker) => marker,
             Err(error) => {
                 warn!(%error, "cannot poll coefficient versions; pricing with the loaded ones");
@@ -261,7 +262,7 @@ async fn reload_coefficients(
         if marker == known {
             continue;
         }
-        match calibration_store::load_versions(store.pool()).await {
+        match calibration::store::load_versions(store.pool()).await {
             Ok(versions) => {
                 let book = configured.clone().with_versions(versions);
                 let (newest, count) = (book.newest_version(), book.version_count());
@@ -322,7 +323,7 @@ async fn refresh_savings(
             _ = tick.tick() => {}
         }
         let to = chrono::Utc::now();
-        let usage = match calibration_store::usage_by_model(store.pool(), to - window, to).await {
+        let usage = match calibration::store::usage_by_model(store.pool(), to - window, to).await {
             Ok(usage) => usage,
             Err(error) => {
                 warn!(%error, "cannot read usage for potential savings; keeping the last values");

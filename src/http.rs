@@ -22,11 +22,12 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
-use crate::alerting::SharedBoard;
-use crate::health::Health;
+use crate::alerting::evaluator::SharedBoard;
+use crate::calibration::{self, recommend};
+use crate::ingest::health::Health;
 use crate::pricing::{EstimateError, EstimateRequest, LivePrices};
 use crate::store::Store;
-use crate::{calibration_store, recommend, telemetry};
+use crate::telemetry;
 
 #[derive(Clone)]
 pub struct AppState {
@@ -434,7 +435,7 @@ async fn recommendations(
     if from >= to {
         return Err(ApiError::BadRequest(format!("from ({from}) must be before to ({to})")));
     }
-    let usage = calibration_store::usage_by_model(state.store.pool(), from, to).await?;
+    let usage = calibration::store::usage_by_model(state.store.pool(), from, to).await?;
     let book = state.prices.current();
     let models = recommend::recommend(&book, &usage, to).map_err(|e| ApiError::BadRequest(e.to_string()))?;
     Ok(Json(recommend::Recommendations {

@@ -1,43 +1,28 @@
 //! costwatch: prices AI inference usage from Kafka into exact per-window costs in PostgreSQL.
 //!
-//! The pipeline, stage by stage: [`config`] (settings) → [`consumer`] (Kafka) → [`event`]
-//! (decode and validate) → [`aggregate`] and [`window`] (event-time windows, dedup, lateness)
-//! → [`store`] (one transaction per flush) with [`pricing`] (the cost model). [`telemetry`]
-//! logs and counts, [`daemon`] wires it all, [`loadgen`] makes synthetic load.
-//! Budgets: [`budget`] (periods, forecast, drift: what should alert), [`budget_store`] (spend
-//! from PostgreSQL, alert state, outbox), [`alerting`] (the single evaluator) and [`notify`]
-//! (Alertmanager and signed webhooks).
-//! Calibration: [`bills`] (bills CSV) and [`calibrate`] (the k1/k2 fit) are pure,
-//! [`calibration`] runs `costwatch calibrate`, [`calibration_store`] is its PostgreSQL side,
-//! [`rerate`] re-prices stored windows and [`recommend`] ranks hardware targets per model.
+//! The layout follows the pipeline. At the bottom, [`domain`] (typed values) and [`config`]
+//! (settings) depend on nothing else of ours; [`pricing`] (the cost model and price book),
+//! [`error_class`] (transient or permanent), [`telemetry`] (metric names, logs) and [`store`]
+//! (connections, migrations, the flush transaction) sit on them. The features use those:
+//! [`ingest`] (Kafka to window sums), [`alerting`] (budgets and alerts) and [`calibration`]
+//! (bills, fits, re-rating, recommendations). At the top, [`http`] (metrics, probes, the API),
+//! [`daemon`] (wiring for `costwatch run`), [`cli`], [`loadgen`] (synthetic load),
+//! [`shutdown`] (signals) and [`faults`] (fault injection for the fault suite).
 
-pub mod aggregate;
 pub mod alerting;
-pub mod bills;
-pub mod budget;
-pub mod budget_store;
-pub mod calibrate;
 pub mod calibration;
-pub mod calibration_store;
 pub mod cli;
 pub mod config;
-pub mod consumer;
 pub mod daemon;
-pub mod dedup;
 pub mod domain;
 pub mod error_class;
-pub mod event;
 pub mod faults;
-pub mod health;
 pub mod http;
+pub mod ingest;
 pub mod loadgen;
-pub mod notify;
 pub mod pricing;
-pub mod recommend;
-pub mod rerate;
 pub mod shutdown;
 pub mod store;
 pub mod telemetry;
 #[cfg(test)]
 mod test_support;
-pub mod window;

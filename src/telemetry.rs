@@ -10,9 +10,20 @@ use std::sync::{Mutex, OnceLock};
 use metrics::{counter, describe_counter, describe_gauge, describe_histogram, gauge, histogram, Unit};
 use rust_decimal::Decimal;
 
+use crate::domain::{ComputeUnits, HardwareName, ModelName, Money, StorageUnits};
 use crate::error_class::ErrorClass;
+
+/// One window row of a committed flush, as the usage metrics need it.
+#[derive(Debug, Clone, Copy)]
+pub struct WindowUsage<'a> {
+    pub model: &'a ModelName,
+    pub hardware: &'a HardwareName,
+    pub start: chrono::DateTime<chrono::Utc>,
+    pub events: i64,
+    pub compute: ComputeUnits,
+    pub storage: StorageUnits,
+}
 use crate::pricing::PriceBook;
-use crate::window::{WindowKey, WindowSums};
 
 /// Messages of a flush by outcome, for `costwatch_events_total`.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -80,9 +91,6 @@ pub fn init_logging() {
 pub fn describe_metrics() {
     for outcome in ["accepted", "late", "duplicate", "rejected"] {
         counter!(EVENTS_TOTAL, "outcome" => outcome).increment(0);
-    }
-    for code in crate::event::RejectCode::ALL {
-        counter!(REJECTED_TOTAL, "reason" => code.as_str()).increment(0);
     }
     for class in [ErrorClass::Transient, ErrorClass::Permanent] {
         counter!(FLUSH_ERRORS_TOTAL, "class" => class.as_str()).increment(0);
@@ -176,15 +184,23 @@ pub fn describe_metrics() {
 
 /// Exports a budget's standing. Prometheus values are floats; the exact figures are in
 /// `/api/v1/budgets`.
-pub fn budget_status(status: &crate::budget::BudgetStatus) {
+pub fn budget_status(name: &str, amount: Money, spend: Money, utilization: Decimal, forecast: Option<Money>) {
     use rust_decimal::prelude::ToPrimitive;
-    let name = status.name.clone();
+    let name = name.to_owned();
     let f = |d: Decimal| d.to_f64().unwrap_or(f64::NAN);
-    gauge!(BUDGET_AMOUNT, "budget" => name.clone()).set(f(status.amount.value()));
-    gauge!(BUDGET_SPEND, "budget" => name.clone()).set(f(status.spend.value()));
-    gauge!(BUDGET_UTILIZATION, "budget" => name.clone()).set(f(status.utilization));
-    if let Some(forecast) = status.forecast {
+    gauge!(BUDGET_AMOUNT, "budget" => name.clone()).set(f(amount.value()));
+    gauge!(BUDGET_SPEND, "budget" => name.clone()).set(f(spend.value()));
+    gauge!(BUDGET_UTILIZATION, "budget" => name.clone()).set(f(utilization));
+    if let Some(forecast) = forecast {
         gauge!(BUDGET_FORECAST, "budget" => name).set(f(forecast.value()));
+    }
+}
+
+/// Starts `costwatch_rejected_events_total` at zero for every reason code, so that dashboards
+/// and `rate()` see each one before the first rejection.
+pub fn rejection_reasons(reasons: impl IntoIterator<Item = &'static str>) {
+    for reason in reasons {
+        counter!(REJECTED_TOTAL, "reason" => reason).increment(0);
     }
 }
 
@@ -211,45 +227,35 @@ pub fn deliveries_pending(n: i64) {
 ///
 /// `refused` are the window rows PostgreSQL refused (see `Store::write`): their events count as
 /// rejected (`unstorable`), not accepted, and `windows` no longer holds them.
-pub fn flush_committed(
+pub fn flush_committed<'a>(
     counts: OutcomeCounts,
     rejected_by_code: BTreeMap<&'static str, u64>,
-    windows: &[(&WindowKey, WindowSums)],
-    refused: &[WindowSums],
+    windows: impl IntoIterator<Item = WindowUsage<'a>>,
     prices: &PriceBook,
     took: Duration,
 ) {
-    let (mut c, mut by_code) = (counts, rejected_by_code);
-    for sums in refused {
-        c.accepted -= sums.events as u64;
-        c.late -= sums.late_events as u64;
-        c.rejected += sums.events as u64;
-        *by_code
-            .entry(crate::event::RejectCode::Unstorable.as_str())
-            .or_default() += sums.events as u64;
-    }
+    let c = counts;
     counter!(EVENTS_TOTAL, "outcome" => "accepted").increment(c.accepted - c.late);
     counter!(EVENTS_TOTAL, "outcome" => "late").increment(c.late);
     counter!(EVENTS_TOTAL, "outcome" => "duplicate").increment(c.duplicate);
     counter!(EVENTS_TOTAL, "outcome" => "rejected").increment(c.rejected);
-    for (code, n) in by_code {
+    for (code, n) in rejected_by_code {
         counter!(REJECTED_TOTAL, "reason" => code).increment(n);
     }
     let ledger = ledger();
     let mut inner = ledger.inner.lock().unwrap_or_else(|p| p.into_inner());
-    for (key, sums) in windows {
-        let model = inner.cap.model(key.model.as_str());
-        let hardware = inner.cap.hardware(key.hardware.as_str());
+    for w in windows {
+        let model = inner.cap.model(w.model.as_str());
+        let hardware = inner.cap.hardware(w.hardware.as_str());
         let pair = vec![("model", model.clone()), ("hardware", hardware.clone())];
-        inner.add(COMPUTE_UNITS_TOTAL, pair.clone(), sums.compute.value());
-        inner.add(STORAGE_UNITS_TOTAL, pair.clone(), sums.storage.value());
-        let at = crate::window::from_millis(key.start_ms);
-        let Some(rates) = prices.rates(&key.model, &key.hardware, at) else {
-            counter!(UNPRICED_EVENTS_TOTAL, "model" => model, "hardware" => hardware).increment(sums.events as u64);
+        inner.add(COMPUTE_UNITS_TOTAL, pair.clone(), w.compute.value());
+        inner.add(STORAGE_UNITS_TOTAL, pair.clone(), w.storage.value());
+        let Some(rates) = prices.rates(w.model, w.hardware, w.start) else {
+            counter!(UNPRICED_EVENTS_TOTAL, "model" => model, "hardware" => hardware).increment(w.events as u64);
             continue;
         };
         // Overflow is impossible for validated quantities; skip rather than panic if it happens.
-        let Ok(cost) = rates.price(sums.compute, sums.storage) else {
+        let Ok(cost) = rates.price(w.compute, w.storage) else {
             continue;
         };
         for (component, amount) in [("compute", cost.compute_cost), ("storage", cost.storage_cost)] {

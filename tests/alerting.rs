@@ -16,8 +16,8 @@ use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode, Uri};
 use chrono::Utc;
 use common::{event, http, World};
-use costwatch::budget::{period_bounds, AlertKind, AlertSpec};
-use costwatch::budget_store;
+use costwatch::alerting::budget::{period_bounds, AlertKind, AlertSpec};
+use costwatch::alerting::store as alert_store;
 use costwatch::config::Period;
 use hmac::{Hmac, Mac};
 use serde_json::Value;
@@ -698,12 +698,12 @@ async fn transitions_queue_one_notification_each() {
     let fixture = world.store_fixture().await;
     let mut conn = fixture.store.lock_session().await.unwrap();
     assert!(
-        budget_store::try_lock(&mut conn).await.unwrap(),
+        alert_store::try_lock(&mut conn).await.unwrap(),
         "nobody else leads this database"
     );
     let mut other = fixture.store.lock_session().await.unwrap();
     assert!(
-        !budget_store::try_lock(&mut other).await.unwrap(),
+        !alert_store::try_lock(&mut other).await.unwrap(),
         "a second session must not get the lock"
     );
     // The lock is the session's: when the leader's session ends, another one gets it.
@@ -712,7 +712,7 @@ async fn transitions_queue_one_notification_each() {
     labels.insert("budget".to_owned(), "b".to_owned());
     labels.insert("kind".to_owned(), "drift".to_owned());
     let spec = AlertSpec {
-        key: costwatch::budget::alert_key(&labels),
+        key: costwatch::alerting::budget::alert_key(&labels),
         budget: "b".into(),
         kind: AlertKind::Drift,
         labels,
@@ -728,7 +728,7 @@ async fn transitions_queue_one_notification_each() {
         vec![],
         vec![spec.clone()],
     ] {
-        let t = budget_store::apply_transitions(&mut conn, &desired, &receivers, now)
+        let t = alert_store::apply_transitions(&mut conn, &desired, &receivers, now)
             .await
             .unwrap();
         steps.push(t.iter().map(|t| (t.status, t.generation)).collect::<Vec<_>>());
@@ -745,7 +745,7 @@ async fn transitions_queue_one_notification_each() {
     );
     drop(conn);
     let deadline = Instant::now() + Duration::from_secs(10);
-    while !budget_store::try_lock(&mut other).await.unwrap() {
+    while !alert_store::try_lock(&mut other).await.unwrap() {
         assert!(Instant::now() < deadline, "the lock outlived its session");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }

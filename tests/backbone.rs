@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 use common::{ago, dec, event, raw, World};
-use costwatch::aggregate::{Aggregator, Outcome};
+use costwatch::ingest::aggregate::{Aggregator, Outcome};
 use costwatch::loadgen::{self, LoadSpec};
 use costwatch::store::StoreError;
 use rust_decimal::Decimal;

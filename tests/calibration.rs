@@ -899,11 +899,11 @@ async fn recommend_ranks_targets_cheapest_first_on_a_hand_computed_case() {
 /// Ingests `events` (id, model, hardware, compute, storage, all at `ts`) into partition 0 from
 /// `offset` on, and returns the batch.
 fn batch_of(
-    agg: &mut costwatch::aggregate::Aggregator,
+    agg: &mut costwatch::ingest::aggregate::Aggregator,
     offset: i64,
     ts: &str,
     events: &[(&str, &str, &str, &str, &str)],
-) -> costwatch::aggregate::FlushBatch {
+) -> costwatch::ingest::aggregate::FlushBatch {
     for (i, (id, model, hardware, compute, storage)) in events.iter().enumerate() {
         let message = event(id, ts, model, hardware, compute, storage);
         agg.ingest(0, offset + i as i64, Some(&message.payload), Utc::now());
@@ -965,9 +965,9 @@ async fn a_flush_prices_each_pair_by_the_documented_precedence() {
     .unwrap();
     let settings = costwatch::config::Settings::load(Some(&world.config(""))).unwrap();
     let book = costwatch::pricing::PriceBook::from_settings(&settings.pricing)
-        .with_versions(costwatch::calibration_store::load_versions(&world.pool).await.unwrap());
+        .with_versions(costwatch::calibration::store::load_versions(&world.pool).await.unwrap());
 
-    let mut agg = costwatch::aggregate::Aggregator::new(rules);
+    let mut agg = costwatch::ingest::aggregate::Aggregator::new(rules);
     agg.assign(
         store
             .claim(&world.topic, "me", &[0], rules.dedup_horizon_ms)
@@ -1030,7 +1030,7 @@ async fn a_window_written_across_a_version_change_is_priced_whole_by_its_last_wr
         prices: configured,
         layout,
     } = world.store_fixture().await;
-    let mut agg = costwatch::aggregate::Aggregator::new(rules);
+    let mut agg = costwatch::ingest::aggregate::Aggregator::new(rules);
     agg.assign(
         store
             .claim(&world.topic, "me", &[0], rules.dedup_horizon_ms)

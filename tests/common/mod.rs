@@ -9,11 +9,12 @@ use std::process::{Child, Command, ExitStatus, Stdio};
 use std::str::FromStr;
 use std::time::{Duration, Instant};
 
-use costwatch::aggregate::IngestRules;
 use costwatch::config::Settings;
+use costwatch::ingest::aggregate::IngestRules;
+use costwatch::ingest::store::WindowLayout;
 use costwatch::loadgen::{self, Expected, Message};
 use costwatch::pricing::PriceBook;
-use costwatch::store::{Store, WindowLayout};
+use costwatch::store::Store;
 use rand::Rng;
 use rust_decimal::Decimal;
 use sqlx::postgres::PgPoolOptions;

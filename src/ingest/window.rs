@@ -7,7 +7,7 @@ use std::time::Duration;
 use chrono::{DateTime, TimeZone, Utc};
 
 use crate::domain::{ComputeUnits, HardwareName, ModelName, StorageUnits};
-use crate::event::Labels;
+use crate::ingest::event::Labels;
 
 /// Window width in whole milliseconds (validated at startup to be whole seconds).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -155,7 +155,7 @@ impl SeenSet {
 /// id (`seen_event_batch`) and compared after restarts. Quantities arrive with trailing zeros
 /// stripped (`event::exact_quantity`), so `1.5` and `1.50` are one content. Never
 /// [`UNKNOWN_CONTENT`].
-pub fn content_digest(event: &crate::event::UsageEventRef<'_>) -> u64 {
+pub fn content_digest(event: &crate::ingest::event::UsageEventRef<'_>) -> u64 {
     let mut h = xxhash_rust::xxh3::Xxh3::new();
     for part in [&event.model, &event.hardware] {
         h.update(part.as_bytes());

@@ -5,10 +5,10 @@ use chrono::{DateTime, Utc};
 use rust_decimal::Decimal;
 use sqlx::{PgPool, Row};
 
-use crate::bills::{bill_key, Bill};
+use crate::calibration::bills::{bill_key, Bill};
+use crate::calibration::recommend::ModelUsage;
 use crate::domain::{Coefficient, ComputeUnits, HardwareName, ModelName, Money, StorageUnits};
 use crate::pricing::CoefficientVersion;
-use crate::recommend::ModelUsage;
 
 /// What an import did, bill by bill.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]

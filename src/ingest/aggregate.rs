@@ -12,10 +12,10 @@ use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 
-use crate::dedup::{self, Insert, SeenSet, UNKNOWN_CONTENT};
 use crate::domain::{HardwareName, ModelName};
-use crate::event::{self, Labels, Limits, RejectCode, Rejection, UsageEventRef};
-use crate::window::{from_millis, PendingWindows, WindowKey, WindowSize, WindowSums};
+use crate::ingest::dedup::{self, Insert, SeenSet, UNKNOWN_CONTENT};
+use crate::ingest::event::{self, Labels, Limits, RejectCode, Rejection, UsageEventRef};
+use crate::ingest::window::{from_millis, PendingWindows, WindowKey, WindowSize, WindowSums};
 
 /// The fixed rules ingestion applies, derived from settings once.
 #[derive(Debug, Clone, Copy)]
@@ -146,7 +146,7 @@ impl RejectedMessage {
 /// in (one `seen_event_batch` row per partition per flush): per id a big-endian u16 byte length
 /// with its top bit set (the UTF-8 id is at most 128 characters, 512 bytes, so the bit is free),
 /// the UTF-8 id, a big-endian i64 of Unix milliseconds and a big-endian u64 content digest
-/// ([`crate::dedup::content_digest`]). Rows written before content digests were kept lack the
+/// ([`crate::ingest::dedup::content_digest`]). Rows written before content digests were kept lack the
 /// top bit and the digest; they read back as [`UNKNOWN_CONTENT`]. Appending to one buffer costs
 /// no allocation per event, where an `EventId` per event cost one, and the flush has nothing
 /// left to encode.

@@ -2,9 +2,9 @@
 //! coefficient versions, one per (model, hardware) billed per model and one hardware default per
 //! hardware billed for all models.
 //!
-//! Each bill is one observation of [`crate::calibrate::fit`]: its period's ΣT and ΣS of the
+//! Each bill is one observation of [`crate::calibration::fit::fit`]: its period's ΣT and ΣS of the
 //! billed hardware (and model), the prices the usage was priced with, and the billed amount.
-//! The maths lives in `calibrate.rs`; this module groups, checks and stores.
+//! The maths lives in `fit.rs`; this module groups, checks and stores.
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -14,8 +14,8 @@ use rust_decimal::Decimal;
 use serde::Serialize;
 use sqlx::PgPool;
 
-use crate::calibrate::{self, Observation};
-use crate::calibration_store::{self, BilledUsage, NewVersion};
+use crate::calibration::fit::{self, Observation};
+use crate::calibration::store::{self, BilledUsage, NewVersion};
 use crate::domain::{Coefficient, HardwareName, ModelName, Money, UnitPrice};
 use crate::pricing::PriceBook;
 
@@ -98,10 +98,8 @@ pub async fn calibrate(
     configured: &PriceBook,
     request: CalibrationRequest,
 ) -> Result<CalibrationReport, CalibrationError> {
-    let book = configured
-        .clone()
-        .with_versions(calibration_store::load_versions(pool).await?);
-    let bills = calibration_store::billed_usage(pool, request.from, request.to).await?;
+    let book = configured.clone().with_versions(store::load_versions(pool).await?);
+    let bills = store::billed_usage(pool, request.from, request.to).await?;
     if bills.is_empty() {
         return Err(CalibrationError::NoBills(describe_range(request.from, request.to)));
     }
@@ -124,7 +122,7 @@ pub async fn calibrate(
                 fitted_to: request.to,
             })
             .collect();
-        let ids = calibration_store::insert_versions(pool, &versions).await?;
+        let ids = store::insert_versions(pool, &versions).await?;
         for (fit, id) in fits.iter_mut().zip(ids) {
             fit.version = Some(id);
         }
@@ -245,7 +243,7 @@ fn fit_target(
         ));
     }
 
-    let fit = calibrate::fit(&observations).map_err(|e| e.to_string())?;
+    let fit = fit::fit(&observations).map_err(|e| e.to_string())?;
     warnings.extend(fit.warnings);
     let (fallback_k1, fallback_k2) = in_force(book, target, effective_from);
     let k1 = fit.k1.unwrap_or_else(|| {

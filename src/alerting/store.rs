@@ -13,10 +13,10 @@ use serde::Serialize;
 use serde_json::{json, Value};
 use sqlx::{Connection, PgConnection, Row};
 
-use crate::budget::{like_pattern, AlertSpec, Observed, Ranges, UnpricedUsage};
+use crate::alerting::budget::{like_pattern, AlertSpec, Observed, Ranges, UnpricedUsage};
+use crate::alerting::notify::AlertmanagerAlert;
 use crate::config::BudgetSettings;
 use crate::domain::Money;
-use crate::notify::AlertmanagerAlert;
 use crate::store::{Store, StoreError};
 
 /// The advisory lock key held by the instance that evaluates budgets ("costwatc" in ASCII).

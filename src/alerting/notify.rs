@@ -1,6 +1,6 @@
 //! Delivery to receivers: Alertmanager's API v2 and generic webhooks signed with HMAC-SHA256.
 //! Only the sending lives here; what to send and when is decided by `alerting`, and what was
-//! sent is remembered by `budget_store`.
+//! sent is remembered by `store`.
 
 use std::collections::BTreeMap;
 use std::time::Duration;
@@ -41,7 +41,7 @@ pub enum NotifyError {
 }
 
 /// What Alertmanager is to be told about one alert: the wire shape this module sends, which
-/// `budget_store` reads from and acknowledges in `budget_alert`.
+/// `alerting::store` reads from and acknowledges in `budget_alert`.
 #[derive(Debug, Clone)]
 pub struct AlertmanagerAlert {
     pub key: String,

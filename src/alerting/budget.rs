@@ -1,6 +1,6 @@
 //! Budgets: calendar periods, scopes, and the pure decision of what a budget's spend means —
 //! how far it is used, where it is heading, and which alerts should be firing. No I/O here:
-//! `budget_store` reads the spend, `alerting` acts on the decision.
+//! `store` reads the spend, `evaluator` acts on the decision.
 
 use std::collections::BTreeMap;
 use std::time::Duration;

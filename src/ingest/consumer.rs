@@ -23,15 +23,17 @@ use tokio::runtime::Handle;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, info, warn};
 
-use crate::aggregate::{start_offset, Aggregator, FlushBatch, Outcome};
 use crate::config::{KafkaSettings, StartFrom};
 use crate::error_class::ErrorClass;
 use crate::faults::{self, FaultPoint};
-use crate::health::Health;
+use crate::ingest::aggregate::{start_offset, Aggregator, FlushBatch, Outcome};
+use crate::ingest::event::RejectCode;
+use crate::ingest::health::Health;
+use crate::ingest::store::{WindowLayout, WriteOutcome};
+use crate::ingest::window::{from_millis, WindowKey, WindowSums};
 use crate::pricing::{LivePrices, PriceBook};
-use crate::store::{Store, StoreError, WindowLayout, WriteOutcome};
+use crate::store::{Store, StoreError};
 use crate::telemetry;
-use crate::window::{WindowKey, WindowSums};
 
 /// Everything the consumer thread and its rebalance callback share.
 pub struct Pipeline {
@@ -393,14 +395,23 @@ fn report_committed(
     aggregator: &Mutex<Aggregator>,
 ) {
     faults::reached(FaultPoint::AfterCommit);
-    telemetry::flush_committed(
-        batch.counts(),
-        batch.rejected_by_code(),
-        windows,
-        refused,
-        prices,
-        started.elapsed(),
-    );
+    // Refused rows' events count as rejected (`unstorable`), not accepted.
+    let (mut counts, mut by_code) = (batch.counts(), batch.rejected_by_code());
+    for sums in refused {
+        counts.accepted -= sums.events as u64;
+        counts.late -= sums.late_events as u64;
+        counts.rejected += sums.events as u64;
+        *by_code.entry(RejectCode::Unstorable.as_str()).or_default() += sums.events as u64;
+    }
+    let usage = windows.iter().map(|(key, sums)| telemetry::WindowUsage {
+        model: &key.model,
+        hardware: &key.hardware,
+        start: from_millis(key.start_ms),
+        events: sums.events,
+        compute: sums.compute,
+        storage: sums.storage,
+    });
+    telemetry::flush_committed(counts, by_code, usage, prices, started.elapsed());
     let agg = lock(aggregator);
     telemetry::assignment(agg.owned_count(), agg.dedup_ids(), agg.watermark());
 }

@@ -14,10 +14,10 @@ use tokio::time::MissedTickBehavior;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
-use crate::budget::{self, AlertSpec, BudgetStatus, ForecastWindows, Ranges};
-use crate::budget_store::{self, Delivery};
+use crate::alerting::budget::{self, AlertSpec, BudgetStatus, ForecastWindows, Ranges};
+use crate::alerting::notify::{self, Notifier};
+use crate::alerting::store::{self, Delivery};
 use crate::config::{BudgetSettings, Settings};
-use crate::notify::{self, Notifier};
 use crate::store::{Store, StoreError};
 use crate::telemetry;
 
@@ -129,7 +129,13 @@ impl Evaluator {
             .collect();
         let statuses: Vec<BudgetStatus> = evaluated.into_iter().map(|(_, s)| s).collect();
         for status in &statuses {
-            telemetry::budget_status(status);
+            telemetry::budget_status(
+                &status.name,
+                status.amount,
+                status.spend,
+                status.utilization,
+                status.forecast,
+            );
         }
 
         self.ensure_leadership().await;
@@ -181,7 +187,7 @@ impl Evaluator {
                 }
             },
         };
-        match budget_store::try_lock(&mut session).await {
+        match store::try_lock(&mut session).await {
             Ok(true) => {}
             Ok(false) => {
                 self.session = Some(session);
@@ -194,7 +200,7 @@ impl Evaluator {
             }
         }
         if let Err(error) =
-            budget_store::sync_budgets(&mut session, &self.settings.budgets, &self.settings.pricing.currency).await
+            store::sync_budgets(&mut session, &self.settings.budgets, &self.settings.pricing.currency).await
         {
             // Dropping the session releases the lock for another try.
             warn!(%error, "cannot record the configured budgets; will try to lead again");
@@ -212,17 +218,17 @@ impl Evaluator {
     /// Records transitions, then delivers. Errors here are the lock session's.
     async fn lead_tick(&mut self, desired: &[AlertSpec], now: DateTime<Utc>) -> Result<(), StoreError> {
         let conn = self.session.as_mut().expect("called while leading");
-        let transitions = budget_store::apply_transitions(conn, desired, &self.receivers, now).await?;
+        let transitions = store::apply_transitions(conn, desired, &self.receivers, now).await?;
         for t in &transitions {
             info!(alert = %t.key, status = t.status, generation = t.generation, "budget alert changed state");
         }
         if self.notifier.has_alertmanager() {
-            let batch = budget_store::alertmanager_batch(conn).await?;
+            let batch = store::alertmanager_batch(conn).await?;
             if !batch.is_empty() {
                 match self.notifier.post_alertmanager(&batch, now).await {
                     Ok(()) => {
                         telemetry::notification("alertmanager", true);
-                        budget_store::alertmanager_acknowledged(conn, &batch).await?;
+                        store::alertmanager_acknowledged(conn, &batch).await?;
                     }
                     Err(error) => {
                         telemetry::notification("alertmanager", false);
@@ -231,10 +237,10 @@ impl Evaluator {
                 }
             }
         }
-        let pending = budget_store::pending_deliveries(conn, DELIVERY_BATCH).await?;
+        let pending = store::pending_deliveries(conn, DELIVERY_BATCH).await?;
         self.deliver(pending).await?;
         let conn = self.session.as_mut().expect("called while leading");
-        let backlog = budget_store::pending_count(conn, self.notifier.has_alertmanager()).await?;
+        let backlog = store::pending_count(conn, self.notifier.has_alertmanager()).await?;
         telemetry::deliveries_pending(backlog);
         Ok(())
     }
@@ -256,7 +262,7 @@ impl Evaluator {
             match result {
                 Ok(()) => {
                     telemetry::notification(&d.receiver, true);
-                    budget_store::delivered(conn, d.id).await?;
+                    store::delivered(conn, d.id).await?;
                     debug!(delivery = d.id, receiver = %d.receiver, "webhook notification delivered");
                 }
                 Err(error) => {
@@ -265,7 +271,7 @@ impl Evaluator {
                     warn!(%error, delivery = d.id, attempts = d.attempts + 1, retry_in = ?wait, "webhook notification failed");
                     let retry_at =
                         Utc::now() + chrono::Duration::from_std(wait).unwrap_or(chrono::Duration::seconds(1));
-                    budget_store::delivery_failed(conn, d.id, &error.to_string(), retry_at).await?;
+                    store::delivery_failed(conn, d.id, &error.to_string(), retry_at).await?;
                     blocked.insert(d.receiver.clone());
                 }
             }

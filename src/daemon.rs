@@ -13,11 +13,10 @@ use crate::calibration;
 use crate::calibration::recommend;
 use crate::config::Settings;
 use crate::http::{self, AppState};
-use crate::ingest::aggregate::{millis, Aggregator, IngestRules};
-use crate::ingest::consumer::{self, Backoff, FlushLimits, Pipeline};
+use crate::ingest::aggregate::{millis, IngestRules};
+use crate::ingest::consumer::{self, Backoff, FlushLimits, Pipeline, PipelineSettings};
 use crate::ingest::event::Limits;
 use crate::ingest::health::Health;
-use crate::ingest::store::WindowLayout;
 use crate::ingest::window::WindowSize;
 use crate::pricing::{LivePrices, PriceBook};
 use crate::store::Store;
@@ -81,26 +80,9 @@ pub async fn run(
     info!("database schema is up to date");
     telemetry::set_label_caps(settings.metrics.max_models, settings.metrics.max_hardware);
 
-    // Calibrated versions are loaded before the first flush, so that no window is priced with
-    // configured coefficients while a version in force exists.
-    let configured = PriceBook::from_settings(&settings.pricing);
-    let Some(book) = load_book(&store, &configured, &cancel).await else {
+    let Some(prices) = start_pricing(&settings, &store, &cancel).await else {
         return Ok(());
     };
-    let prices = LivePrices::new(book);
-    tokio::spawn(reload_coefficients(
-        store.clone(),
-        configured,
-        prices.clone(),
-        settings.calibration.reload_interval,
-        cancel.clone(),
-    ));
-    tokio::spawn(refresh_savings(
-        store.clone(),
-        prices.clone(),
-        settings.recommendations.clone(),
-        cancel.clone(),
-    ));
     tokio::spawn(prune_rejected(
         store.clone(),
         settings.ingest.rejected_retention,
@@ -127,24 +109,22 @@ pub async fn run(
         alerting::run(settings.clone(), store.clone(), board, cancel.clone()),
     );
 
-    let rules = ingest_rules(&settings);
-    let layout = WindowLayout::from_rules(&rules);
     let pipeline = Arc::new(Pipeline::new(
-        settings.kafka.topic.clone(),
-        instance_name(),
+        PipelineSettings {
+            topic: settings.kafka.topic.clone(),
+            owner: instance_name(),
+            rules: ingest_rules(&settings),
+            start_from: settings.kafka.start_from,
+            flush: FlushLimits {
+                interval: settings.ingest.flush_interval,
+                max_pending_events: settings.ingest.max_pending_events,
+                max_pending_bytes: settings.ingest.max_pending_bytes,
+            },
+        },
         store,
         prices,
-        layout,
-        settings.kafka.start_from,
-        FlushLimits {
-            interval: settings.ingest.flush_interval,
-            max_pending_events: settings.ingest.max_pending_events,
-            max_pending_bytes: settings.ingest.max_pending_bytes,
-        },
-        Aggregator::new(rules),
-        tokio::runtime::Handle::current(),
-        cancel.clone(),
         health,
+        cancel.clone(),
     ));
     let consumer = match consumer::build_consumer(&settings.kafka, pipeline.clone()) {
         Ok(consumer) => consumer,
@@ -160,6 +140,30 @@ pub async fn run(
             .map_err(|e| anyhow::anyhow!("the consumer thread panicked: {e}"))?
     });
     tasks.wait().await
+}
+
+/// Loads the price book with every calibrated version before the first flush (so that no
+/// window is priced with configured coefficients while a version in force exists), then keeps
+/// it current and the potential-savings gauge fresh in the background. `None` when shutdown
+/// began first.
+async fn start_pricing(settings: &Settings, store: &Store, cancel: &CancellationToken) -> Option<LivePrices> {
+    let configured = PriceBook::from_settings(&settings.pricing);
+    let book = load_book(store, &configured, cancel).await?;
+    let prices = LivePrices::new(book);
+    tokio::spawn(reload_coefficients(
+        store.clone(),
+        configured,
+        prices.clone(),
+        settings.calibration.reload_interval,
+        cancel.clone(),
+    ));
+    tokio::spawn(refresh_savings(
+        store.clone(),
+        prices.clone(),
+        settings.recommendations.clone(),
+        cancel.clone(),
+    ));
+    Some(prices)
 }
 
 /// The daemon's long-running tasks, run as one: when any of them ends (an error, a panic, or

@@ -312,137 +312,152 @@ pub fn evaluate(
 
 /// The alerts that should be firing for a status. Everything else of this budget resolves.
 pub fn desired_alerts(budget: &BudgetSettings, status: &BudgetStatus) -> Vec<AlertSpec> {
-    let mut out = Vec::new();
-    let cur = &status.currency;
-    let amount = status.amount;
-    let pct = |d: Decimal| format!("{}%", (d * Decimal::from(100)).round_dp(1).normalize());
-    let common = |kind: AlertKind, severity: &str| {
+    let alerts = Alerts { budget, status };
+    let mut out: Vec<AlertSpec> = status.thresholds_reached.iter().map(|t| alerts.threshold(*t)).collect();
+    out.extend(
+        status
+            .forecast
+            .filter(|f| f.0 > status.amount.0)
+            .map(|f| alerts.forecast(f)),
+    );
+    out.extend(status.drift.as_ref().filter(|d| d.firing).map(|d| alerts.drift(d)));
+    out.extend(status.unpriced.iter().map(|u| alerts.unpriced(u)));
+    out
+}
+
+/// Builds one budget's alerts, one method per kind, on the labels and annotations they share.
+struct Alerts<'a> {
+    budget: &'a BudgetSettings,
+    status: &'a BudgetStatus,
+}
+
+impl Alerts<'_> {
+    fn pct(d: Decimal) -> String {
+        format!("{}%", (d * Decimal::from(100)).round_dp(1).normalize())
+    }
+
+    /// The labels and annotations every alert of this budget carries.
+    fn common(&self, kind: AlertKind, severity: &str) -> (BTreeMap<String, String>, BTreeMap<String, String>) {
+        let status = self.status;
         let mut labels = BTreeMap::new();
         labels.insert("alertname".to_owned(), kind.alertname().to_owned());
-        labels.insert("budget".to_owned(), budget.name.clone());
+        labels.insert("budget".to_owned(), self.budget.name.clone());
         labels.insert("kind".to_owned(), kind.as_str().to_owned());
         labels.insert("severity".to_owned(), severity.to_owned());
         let mut annotations = BTreeMap::new();
         annotations.insert("spend".to_owned(), status.spend.to_string());
-        annotations.insert("amount".to_owned(), amount.to_string());
-        annotations.insert("currency".to_owned(), cur.clone());
-        annotations.insert("utilization".to_owned(), pct(status.utilization));
+        annotations.insert("amount".to_owned(), status.amount.to_string());
+        annotations.insert("currency".to_owned(), status.currency.clone());
+        annotations.insert("utilization".to_owned(), Self::pct(status.utilization));
         annotations.insert("period_start".to_owned(), status.period_start.to_rfc3339());
         annotations.insert("period_end".to_owned(), status.period_end.to_rfc3339());
         if let Some(f) = status.forecast {
             annotations.insert("forecast".to_owned(), f.to_string());
         }
         (labels, annotations)
-    };
-    let push = |out: &mut Vec<AlertSpec>, kind, labels: BTreeMap<String, String>, annotations| {
-        out.push(AlertSpec {
+    }
+
+    fn spec(
+        &self,
+        kind: AlertKind,
+        labels: BTreeMap<String, String>,
+        mut annotations: BTreeMap<String, String>,
+        summary: String,
+        description: String,
+    ) -> AlertSpec {
+        annotations.insert("summary".to_owned(), summary);
+        annotations.insert("description".to_owned(), description);
+        AlertSpec {
             key: alert_key(&labels),
-            budget: budget.name.clone(),
+            budget: self.budget.name.clone(),
             kind,
             labels,
             annotations,
-        })
-    };
+        }
+    }
 
-    for t in &status.thresholds_reached {
-        let (mut labels, mut ann) = common(AlertKind::Threshold, &budget.severity);
+    fn threshold(&self, t: Decimal) -> AlertSpec {
+        let (budget, status) = (self.budget, self.status);
+        let (amount, cur) = (status.amount, &status.currency);
+        let (mut labels, ann) = self.common(AlertKind::Threshold, &budget.severity);
         labels.insert("threshold".to_owned(), t.to_string());
         // One alert per threshold *and period*: next period's crossing is a new page.
         labels.insert("period".to_owned(), status.period_start.to_rfc3339());
-        ann.insert(
-            "summary".to_owned(),
-            format!(
-                "Budget {} has used {} of {amount} {cur} this period ({} {cur} spent; threshold {})",
-                budget.name,
-                pct(status.utilization),
-                status.spend,
-                pct(*t)
-            ),
+        let summary = format!(
+            "Budget {} has used {} of {amount} {cur} this period ({} {cur} spent; threshold {})",
+            budget.name,
+            Self::pct(status.utilization),
+            status.spend,
+            Self::pct(t)
         );
-        ann.insert(
-            "description".to_owned(),
-            format!(
-                "Spend for {} from {} is {} {cur}, at or above {} of the {amount} {cur} budget. \
-                 See GET /api/v1/budgets and the usage_costs view for the models and hardware behind it.",
-                scope_text(budget),
-                status.period_start.to_rfc3339(),
-                status.spend,
-                pct(*t)
-            ),
+        let description = format!(
+            "Spend for {} from {} is {} {cur}, at or above {} of the {amount} {cur} budget. \
+             See GET /api/v1/budgets and the usage_costs view for the models and hardware behind it.",
+            scope_text(budget),
+            status.period_start.to_rfc3339(),
+            status.spend,
+            Self::pct(t)
         );
-        push(&mut out, AlertKind::Threshold, labels, ann);
+        self.spec(AlertKind::Threshold, labels, ann, summary, description)
     }
-    if let Some(forecast) = status.forecast.filter(|f| f.0 > amount.0) {
-        let (labels, mut ann) = common(AlertKind::Forecast, &budget.severity);
-        ann.insert(
-            "summary".to_owned(),
-            format!(
-                "Budget {} is projected to reach {forecast} {cur} by {} (budget {amount} {cur})",
-                budget.name,
-                status.period_end.to_rfc3339()
-            ),
+
+    fn forecast(&self, forecast: Money) -> AlertSpec {
+        let (budget, status) = (self.budget, self.status);
+        let (amount, cur) = (status.amount, &status.currency);
+        let (labels, ann) = self.common(AlertKind::Forecast, &budget.severity);
+        let summary = format!(
+            "Budget {} is projected to reach {forecast} {cur} by {} (budget {amount} {cur})",
+            budget.name,
+            status.period_end.to_rfc3339()
         );
-        ann.insert(
-            "description".to_owned(),
-            format!(
-                "At the current burn rate ({} {cur}/h over the short window, {} {cur}/h over the long window) \
-                 spend for {} will exceed the budget before the period ends. {} {cur} spent so far.",
-                status.burn_rate_short_per_hour,
-                status.burn_rate_long_per_hour,
-                scope_text(budget),
-                status.spend
-            ),
+        let description = format!(
+            "At the current burn rate ({} {cur}/h over the short window, {} {cur}/h over the long window) \
+             spend for {} will exceed the budget before the period ends. {} {cur} spent so far.",
+            status.burn_rate_short_per_hour,
+            status.burn_rate_long_per_hour,
+            scope_text(budget),
+            status.spend
         );
-        push(&mut out, AlertKind::Forecast, labels, ann);
+        self.spec(AlertKind::Forecast, labels, ann, summary, description)
     }
-    if let Some(drift) = status.drift.as_ref().filter(|d| d.firing) {
-        let (labels, mut ann) = common(AlertKind::Drift, &budget.severity);
+
+    fn drift(&self, drift: &DriftStatus) -> AlertSpec {
+        let (budget, cur) = (self.budget, &self.status.currency);
+        let (labels, mut ann) = self.common(AlertKind::Drift, &budget.severity);
         ann.insert("recent_per_hour".to_owned(), drift.recent_per_hour.to_string());
         ann.insert("baseline_per_hour".to_owned(), drift.baseline_per_hour.to_string());
         let compared = match drift.ratio {
             Some(r) => format!("{r}x its baseline of {} {cur}/h", drift.baseline_per_hour),
             None => format!("from nothing (baseline 0 {cur}/h)"),
         };
-        ann.insert(
-            "summary".to_owned(),
-            format!(
-                "Spend rate of budget {} jumped to {} {cur}/h, {compared}",
-                budget.name, drift.recent_per_hour
-            ),
+        let summary = format!(
+            "Spend rate of budget {} jumped to {} {cur}/h, {compared}",
+            budget.name, drift.recent_per_hour
         );
-        ann.insert(
-            "description".to_owned(),
-            format!(
-                "The recent spend rate for {} is above {} times its trailing baseline. \
-                 Check for a traffic jump, a new model rollout or a pricing change.",
-                scope_text(budget),
-                drift.factor
-            ),
+        let description = format!(
+            "The recent spend rate for {} is above {} times its trailing baseline. \
+             Check for a traffic jump, a new model rollout or a pricing change.",
+            scope_text(budget),
+            drift.factor
         );
-        push(&mut out, AlertKind::Drift, labels, ann);
+        self.spec(AlertKind::Drift, labels, ann, summary, description)
     }
-    for u in &status.unpriced {
-        let (mut labels, mut ann) = common(AlertKind::Unpriced, "warning");
+
+    fn unpriced(&self, u: &UnpricedUsage) -> AlertSpec {
+        let (mut labels, ann) = self.common(AlertKind::Unpriced, "warning");
         labels.insert("model".to_owned(), u.model.clone());
         labels.insert("hardware".to_owned(), u.hardware.clone());
-        ann.insert(
-            "summary".to_owned(),
-            format!(
-                "Budget {} cannot be trusted: {} events of {} on {} have no price this period",
-                budget.name, u.events, u.model, u.hardware
-            ),
+        let summary = format!(
+            "Budget {} cannot be trusted: {} events of {} on {} have no price this period",
+            self.budget.name, u.events, u.model, u.hardware
         );
-        ann.insert(
-            "description".to_owned(),
-            format!(
-                "Hardware {} has no [[pricing.hardware]] entry, so its usage is recorded but not counted as spend. \
-                 Add its prices to the configuration; past windows keep a NULL cost until re-priced.",
-                u.hardware
-            ),
+        let description = format!(
+            "Hardware {} has no [[pricing.hardware]] entry, so its usage is recorded but not counted as spend. \
+             Add its prices to the configuration; past windows keep a NULL cost until re-priced.",
+            u.hardware
         );
-        push(&mut out, AlertKind::Unpriced, labels, ann);
+        self.spec(AlertKind::Unpriced, labels, ann, summary, description)
     }
-    out
 }
 
 fn scope_text(budget: &BudgetSettings) -> String {

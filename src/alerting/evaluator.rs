@@ -44,10 +44,24 @@ struct Evaluator {
     notifier: Notifier,
     receivers: Vec<String>,
     board: SharedBoard,
-    /// The dedicated session that holds (or keeps trying for) the alerting lock.
-    session: Option<PgConnection>,
-    /// Whether `session` holds the lock.
-    leading: bool,
+    lock: Lock,
+}
+
+/// Where this instance stands with the alerting lock, on its dedicated session.
+enum Lock {
+    /// No session is open (none yet, or it failed).
+    Closed,
+    /// A session that does not hold the lock, kept open between attempts.
+    Waiting(PgConnection),
+    /// The lock is held: every write of alert state goes through the leader's session.
+    Leading(Leader),
+}
+
+/// The instance that holds the alerting lock, with the session that holds it. Its methods are
+/// the only writers of transitions and deliveries: a leader whose session died cannot write,
+/// so it cannot act on a transition (see `docs/architecture.md`).
+struct Leader {
+    session: PgConnection,
 }
 
 /// Each configured budget with its status at `now`, read from PostgreSQL. Shared by the
@@ -86,8 +100,7 @@ pub async fn run(
         notifier,
         receivers,
         board,
-        session: None,
-        leading: false,
+        lock: Lock::Closed,
     };
     let mut ticks = tokio::time::interval(settings.alerting.evaluation_interval);
     ticks.set_missed_tick_behavior(MissedTickBehavior::Delay);
@@ -102,9 +115,13 @@ pub async fn run(
             _ = evaluator.tick() => {}
         }
     }
-    if let Some(conn) = evaluator.session.take() {
-        let _ = conn.close().await;
-        if evaluator.leading {
+    match std::mem::replace(&mut evaluator.lock, Lock::Closed) {
+        Lock::Closed => {}
+        Lock::Waiting(session) => {
+            let _ = session.close().await;
+        }
+        Lock::Leading(leader) => {
+            let _ = leader.session.close().await;
             info!("released the alerting lock");
         }
     }
@@ -139,7 +156,7 @@ impl Evaluator {
         }
 
         self.ensure_leadership().await;
-        let leader = self.leading;
+        let leader = matches!(self.lock, Lock::Leading(_));
         {
             let mut board = self.board.write().unwrap_or_else(|p| p.into_inner());
             *board = BudgetBoard {
@@ -154,14 +171,13 @@ impl Evaluator {
                 telemetry::alerts_firing(kind.as_str(), counts.get(kind.as_str()).copied().unwrap_or(0));
             }
         }
-        if !leader {
+        let Lock::Leading(leading) = &mut self.lock else {
             return;
-        }
-        if let Err(error) = self.lead_tick(&desired, now).await {
+        };
+        if let Err(error) = leading.tick(&self.notifier, &self.receivers, &desired, now).await {
             // The session (and with it the lock) may be gone; another instance may lead now.
             warn!(%error, "lost the alerting lock's session; another instance may take over");
-            self.session = None;
-            self.leading = false;
+            self.lock = Lock::Closed;
             telemetry::alerting_leader(false);
         }
     }
@@ -174,12 +190,13 @@ impl Evaluator {
     /// Takes the lock if nobody holds it, on a session kept open between attempts. A new
     /// leader first mirrors its budgets into PostgreSQL.
     async fn ensure_leadership(&mut self) {
-        if self.leading {
-            return;
-        }
-        let mut session = match self.session.take() {
-            Some(session) => session,
-            None => match self.store.lock_session().await {
+        let mut session = match std::mem::replace(&mut self.lock, Lock::Closed) {
+            Lock::Leading(leader) => {
+                self.lock = Lock::Leading(leader);
+                return;
+            }
+            Lock::Waiting(session) => session,
+            Lock::Closed => match self.store.lock_session().await {
                 Ok(session) => session,
                 Err(error) => {
                     debug!(%error, "cannot open the alerting lock's session");
@@ -190,7 +207,7 @@ impl Evaluator {
         match store::try_lock(&mut session).await {
             Ok(true) => {}
             Ok(false) => {
-                self.session = Some(session);
+                self.lock = Lock::Waiting(session);
                 telemetry::alerting_leader(false);
                 return;
             }
@@ -210,22 +227,29 @@ impl Evaluator {
             budgets = self.settings.budgets.len(),
             "this instance now evaluates budget alerts (holds the alerting lock)"
         );
-        self.session = Some(session);
-        self.leading = true;
+        self.lock = Lock::Leading(Leader { session });
         telemetry::alerting_leader(true);
     }
+}
 
+impl Leader {
     /// Records transitions, then delivers. Errors here are the lock session's.
-    async fn lead_tick(&mut self, desired: &[AlertSpec], now: DateTime<Utc>) -> Result<(), StoreError> {
-        let conn = self.session.as_mut().expect("called while leading");
-        let transitions = store::apply_transitions(conn, desired, &self.receivers, now).await?;
+    async fn tick(
+        &mut self,
+        notifier: &Notifier,
+        receivers: &[String],
+        desired: &[AlertSpec],
+        now: DateTime<Utc>,
+    ) -> Result<(), StoreError> {
+        let conn = &mut self.session;
+        let transitions = store::apply_transitions(conn, desired, receivers, now).await?;
         for t in &transitions {
             info!(alert = %t.key, status = t.status, generation = t.generation, "budget alert changed state");
         }
-        if self.notifier.has_alertmanager() {
+        if notifier.has_alertmanager() {
             let batch = store::alertmanager_batch(conn).await?;
             if !batch.is_empty() {
-                match self.notifier.post_alertmanager(&batch, now).await {
+                match notifier.post_alertmanager(&batch, now).await {
                     Ok(()) => {
                         telemetry::notification("alertmanager", true);
                         store::alertmanager_acknowledged(conn, &batch).await?;
@@ -238,16 +262,15 @@ impl Evaluator {
             }
         }
         let pending = store::pending_deliveries(conn, DELIVERY_BATCH).await?;
-        self.deliver(pending).await?;
-        let conn = self.session.as_mut().expect("called while leading");
-        let backlog = store::pending_count(conn, self.notifier.has_alertmanager()).await?;
+        self.deliver(notifier, pending).await?;
+        let backlog = store::pending_count(&mut self.session, notifier.has_alertmanager()).await?;
         telemetry::deliveries_pending(backlog);
         Ok(())
     }
 
     /// Sends due webhook notifications in order. A receiver that fails holds back its later
     /// notifications too, so a resolution never overtakes its firing.
-    async fn deliver(&mut self, pending: Vec<Delivery>) -> Result<(), StoreError> {
+    async fn deliver(&mut self, notifier: &Notifier, pending: Vec<Delivery>) -> Result<(), StoreError> {
         let mut blocked: HashSet<String> = HashSet::new();
         for d in pending {
             if blocked.contains(&d.receiver) {
@@ -257,8 +280,8 @@ impl Evaluator {
                 blocked.insert(d.receiver.clone());
                 continue;
             }
-            let result = self.notifier.post_webhook(&d.receiver, d.id, &d.payload).await;
-            let conn = self.session.as_mut().expect("called while leading");
+            let result = notifier.post_webhook(&d.receiver, d.id, &d.payload).await;
+            let conn = &mut self.session;
             match result {
                 Ok(()) => {
                     telemetry::notification(&d.receiver, true);

@@ -26,7 +26,7 @@ use tracing::{debug, error, info, warn};
 use crate::config::{KafkaSettings, StartFrom};
 use crate::error_class::ErrorClass;
 use crate::faults::{self, FaultPoint};
-use crate::ingest::aggregate::{start_offset, Aggregator, FlushBatch, Outcome};
+use crate::ingest::aggregate::{start_offset, Aggregator, FlushBatch, IngestRules, Outcome};
 use crate::ingest::event::RejectCode;
 use crate::ingest::health::Health;
 use crate::ingest::store::{WindowLayout, WriteOutcome};
@@ -80,33 +80,38 @@ enum Settle {
     IfDone,
 }
 
+/// What a pipeline is told by the configuration.
+#[derive(Debug, Clone)]
+pub struct PipelineSettings {
+    pub topic: String,
+    /// This instance's name in `partition_progress.owner`.
+    pub owner: String,
+    pub rules: IngestRules,
+    pub start_from: StartFrom,
+    pub flush: FlushLimits,
+}
+
 impl Pipeline {
-    #[allow(clippy::too_many_arguments)]
+    /// A pipeline with no partitions yet; call it from inside the tokio runtime it will use.
     pub fn new(
-        topic: String,
-        owner: String,
+        settings: PipelineSettings,
         store: Store,
         prices: LivePrices,
-        layout: WindowLayout,
-        start_from: StartFrom,
-        flush: FlushLimits,
-        aggregator: Aggregator,
-        runtime: Handle,
-        cancel: CancellationToken,
         health: Arc<Health>,
+        cancel: CancellationToken,
     ) -> Self {
         Self {
-            topic,
-            owner,
+            topic: settings.topic,
+            owner: settings.owner,
             store,
             prices,
-            layout,
-            start_from,
-            flush,
-            runtime,
+            layout: WindowLayout::from_rules(&settings.rules),
+            start_from: settings.start_from,
+            flush: settings.flush,
+            runtime: Handle::current(),
             cancel,
             health,
-            aggregator: Arc::new(Mutex::new(aggregator)),
+            aggregator: Arc::new(Mutex::new(Aggregator::new(settings.rules))),
             writing: Mutex::new(None),
         }
     }

@@ -227,7 +227,7 @@ pub struct LoadgenArgs {
 
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
-    telemetry::init_logging();
+    telemetry::init_logging(crate::config::LogSettings::peek(cli.config.as_deref()).format);
     let result = match cli.command {
         Command::Estimate(ref args) => estimate(cli.config.as_deref(), args),
         Command::CheckConfig => load(cli.config.as_deref()).map(|_| {

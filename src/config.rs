@@ -513,13 +513,12 @@ impl TryFrom<String> for LogFormat {
 impl LogSettings {
     /// The `[log]` section alone, from the same file and environment as [`Settings::load`],
     /// read before anything else so that every line is written in the configured format.
-    /// Anything wrong yields the default here; `load` then reports it with its key.
+    /// A file that does not parse falls back to the environment alone (so that its error is
+    /// still written in the format the environment asks for); anything else wrong yields the
+    /// default here, and `load` then reports it with its key.
     pub fn peek(path: Option<&Path>) -> LogSettings {
-        layered(path)
-            .build()
-            .ok()
-            .and_then(|c| c.get::<LogSettings>("log").ok())
-            .unwrap_or_default()
+        let read = |path| layered(path).build().ok()?.get::<LogSettings>("log").ok();
+        read(path).or_else(|| read(None)).unwrap_or_default()
     }
 }
 

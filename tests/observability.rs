@@ -459,3 +459,38 @@ async fn json_logs_are_one_object_per_line_with_fields_at_the_top() {
         "{log}"
     );
 }
+
+/// A container that logs JSON and is given a bad configuration still writes only JSON: the
+/// problems arrive as one line with the exit code, for a file that fails validation and for
+/// one that is not even TOML.
+#[test]
+fn a_configuration_error_is_one_json_line_when_logs_are_json() {
+    let dir = tempfile::tempdir().unwrap();
+    for (name, text, expect) in [
+        (
+            "invalid.toml",
+            "[kafka]\nbrokers = \"b:9092\"\ntopic = \"t\"\ngroup_id = \"g\"\n[database]\nurl = \"mysql://x\"\n[pricing]\ncurrency = \"USD\"\n",
+            "database.url: must start with postgres://",
+        ),
+        ("broken.toml", "[kafka\n", "cannot read configuration"),
+    ] {
+        let path = dir.path().join(name);
+        std::fs::write(&path, text).unwrap();
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_costwatch"))
+            .args(["check-config", "--config"])
+            .arg(&path)
+            .env("COSTWATCH__LOG__FORMAT", "json")
+            .output()
+            .unwrap();
+        assert_eq!(out.status.code(), Some(64), "{name}");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        let lines: Vec<Value> = stderr
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{name}: not a JSON line ({e}): {l}")))
+            .collect();
+        assert_eq!(lines.len(), 1, "{name}: {stderr}");
+        assert_eq!(lines[0]["level"], "ERROR", "{stderr}");
+        assert_eq!(lines[0]["exit_code"], 64, "{stderr}");
+        assert!(lines[0]["error"].as_str().unwrap().contains(expect), "{name}: {stderr}");
+    }
+}

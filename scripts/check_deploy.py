@@ -18,6 +18,8 @@ What it proves:
   check-config (the image's ENV, then the service's environment).
 - The image: every shared library the binary links comes from the runtime stage's packages.
 - systemd: the unit verifies and its `systemd-analyze security` rating is OK or better.
+- Rules: every alert of deploy/prometheus/rules.yml has a summary, a description and a
+  runbook_url whose anchor is a section of docs/runbook.md.
 
 Run with a Python that has PyYAML (scripts/check-deploy.sh uses .local/deploy-venv).
 """
@@ -390,6 +392,34 @@ def check_image_libraries(costwatch):
         )
 
 
+# ------------------------------------------------------------------------------------ rules
+
+
+def github_anchor(heading):
+    """The anchor GitHub gives a Markdown heading: lower case, spaces to dashes, no punctuation."""
+    return re.sub(r"[^a-z0-9 _-]", "", heading.strip().lower()).replace(" ", "-")
+
+
+def check_runbook():
+    print("rules:")
+    runbook = ROOT / "docs/runbook.md"
+    anchors = {github_anchor(m) for m in re.findall(r"^#+ (.+)$", runbook.read_text(), flags=re.M)}
+    for group in yaml.safe_load(RULES.read_text())["groups"]:
+        for rule in group["rules"]:
+            if "alert" not in rule:
+                continue
+            name = rule["alert"]
+            annotations = rule.get("annotations", {})
+            url = annotations.get("runbook_url", "")
+            path, _, anchor = url.partition("#")
+            check(
+                {"summary", "description"} <= annotations.keys()
+                and path == "docs/runbook.md"
+                and anchor in anchors,
+                f"{name} has a summary, a description and a runbook_url to its section of docs/runbook.md ({url or 'none'})",
+            )
+
+
 # ------------------------------------------------------------------------------------ systemd
 
 
@@ -431,6 +461,7 @@ def main():
     check_compose(args.costwatch, args.check_jsonschema)
     check_image_libraries(args.costwatch)
     check_systemd()
+    check_runbook()
     if failures:
         print(f"check_deploy: {len(failures)} check(s) failed", file=sys.stderr)
         return 1

@@ -265,6 +265,27 @@ forecast = true
         empty.join("\n")
     );
     assert!(promql_count >= 8, "only {promql_count} PromQL targets found");
+
+    // The template variables offer values: `label_values(selector, label)` finds the label on
+    // live series (the job variable finds job="costwatch", model and hardware their names).
+    for variable in dashboard["templating"]["list"].as_array().unwrap() {
+        let Some(definition) = variable["query"].as_str().and_then(|q| q.strip_prefix("label_values(")) else {
+            continue;
+        };
+        let (selector, label) = definition.trim_end_matches(')').rsplit_once(',').unwrap();
+        let q = format!("count by ({}) ({})", label.trim(), promql(selector));
+        let v = query(&prom.addr, &q).await;
+        let values: Vec<&str> = v["data"]["result"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter_map(|r| r["metric"][label.trim()].as_str())
+            .collect();
+        assert!(!values.is_empty(), "variable {} offers nothing: {q}", variable["name"]);
+        if variable["name"] == "job" {
+            assert_eq!(values, ["costwatch"], "{q}");
+        }
+    }
     assert!(sql_count >= 1, "no SQL targets found");
     sqlx::query("RESET ROLE").execute(&mut *grafana).await.unwrap();
     drop(grafana);

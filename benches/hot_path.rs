@@ -41,6 +41,7 @@ fn end() -> DateTime<Utc> {
 /// What `costwatch run` derives from the default settings.
 fn rules() -> IngestRules {
     IngestRules {
+        max_rejected_payload_bytes: 4096,
         limits: Limits {
             max_event_bytes: 65_536,
             max_future_skew: Duration::from_secs(300),
@@ -63,6 +64,7 @@ fn load(count: u64, models: u32, hardware: u32, duplicates: f64, late: f64, malf
         duplicates,
         late,
         malformed,
+        hostile: 0.0,
         late_by: Duration::from_secs(600),
         span: Duration::from_secs(600),
         end: end(),
@@ -279,7 +281,7 @@ fn with_fresh_ids(template: &FlushBatch, round: u64) -> FlushBatch {
     for part in &mut batch.parts {
         let mut fresh = SeenIds::default();
         for (id, t) in part.seen.iter() {
-            fresh.push(&format!("{id}-r{round}"), t.timestamp_millis());
+            fresh.push(&format!("{id}-r{round}"), t.timestamp_millis(), 1);
         }
         part.seen = fresh;
     }
@@ -318,6 +320,7 @@ fn flush(c: &mut Criterion) {
     let layout = WindowLayout {
         size: rules().window,
         allowed_lateness_ms: rules().allowed_lateness_ms,
+        max_rejected_payload_bytes: 4096,
     };
     let partitions: Vec<i32> = (0..PARTITIONS).collect();
 

@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 
-use crate::dedup::SeenSet;
+use crate::dedup::{self, Insert, SeenSet, UNKNOWN_CONTENT};
 use crate::domain::{HardwareName, ModelName};
 use crate::event::{self, Labels, Limits, RejectCode, Rejection, UsageEventRef};
 use crate::window::{from_millis, PendingWindows, WindowKey, WindowSize, WindowSums};
@@ -21,6 +21,8 @@ use crate::window::{from_millis, PendingWindows, WindowKey, WindowSize, WindowSu
 #[derive(Debug, Clone, Copy)]
 pub struct IngestRules {
     pub limits: Limits,
+    /// At most this much of a rejected message is kept (its full size and SHA-256 are kept too).
+    pub max_rejected_payload_bytes: usize,
     pub window: WindowSize,
     pub allowed_lateness_ms: i64,
     pub dedup_horizon_ms: i64,
@@ -100,14 +102,54 @@ pub struct RejectedMessage {
     pub partition: i32,
     pub offset: i64,
     pub rejection: Rejection,
+    /// The message's first bytes, at most `ingest.max_rejected_payload_bytes`; cut at a
+    /// character boundary when the message is UTF-8 text.
     pub payload: Vec<u8>,
+    /// The whole message's size in bytes.
+    pub payload_size: i64,
+    /// SHA-256 of the whole message, so a kept prefix can be matched with the producer's copy.
+    pub payload_sha256: [u8; 32],
+}
+
+impl RejectedMessage {
+    /// Keeps at most `max_bytes` of `payload`: a backlog of 10 MiB rejects was once held whole,
+    /// twice, and timed every flush out.
+    pub fn new(partition: i32, offset: i64, rejection: Rejection, payload: &[u8], max_bytes: usize) -> Self {
+        use sha2::Digest;
+        let mut keep = payload.len().min(max_bytes);
+        if keep < payload.len() {
+            // Do not split a UTF-8 character: the kept text stays readable as text.
+            if let Err(e) = std::str::from_utf8(&payload[..keep]) {
+                if e.error_len().is_none() {
+                    keep = e.valid_up_to();
+                }
+            }
+        }
+        Self {
+            partition,
+            offset,
+            rejection,
+            payload: payload[..keep].to_vec(),
+            payload_size: payload.len() as i64,
+            payload_sha256: sha2::Sha256::digest(payload).into(),
+        }
+    }
+
+    /// Whether the kept bytes are shown as text: valid UTF-8 without NUL (PostgreSQL text
+    /// cannot hold NUL).
+    pub fn is_text(&self) -> bool {
+        std::str::from_utf8(&self.payload).is_ok_and(|t| !t.contains('\0'))
+    }
 }
 
 /// The dedup ids a partition took in since its last flush, already in the form they are stored
-/// in (one `seen_event_batch` row per partition per flush): per id a big-endian u16 byte length,
-/// the UTF-8 id (at most 128 characters, so at most 512 bytes) and a big-endian i64 of Unix
-/// milliseconds. Appending to one buffer costs no allocation per event, where an `EventId` per
-/// event cost one, and the flush has nothing left to encode.
+/// in (one `seen_event_batch` row per partition per flush): per id a big-endian u16 byte length
+/// with its top bit set (the UTF-8 id is at most 128 characters, 512 bytes, so the bit is free),
+/// the UTF-8 id, a big-endian i64 of Unix milliseconds and a big-endian u64 content digest
+/// ([`crate::dedup::content_digest`]). Rows written before content digests were kept lack the
+/// top bit and the digest; they read back as [`UNKNOWN_CONTENT`]. Appending to one buffer costs
+/// no allocation per event, where an `EventId` per event cost one, and the flush has nothing
+/// left to encode.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct SeenIds {
     bytes: Vec<u8>,
@@ -115,21 +157,26 @@ pub struct SeenIds {
     len: usize,
 }
 
+/// The top bit of an id's length in [`SeenIds`]: a content digest follows the time.
+const WITH_CONTENT: u16 = 0x8000;
+
 impl SeenIds {
-    pub fn push(&mut self, id: &str, event_time_ms: i64) {
+    pub fn push(&mut self, id: &str, event_time_ms: i64, content: u64) {
         let id = id.as_bytes();
-        // A validated id is at most 128 characters, 512 bytes: the length fits a u16.
-        self.bytes.extend_from_slice(&(id.len() as u16).to_be_bytes());
+        // A validated id is at most 128 characters, 512 bytes: the length fits in 15 bits.
+        self.bytes
+            .extend_from_slice(&(id.len() as u16 | WITH_CONTENT).to_be_bytes());
         self.bytes.extend_from_slice(id);
         self.bytes.extend_from_slice(&event_time_ms.to_be_bytes());
+        self.bytes.extend_from_slice(&content.to_be_bytes());
         self.newest_ms = Some(self.newest_ms.map_or(event_time_ms, |n| n.max(event_time_ms)));
         self.len += 1;
     }
 
     /// Appends ids in the packed form (a `seen_event_batch.ids` value read back).
     pub fn extend_packed(&mut self, bytes: &[u8]) {
-        for (id, t) in decode_ids(bytes) {
-            self.push(id, t.timestamp_millis());
+        for (id, t, content) in decode_ids(bytes) {
+            self.push(id, t.timestamp_millis(), content);
         }
     }
 
@@ -154,20 +201,32 @@ impl SeenIds {
 
     /// Each id with its event time, in the order they were taken in.
     pub fn iter(&self) -> impl Iterator<Item = (&str, DateTime<Utc>)> + '_ {
+        decode_ids(&self.bytes).map(|(id, t, _)| (id, t))
+    }
+
+    /// Each id with its event time and content digest, in the order they were taken in.
+    pub fn entries(&self) -> impl Iterator<Item = (&str, DateTime<Utc>, u64)> + '_ {
         decode_ids(&self.bytes)
     }
 }
 
-/// Unpacks the [`SeenIds`] form; a truncated tail (which this code never writes) is ignored.
-pub fn decode_ids(mut bytes: &[u8]) -> impl Iterator<Item = (&str, DateTime<Utc>)> + '_ {
+/// Unpacks the [`SeenIds`] form, old rows without content digests included; a truncated tail
+/// (which this code never writes) is ignored.
+pub fn decode_ids(mut bytes: &[u8]) -> impl Iterator<Item = (&str, DateTime<Utc>, u64)> + '_ {
     std::iter::from_fn(move || loop {
-        let len = u16::from_be_bytes([*bytes.first()?, *bytes.get(1)?]) as usize;
-        let record = bytes.get(2..2 + len + 8)?;
-        bytes = &bytes[2 + len + 8..];
-        let (id, ms) = record.split_at(len);
-        let ms = i64::from_be_bytes(ms.try_into().expect("8 bytes"));
+        let head = u16::from_be_bytes([*bytes.first()?, *bytes.get(1)?]);
+        let len = (head & !WITH_CONTENT) as usize;
+        let digest_len = if head & WITH_CONTENT != 0 { 8 } else { 0 };
+        let record = bytes.get(2..2 + len + 8 + digest_len)?;
+        bytes = &bytes[2 + len + 8 + digest_len..];
+        let (id, rest) = record.split_at(len);
+        let ms = i64::from_be_bytes(rest[..8].try_into().expect("8 bytes"));
+        let content = match rest.get(8..16) {
+            Some(d) => u64::from_be_bytes(d.try_into().expect("8 bytes")),
+            None => UNKNOWN_CONTENT,
+        };
         if let (Ok(id), Some(t)) = (std::str::from_utf8(id), DateTime::<Utc>::from_timestamp_millis(ms)) {
-            return Some((id, t));
+            return Some((id, t, content));
         }
     })
 }
@@ -185,23 +244,7 @@ pub struct Progress {
     pub forget_before: Option<DateTime<Utc>>,
 }
 
-/// Counts by outcome, for metrics after a successful flush.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct OutcomeCounts {
-    pub accepted: u64,
-    pub late: u64,
-    pub duplicate: u64,
-    pub rejected: u64,
-}
-
-impl OutcomeCounts {
-    fn add(&mut self, o: &OutcomeCounts) {
-        self.accepted += o.accepted;
-        self.late += o.late;
-        self.duplicate += o.duplicate;
-        self.rejected += o.rejected;
-    }
-}
+pub use crate::telemetry::OutcomeCounts;
 
 /// One partition's share of a flush.
 #[derive(Debug, Clone)]
@@ -219,6 +262,9 @@ pub struct PartitionBatch {
 #[derive(Debug, Clone, Default)]
 pub struct FlushBatch {
     pub parts: Vec<PartitionBatch>,
+    /// Set after this batch's write failed with a permanent error: it is written again
+    /// isolating the rows PostgreSQL refuses (see `Store::write`) instead of failing forever.
+    pub isolate: bool,
 }
 
 impl FlushBatch {
@@ -243,12 +289,23 @@ impl FlushBatch {
     /// The keys are borrowed from the batch: a large batch's keys are not held twice.
     pub fn windows(&self) -> Vec<(&WindowKey, WindowSums)> {
         let mut merged: HashMap<&WindowKey, WindowSums> = HashMap::new();
+        // Sums that cannot be merged exactly stay rows of their own (see `WindowSums::try_add`).
+        let mut apart: Vec<(&WindowKey, WindowSums)> = Vec::new();
         for part in &self.parts {
             for (key, sums) in &part.windows {
-                merged.entry(key).or_default().merge(sums);
+                match merged.entry(key) {
+                    std::collections::hash_map::Entry::Vacant(slot) => {
+                        slot.insert(*sums);
+                    }
+                    std::collections::hash_map::Entry::Occupied(mut kept) => {
+                        if !kept.get_mut().try_merge(sums) {
+                            apart.push((key, *sums));
+                        }
+                    }
+                }
             }
         }
-        let mut windows: Vec<(&WindowKey, WindowSums)> = merged.into_iter().collect();
+        let mut windows: Vec<(&WindowKey, WindowSums)> = merged.into_iter().chain(apart).collect();
         windows.sort_unstable_by(|a, b| a.0.cmp(b.0));
         windows
     }
@@ -277,7 +334,10 @@ impl FlushBatch {
             .into_iter()
             .partition(|p| partitions.contains(&p.progress.partition));
         self.parts = kept;
-        FlushBatch { parts: taken }
+        FlushBatch {
+            parts: taken,
+            isolate: self.isolate,
+        }
     }
 }
 
@@ -392,13 +452,21 @@ impl<T> Table<T> {
 struct PartitionState {
     epoch: i64,
     next_offset: Option<i64>,
-    /// What PostgreSQL holds for this partition, as of the last confirmed flush.
+    /// What PostgreSQL holds for this partition once the batch in flight (if any) lands: the
+    /// offset the next batch applies on top of.
     stored_offset: Option<i64>,
+    /// What PostgreSQL is known to hold: the offset of the last committed batch. Stays put
+    /// while writes fail, which is what stall detection watches.
+    committed_offset: Option<i64>,
     watermark_ms: Option<i64>,
     /// Event ids counted, with their event time; pruned once older than watermark minus the
     /// dedup horizon.
     seen: SeenSet,
     pending: HashMap<PendingKey, WindowSums>,
+    /// Sums of a pending window that could not take another event exactly (more than 28
+    /// digits): written as rows of their own, which PostgreSQL adds up exactly. Almost always
+    /// empty.
+    overflowed: Vec<(PendingKey, WindowSums)>,
     names: Names,
     rejected: Vec<RejectedMessage>,
     new_seen: SeenIds,
@@ -407,6 +475,8 @@ struct PartitionState {
     /// Offsets advanced since the last flush (a rejected-only batch still moves the offset).
     dirty: bool,
     messages_since_flush: usize,
+    /// Payload bytes read since the last flush, for `ingest.max_pending_bytes`.
+    bytes_since_flush: usize,
     forget_before_ms: Option<i64>,
     /// Set until the first message shows the broker started where we asked.
     unverified_start: Option<StartCheck>,
@@ -417,19 +487,21 @@ impl PartitionState {
         let watermark_ms = claim.watermark.map(|w| w.timestamp_millis());
         let horizon_start = watermark_ms.map(|w| w - rules.dedup_horizon_ms);
         let mut seen = SeenSet::new();
-        for (id, t) in claim.seen.iter() {
+        for (id, t, content) in claim.seen.entries() {
             let ms = t.timestamp_millis();
             if horizon_start.is_none_or(|h| ms >= h) {
-                seen.insert(id, ms);
+                seen.insert(id, ms, content);
             }
         }
         Self {
             epoch: claim.epoch,
             next_offset: claim.next_offset,
             stored_offset: claim.next_offset,
+            committed_offset: claim.next_offset,
             watermark_ms,
             seen,
             pending: HashMap::new(),
+            overflowed: Vec::new(),
             names: Names::default(),
             rejected: Vec::new(),
             new_seen: SeenIds::default(),
@@ -437,6 +509,7 @@ impl PartitionState {
             rejected_by_code: BTreeMap::new(),
             dirty: false,
             messages_since_flush: 0,
+            bytes_since_flush: 0,
             forget_before_ms: None,
             unverified_start: claim.next_offset.filter(|n| *n > 0).map(StartCheck::before),
         }
@@ -482,46 +555,84 @@ impl PartitionState {
         self.next_offset = Some(offset + 1);
         self.dirty = true;
         self.messages_since_flush += 1;
+        self.bytes_since_flush += payload.map_or(0, <[u8]>::len);
 
         let event = match event::decode_ref(payload, &rules.limits, now) {
             Ok(event) => event,
-            Err(rejection) => {
-                let code = rejection.code;
-                self.counts.rejected += 1;
-                *self.rejected_by_code.entry(code.as_str()).or_default() += 1;
-                self.rejected.push(RejectedMessage {
-                    partition,
-                    offset,
-                    rejection,
-                    payload: payload.map(<[u8]>::to_vec).unwrap_or_default(),
-                });
-                return Outcome::Rejected(code);
-            }
+            Err(rejection) => return self.reject(partition, offset, rejection, payload, rules),
         };
 
         let ts_ms = event.timestamp.timestamp_millis();
         // An event older than the dedup horizon cannot be checked against ids we have already
         // forgotten; it is still accepted (dedup is best effort beyond the horizon, by contract).
-        if !self.seen.insert(&event.event_id, ts_ms) {
-            self.counts.duplicate += 1;
-            return Outcome::Duplicate;
+        let content = dedup::content_digest(&event);
+        match self.seen.insert(&event.event_id, ts_ms, content) {
+            Insert::New => {}
+            Insert::Duplicate => {
+                self.counts.duplicate += 1;
+                return Outcome::Duplicate;
+            }
+            Insert::Conflict => {
+                let rejection = Rejection::new(
+                    RejectCode::ConflictingDuplicate,
+                    format!(
+                        "event_id {} was already counted with different content; the first stays counted",
+                        event::abbreviate(&event.event_id)
+                    ),
+                );
+                return self.reject(partition, offset, rejection, payload, rules);
+            }
         }
-        self.new_seen.push(&event.event_id, ts_ms);
+        self.new_seen.push(&event.event_id, ts_ms, content);
 
         let late = self.watermark_ms.is_some_and(|w| ts_ms < w - rules.allowed_lateness_ms);
-        self.watermark_ms = Some(self.watermark_ms.map_or(ts_ms, |w| w.max(ts_ms)));
+        // The watermark never runs ahead of this host's clock: one producer stamping minutes
+        // ahead (within `max_future_skew`) would otherwise finalise windows early and make
+        // everyone else's on-time events late. Its event still counts in its own window.
+        let advance = ts_ms.min(now.timestamp_millis());
+        self.watermark_ms = Some(self.watermark_ms.map_or(advance, |w| w.max(advance)));
 
         let key = self.names.key(rules.window.start_of(event.timestamp), &event);
-        let sums = self.pending.entry(key).or_default();
-        sums.events += 1;
-        sums.compute += event.compute;
-        sums.storage += event.storage;
+        let sums = self
+            .pending
+            .entry(key)
+            .or_insert_with(|| WindowSums::starting_at(partition, offset));
+        if !sums.try_add(event.compute, event.storage) {
+            // The window's pending sum would need more than 28 digits: keep it as a row of its
+            // own and start afresh; one event always fits (the precision contract).
+            let full = std::mem::replace(sums, WindowSums::starting_at(partition, offset));
+            self.overflowed.push((key, full));
+            let added = sums.try_add(event.compute, event.storage);
+            debug_assert!(added, "one validated event always fits");
+        }
         self.counts.accepted += 1;
         if late {
             sums.late_events += 1;
             self.counts.late += 1;
         }
         Outcome::Accepted { late }
+    }
+
+    /// Keeps a rejected message (bounded, see [`RejectedMessage::new`]) for `rejected_events`.
+    fn reject(
+        &mut self,
+        partition: i32,
+        offset: i64,
+        rejection: Rejection,
+        payload: Option<&[u8]>,
+        rules: &IngestRules,
+    ) -> Outcome {
+        let code = rejection.code;
+        self.counts.rejected += 1;
+        *self.rejected_by_code.entry(code.as_str()).or_default() += 1;
+        self.rejected.push(RejectedMessage::new(
+            partition,
+            offset,
+            rejection,
+            payload.unwrap_or_default(),
+            rules.max_rejected_payload_bytes,
+        ));
+        Outcome::Rejected(code)
     }
 
     /// Forgets dedup entries that fell out of the horizon; returns the cut-off, if any.
@@ -534,10 +645,12 @@ impl PartitionState {
 
     /// The pending windows under their full keys; empties them and the names they used.
     fn take_windows(&mut self) -> PendingWindows {
+        let names = &self.names;
         let windows = self
             .pending
             .drain()
-            .map(|(key, sums)| (self.names.window_key(&key), sums))
+            .chain(self.overflowed.drain(..))
+            .map(|(key, sums)| (names.window_key(&key), sums))
             .collect();
         self.names = Names::default();
         windows
@@ -569,6 +682,7 @@ impl PartitionState {
         };
         self.dirty = false;
         self.messages_since_flush = 0;
+        self.bytes_since_flush = 0;
         // The next batch applies on top of this one: batches are written strictly in order.
         self.stored_offset = Some(next_offset);
         Some(part)
@@ -702,6 +816,11 @@ impl Aggregator {
         self.partitions.values().map(|p| p.messages_since_flush).sum()
     }
 
+    /// Payload bytes taken in since the last flush, over all partitions.
+    pub fn pending_bytes(&self) -> usize {
+        self.partitions.values().map(|p| p.bytes_since_flush).sum()
+    }
+
     /// The smallest watermark over owned partitions that have one.
     pub fn watermark(&self) -> Option<DateTime<Utc>> {
         self.partitions
@@ -726,7 +845,7 @@ impl Aggregator {
             .filter(|(p, _)| only.is_none_or(|o| o.contains(p)))
             .filter_map(|(&p, state)| state.take_part(p, prune, &rules))
             .collect();
-        FlushBatch { parts }
+        FlushBatch { parts, isolate: false }
     }
 
     /// A write failed: keep the batch to write again, unchanged, before anything newer.
@@ -734,8 +853,20 @@ impl Aggregator {
         self.in_flight = Some(batch);
     }
 
+    /// Each owned partition with the offset PostgreSQL is known to hold for it.
+    pub fn committed_positions(&self) -> Vec<(i32, Option<i64>)> {
+        self.partitions.iter().map(|(p, s)| (*p, s.committed_offset)).collect()
+    }
+
     /// A batch was committed.
     pub fn flushed(&mut self, batch: &FlushBatch) {
+        for p in batch.progress() {
+            if let Some(state) = self.partitions.get_mut(&p.partition) {
+                if state.epoch == p.epoch {
+                    state.committed_offset = Some(p.next_offset);
+                }
+            }
+        }
         self.flushes_since_prune = if batch.progress().any(|p| p.forget_before.is_some()) {
             0
         } else {
@@ -755,6 +886,7 @@ mod tests {
 
     fn rules() -> IngestRules {
         IngestRules {
+            max_rejected_payload_bytes: 4096,
             limits: Limits {
                 max_event_bytes: 4096,
                 max_future_skew: Duration::from_secs(300),
@@ -801,7 +933,7 @@ mod tests {
         let first_ms = 1_764_385_200_123;
         let mut seen = SeenIds::default();
         for (i, id) in ids.iter().enumerate() {
-            seen.push(id, first_ms + i as i64);
+            seen.push(id, first_ms + i as i64, 1);
         }
         let want: Vec<(&str, DateTime<Utc>)> = ids
             .iter()
@@ -867,6 +999,43 @@ mod tests {
     }
 
     #[test]
+    fn pending_bytes_count_every_payload_read_until_the_batch_is_taken() {
+        let mut a = fresh(0);
+        let good = event("a", "2026-11-29T03:00:00Z", "1");
+        let bad = vec![b'x'; 10_000];
+        a.ingest(0, 0, Some(&good), now());
+        a.ingest(0, 1, Some(&bad), now());
+        assert_eq!(a.pending_bytes(), good.len() + 10_000);
+        let batch = a.batch(None);
+        assert_eq!(a.pending_bytes(), 0);
+        // The rejected message keeps its first 4096 bytes, its size and its digest.
+        let kept = &batch.parts[0].rejected[0];
+        assert_eq!((kept.payload.len(), kept.payload_size), (4096, 10_000));
+    }
+
+    #[test]
+    fn a_truncated_text_payload_is_cut_at_a_character_boundary() {
+        let text = "é".repeat(10);
+        let r = RejectedMessage::new(0, 0, Rejection::new(RejectCode::Oversized, "x"), text.as_bytes(), 5);
+        assert_eq!(r.payload, "éé".as_bytes());
+        assert!(r.is_text());
+        assert_eq!(r.payload_size, 20);
+    }
+
+    #[test]
+    fn the_watermark_stops_at_the_clock_for_an_event_stamped_ahead() {
+        let mut a = fresh(0);
+        // now() is 04:00; an event at 04:04 is inside the 5 minute skew.
+        a.ingest(0, 0, Some(&event("ahead", "2026-11-29T04:04:00Z", "1")), now());
+        assert_eq!(a.watermark(), Some(now()));
+        // An on-time event is not late because of it.
+        assert_eq!(
+            a.ingest(0, 1, Some(&event("on-time", "2026-11-29T03:59:30Z", "1")), now()),
+            Outcome::Accepted { late: false }
+        );
+    }
+
+    #[test]
     fn a_restart_remembers_ids_inside_the_horizon() {
         let mut a = Aggregator::new(rules());
         a.assign(vec![Claim {
@@ -875,8 +1044,9 @@ mod tests {
             watermark: Some("2026-11-29T03:30:00Z".parse().unwrap()),
             seen: {
                 let mut seen = SeenIds::default();
-                seen.push("inside", 1_795_921_200_000); // 03:00
-                seen.push("outside", 1_795_917_600_000); // 02:00
+                // Stored by a version without content digests: duplicates only, never conflicts.
+                seen.push("inside", 1_795_921_200_000, UNKNOWN_CONTENT); // 03:00
+                seen.push("outside", 1_795_917_600_000, UNKNOWN_CONTENT); // 02:00
                 seen
             },
             ..new_claim(3)

@@ -5,7 +5,7 @@
 //! Every write of alert state goes through the connection that holds the advisory lock: if that
 //! session is gone, so is the lock, and the write fails instead of racing a new leader.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{HashMap, HashSet};
 
 use chrono::{DateTime, Utc};
 use rust_decimal::Decimal;
@@ -16,6 +16,7 @@ use sqlx::{Connection, PgConnection, Row};
 use crate::budget::{like_pattern, AlertSpec, Observed, Ranges, UnpricedUsage};
 use crate::config::BudgetSettings;
 use crate::domain::Money;
+use crate::notify::AlertmanagerAlert;
 use crate::store::{Store, StoreError};
 
 /// The advisory lock key held by the instance that evaluates budgets ("costwatc" in ASCII).
@@ -188,18 +189,6 @@ pub struct Transition {
     pub key: String,
     pub status: &'static str,
     pub generation: i32,
-}
-
-/// What Alertmanager is to be told about one alert.
-#[derive(Debug, Clone)]
-pub struct AlertmanagerAlert {
-    pub key: String,
-    pub state: String,
-    pub generation: i32,
-    pub labels: BTreeMap<String, String>,
-    pub annotations: BTreeMap<String, String>,
-    pub starts_at: DateTime<Utc>,
-    pub ends_at: Option<DateTime<Utc>>,
 }
 
 /// One webhook notification waiting in the outbox.

@@ -212,6 +212,11 @@ pub struct LoadgenArgs {
     /// Share of malformed messages.
     #[arg(long, default_value_t = 0.01)]
     pub malformed: f64,
+    /// Share of hostile messages (poison a careless or malicious producer sends: label sets too
+    /// wide to store, 37-digit numbers, JSON arrays, oversized payloads, conflicting duplicates,
+    /// events stamped minutes ahead, 10^18 quantities), each with a known outcome.
+    #[arg(long, default_value_t = 0.0)]
+    pub hostile: f64,
     #[arg(long, default_value = "10m", value_parser = humantime::parse_duration)]
     pub late_by: Duration,
     /// Event times are spread over this span, ending now (or at --end).
@@ -396,6 +401,7 @@ async fn run_loadgen(config: Option<&std::path::Path>, args: &LoadgenArgs) -> an
         ("--duplicates", args.duplicates),
         ("--late", args.late),
         ("--malformed", args.malformed),
+        ("--hostile", args.hostile),
     ] {
         if !(0.0..1.0).contains(&share) {
             bail!("{name} is a share of messages between 0 and 1, got {share}");
@@ -410,6 +416,7 @@ async fn run_loadgen(config: Option<&std::path::Path>, args: &LoadgenArgs) -> an
         duplicates: args.duplicates,
         late: args.late,
         malformed: args.malformed,
+        hostile: args.hostile,
         late_by: args.late_by,
         span: args.span,
         end: args.end.unwrap_or_else(Utc::now),

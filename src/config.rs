@@ -135,6 +135,22 @@ pub struct IngestSettings {
     /// Flush early once this many events are pending, which bounds memory under bursts.
     #[serde(default = "defaults::max_pending_events")]
     pub max_pending_events: usize,
+    /// Flush early once this many payload bytes were read since the last flush: a burst of
+    /// large messages bounds memory too, not only a burst of many.
+    #[serde(default = "defaults::max_pending_bytes")]
+    pub max_pending_bytes: usize,
+    /// At most this many bytes of a rejected message are kept in `rejected_events` (with its
+    /// full size and SHA-256).
+    #[serde(default = "defaults::max_rejected_payload_bytes")]
+    pub max_rejected_payload_bytes: usize,
+    /// Rejected messages older than this are deleted (by one instance at a time, hourly).
+    #[serde(default = "defaults::rejected_retention", with = "humantime_serde")]
+    pub rejected_retention: Duration,
+    /// A partition whose stored offset has not moved for this long (or for twice
+    /// `flush_interval`, if that is longer) while it has messages to read is reported stalled
+    /// (`/readyz`, `costwatch_partition_stalled`).
+    #[serde(default = "defaults::stall_after", with = "humantime_serde")]
+    pub stall_after: Duration,
 }
 
 impl Default for IngestSettings {
@@ -146,6 +162,10 @@ impl Default for IngestSettings {
             max_event_bytes: defaults::max_event_bytes(),
             flush_interval: defaults::flush_interval(),
             max_pending_events: defaults::max_pending_events(),
+            max_pending_bytes: defaults::max_pending_bytes(),
+            max_rejected_payload_bytes: defaults::max_rejected_payload_bytes(),
+            rejected_retention: defaults::rejected_retention(),
+            stall_after: defaults::stall_after(),
         }
     }
 }
@@ -347,6 +367,12 @@ impl fmt::Debug for WebhookSettings {
 }
 
 impl WebhookSettings {
+    /// The name this receiver goes by in the outbox, logs and metrics: `name`, else
+    /// `webhook-<index>`.
+    pub fn name_or_default(&self, index: usize) -> String {
+        self.name.clone().unwrap_or_else(|| format!("webhook-{index}"))
+    }
+
     /// The secret from the file or from the named environment variable.
     pub fn resolve_secret(&self) -> Option<String> {
         match (&self.secret, &self.secret_env) {
@@ -588,6 +614,18 @@ mod defaults {
     pub fn max_pending_events() -> usize {
         200_000
     }
+    pub fn max_pending_bytes() -> usize {
+        64 * 1024 * 1024
+    }
+    pub fn max_rejected_payload_bytes() -> usize {
+        4 * 1024
+    }
+    pub fn rejected_retention() -> Duration {
+        Duration::from_secs(14 * 24 * 60 * 60)
+    }
+    pub fn stall_after() -> Duration {
+        Duration::from_secs(2 * 60)
+    }
     pub fn max_models() -> usize {
         100
     }
@@ -697,6 +735,22 @@ impl Settings {
         require(
             self.ingest.max_pending_events >= 1,
             "ingest.max_pending_events: must be at least 1".into(),
+        );
+        require(
+            self.ingest.max_pending_bytes >= self.ingest.max_event_bytes,
+            "ingest.max_pending_bytes: must be at least ingest.max_event_bytes".into(),
+        );
+        require(
+            (64..=1024 * 1024).contains(&self.ingest.max_rejected_payload_bytes),
+            "ingest.max_rejected_payload_bytes: must be between 64 and 1048576".into(),
+        );
+        require(
+            self.ingest.rejected_retention >= Duration::from_secs(60 * 60),
+            "ingest.rejected_retention: must be at least 1h".into(),
+        );
+        require(
+            self.ingest.stall_after >= Duration::from_secs(1),
+            "ingest.stall_after: must be at least 1s".into(),
         );
 
         let currency = &self.pricing.currency;
@@ -818,7 +872,7 @@ impl Settings {
                 format!("alerting.webhooks[{i}].url: not an http(s) URL"),
             );
             require(
-                names.insert(crate::notify::webhook_name(i, w)),
+                names.insert(w.name_or_default(i)),
                 format!("alerting.webhooks[{i}].name: two webhooks share this name"),
             );
             match (&w.secret, &w.secret_env) {

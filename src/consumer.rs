@@ -25,10 +25,11 @@ use tracing::{debug, error, info, warn};
 
 use crate::aggregate::{start_offset, Aggregator, FlushBatch, Outcome};
 use crate::config::{KafkaSettings, StartFrom};
+use crate::error_class::ErrorClass;
 use crate::faults::{self, FaultPoint};
-use crate::http::Health;
+use crate::health::Health;
 use crate::pricing::{LivePrices, PriceBook};
-use crate::store::{Store, StoreError, WindowLayout};
+use crate::store::{Store, StoreError, WindowLayout, WriteOutcome};
 use crate::telemetry;
 use crate::window::{WindowKey, WindowSums};
 
@@ -43,8 +44,7 @@ pub struct Pipeline {
     pub prices: LivePrices,
     pub layout: WindowLayout,
     pub start_from: StartFrom,
-    pub flush_interval: Duration,
-    pub max_pending_events: usize,
+    pub flush: FlushLimits,
     pub runtime: Handle,
     pub cancel: CancellationToken,
     pub health: Arc<Health>,
@@ -55,12 +55,20 @@ pub struct Pipeline {
     writing: Mutex<Option<JoinHandle<Written>>>,
 }
 
+/// When pending state is written: on a timer, or early once this much is pending.
+#[derive(Debug, Clone, Copy)]
+pub struct FlushLimits {
+    pub interval: Duration,
+    pub max_pending_events: usize,
+    pub max_pending_bytes: usize,
+}
+
 /// A finished write, with everything its bookkeeping needs.
 struct Written {
     batch: FlushBatch,
     prices: Arc<PriceBook>,
     started: Instant,
-    result: Result<(), StoreError>,
+    result: Result<WriteOutcome, StoreError>,
 }
 
 /// Whether [`Pipeline::settle`] waits for the write in flight.
@@ -79,8 +87,7 @@ impl Pipeline {
         prices: LivePrices,
         layout: WindowLayout,
         start_from: StartFrom,
-        flush_interval: Duration,
-        max_pending_events: usize,
+        flush: FlushLimits,
         aggregator: Aggregator,
         runtime: Handle,
         cancel: CancellationToken,
@@ -93,8 +100,7 @@ impl Pipeline {
             prices,
             layout,
             start_from,
-            flush_interval,
-            max_pending_events,
+            flush,
             runtime,
             cancel,
             health,
@@ -178,7 +184,7 @@ impl Pipeline {
     fn report_assignment(&self, agg: &Aggregator) {
         let owned = agg.owned_count();
         self.health.set_assigned(owned);
-        telemetry::assignment(agg);
+        telemetry::assignment(agg.owned_count(), agg.dedup_ids(), agg.watermark());
     }
 
     /// Sleeps up to `d`; true when shutdown began meanwhile.
@@ -230,10 +236,17 @@ impl Pipeline {
             // Merged once, here, off the consumer thread; the metrics of the flush reuse it.
             let windows = batch.windows();
             let result = runtime.block_on(store.write(&topic, &batch, &windows, &prices, layout));
-            if result.is_ok() {
+            if let Ok(outcome) = &result {
                 // Right after COMMIT, as when the consumer thread wrote itself: the counters
                 // trail the database by as little as they did then.
-                report_committed(&batch, &windows, &prices, started, &aggregator);
+                let refused: Vec<WindowSums> = outcome.unstorable.iter().map(|&i| windows[i].1).collect();
+                let stored: Vec<(&WindowKey, WindowSums)> = windows
+                    .iter()
+                    .enumerate()
+                    .filter(|(i, _)| !outcome.unstorable.contains(i))
+                    .map(|(_, w)| *w)
+                    .collect();
+                report_committed(&batch, &stored, &refused, &prices, started, &aggregator);
             }
             Written {
                 batch,
@@ -287,7 +300,13 @@ impl Pipeline {
                 result,
             } = written;
             match result {
-                Ok(()) => {
+                Ok(outcome) => {
+                    if !outcome.unstorable.is_empty() {
+                        error!(
+                            rows = outcome.unstorable.len(),
+                            "PostgreSQL refused window rows even alone; their usage is in rejected_events (reason unstorable)"
+                        );
+                    }
                     self.committed(consumer, &batch, started);
                     return Ok(true);
                 }
@@ -296,7 +315,7 @@ impl Pipeline {
                     let done = batch.split_off(&applied);
                     if !done.is_empty() {
                         warn!(partitions = ?applied, "an earlier COMMIT went through although it reported an error; not writing it twice");
-                        report_committed(&done, &done.windows(), &prices, started, &self.aggregator);
+                        report_committed(&done, &done.windows(), &[], &prices, started, &self.aggregator);
                         self.committed(consumer, &done, started);
                     }
                     if !fenced.is_empty() {
@@ -313,6 +332,18 @@ impl Pipeline {
                     self.start_write(None);
                 }
                 Err(e) => {
+                    let class = e.class();
+                    telemetry::flush_failed(class);
+                    if class == ErrorClass::Permanent && !batch.isolate {
+                        // Writing the same batch again would fail the same way forever (a
+                        // stalled partition): write it again at once, isolating the rows
+                        // PostgreSQL refuses.
+                        error!(error = %e, "PostgreSQL refused the flush; writing it again with the refused rows isolated");
+                        batch.isolate = true;
+                        self.aggregator().failed(batch);
+                        self.start_write(None);
+                        continue;
+                    }
                     self.aggregator().failed(batch);
                     return Err(e);
                 }
@@ -356,13 +387,22 @@ fn lock(aggregator: &Mutex<Aggregator>) -> MutexGuard<'_, Aggregator> {
 fn report_committed(
     batch: &FlushBatch,
     windows: &[(&WindowKey, WindowSums)],
+    refused: &[WindowSums],
     prices: &PriceBook,
     started: Instant,
     aggregator: &Mutex<Aggregator>,
 ) {
     faults::reached(FaultPoint::AfterCommit);
-    telemetry::flush_committed(batch, windows, prices, started.elapsed());
-    telemetry::assignment(&lock(aggregator));
+    telemetry::flush_committed(
+        batch.counts(),
+        batch.rejected_by_code(),
+        windows,
+        refused,
+        prices,
+        started.elapsed(),
+    );
+    let agg = lock(aggregator);
+    telemetry::assignment(agg.owned_count(), agg.dedup_ids(), agg.watermark());
 }
 
 /// librdkafka callbacks: logs into `tracing`, and rebalances that claim partitions in PostgreSQL
@@ -387,15 +427,26 @@ impl ClientContext for KafkaContext {
 
     /// librdkafka's periodic statistics carry each partition's log end (`hi_offset`); lag is
     /// measured against the offset PostgreSQL will resume from, not the Kafka commit.
+    /// The same statistics feed stall detection: a partition whose committed offset stays put
+    /// while its log end is past it ([`Health::observe`]).
     fn stats(&self, statistics: Statistics) {
-        let Some(topic) = statistics.topics.get(&self.pipeline.topic) else {
-            return;
+        let topic = statistics.topics.get(&self.pipeline.topic);
+        let (positions, committed) = {
+            let agg = self.pipeline.aggregator();
+            (agg.positions(), agg.committed_positions())
         };
-        for (partition, next) in self.pipeline.aggregator().positions() {
-            if let Some(p) = topic.partitions.get(&partition).filter(|p| p.hi_offset >= 0) {
-                telemetry::partition_lag(partition, p.hi_offset - next.unwrap_or(0));
+        let mut watched = Vec::with_capacity(positions.len());
+        for ((partition, next), (_, stored)) in positions.into_iter().zip(committed) {
+            let log_end = topic
+                .and_then(|t| t.partitions.get(&partition))
+                .map(|p| p.hi_offset)
+                .filter(|&end| end >= 0);
+            if let Some(end) = log_end {
+                telemetry::partition_lag(partition, end - next.unwrap_or(0));
             }
+            watched.push((partition, stored, log_end));
         }
+        self.pipeline.health.observe(&watched);
     }
 
     fn error(&self, error: KafkaError, reason: &str) {
@@ -518,6 +569,8 @@ pub fn consume(consumer: BaseConsumer<KafkaContext>, pipeline: Arc<Pipeline>) ->
     // and days wide, and reading it for every message cost 3% of the CPU in profiles.
     let mut clock: Option<DateTime<Utc>> = None;
     let mut unchecked = 0u32;
+    // A flush PostgreSQL refuses even with the refused rows isolated: retrying cannot help.
+    let mut fatal: Option<StoreError> = None;
     while !pipeline.cancel.is_cancelled() {
         match consumer.poll(Duration::from_millis(100)) {
             None => {}
@@ -561,7 +614,10 @@ pub fn consume(consumer: BaseConsumer<KafkaContext>, pipeline: Arc<Pipeline>) ->
         // A write runs while the loop keeps polling; its outcome is taken as soon as it is known.
         if !pipeline.write_pending() {
             let settled = pipeline.settle(&consumer, Settle::IfDone);
-            written(&consumer, &pipeline, settled, &mut retry);
+            if let Err(error) = written(&consumer, &pipeline, settled, &mut retry) {
+                fatal = Some(error);
+                break;
+            }
         }
 
         let due = match &retry {
@@ -569,12 +625,16 @@ pub fn consume(consumer: BaseConsumer<KafkaContext>, pipeline: Arc<Pipeline>) ->
             Some(_) if pipeline.write_pending() => false,
             Some((at, _)) => Instant::now() >= *at,
             None => {
-                let full = pipeline.aggregator().pending_messages() >= pipeline.max_pending_events;
+                let full = {
+                    let agg = pipeline.aggregator();
+                    agg.pending_messages() >= pipeline.flush.max_pending_events
+                        || agg.pending_bytes() >= pipeline.flush.max_pending_bytes
+                };
                 // A write that outlasts the flush interval (a large batch, a slow database) is
                 // not waited for: consumption goes on and the next batch starts as soon as it
                 // is done. Waiting here let librdkafka's prefetch queue fill up meanwhile, which
                 // cost memory and then time to drain. Only a full pending state waits.
-                (last_flush.elapsed() >= pipeline.flush_interval && !pipeline.write_pending()) || full
+                (last_flush.elapsed() >= pipeline.flush.interval && !pipeline.write_pending()) || full
             }
         };
         if !due {
@@ -582,14 +642,33 @@ pub fn consume(consumer: BaseConsumer<KafkaContext>, pipeline: Arc<Pipeline>) ->
         }
         // At most one write in flight: the next batch applies on top of this one.
         let settled = pipeline.settle(&consumer, Settle::Wait);
-        if !written(&consumer, &pipeline, settled, &mut retry) {
-            continue;
+        match written(&consumer, &pipeline, settled, &mut retry) {
+            Ok(true) => {}
+            Ok(false) => continue,
+            Err(error) => {
+                fatal = Some(error);
+                break;
+            }
         }
         last_flush = Instant::now();
         if !pipeline.start_write(None) && retry.take().is_some() {
             // The failed batch was settled elsewhere (a rebalance) and nothing is left to write.
             resume(&consumer, &pipeline);
         }
+    }
+
+    if let Some(error) = fatal {
+        // Nothing newer may be written before the failed batch (offsets apply in order), so
+        // there is no final flush: the unflushed messages are counted after the restart.
+        error!(
+            %error,
+            "PostgreSQL refuses this flush even with the refused rows isolated; stopping instead of retrying forever"
+        );
+        pipeline.cancel.cancel();
+        consumer.unsubscribe();
+        drop(consumer);
+        return Err(anyhow::Error::new(error)
+            .context("a flush failed permanently; the unflushed messages are counted after restart"));
     }
 
     info!("shutting down: flushing pending usage");
@@ -617,35 +696,43 @@ pub fn consume(consumer: BaseConsumer<KafkaContext>, pipeline: Arc<Pipeline>) ->
     Ok(())
 }
 
-/// Acts on a settled write for the poll loop: after a failure, pauses consumption and schedules
-/// the retry; after a success that follows failures, resumes. Returns false when the write
-/// failed (nothing newer may start before the retry is due).
+/// Acts on a settled write for the poll loop: after a transient failure, pauses consumption and
+/// schedules the retry; after a success that follows failures, resumes. Returns whether the
+/// loop may go on to newer work (not before a failed batch's retry is due), or the error of a
+/// write that failed permanently even isolating the refused rows: the end of the road.
 fn written(
     consumer: &BaseConsumer<KafkaContext>,
     pipeline: &Pipeline,
     settled: Result<bool, StoreError>,
     retry: &mut Option<(Instant, Backoff)>,
-) -> bool {
+) -> Result<bool, StoreError> {
     match settled {
         Ok(reached) => {
             if reached && retry.take().is_some() {
                 info!("database writes recovered; resuming consumption");
                 resume(consumer, pipeline);
             }
-            true
+            Ok(true)
         }
+        // `settle` writes a batch that failed permanently again at once, isolating the refused
+        // rows; only a batch that still failed permanently gets here.
+        Err(error) if !error.is_transient() => Err(error),
         Err(error) => {
-            telemetry::flush_failed();
             let (at, backoff) = retry.get_or_insert_with(|| (Instant::now(), Backoff::new()));
             let wait = backoff.next_wait();
             *at = Instant::now() + wait;
             error!(%error, retry_in = ?wait, "flush failed; pausing consumption and retrying");
             // Pausing keeps memory bounded while we keep polling, which keeps this member in
             // the group (librdkafka evicts members that stop polling).
-            if let Ok(assignment) = consumer.assignment() {
-                let _ = consumer.pause(&assignment);
+            match consumer.assignment() {
+                Ok(assignment) => {
+                    if let Err(error) = consumer.pause(&assignment) {
+                        warn!(%error, "cannot pause consumption; pending state grows until the retry");
+                    }
+                }
+                Err(error) => warn!(%error, "cannot read the assignment to pause it"),
             }
-            false
+            Ok(false)
         }
     }
 }

@@ -12,9 +12,10 @@ use crate::aggregate::{millis, Aggregator, IngestRules};
 use crate::alerting;
 use crate::calibration_store;
 use crate::config::Settings;
-use crate::consumer::{self, Backoff, Pipeline};
+use crate::consumer::{self, Backoff, FlushLimits, Pipeline};
 use crate::event::Limits;
-use crate::http::{self, AppState, Health};
+use crate::health::Health;
+use crate::http::{self, AppState};
 use crate::pricing::{LivePrices, PriceBook};
 use crate::recommend;
 use crate::store::{Store, WindowLayout};
@@ -29,6 +30,7 @@ pub fn ingest_rules(settings: &Settings) -> IngestRules {
             max_future_skew: settings.ingest.max_future_skew,
             max_event_age: settings.ingest.max_event_age,
         },
+        max_rejected_payload_bytes: settings.ingest.max_rejected_payload_bytes,
         window: WindowSize::new(settings.windows.size),
         allowed_lateness_ms: millis(settings.windows.allowed_lateness),
         dedup_horizon_ms: millis(settings.ingest.dedup_horizon),
@@ -98,7 +100,14 @@ pub async fn run(
         settings.recommendations.clone(),
         cancel.clone(),
     ));
-    let health = Arc::new(Health::default());
+    tokio::spawn(prune_rejected(
+        store.clone(),
+        settings.ingest.rejected_retention,
+        cancel.clone(),
+    ));
+    // Offsets move once per flush at best: a long flush interval is not a stall.
+    let stall_after = settings.ingest.stall_after.max(settings.ingest.flush_interval * 2);
+    let health = Arc::new(Health::new(stall_after));
     let board = alerting::SharedBoard::default();
     let app = AppState {
         store: store.clone(),
@@ -109,9 +118,13 @@ pub async fn run(
         health: health.clone(),
         budgets: board.clone(),
     };
-    let server = tokio::spawn(http::serve(listener, app, cancel.clone()));
     let settings = Arc::new(settings);
-    let evaluator = tokio::spawn(alerting::run(settings.clone(), store.clone(), board, cancel.clone()));
+    let mut tasks = Supervisor::new(cancel.clone());
+    tasks.spawn("the http server", http::serve(listener, app, cancel.clone()));
+    tasks.spawn(
+        "the budget evaluator",
+        alerting::run(settings.clone(), store.clone(), board, cancel.clone()),
+    );
 
     let rules = ingest_rules(&settings);
     let layout = WindowLayout::from_rules(&rules);
@@ -122,22 +135,79 @@ pub async fn run(
         prices,
         layout,
         settings.kafka.start_from,
-        settings.ingest.flush_interval,
-        settings.ingest.max_pending_events,
+        FlushLimits {
+            interval: settings.ingest.flush_interval,
+            max_pending_events: settings.ingest.max_pending_events,
+            max_pending_bytes: settings.ingest.max_pending_bytes,
+        },
         Aggregator::new(rules),
         tokio::runtime::Handle::current(),
         cancel.clone(),
         health,
     ));
-    let consumer =
-        consumer::build_consumer(&settings.kafka, pipeline.clone()).context("cannot create the Kafka consumer")?;
-    let worker = tokio::task::spawn_blocking(move || consumer::consume(consumer, pipeline));
-    let result = worker.await.context("the consumer thread panicked")?;
-    // Whatever ended the consumer ends everything else too.
-    cancel.cancel();
-    server.await.context("the http server panicked")??;
-    evaluator.await.context("the budget evaluator panicked")??;
-    result
+    let consumer = match consumer::build_consumer(&settings.kafka, pipeline.clone()) {
+        Ok(consumer) => consumer,
+        Err(error) => {
+            cancel.cancel();
+            tasks.wait().await?;
+            return Err(error).context("cannot create the Kafka consumer");
+        }
+    };
+    tasks.spawn("the consumer", async move {
+        tokio::task::spawn_blocking(move || consumer::consume(consumer, pipeline))
+            .await
+            .map_err(|e| anyhow::anyhow!("the consumer thread panicked: {e}"))?
+    });
+    tasks.wait().await
+}
+
+/// The daemon's long-running tasks, run as one: when any of them ends (an error, a panic, or
+/// even a clean return before shutdown began), the shared cancellation token stops the others,
+/// and the first error is what `run` returns, so the process exits non-zero. A failed HTTP
+/// server or evaluator once left the consumer running without them.
+struct Supervisor {
+    cancel: CancellationToken,
+    tasks: tokio::task::JoinSet<(&'static str, anyhow::Result<()>)>,
+}
+
+impl Supervisor {
+    fn new(cancel: CancellationToken) -> Self {
+        Self {
+            cancel,
+            tasks: tokio::task::JoinSet::new(),
+        }
+    }
+
+    fn spawn(
+        &mut self,
+        name: &'static str,
+        task: impl std::future::Future<Output = anyhow::Result<()>> + Send + 'static,
+    ) {
+        self.tasks.spawn(async move { (name, task.await) });
+    }
+
+    /// Waits for every task; returns the first failure.
+    async fn wait(mut self) -> anyhow::Result<()> {
+        let mut first: Option<anyhow::Error> = None;
+        while let Some(joined) = self.tasks.join_next().await {
+            let failure = match joined {
+                Ok((_, Ok(()))) => None,
+                Ok((name, Err(error))) => Some(error.context(format!("{name} failed"))),
+                Err(panic) => Some(anyhow::anyhow!("a task panicked: {panic}")),
+            };
+            if !self.cancel.is_cancelled() {
+                match &failure {
+                    Some(error) => error!(error = format!("{error:#}"), "stopping everything"),
+                    None => warn!("a task ended before shutdown; stopping everything"),
+                }
+                self.cancel.cancel();
+            }
+            if first.is_none() {
+                first = failure;
+            }
+        }
+        first.map_or(Ok(()), Err)
+    }
 }
 
 /// The configured book with every stored version, retrying while PostgreSQL is away; `None`
@@ -204,6 +274,37 @@ async fn reload_coefficients(
         }
     }
 }
+
+/// Deletes rejected messages older than `ingest.rejected_retention`, at start and then hourly.
+/// Every instance tries; one at a time gets the job ([`Store::prune_rejected`]).
+async fn prune_rejected(store: Store, retention: std::time::Duration, cancel: CancellationToken) {
+    let mut tick = tokio::time::interval(PRUNE_EVERY);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let retention = chrono::Duration::from_std(retention).unwrap_or(chrono::Duration::MAX);
+    loop {
+        tokio::select! {
+            _ = cancel.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        // A retention longer than the calendar can count back keeps everything.
+        let Some(before) = chrono::Utc::now().checked_sub_signed(retention) else {
+            continue;
+        };
+        match store.prune_rejected(before).await {
+            Ok(Some(n)) => {
+                telemetry::rejected_pruned(n);
+                if n > 0 {
+                    info!(deleted = n, %before, "pruned rejected messages past ingest.rejected_retention");
+                }
+            }
+            Ok(None) => {}
+            Err(error) => warn!(%error, "cannot prune rejected messages; trying again in an hour"),
+        }
+    }
+}
+
+/// How often rejected messages past their retention are deleted.
+const PRUNE_EVERY: std::time::Duration = std::time::Duration::from_secs(60 * 60);
 
 /// Recomputes `costwatch_potential_savings` over the last `savings_window`.
 async fn refresh_savings(

@@ -1,7 +1,8 @@
 //! The in-memory dedup set of one partition: which event ids it has counted inside the dedup
 //! horizon, with their event time for pruning.
 //!
-//! An id is kept as a 128-bit keyed digest, not as its text: 24 bytes and no allocation per id
+//! An id is kept as a 128-bit keyed digest, not as its text: 32 bytes with its event time and
+//! content digest, and no allocation per id
 //! where a `String` key cost about 110 bytes and an allocation. The set holds every id inside
 //! the horizon (two million in the benchmark), so this is most of costwatch's memory under
 //! load. PostgreSQL keeps the ids themselves (`seen_event_batch`); the set is rebuilt from
@@ -50,11 +51,35 @@ impl Hasher for PassThrough {
     }
 }
 
+/// What is remembered of one counted event: its event time (for pruning) and the digest of its
+/// content (to tell an identical re-send from a different event reusing the id).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Seen {
+    time_ms: i64,
+    /// [`content_digest`] of the counted event; [`UNKNOWN_CONTENT`] for ids stored before
+    /// content digests were (such an id only ever makes silent duplicates).
+    content: u64,
+}
+
+/// The content digest of ids stored before digests were kept.
+pub const UNKNOWN_CONTENT: u64 = 0;
+
+/// What [`SeenSet::insert`] found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Insert {
+    /// Not seen before: count it.
+    New,
+    /// The same event again (same id, same content): a silent duplicate.
+    Duplicate,
+    /// The same id with different content: not counted, and not silent either.
+    Conflict,
+}
+
 /// Event ids seen by one partition, each with its event time in Unix milliseconds.
 #[derive(Debug)]
 pub struct SeenSet {
     seed: u64,
-    times: HashMap<Digest, i64, BuildHasherDefault<PassThrough>>,
+    times: HashMap<Digest, Seen, BuildHasherDefault<PassThrough>>,
 }
 
 impl Default for SeenSet {
@@ -78,14 +103,25 @@ impl SeenSet {
         Digest(d as u64, (d >> 64) as u64)
     }
 
-    /// Records `id` at `event_time_ms`; false when it was already in the set (a duplicate),
-    /// in which case the stored time stays as it was.
-    pub fn insert(&mut self, id: &str, event_time_ms: i64) -> bool {
+    /// Records `id` at `event_time_ms` with its content digest unless the id is already in the
+    /// set, in which case the stored entry stays as it was and the content decides between a
+    /// duplicate and a conflict.
+    pub fn insert(&mut self, id: &str, event_time_ms: i64, content: u64) -> Insert {
         match self.times.entry(self.digest(id)) {
-            Entry::Occupied(_) => false,
+            Entry::Occupied(kept) => {
+                let kept = kept.get().content;
+                if kept == content || kept == UNKNOWN_CONTENT || content == UNKNOWN_CONTENT {
+                    Insert::Duplicate
+                } else {
+                    Insert::Conflict
+                }
+            }
             Entry::Vacant(slot) => {
-                slot.insert(event_time_ms);
-                true
+                slot.insert(Seen {
+                    time_ms: event_time_ms,
+                    content,
+                });
+                Insert::New
             }
         }
     }
@@ -98,7 +134,7 @@ impl SeenSet {
 
     /// Forgets the ids whose event time is before `cutoff_ms`.
     pub fn retain_from(&mut self, cutoff_ms: i64) {
-        self.times.retain(|_, t| *t >= cutoff_ms);
+        self.times.retain(|_, seen| seen.time_ms >= cutoff_ms);
         // Give memory back after a burst: a table that emptied out keeps its buckets otherwise.
         if self.times.capacity() > 4 * self.times.len().max(1024) {
             self.times.shrink_to_fit();
@@ -114,6 +150,30 @@ impl SeenSet {
     }
 }
 
+/// A stable 64-bit digest of an event's content, everything but its id: model, hardware, the
+/// exact timestamp, compute, storage and labels. Unkeyed and fixed, since it is stored with the
+/// id (`seen_event_batch`) and compared after restarts. Quantities arrive with trailing zeros
+/// stripped (`event::exact_quantity`), so `1.5` and `1.50` are one content. Never
+/// [`UNKNOWN_CONTENT`].
+pub fn content_digest(event: &crate::event::UsageEventRef<'_>) -> u64 {
+    let mut h = xxhash_rust::xxh3::Xxh3::new();
+    for part in [&event.model, &event.hardware] {
+        h.update(part.as_bytes());
+        h.update(&[0]);
+    }
+    h.update(&event.timestamp.timestamp().to_be_bytes());
+    h.update(&event.timestamp.timestamp_subsec_nanos().to_be_bytes());
+    h.update(&event.compute.value().serialize());
+    h.update(&event.storage.value().serialize());
+    for (k, v) in &event.labels {
+        h.update(k.as_bytes());
+        h.update(&[0]);
+        h.update(v.as_bytes());
+        h.update(&[0]);
+    }
+    h.digest().max(1)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -121,9 +181,13 @@ mod tests {
     #[test]
     fn an_id_is_seen_once_and_pruned_by_its_time() {
         let mut set = SeenSet::new();
-        assert!(set.insert("req-1", 1_000));
-        assert!(!set.insert("req-1", 5_000), "the second copy is a duplicate");
-        assert!(set.insert("req-2", 2_000));
+        assert_eq!(set.insert("req-1", 1_000, 7), Insert::New);
+        assert_eq!(
+            set.insert("req-1", 5_000, 7),
+            Insert::Duplicate,
+            "the second copy is a duplicate"
+        );
+        assert_eq!(set.insert("req-2", 2_000, 8), Insert::New);
         assert!(set.contains("req-1") && set.contains("req-2") && !set.contains("req-3"));
         // The duplicate did not move req-1's time: it goes with the cut-off at 1,500.
         set.retain_from(1_500);
@@ -137,10 +201,10 @@ mod tests {
         let mut set = SeenSet::new();
         let ids: Vec<String> = (0..100_000).map(|i| format!("9f1c2d3e-{i:08}")).collect();
         for id in &ids {
-            assert!(set.insert(id, 0), "{id} collided");
+            assert_eq!(set.insert(id, 0, 1), Insert::New, "{id} collided");
         }
         for id in ["", "9f1c2d3e-", "9f1c2d3e-0000000", "9f1c2d3e-000000000"] {
-            assert!(set.insert(id, 0), "{id:?} collided");
+            assert_eq!(set.insert(id, 0, 1), Insert::New, "{id:?} collided");
         }
         assert_eq!(set.len(), ids.len() + 4);
     }
@@ -153,7 +217,20 @@ mod tests {
     }
 
     #[test]
-    fn an_entry_is_24_bytes() {
-        assert_eq!(std::mem::size_of::<(Digest, i64)>(), 24);
+    fn the_same_id_with_other_content_is_a_conflict_unless_the_content_is_unknown() {
+        let mut set = SeenSet::new();
+        assert_eq!(set.insert("req-1", 1_000, 7), Insert::New);
+        assert_eq!(set.insert("req-1", 1_000, 9), Insert::Conflict);
+        // The first stays what was counted: the conflict replaced nothing.
+        assert_eq!(set.insert("req-1", 1_000, 7), Insert::Duplicate);
+        // Ids stored before content digests were kept can only make silent duplicates.
+        assert_eq!(set.insert("old", 1_000, UNKNOWN_CONTENT), Insert::New);
+        assert_eq!(set.insert("old", 1_000, 9), Insert::Duplicate);
+    }
+
+    #[test]
+    fn an_entry_is_32_bytes() {
+        // The content digest costs 8 bytes per id over the 24 of digest and time alone.
+        assert_eq!(std::mem::size_of::<(Digest, Seen)>(), 32);
     }
 }

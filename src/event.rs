@@ -21,6 +21,18 @@ use crate::domain::{check_name, ComputeUnits, EventId, HardwareName, ModelName, 
 pub const MAX_QUANTITY: Decimal = Decimal::from_parts(0xA764_0000, 0x0DE0_B6B3, 0, false, 0); // 10^18
 /// At most this many labels per event, each key and value at most [`crate::domain::MAX_NAME_CHARS`].
 pub const MAX_LABELS: usize = 16;
+/// At most this many bytes of UTF-8 in a label set's keys and values together. With model and
+/// hardware (at most 128 characters, 512 bytes each) and jsonb's own overhead (about 180 bytes
+/// for 16 pairs), the key of a `window_usage` row stays under PostgreSQL's btree limit of 2704
+/// bytes: an accepted event can always be stored. 16 labels of 128 ASCII characters (4 KB) once
+/// made a valid event fail every flush of its partition.
+pub const MAX_LABEL_BYTES: usize = 1024;
+/// Significant digits a quantity may carry: what a 96-bit decimal holds exactly.
+pub const MAX_SIGNIFICANT_DIGITS: usize = 28;
+/// Digits after the decimal point a quantity may carry. With [`MAX_QUANTITY`] this keeps any
+/// sum below 7.9e18 exact in a 96-bit decimal (2^96 / 10^10); PostgreSQL's numeric holds every
+/// window's sum exactly whatever its size.
+pub const MAX_FRACTION_DIGITS: u32 = 10;
 
 /// Labels as sorted pairs, so equal label sets compare and serialize identically.
 pub type Labels = BTreeMap<String, String>;
@@ -85,10 +97,14 @@ pub enum RejectCode {
     InvalidTimestamp,
     FutureTimestamp,
     TooOld,
+    /// The same `event_id` as a counted event inside the dedup horizon, with different content.
+    ConflictingDuplicate,
+    /// Valid, but PostgreSQL refused to store it (the database's message says why).
+    Unstorable,
 }
 
 impl RejectCode {
-    pub const ALL: [RejectCode; 12] = [
+    pub const ALL: [RejectCode; 14] = [
         Self::EmptyPayload,
         Self::Oversized,
         Self::InvalidUtf8,
@@ -101,6 +117,8 @@ impl RejectCode {
         Self::InvalidTimestamp,
         Self::FutureTimestamp,
         Self::TooOld,
+        Self::ConflictingDuplicate,
+        Self::Unstorable,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -117,6 +135,8 @@ impl RejectCode {
             Self::InvalidTimestamp => "invalid_timestamp",
             Self::FutureTimestamp => "future_timestamp",
             Self::TooOld => "too_old",
+            Self::ConflictingDuplicate => "conflicting_duplicate",
+            Self::Unstorable => "unstorable",
         }
     }
 }
@@ -135,7 +155,7 @@ pub struct Rejection {
 }
 
 impl Rejection {
-    fn new(code: RejectCode, message: impl Into<String>) -> Self {
+    pub fn new(code: RejectCode, message: impl Into<String>) -> Self {
         Self {
             code,
             message: message.into(),
@@ -274,6 +294,13 @@ pub fn decode_ref<'a>(
     }
     let text = std::str::from_utf8(bytes)
         .map_err(|e| Rejection::new(RejectCode::InvalidUtf8, format!("the payload is not valid UTF-8: {e}")))?;
+    // Only an object is an event: serde would also read a JSON array into the struct, by position.
+    if !text.trim_start().starts_with('{') {
+        return Err(Rejection::new(
+            RejectCode::MalformedJson,
+            format!("an event must be a JSON object, got {}", abbreviate(text)),
+        ));
+    }
     let wire: Wire<'_> = serde_json::from_str(text).map_err(classify_json_error)?;
 
     let event_id = name("event_id", wire.event_id)?;
@@ -327,31 +354,103 @@ fn quantity(field: &str, raw: &RawValue) -> Result<Decimal, Rejection> {
             format!("{field} must be a JSON number, got {}", abbreviate(text)),
         ));
     }
-    let parsed = if text.contains(['e', 'E']) {
-        Decimal::from_scientific(text)
-    } else {
-        Decimal::from_str_exact(text)
+    exact_quantity(text).map_err(|problem| {
+        let (code, why) = match problem {
+            QuantityProblem::Negative => (RejectCode::NegativeValue, "must be >= 0".to_owned()),
+            QuantityProblem::TooManyDigits => (
+                RejectCode::OutOfRange,
+                format!("has more than {MAX_SIGNIFICANT_DIGITS} significant digits and cannot be represented exactly"),
+            ),
+            QuantityProblem::TooManyFractionDigits => (
+                RejectCode::OutOfRange,
+                format!("has more than {MAX_FRACTION_DIGITS} digits after the decimal point (the precision contract)"),
+            ),
+            QuantityProblem::TooLarge => (RejectCode::OutOfRange, "exceeds the limit of 1e18 per event".to_owned()),
+        };
+        let shown = abbreviate_raw(text);
+        match problem {
+            QuantityProblem::Negative => Rejection::new(code, format!("{field} {why}, got {shown}")),
+            _ => Rejection::new(code, format!("{field} {shown} {why}")),
+        }
+    })
+}
+
+/// Why a JSON number is not an acceptable quantity.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum QuantityProblem {
+    Negative,
+    TooManyDigits,
+    TooManyFractionDigits,
+    TooLarge,
+}
+
+/// Reads a JSON number token as an exact decimal under the precision contract: at most
+/// [`MAX_SIGNIFICANT_DIGITS`] significant digits and [`MAX_FRACTION_DIGITS`] digits after the
+/// point in any notation (`1.5e3`, `0.15e4` and `1500` are one value), at most [`MAX_QUANTITY`].
+/// Written by hand because rust_decimal's scientific parser rounds what it cannot hold (a 37-digit
+/// mantissa in exponent form was silently rounded while the same digits written out were refused).
+fn exact_quantity(text: &str) -> Result<Decimal, QuantityProblem> {
+    let (negative, body) = match text.strip_prefix('-') {
+        Some(rest) => (true, rest),
+        None => (false, text),
     };
-    let value = parsed.map_err(|_| {
-        Rejection::new(
-            RejectCode::OutOfRange,
-            format!("{field} {text} cannot be represented exactly (at most 28 significant digits)"),
-        )
-    })?;
-    if value < Decimal::ZERO {
-        return Err(Rejection::new(
-            RejectCode::NegativeValue,
-            format!("{field} must be >= 0, got {text}"),
-        ));
+    let (mantissa, exponent) = match body.find(['e', 'E']) {
+        Some(at) => (&body[..at], &body[at + 1..]),
+        None => (body, ""),
+    };
+    let (int_part, frac_part) = mantissa.split_once('.').unwrap_or((mantissa, ""));
+    let digits = |s: &str| s.bytes().all(|b| b.is_ascii_digit());
+    // serde_json already checked the JSON number grammar; this only guards the arithmetic below.
+    if int_part.is_empty() || !digits(int_part) || !digits(frac_part) {
+        return Err(QuantityProblem::TooLarge);
     }
+    // The significant digits, without leading and trailing zeros; `power` is the exponent of
+    // ten of the last one kept: value = digits * 10^power.
+    let all = int_part.bytes().chain(frac_part.bytes());
+    let mut significant: SmallVec<[u8; 32]> = all.skip_while(|&b| b == b'0').collect();
+    let trailing = significant.iter().rev().take_while(|&&b| b == b'0').count();
+    significant.truncate(significant.len() - trailing);
+    if significant.is_empty() {
+        // Any zero, "-0" and "0e999" included, is 0.
+        return Ok(Decimal::ZERO);
+    }
+    if negative {
+        return Err(QuantityProblem::Negative);
+    }
+    if significant.len() > MAX_SIGNIFICANT_DIGITS {
+        return Err(QuantityProblem::TooManyDigits);
+    }
+    // An exponent too long for an i64 is far outside every bound either way.
+    let exponent: i64 = match exponent {
+        "" => 0,
+        e => e.strip_prefix('+').unwrap_or(e).parse().map_err(|_| {
+            if e.starts_with('-') {
+                QuantityProblem::TooManyFractionDigits
+            } else {
+                QuantityProblem::TooLarge
+            }
+        })?,
+    };
+    let power = exponent
+        .saturating_sub(frac_part.len() as i64)
+        .saturating_add(trailing as i64);
+    if power < -i64::from(MAX_FRACTION_DIGITS) {
+        return Err(QuantityProblem::TooManyFractionDigits);
+    }
+    // Digits before the point; 10^18 has 19 of them, anything with more is too large.
+    if significant.len() as i64 + power > 19 {
+        return Err(QuantityProblem::TooLarge);
+    }
+    let mut units: i128 = significant.iter().fold(0, |n, d| n * 10 + i128::from(d - b'0'));
+    if power > 0 {
+        units *= 10i128.pow(power as u32);
+    }
+    let scale = power.min(0).unsigned_abs() as u32;
+    let value = Decimal::from_i128_with_scale(units, scale);
     if value > MAX_QUANTITY {
-        return Err(Rejection::new(
-            RejectCode::OutOfRange,
-            format!("{field} {text} exceeds the limit of 1e18 per event"),
-        ));
+        return Err(QuantityProblem::TooLarge);
     }
-    // "-0" parses as a negative zero; normalize so it prints and stores as 0.
-    Ok(value.normalize())
+    Ok(value)
 }
 
 fn timestamp(text: &str, limits: &Limits, now: DateTime<Utc>) -> Result<DateTime<Utc>, Rejection> {
@@ -398,6 +497,13 @@ fn labels(raw: Option<RawLabels<'_>>) -> Result<RawLabels<'_>, Rejection> {
             format!("labels has {} entries, the limit is {MAX_LABELS}", raw.len()),
         ));
     }
+    let bytes: usize = raw.iter().map(|(k, v)| k.len() + v.len()).sum();
+    if bytes > MAX_LABEL_BYTES {
+        return Err(Rejection::new(
+            RejectCode::FieldTooLong,
+            format!("labels are {bytes} bytes of UTF-8 in keys and values together, the limit is {MAX_LABEL_BYTES}"),
+        ));
+    }
     for (k, v) in &raw {
         for (what, s) in [("key", k), ("value", v)] {
             if s.contains('\0') {
@@ -422,13 +528,23 @@ fn labels(raw: Option<RawLabels<'_>>) -> Result<RawLabels<'_>, Rejection> {
 }
 
 /// Keeps quoted input short in messages: a rejected 60 KB field should not become a 60 KB reason.
-fn abbreviate(s: &str) -> String {
+pub(crate) fn abbreviate(s: &str) -> String {
     const MAX: usize = 40;
     if s.chars().count() <= MAX {
         format!("{s:?}")
     } else {
         let head: String = s.chars().take(MAX).collect();
         format!("{head:?}...")
+    }
+}
+
+/// A raw number shortened for a message (a 5,000-digit number should not become the reason).
+fn abbreviate_raw(s: &str) -> String {
+    const MAX: usize = 64;
+    if s.len() <= MAX {
+        s.to_owned()
+    } else {
+        format!("{}...", &s[..MAX])
     }
 }
 
@@ -593,6 +709,109 @@ mod tests {
         );
         let r = decode_str(&with(r#"["env"]"#)).unwrap_err();
         assert!(r.message.starts_with("invalid type: sequence, expected a map"), "{r}");
+    }
+
+    #[test]
+    fn the_precision_contract_holds_in_every_notation() {
+        let compute = |n: &str| decode_str(&GOOD.replace("1234.5", n)).map(|e| e.compute.to_string());
+        let refused = |n: &str| decode_str(&GOOD.replace("1234.5", n)).unwrap_err().to_string();
+        // One value, four notations.
+        for n in ["1500", "1.5e3", "0.15E+4", "15000e-1"] {
+            assert_eq!(compute(n).unwrap(), "1500", "{n}");
+        }
+        // The edges: 10^18, 10 digits after the point, 28 significant digits.
+        assert_eq!(compute("1e18").unwrap(), "1000000000000000000");
+        assert_eq!(
+            compute("1000000000000000000.0000000000").unwrap(),
+            "1000000000000000000"
+        );
+        assert_eq!(compute("0.0000000001").unwrap(), "0.0000000001");
+        assert_eq!(compute("1e-10").unwrap(), "0.0000000001");
+        assert_eq!(
+            compute("123456789012345678.0123456789").unwrap(),
+            "123456789012345678.0123456789"
+        );
+        assert_eq!(compute("0.00").unwrap(), "0");
+        assert_eq!(compute("-0").unwrap(), "0");
+        assert_eq!(compute("0e99999999999999999999").unwrap(), "0");
+        assert_eq!(
+            refused("1000000000000000001"),
+            "out_of_range: compute 1000000000000000001 exceeds the limit of 1e18 per event"
+        );
+        assert_eq!(
+            refused("1000000000000000000.5"),
+            "out_of_range: compute 1000000000000000000.5 exceeds the limit of 1e18 per event"
+        );
+        assert_eq!(
+            refused("0.00000000001"),
+            "out_of_range: compute 0.00000000001 has more than 10 digits after the decimal point (the precision contract)"
+        );
+        assert_eq!(
+            refused("1e-11"),
+            "out_of_range: compute 1e-11 has more than 10 digits after the decimal point (the precision contract)"
+        );
+        // 29 significant digits are refused whether written out or in exponent form (the
+        // exponent form used to be rounded silently).
+        assert_eq!(
+            refused("0.1234567890123456789012345678901234567e1"),
+            "out_of_range: compute 0.1234567890123456789012345678901234567e1 has more than 28 significant digits and cannot be represented exactly"
+        );
+        assert_eq!(
+            refused("1.2345678901234567890123456789").split(':').next(),
+            Some("out_of_range")
+        );
+        assert_eq!(
+            refused("1e19"),
+            "out_of_range: compute 1e19 exceeds the limit of 1e18 per event"
+        );
+        assert_eq!(
+            refused("1e99999999999999999999").split(':').next(),
+            Some("out_of_range")
+        );
+        assert_eq!(
+            refused("1e-99999999999999999999").split(':').next(),
+            Some("out_of_range")
+        );
+        assert_eq!(refused("-1e-3"), "negative_value: compute must be >= 0, got -1e-3");
+    }
+
+    #[test]
+    fn only_a_json_object_is_an_event() {
+        let array = r#"["req-1", "2026-11-29T03:00:00Z", "m", "a100-80g", 1, 2]"#;
+        assert_eq!(
+            decode_str(array).unwrap_err().to_string(),
+            format!(
+                "malformed_json: an event must be a JSON object, got {:?}...",
+                &array[..40]
+            )
+        );
+        assert_eq!(code_of("42"), RejectCode::MalformedJson);
+        assert_eq!(code_of("  \"text\""), RejectCode::MalformedJson);
+    }
+
+    #[test]
+    fn a_label_set_is_bounded_in_bytes_so_that_every_accepted_event_is_storable() {
+        let with = |labels: String| GOOD.replace(r#"{"tenant": "search"}"#, &labels);
+        // 16 labels of 64-character keys and values: within the per-label limits, 2 KB in all.
+        let wide: Vec<String> = (0..16)
+            .map(|i| format!("\"{}\": \"{}\"", format!("{i:02}").repeat(32), "v".repeat(64)))
+            .collect();
+        assert_eq!(
+            decode_str(&with(format!("{{{}}}", wide.join(", "))))
+                .unwrap_err()
+                .to_string(),
+            "field_too_long: labels are 2048 bytes of UTF-8 in keys and values together, the limit is 1024"
+        );
+        // Four labels of 128 emoji each are 4 x 512 bytes.
+        let emoji: Vec<String> = (0..4).map(|i| format!("\"k{i}\": \"{}\"", "😀".repeat(128))).collect();
+        assert_eq!(
+            decode_str(&with(format!("{{{}}}", emoji.join(", ")))).unwrap_err().code,
+            RejectCode::FieldTooLong
+        );
+        // Exactly at the limit is accepted.
+        let at_limit = format!("{{\"kk\": \"{}\", \"lm\": \"{}\"}}", "😀".repeat(127), "😀".repeat(128));
+        let e = decode_str(&with(at_limit)).unwrap();
+        assert_eq!(e.labels.iter().map(|(k, v)| k.len() + v.len()).sum::<usize>(), 1024);
     }
 
     #[test]

@@ -2,7 +2,6 @@
 //! PostgreSQL (`/api/v1/*`, described by `/api/v1/openapi.json`).
 
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicI64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -24,31 +23,10 @@ use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
 use crate::alerting::SharedBoard;
+use crate::health::Health;
 use crate::pricing::{EstimateError, EstimateRequest, LivePrices};
 use crate::store::Store;
 use crate::{calibration_store, recommend, telemetry};
-
-/// What the consumer reports for `/readyz`.
-#[derive(Debug, Default)]
-pub struct Health {
-    last_poll_ms: AtomicI64,
-    assigned: AtomicUsize,
-}
-
-impl Health {
-    /// Called by the consumer loop on every poll.
-    pub fn polled(&self) {
-        self.last_poll_ms
-            .store(Utc::now().timestamp_millis(), Ordering::Relaxed);
-    }
-
-    pub fn set_assigned(&self, n: usize) {
-        self.assigned.store(n, Ordering::Relaxed);
-    }
-}
-
-/// The consumer counts as alive while it polled within this long.
-const POLL_STALE: Duration = Duration::from_secs(15);
 
 #[derive(Clone)]
 pub struct AppState {
@@ -179,18 +157,21 @@ async fn metrics(State(state): State<AppState>) -> Response {
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], body).into_response()
 }
 
+/// Ready while the database answers, the consumer polls and no owned partition is stalled;
+/// the body names what is not.
 async fn readyz(State(state): State<AppState>) -> Response {
     let database = tokio::time::timeout(Duration::from_secs(2), state.store.ping())
         .await
         .is_ok_and(|r| r.is_ok());
-    let last_poll = state.health.last_poll_ms.load(Ordering::Relaxed);
-    let consuming = last_poll > 0 && Utc::now().timestamp_millis() - last_poll < POLL_STALE.as_millis() as i64;
+    let consuming = state.health.consuming();
+    let stalled = state.health.stalled();
     let body = json!({
         "database": database,
         "consuming": consuming,
-        "assigned_partitions": state.health.assigned.load(Ordering::Relaxed),
+        "assigned_partitions": state.health.assigned(),
+        "stalled_partitions": stalled,
     });
-    let status = if database && consuming {
+    let status = if database && consuming && stalled.is_empty() {
         StatusCode::OK
     } else {
         StatusCode::SERVICE_UNAVAILABLE

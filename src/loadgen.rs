@@ -33,6 +33,11 @@ pub struct LoadSpec {
     pub duplicates: f64,
     pub late: f64,
     pub malformed: f64,
+    /// Share of hostile messages: valid-looking poison (label sets too wide to index, emoji
+    /// labels, 37-digit exponents, JSON arrays, oversized payloads, conflicting duplicates) and
+    /// valid events a careless producer sends (stamped minutes ahead, 10^18 quantities). Each
+    /// has a known outcome, so the totals stay exact.
+    pub hostile: f64,
     /// How far behind the stream a late event is stamped.
     pub late_by: Duration,
     /// Event times are spread over `span` ending at `end`.
@@ -49,6 +54,8 @@ pub struct Expected {
     pub duplicates: u64,
     pub rejected: u64,
     pub late_sent: u64,
+    /// Rejections by reason code (hostile messages only; malformed ones are in `rejected`).
+    pub rejected_by_reason: BTreeMap<String, u64>,
     pub totals: Vec<PairTotal>,
 }
 
@@ -81,9 +88,48 @@ pub fn generate(spec: &LoadSpec) -> (Vec<Message>, Expected) {
     let start = spec.end - chrono::Duration::milliseconds(span_ms);
     let late_by = chrono::Duration::from_std(spec.late_by).unwrap_or_default();
     let mut sent_good: Vec<usize> = Vec::new();
+    let mut huge_sent = 0u32;
 
     for i in 0..spec.count {
         let roll: f64 = rng.gen();
+        if roll >= 1.0 - spec.hostile {
+            let kind = rng.gen_range(0..HOSTILE_KINDS);
+            let good_id = (!sent_good.is_empty()).then(|| sent_good[rng.gen_range(0..sent_good.len())]);
+            let poison = hostile(kind, i, spec, good_id.map(|g| &messages[g]), &mut huge_sent);
+            match poison {
+                Hostile::Rejected(message, reason) => {
+                    messages.push(message);
+                    expected.rejected += 1;
+                    *expected.rejected_by_reason.entry(reason.to_owned()).or_default() += 1;
+                    continue;
+                }
+                Hostile::Valid { ts, compute, storage } => {
+                    let model = "model-0".to_owned();
+                    let hardware = "hw-0".to_owned();
+                    let event_id = format!("s{}-h{i}", spec.seed);
+                    let payload = format!(
+                        r#"{{"event_id":"{event_id}","timestamp":"{}","model":"{model}","hardware":"{hardware}","compute":{compute},"storage":{storage}}}"#,
+                        ts.to_rfc3339_opts(chrono::SecondsFormat::Millis, true)
+                    );
+                    let t = totals
+                        .entry((model.clone(), hardware.clone()))
+                        .or_insert_with(|| PairTotal {
+                            model,
+                            hardware,
+                            ..PairTotal::default()
+                        });
+                    t.events += 1;
+                    t.compute += compute;
+                    t.storage += storage;
+                    expected.accepted += 1;
+                    messages.push(Message {
+                        key: event_id,
+                        payload: payload.into_bytes(),
+                    });
+                    continue;
+                }
+            }
+        }
         if roll < spec.malformed {
             messages.push(malformed(i, &mut rng, spec.end));
             expected.rejected += 1;
@@ -136,6 +182,110 @@ pub fn generate(spec: &LoadSpec) -> (Vec<Message>, Expected) {
     expected.messages = messages.len() as u64;
     expected.totals = totals.into_values().collect();
     (messages, expected)
+}
+
+/// How many kinds [`hostile`] makes.
+const HOSTILE_KINDS: u32 = 8;
+
+/// At most this many 10^18 quantities per load: their pair's total must stay within what a
+/// 96-bit decimal holds exactly at 10 fractional digits (7.9e18) for the expected totals.
+const MAX_HUGE: u32 = 5;
+
+/// What a hostile message does.
+enum Hostile {
+    /// Rejected with this reason code.
+    Rejected(Message, &'static str),
+    /// A valid event on (model-0, hw-0) that must be counted exactly.
+    Valid {
+        ts: DateTime<Utc>,
+        compute: Decimal,
+        storage: Decimal,
+    },
+}
+
+/// One hostile message of `kind`. `earlier` is a good message already sent, for a conflicting
+/// re-use of its id.
+fn hostile(kind: u32, i: u64, spec: &LoadSpec, earlier: Option<&Message>, huge_sent: &mut u32) -> Hostile {
+    let id = format!("s{}-x{i}", spec.seed);
+    let ts = spec.end.to_rfc3339_opts(chrono::SecondsFormat::Millis, true);
+    let event = |model: &str, compute: &str, labels: &str| {
+        format!(
+            r#"{{"event_id":"{id}","timestamp":"{ts}","model":"{model}","hardware":"hw-0","compute":{compute},"storage":1,"labels":{labels}}}"#
+        )
+        .into_bytes()
+    };
+    let rejected = |payload: Vec<u8>, reason| {
+        Hostile::Rejected(
+            Message {
+                key: id.clone(),
+                payload,
+            },
+            reason,
+        )
+    };
+    match kind {
+        0 => {
+            // 16 labels of 128-character keys and values: once a stalled partition.
+            let labels: Vec<String> = (0..16)
+                .map(|k| format!(r#""{:0>128}":"{}""#, k, "v".repeat(128)))
+                .collect();
+            rejected(
+                event("model-0", "1", &format!("{{{}}}", labels.join(","))),
+                "field_too_long",
+            )
+        }
+        1 => {
+            let labels: Vec<String> = (0..4).map(|k| format!(r#""k{k}":"{}""#, "😀".repeat(128))).collect();
+            rejected(
+                event("model-0", "1", &format!("{{{}}}", labels.join(","))),
+                "field_too_long",
+            )
+        }
+        2 => rejected(
+            event("model-0", "0.1234567890123456789012345678901234567e1", "{}"),
+            "out_of_range",
+        ),
+        3 => rejected(
+            format!(r#"["{id}","{ts}","model-0","hw-0",1,1]"#).into_bytes(),
+            "malformed_json",
+        ),
+        4 => {
+            // Over the default ingest.max_event_bytes (64 KiB): rejected unparsed, kept bounded.
+            let mut payload = event("model-0", "1", "{}");
+            payload.extend(std::iter::repeat_n(b' ', 100_000));
+            rejected(payload, "oversized")
+        }
+        5 => match earlier {
+            // The id of an event already counted, with other content: not counted again.
+            Some(m) => {
+                let text = String::from_utf8_lossy(&m.payload).replace("\"storage\":", "\"storage\":1");
+                Hostile::Rejected(
+                    Message {
+                        key: m.key.clone(),
+                        payload: text.into_bytes(),
+                    },
+                    "conflicting_duplicate",
+                )
+            }
+            None => rejected(b"[]".to_vec(), "malformed_json"),
+        },
+        6 => Hostile::Valid {
+            // Minutes ahead of the clock, inside max_future_skew: counted, but it must not move
+            // anyone's watermark past the clock.
+            ts: Utc::now() + chrono::Duration::seconds(150),
+            compute: Decimal::new(25, 1),
+            storage: Decimal::ONE,
+        },
+        _ if *huge_sent < MAX_HUGE => {
+            *huge_sent += 1;
+            Hostile::Valid {
+                ts: spec.end,
+                compute: Decimal::from(1_000_000_000_000_000_000u64),
+                storage: Decimal::new(1, 10),
+            }
+        }
+        _ => rejected(b"[1]".to_vec(), "malformed_json"),
+    }
 }
 
 /// One of the malformed kinds, in turn; each is rejected for a different reason.
@@ -265,6 +415,7 @@ mod tests {
             duplicates: 0.05,
             late: 0.02,
             malformed: 0.03,
+            hostile: 0.0,
             late_by: Duration::from_secs(600),
             span: Duration::from_secs(600),
             end: "2026-11-29T04:00:00Z".parse().unwrap(),

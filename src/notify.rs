@@ -11,8 +11,7 @@ use serde::Serialize;
 use serde_json::Value;
 use sha2::Sha256;
 
-use crate::budget_store::AlertmanagerAlert;
-use crate::config::{AlertingSettings, WebhookSettings};
+use crate::config::AlertingSettings;
 
 /// The header carrying `sha256=<hex of HMAC-SHA256(secret, body)>`.
 pub const SIGNATURE_HEADER: &str = "x-costwatch-signature";
@@ -41,9 +40,17 @@ pub enum NotifyError {
     Client(#[source] reqwest::Error),
 }
 
-/// The name a webhook goes by in the outbox, logs and metrics.
-pub fn webhook_name(index: usize, w: &WebhookSettings) -> String {
-    w.name.clone().unwrap_or_else(|| format!("webhook-{index}"))
+/// What Alertmanager is to be told about one alert: the wire shape this module sends, which
+/// `budget_store` reads from and acknowledges in `budget_alert`.
+#[derive(Debug, Clone)]
+pub struct AlertmanagerAlert {
+    pub key: String,
+    pub state: String,
+    pub generation: i32,
+    pub labels: BTreeMap<String, String>,
+    pub annotations: BTreeMap<String, String>,
+    pub starts_at: DateTime<Utc>,
+    pub ends_at: Option<DateTime<Utc>>,
 }
 
 struct Webhook {
@@ -88,7 +95,7 @@ impl Notifier {
             .iter()
             .enumerate()
             .map(|(i, w)| Webhook {
-                name: webhook_name(i, w),
+                name: w.name_or_default(i),
                 url: w.url.clone(),
                 secret: w.resolve_secret().unwrap_or_default().into_bytes(),
                 timeout: w.timeout,

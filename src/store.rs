@@ -9,7 +9,9 @@ use rust_decimal::Decimal;
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use sqlx::{ConnectOptions, PgPool, Row};
 
-use crate::aggregate::{Claim, FlushBatch, IngestRules, SeenIds};
+use crate::aggregate::{Claim, FlushBatch, IngestRules, RejectedMessage, SeenIds};
+use crate::error_class::{self, ErrorClass};
+use crate::event::{RejectCode, Rejection};
 use crate::faults::{self, FaultPoint};
 use crate::pricing::PriceBook;
 use crate::window::{from_millis, WindowKey, WindowSize, WindowSums};
@@ -25,26 +27,34 @@ pub enum StoreError {
     Stale { fenced: Vec<i32>, applied: Vec<i32> },
     #[error("schema migration failed: {0}")]
     Migrate(#[from] sqlx::migrate::MigrateError),
+    /// Text PostgreSQL cannot hold in another encoding would fail flushes for good (one emoji
+    /// model name in a LATIN1 database stalled its partition).
+    #[error(
+        "the database's encoding is {0}, costwatch needs UTF8: create the database with \
+         CREATE DATABASE <name> ENCODING 'UTF8' TEMPLATE template0"
+    )]
+    Encoding(String),
     #[error("PostgreSQL error: {0}")]
     Database(#[from] sqlx::Error),
 }
 
 impl StoreError {
-    /// True for errors that may go away by themselves (server down, connection dropped).
-    pub fn is_transient(&self) -> bool {
+    /// Whether the error may go away by itself ([`crate::error_class`] decides for every
+    /// database error).
+    pub fn class(&self) -> ErrorClass {
         match self {
             StoreError::Database(e) | StoreError::Migrate(sqlx::migrate::MigrateError::Execute(e)) => {
-                matches!(
-                    e,
-                    sqlx::Error::Io(_) | sqlx::Error::PoolTimedOut | sqlx::Error::PoolClosed | sqlx::Error::Tls(_)
-                ) || matches!(e, sqlx::Error::Database(db) if db.code().is_some_and(|c| {
-                    // 08: connection exception, 57P: operator intervention (shutdown), 40: rollback
-                    // (serialization failure, deadlock), 53: insufficient resources.
-                    c.starts_with("08") || c.starts_with("57P") || c.starts_with("40") || c.starts_with("53")
-                }))
+                error_class::of_sqlx(e)
             }
-            _ => false,
+            // Someone else's claim; the caller handles it, retrying never repeats it.
+            StoreError::Stale { .. } => ErrorClass::Transient,
+            _ => ErrorClass::Permanent,
         }
+    }
+
+    /// True for errors that may go away by themselves (server down, connection dropped).
+    pub fn is_transient(&self) -> bool {
+        self.class().is_transient()
     }
 }
 
@@ -55,6 +65,8 @@ static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
 pub struct WindowLayout {
     pub size: WindowSize,
     pub allowed_lateness_ms: i64,
+    /// How much of a refused window row's description is kept in `rejected_events`.
+    pub max_rejected_payload_bytes: usize,
 }
 
 impl WindowLayout {
@@ -62,8 +74,18 @@ impl WindowLayout {
         Self {
             size: rules.window,
             allowed_lateness_ms: rules.allowed_lateness_ms,
+            max_rejected_payload_bytes: rules.max_rejected_payload_bytes,
         }
     }
+}
+
+/// What a committed write left out.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct WriteOutcome {
+    /// Positions in the written windows of the rows PostgreSQL refused even alone (only when
+    /// the batch was written isolating, see [`FlushBatch::isolate`]); their usage went to
+    /// `rejected_events` with reason `unstorable` and the database's message.
+    pub unstorable: Vec<usize>,
 }
 
 #[derive(Clone, Debug)]
@@ -120,8 +142,48 @@ impl Store {
     }
 
     pub async fn migrate(&self) -> Result<(), StoreError> {
+        let encoding: String = sqlx::query_scalar(
+            "SELECT pg_encoding_to_char(encoding)::text FROM pg_database WHERE datname = current_database()",
+        )
+        .fetch_one(&self.pool)
+        .await?;
+        if encoding != "UTF8" {
+            return Err(StoreError::Encoding(encoding));
+        }
         MIGRATOR.run(&self.pool).await?;
         Ok(())
+    }
+
+    /// Deletes rejected messages received before `before`, a bounded batch per transaction,
+    /// while no other instance is doing the same (a transaction-scoped advisory lock: whoever
+    /// gets it prunes, the others skip). Returns the rows deleted, or `None` when another
+    /// instance held the lock.
+    pub async fn prune_rejected(&self, before: DateTime<Utc>) -> Result<Option<u64>, StoreError> {
+        let mut deleted = 0;
+        loop {
+            let mut tx = self.pool.begin().await?;
+            let locked: bool = sqlx::query_scalar("SELECT pg_try_advisory_xact_lock($1)")
+                .bind(PRUNE_LOCK)
+                .fetch_one(&mut *tx)
+                .await?;
+            if !locked {
+                return Ok((deleted > 0).then_some(deleted));
+            }
+            let n = sqlx::query(
+                "DELETE FROM rejected_event WHERE id IN
+                   (SELECT id FROM rejected_event WHERE received_at < $1 ORDER BY id LIMIT $2)",
+            )
+            .bind(before)
+            .bind(PRUNE_BATCH)
+            .execute(&mut *tx)
+            .await?
+            .rows_affected();
+            tx.commit().await?;
+            deleted += n;
+            if n < PRUNE_BATCH as u64 {
+                return Ok(Some(deleted));
+            }
+        }
     }
 
     pub async fn ping(&self) -> Result<(), StoreError> {
@@ -212,19 +274,26 @@ impl Store {
     }
 
     /// Writes a batch in one transaction. Offsets move only if this instance still holds each
-    /// partition's epoch; otherwise nothing is written and [`StoreError::Fenced`] names them.
+    /// partition's epoch; otherwise nothing is written and [`StoreError::Stale`] names them.
     pub async fn flush(
         &self,
         topic: &str,
         batch: &FlushBatch,
         prices: &PriceBook,
         layout: WindowLayout,
-    ) -> Result<(), StoreError> {
+    ) -> Result<WriteOutcome, StoreError> {
         self.write(topic, batch, &batch.windows(), prices, layout).await
     }
 
     /// [`Store::flush`] with the batch's windows already merged ([`FlushBatch::windows`]), for a
     /// caller that uses them again afterwards.
+    ///
+    /// A batch marked [`FlushBatch::isolate`] (its plain write failed with a permanent error)
+    /// is written row group by row group under savepoints, halving a refused group until the
+    /// rows PostgreSQL refuses even alone are found: those go to `rejected_events` as
+    /// `unstorable` with the database's message, and everything else commits as usual, in the
+    /// same transaction as the offsets. Validation makes this rare (every accepted event is
+    /// storable by construction); it is the net for what validation did not foresee.
     pub async fn write(
         &self,
         topic: &str,
@@ -232,7 +301,7 @@ impl Store {
         windows: &[(&WindowKey, WindowSums)],
         prices: &PriceBook,
         layout: WindowLayout,
-    ) -> Result<(), StoreError> {
+    ) -> Result<WriteOutcome, StoreError> {
         let mut tx = self.pool.begin().await?;
 
         // A stalled flush (a lock, a slow disk) must fail and be retried rather than block the
@@ -241,10 +310,58 @@ impl Store {
             .execute(&mut *tx)
             .await?;
 
-        // Progress first: it takes the partition rows' locks, so a concurrent claim either waits
-        // for this commit (and then reads its offsets) or has already fenced us out. The
-        // `prev_offset` condition makes the batch apply only once, even when retried after a
-        // COMMIT whose outcome we never heard.
+        self.advance_progress(&mut tx, topic, batch).await?;
+
+        // In statements of bounded size: one statement for a 30,000-row flush held about 35 MB
+        // of encoded arguments at once (the argument buffer and sqlx's copy of it in the Bind
+        // message), the largest single allocation of a busy instance. The rows stay sorted
+        // across statements, so concurrent writers still lock them in the same order. A key
+        // that appears twice (sums too long to add exactly in memory) goes in a later round:
+        // one upsert statement cannot touch a row twice.
+        let mut unstorable: Vec<(usize, String)> = Vec::new();
+        for round in rounds(windows) {
+            for chunk in round.chunks(WINDOW_ROWS_PER_STATEMENT) {
+                if batch.isolate {
+                    unstorable.extend(isolate_windows(&mut tx, windows, chunk, prices, layout).await?);
+                } else {
+                    let rows: Vec<_> = chunk.iter().map(|&i| &windows[i]).collect();
+                    write_windows(&mut tx, &rows, prices, layout).await?;
+                }
+            }
+        }
+
+        let refused: Vec<RejectedMessage> = unstorable
+            .iter()
+            .map(|(i, message)| unstorable_window(&windows[*i], message, layout))
+            .collect();
+        let rejected: Vec<&RejectedMessage> = batch.rejected().chain(&refused).collect();
+        insert_rejected(&mut tx, topic, &rejected, batch.isolate).await?;
+        self.remember_ids(&mut tx, topic, batch).await?;
+
+        faults::reached(FaultPoint::BeforeCommit);
+        tx.commit().await?;
+        if faults::reached(FaultPoint::AmbiguousCommit) {
+            return Err(StoreError::Database(sqlx::Error::Io(std::io::Error::new(
+                std::io::ErrorKind::ConnectionReset,
+                "injected fault: connection dropped after COMMIT",
+            ))));
+        }
+        Ok(WriteOutcome {
+            unstorable: unstorable.into_iter().map(|(i, _)| i).collect(),
+        })
+    }
+
+    /// Moves each partition's offset and watermark, first in the flush: it takes the partition
+    /// rows' locks, so a concurrent claim either waits for this commit (and then reads its
+    /// offsets) or has already fenced us out. The `prev_offset` condition makes the batch apply
+    /// only once, even when retried after a COMMIT whose outcome we never heard. Rolls back and
+    /// returns [`StoreError::Stale`] when any partition did not match.
+    async fn advance_progress(
+        &self,
+        tx: &mut sqlx::Transaction<'_, sqlx::Postgres>,
+        topic: &str,
+        batch: &FlushBatch,
+    ) -> Result<(), StoreError> {
         let progress: Vec<_> = batch.progress().collect();
         let partitions: Vec<i32> = progress.iter().map(|p| p.partition).collect();
         let epochs: Vec<i64> = progress.iter().map(|p| p.epoch).collect();
@@ -266,61 +383,42 @@ impl Store {
         .bind(&prev)
         .bind(&offsets)
         .bind(&watermarks)
-        .fetch_all(&mut *tx)
+        .fetch_all(&mut **tx)
         .await?;
-        if updated.len() != partitions.len() {
-            let missing: Vec<i32> = partitions.iter().copied().filter(|p| !updated.contains(p)).collect();
-            let rows = sqlx::query(
-                "SELECT partition, epoch, next_offset FROM partition_progress WHERE topic = $1 AND partition = ANY($2)",
-            )
-            .bind(topic)
-            .bind(&missing)
-            .fetch_all(&mut *tx)
-            .await?;
-            tx.rollback().await?;
-            let (mut fenced, mut applied) = (Vec::new(), Vec::new());
-            for p in progress.iter().filter(|p| missing.contains(&p.partition)) {
-                let row = rows.iter().find(|r| r.get::<i32, _>("partition") == p.partition);
-                let already = row.is_some_and(|r| {
-                    r.get::<i64, _>("epoch") == p.epoch && r.get::<Option<i64>, _>("next_offset") == Some(p.next_offset)
-                });
-                if already {
-                    applied.push(p.partition);
-                } else {
-                    fenced.push(p.partition);
-                }
+        if updated.len() == partitions.len() {
+            return Ok(());
+        }
+        let missing: Vec<i32> = partitions.iter().copied().filter(|p| !updated.contains(p)).collect();
+        let rows = sqlx::query(
+            "SELECT partition, epoch, next_offset FROM partition_progress WHERE topic = $1 AND partition = ANY($2)",
+        )
+        .bind(topic)
+        .bind(&missing)
+        .fetch_all(&mut **tx)
+        .await?;
+        let (mut fenced, mut applied) = (Vec::new(), Vec::new());
+        for p in progress.iter().filter(|p| missing.contains(&p.partition)) {
+            let row = rows.iter().find(|r| r.get::<i32, _>("partition") == p.partition);
+            let already = row.is_some_and(|r| {
+                r.get::<i64, _>("epoch") == p.epoch && r.get::<Option<i64>, _>("next_offset") == Some(p.next_offset)
+            });
+            if already {
+                applied.push(p.partition);
+            } else {
+                fenced.push(p.partition);
             }
-            return Err(StoreError::Stale { fenced, applied });
         }
+        Err(StoreError::Stale { fenced, applied })
+    }
 
-        // In statements of bounded size: one statement for a 30,000-row flush held about 35 MB
-        // of encoded arguments at once (the argument buffer and sqlx's copy of it in the Bind
-        // message), the largest single allocation of a busy instance. The rows stay sorted
-        // across statements, so concurrent writers still lock them in the same order.
-        for chunk in windows.chunks(WINDOW_ROWS_PER_STATEMENT) {
-            write_windows(&mut tx, chunk, prices, layout).await?;
-        }
-
-        let r: Vec<_> = batch.rejected().collect();
-        if !r.is_empty() {
-            sqlx::query(
-                "INSERT INTO rejected_event (topic, partition, kafka_offset, reason_code, reason_message, payload, payload_text)
-                 SELECT $1, * FROM UNNEST($2::int4[], $3::int8[], $4::text[], $5::text[], $6::bytea[], $7::text[])
-                 ON CONFLICT (topic, partition, kafka_offset) DO NOTHING",
-            )
-            .bind(topic)
-            .bind(r.iter().map(|m| m.partition).collect::<Vec<_>>())
-            .bind(r.iter().map(|m| m.offset).collect::<Vec<_>>())
-            .bind(r.iter().map(|m| m.rejection.code.as_str()).collect::<Vec<_>>())
-            .bind(r.iter().map(|m| m.rejection.message.as_str()).collect::<Vec<_>>())
-            .bind(r.iter().map(|m| m.payload.as_slice()).collect::<Vec<_>>())
-            .bind(r.iter().map(|m| payload_text(&m.payload)).collect::<Vec<_>>())
-            .execute(&mut *tx)
-            .await?;
-        }
-
-        // One row per partition with all of this flush's new ids: a per-event row costs more
-        // than everything else in the flush together.
+    /// Stores the batch's new dedup ids (one packed row per partition: a per-event row cost more
+    /// than everything else in the flush together) and forgets those past the horizon.
+    async fn remember_ids(
+        &self,
+        tx: &mut sqlx::Transaction<'_, sqlx::Postgres>,
+        topic: &str,
+        batch: &FlushBatch,
+    ) -> Result<(), StoreError> {
         let packed: Vec<(i32, DateTime<Utc>, &[u8])> = batch
             .parts
             .iter()
@@ -335,12 +433,12 @@ impl Store {
             .bind(packed.iter().map(|p| p.0).collect::<Vec<_>>())
             .bind(packed.iter().map(|p| p.1).collect::<Vec<_>>())
             .bind(packed.iter().map(|p| p.2).collect::<Vec<_>>())
-            .execute(&mut *tx)
+            .execute(&mut **tx)
             .await?;
         }
 
-        let forget: Vec<(i32, DateTime<Utc>)> = progress
-            .iter()
+        let forget: Vec<(i32, DateTime<Utc>)> = batch
+            .progress()
             .filter_map(|p| Some((p.partition, p.forget_before?)))
             .collect();
         if !forget.is_empty() {
@@ -351,20 +449,218 @@ impl Store {
             .bind(topic)
             .bind(forget.iter().map(|f| f.0).collect::<Vec<_>>())
             .bind(forget.iter().map(|f| f.1).collect::<Vec<_>>())
-            .execute(&mut *tx)
+            .execute(&mut **tx)
             .await?;
-        }
-
-        faults::reached(FaultPoint::BeforeCommit);
-        tx.commit().await?;
-        if faults::reached(FaultPoint::AmbiguousCommit) {
-            return Err(StoreError::Database(sqlx::Error::Io(std::io::Error::new(
-                std::io::ErrorKind::ConnectionReset,
-                "injected fault: connection dropped after COMMIT",
-            ))));
         }
         Ok(())
     }
+}
+
+/// The advisory lock key of the rejected-message pruning job ("cw-prune" in ASCII).
+const PRUNE_LOCK: i64 = 0x6377_2d70_7275_6e65;
+/// Rows deleted per pruning transaction.
+const PRUNE_BATCH: i64 = 10_000;
+
+/// Positions of `windows` (sorted by key) in write rounds: every key's first row in the first
+/// round, its second row (if any) in the second, and so on. Without repeated keys, the usual
+/// case, that is one round of every position.
+fn rounds(windows: &[(&WindowKey, WindowSums)]) -> Vec<Vec<usize>> {
+    let mut rounds: Vec<Vec<usize>> = vec![Vec::with_capacity(windows.len())];
+    let mut repeat = 0;
+    for i in 0..windows.len() {
+        repeat = if i > 0 && windows[i - 1].0 == windows[i].0 {
+            repeat + 1
+        } else {
+            0
+        };
+        if rounds.len() <= repeat {
+            rounds.push(Vec::new());
+        }
+        rounds[repeat].push(i);
+    }
+    rounds
+}
+
+/// Writes the window rows at `positions` of `windows` under savepoints, halving any group
+/// PostgreSQL refuses with a permanent error until single rows remain; returns those rows'
+/// positions with the database's message. A transient error aborts the whole write (it is
+/// retried as usual).
+async fn isolate_windows(
+    tx: &mut sqlx::Transaction<'_, sqlx::Postgres>,
+    windows: &[(&WindowKey, WindowSums)],
+    positions: &[usize],
+    prices: &PriceBook,
+    layout: WindowLayout,
+) -> Result<Vec<(usize, String)>, StoreError> {
+    let mut refused = Vec::new();
+    // Depth first, left half first: rows are still written in key order.
+    let mut groups = vec![positions];
+    while let Some(group) = groups.pop() {
+        let rows: Vec<_> = group.iter().map(|&i| &windows[i]).collect();
+        sqlx::query("SAVEPOINT costwatch_isolate").execute(&mut **tx).await?;
+        let written = write_windows(tx, &rows, prices, layout).await;
+        match settle_savepoint(tx, written).await? {
+            None => {}
+            Some(message) if group.len() == 1 => refused.push((group[0], message)),
+            Some(_) => {
+                let (left, right) = group.split_at(group.len() / 2);
+                groups.push(right);
+                groups.push(left);
+            }
+        }
+    }
+    Ok(refused)
+}
+
+/// Ends the savepoint `costwatch_isolate` after a write: released when it succeeded (`None`),
+/// rolled back to when it failed with a permanent error (the database's message; the
+/// transaction goes on), and a transient error is returned as is.
+async fn settle_savepoint(
+    tx: &mut sqlx::Transaction<'_, sqlx::Postgres>,
+    written: Result<(), StoreError>,
+) -> Result<Option<String>, StoreError> {
+    let refused = match written {
+        Ok(()) => None,
+        Err(e) if e.is_transient() => return Err(e),
+        Err(e) => Some(database_message(&e)),
+    };
+    if refused.is_some() {
+        sqlx::query("ROLLBACK TO SAVEPOINT costwatch_isolate")
+            .execute(&mut **tx)
+            .await?;
+    }
+    sqlx::query("RELEASE SAVEPOINT costwatch_isolate")
+        .execute(&mut **tx)
+        .await?;
+    Ok(refused)
+}
+
+/// What PostgreSQL said, with its SQLSTATE, for a human reading `rejected_events`.
+pub fn database_message(error: &StoreError) -> String {
+    match error {
+        StoreError::Database(sqlx::Error::Database(db)) => match db.code() {
+            Some(code) => format!("{} (SQLSTATE {code})", db.message()),
+            None => db.message().to_owned(),
+        },
+        other => other.to_string(),
+    }
+}
+
+/// Rejected messages per INSERT statement, and at most this many payload bytes in one.
+const REJECTED_ROWS_PER_STATEMENT: usize = 1024;
+const REJECTED_BYTES_PER_STATEMENT: usize = 4 * 1024 * 1024;
+
+/// Inserts rejected messages in statements of bounded size. `isolating`: a group PostgreSQL
+/// refuses with a permanent error is halved down to single rows, and a single refused row is
+/// kept without its payload, its reason saying why; the message is never lost.
+async fn insert_rejected(
+    tx: &mut sqlx::Transaction<'_, sqlx::Postgres>,
+    topic: &str,
+    rejected: &[&RejectedMessage],
+    isolating: bool,
+) -> Result<(), StoreError> {
+    let mut groups: Vec<&[&RejectedMessage]> = Vec::new();
+    let (mut from, mut bytes) = (0, 0);
+    for (i, m) in rejected.iter().enumerate() {
+        if i > from
+            && (i - from >= REJECTED_ROWS_PER_STATEMENT || bytes + m.payload.len() > REJECTED_BYTES_PER_STATEMENT)
+        {
+            groups.push(&rejected[from..i]);
+            (from, bytes) = (i, 0);
+        }
+        bytes += m.payload.len();
+    }
+    if from < rejected.len() {
+        groups.push(&rejected[from..]);
+    }
+    groups.reverse();
+    while let Some(group) = groups.pop() {
+        if !isolating {
+            write_rejected(tx, topic, group).await?;
+            continue;
+        }
+        sqlx::query("SAVEPOINT costwatch_isolate").execute(&mut **tx).await?;
+        let written = write_rejected(tx, topic, group).await;
+        match settle_savepoint(tx, written).await? {
+            None => {}
+            Some(message) if group.len() == 1 => {
+                let m = group[0];
+                let kept = RejectedMessage {
+                    rejection: Rejection::new(
+                        m.rejection.code,
+                        format!(
+                            "{} (the payload was not kept: PostgreSQL refused it: {message})",
+                            m.rejection.message
+                        ),
+                    ),
+                    payload: Vec::new(),
+                    ..m.clone()
+                };
+                write_rejected(tx, topic, &[&kept]).await?;
+            }
+            Some(_) => {
+                let (left, right) = group.split_at(group.len() / 2);
+                groups.push(right);
+                groups.push(left);
+            }
+        }
+    }
+    Ok(())
+}
+
+async fn write_rejected(
+    tx: &mut sqlx::Transaction<'_, sqlx::Postgres>,
+    topic: &str,
+    r: &[&RejectedMessage],
+) -> Result<(), StoreError> {
+    sqlx::query(
+        "INSERT INTO rejected_event (topic, partition, kafka_offset, reason_code, reason_message, payload,
+                payload_size, payload_sha256, payload_is_text)
+         SELECT $1, * FROM UNNEST($2::int4[], $3::int8[], $4::text[], $5::text[], $6::bytea[], $7::int8[],
+                $8::bytea[], $9::bool[])
+         ON CONFLICT (topic, partition, kafka_offset) DO NOTHING",
+    )
+    .bind(topic)
+    .bind(r.iter().map(|m| m.partition).collect::<Vec<_>>())
+    .bind(r.iter().map(|m| m.offset).collect::<Vec<_>>())
+    .bind(r.iter().map(|m| m.rejection.code.as_str()).collect::<Vec<_>>())
+    .bind(r.iter().map(|m| m.rejection.message.as_str()).collect::<Vec<_>>())
+    .bind(r.iter().map(|m| m.payload.as_slice()).collect::<Vec<_>>())
+    .bind(r.iter().map(|m| m.payload_size).collect::<Vec<_>>())
+    .bind(r.iter().map(|m| m.payload_sha256.as_slice()).collect::<Vec<_>>())
+    .bind(r.iter().map(|m| m.is_text()).collect::<Vec<_>>())
+    .execute(&mut **tx)
+    .await?;
+    Ok(())
+}
+
+/// A window row PostgreSQL refused, as a rejected message: named by the first message that
+/// added to it, with the row's content (key and sums) as its payload.
+fn unstorable_window((key, sums): &(&WindowKey, WindowSums), message: &str, layout: WindowLayout) -> RejectedMessage {
+    let row = serde_json::json!({
+        "window_start": from_millis(key.start_ms),
+        "model": key.model,
+        "hardware": key.hardware,
+        "labels": &*key.labels,
+        "events": sums.events,
+        "compute": sums.compute,
+        "storage": sums.storage,
+    })
+    .to_string();
+    let rejection = Rejection::new(
+        RejectCode::Unstorable,
+        format!(
+            "PostgreSQL refused the window row of {} events from this offset on: {message}",
+            sums.events
+        ),
+    );
+    RejectedMessage::new(
+        sums.origin.0,
+        sums.origin.1,
+        rejection,
+        row.as_bytes(),
+        layout.max_rejected_payload_bytes,
+    )
 }
 
 /// Window rows per INSERT statement of a flush (see [`Store::write`]).
@@ -372,7 +668,7 @@ const WINDOW_ROWS_PER_STATEMENT: usize = 4096;
 
 async fn write_windows(
     tx: &mut sqlx::Transaction<'_, sqlx::Postgres>,
-    windows: &[(&WindowKey, WindowSums)],
+    windows: &[&(&WindowKey, WindowSums)],
     prices: &PriceBook,
     layout: WindowLayout,
 ) -> Result<(), StoreError> {
@@ -393,7 +689,7 @@ async fn write_windows(
     let mut k2: Vec<Option<Decimal>> = Vec::with_capacity(n);
     let mut versions: Vec<Option<i64>> = Vec::with_capacity(n);
     let mut price_ids: Vec<Option<String>> = Vec::with_capacity(n);
-    for (key, sums) in windows {
+    for &&(key, sums) in windows {
         let end_ms = key.start_ms + layout.size.millis();
         starts.push(from_millis(key.start_ms));
         ends.push(from_millis(end_ms));
@@ -460,9 +756,4 @@ async fn write_windows(
     .execute(&mut **tx)
     .await?;
     Ok(())
-}
-
-/// The payload as text when PostgreSQL can hold it as text (valid UTF-8, no NUL byte).
-fn payload_text(payload: &[u8]) -> Option<&str> {
-    std::str::from_utf8(payload).ok().filter(|s| !s.contains('\0'))
 }

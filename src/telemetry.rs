@@ -12,9 +12,27 @@ use std::sync::{Mutex, OnceLock};
 use metrics::{counter, describe_counter, describe_gauge, describe_histogram, gauge, histogram, Unit};
 use rust_decimal::Decimal;
 
-use crate::aggregate::{Aggregator, FlushBatch};
+use crate::error_class::ErrorClass;
 use crate::pricing::PriceBook;
 use crate::window::{WindowKey, WindowSums};
+
+/// Messages of a flush by outcome, for `costwatch_events_total`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct OutcomeCounts {
+    pub accepted: u64,
+    pub late: u64,
+    pub duplicate: u64,
+    pub rejected: u64,
+}
+
+impl OutcomeCounts {
+    pub fn add(&mut self, o: &OutcomeCounts) {
+        self.accepted += o.accepted;
+        self.late += o.late;
+        self.duplicate += o.duplicate;
+        self.rejected += o.rejected;
+    }
+}
 
 pub const EVENTS_TOTAL: &str = "costwatch_events_total";
 pub const REJECTED_TOTAL: &str = "costwatch_rejected_events_total";
@@ -25,6 +43,8 @@ pub const UNPRICED_EVENTS_TOTAL: &str = "costwatch_unpriced_events_total";
 pub const FLUSH_DURATION: &str = "costwatch_flush_duration_seconds";
 pub const LAST_FLUSH: &str = "costwatch_last_flush_timestamp_seconds";
 pub const FLUSH_ERRORS_TOTAL: &str = "costwatch_flush_errors_total";
+pub const PARTITION_STALLED: &str = "costwatch_partition_stalled";
+pub const REJECTED_PRUNED_TOTAL: &str = "costwatch_rejected_pruned_total";
 pub const FENCED_TOTAL: &str = "costwatch_fenced_partitions_total";
 pub const BROKER_ERRORS_TOTAL: &str = "costwatch_broker_errors_total";
 pub const ASSIGNED_PARTITIONS: &str = "costwatch_assigned_partitions";
@@ -91,8 +111,11 @@ pub fn describe_metrics() {
     for code in crate::event::RejectCode::ALL {
         counter!(REJECTED_TOTAL, "reason" => code.as_str()).increment(0);
     }
+    for class in [ErrorClass::Transient, ErrorClass::Permanent] {
+        counter!(FLUSH_ERRORS_TOTAL, "class" => class.as_str()).increment(0);
+    }
     for name in [
-        FLUSH_ERRORS_TOTAL,
+        REJECTED_PRUNED_TOTAL,
         DATABASE_ERRORS_TOTAL,
         BROKER_ERRORS_TOTAL,
         FENCED_TOTAL,
@@ -135,7 +158,19 @@ pub fn describe_metrics() {
     describe_counter!(UNPRICED_EVENTS_TOTAL, "Accepted events on hardware without a price");
     describe_histogram!(FLUSH_DURATION, Unit::Seconds, "Time to write one flush to PostgreSQL");
     describe_gauge!(LAST_FLUSH, Unit::Seconds, "Unix time of the last successful flush");
-    describe_counter!(FLUSH_ERRORS_TOTAL, "Flushes that failed and will be retried");
+    describe_counter!(
+        FLUSH_ERRORS_TOTAL,
+        "Failed flushes by error class: transient (retried with backoff) or permanent (written again \
+         with the refused rows isolated; a second permanent failure stops costwatch)"
+    );
+    describe_gauge!(
+        PARTITION_STALLED,
+        "1 while a partition's stored offset has not moved for ingest.stall_after although it has messages to read"
+    );
+    describe_counter!(
+        REJECTED_PRUNED_TOTAL,
+        "Rejected messages deleted after ingest.rejected_retention"
+    );
     describe_counter!(
         FENCED_TOTAL,
         "Partitions whose flush was refused because another instance claimed them"
@@ -217,13 +252,31 @@ pub fn deliveries_pending(n: i64) {
 /// Counts a committed flush. Called only after COMMIT, so counters never run ahead of the
 /// database: their increase over a range matches `usage_costs` for that range.
 /// `windows` are the batch's merged windows ([`FlushBatch::windows`]), as the flush wrote them.
-pub fn flush_committed(batch: &FlushBatch, windows: &[(&WindowKey, WindowSums)], prices: &PriceBook, took: Duration) {
-    let c = batch.counts();
+///
+/// `refused` are the window rows PostgreSQL refused (see `Store::write`): their events count as
+/// rejected (`unstorable`), not accepted, and `windows` no longer holds them.
+pub fn flush_committed(
+    counts: OutcomeCounts,
+    rejected_by_code: BTreeMap<&'static str, u64>,
+    windows: &[(&WindowKey, WindowSums)],
+    refused: &[WindowSums],
+    prices: &PriceBook,
+    took: Duration,
+) {
+    let (mut c, mut by_code) = (counts, rejected_by_code);
+    for sums in refused {
+        c.accepted -= sums.events as u64;
+        c.late -= sums.late_events as u64;
+        c.rejected += sums.events as u64;
+        *by_code
+            .entry(crate::event::RejectCode::Unstorable.as_str())
+            .or_default() += sums.events as u64;
+    }
     counter!(EVENTS_TOTAL, "outcome" => "accepted").increment(c.accepted - c.late);
     counter!(EVENTS_TOTAL, "outcome" => "late").increment(c.late);
     counter!(EVENTS_TOTAL, "outcome" => "duplicate").increment(c.duplicate);
     counter!(EVENTS_TOTAL, "outcome" => "rejected").increment(c.rejected);
-    for (code, n) in batch.rejected_by_code() {
+    for (code, n) in by_code {
         counter!(REJECTED_TOTAL, "reason" => code).increment(n);
     }
     let ledger = ledger();
@@ -270,7 +323,12 @@ struct LedgerInner {
 
 impl LedgerInner {
     fn add(&mut self, name: &'static str, labels: Labels, amount: Decimal) {
-        *self.series.entry(name).or_default().entry(labels).or_default() += amount;
+        let total = self.series.entry(name).or_default().entry(labels).or_default();
+        // A process-lifetime counter past 7.9e28 keeps its last value rather than panic; the
+        // exact figures are PostgreSQL's.
+        if let Some(sum) = total.checked_add(amount) {
+            *total = sum;
+        }
     }
 }
 
@@ -369,9 +427,17 @@ fn escape_label(v: &str) -> String {
     v.replace('\\', "\\\\").replace('"', "\\\"").replace('\n', "\\n")
 }
 
-pub fn flush_failed() {
-    counter!(FLUSH_ERRORS_TOTAL).increment(1);
+pub fn flush_failed(class: ErrorClass) {
+    counter!(FLUSH_ERRORS_TOTAL, "class" => class.as_str()).increment(1);
     counter!(DATABASE_ERRORS_TOTAL).increment(1);
+}
+
+pub fn partition_stalled(partition: i32, stalled: bool) {
+    gauge!(PARTITION_STALLED, "partition" => partition.to_string()).set(if stalled { 1.0 } else { 0.0 });
+}
+
+pub fn rejected_pruned(n: u64) {
+    counter!(REJECTED_PRUNED_TOTAL).increment(n);
 }
 
 pub fn claim_failed() {
@@ -393,10 +459,10 @@ pub fn broker_error() {
 
 /// Ownership and progress of the partitions this instance holds, after an assignment change or
 /// a committed flush.
-pub fn assignment(agg: &Aggregator) {
-    gauge!(ASSIGNED_PARTITIONS).set(agg.owned_count() as f64);
-    gauge!(DEDUP_IDS).set(agg.dedup_ids() as f64);
-    if let Some(w) = agg.watermark() {
+pub fn assignment(owned: usize, dedup_ids: usize, watermark: Option<chrono::DateTime<chrono::Utc>>) {
+    gauge!(ASSIGNED_PARTITIONS).set(owned as f64);
+    gauge!(DEDUP_IDS).set(dedup_ids as f64);
+    if let Some(w) = watermark {
         gauge!(WATERMARK).set(w.timestamp_millis() as f64 / 1000.0);
         let delay = chrono::Utc::now() - w;
         gauge!(WATERMARK_DELAY).set(delay.num_milliseconds().max(0) as f64 / 1000.0);

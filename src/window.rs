@@ -50,27 +50,83 @@ pub struct WindowKey {
 }
 
 /// Usage summed over a key since the last flush.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct WindowSums {
     pub events: i64,
     pub late_events: i64,
     pub compute: ComputeUnits,
     pub storage: StorageUnits,
+    /// The earliest (partition, offset) that contributed: names these sums in `rejected_events`
+    /// should PostgreSQL ever refuse to store them (see `Store::write`). Distinct per sums of one
+    /// batch, since every message adds to exactly one window.
+    pub origin: (i32, i64),
 }
 
-impl WindowSums {
-    pub fn merge(&mut self, other: &WindowSums) {
-        self.events += other.events;
-        self.late_events += other.late_events;
-        self.compute += other.compute;
-        self.storage += other.storage;
+impl Default for WindowSums {
+    fn default() -> Self {
+        Self {
+            events: 0,
+            late_events: 0,
+            compute: ComputeUnits::default(),
+            storage: StorageUnits::default(),
+            origin: (i32::MAX, i64::MAX),
+        }
     }
 }
 
-/// Pending sums keyed by window; drained at every flush. aHash rather than SipHash: SipHash
-/// showed up at 7-15% of per-event CPU in profiles (BENCHMARKS.md), and aHash stays randomly
-/// seeded, so crafted names cannot degrade the map.
-pub type PendingWindows = ahash::HashMap<WindowKey, WindowSums>;
+impl WindowSums {
+    /// Empty sums that the message at `offset` of `partition` is the first to add to.
+    pub fn starting_at(partition: i32, offset: i64) -> Self {
+        Self {
+            origin: (partition, offset),
+            ..Self::default()
+        }
+    }
+
+    /// Adds one event's usage if both sums stay exact; false (and nothing changed) when either
+    /// would need more digits than a 96-bit decimal holds.
+    pub fn try_add(&mut self, compute: ComputeUnits, storage: StorageUnits) -> bool {
+        let (Some(c), Some(s)) = (
+            exact_sum(self.compute.value(), compute.value()),
+            exact_sum(self.storage.value(), storage.value()),
+        ) else {
+            return false;
+        };
+        self.compute = ComputeUnits(c);
+        self.storage = StorageUnits(s);
+        self.events += 1;
+        true
+    }
+
+    /// Merges `other` in if every sum stays exact; false (and nothing changed) otherwise.
+    pub fn try_merge(&mut self, other: &WindowSums) -> bool {
+        let (Some(c), Some(s)) = (
+            exact_sum(self.compute.value(), other.compute.value()),
+            exact_sum(self.storage.value(), other.storage.value()),
+        ) else {
+            return false;
+        };
+        self.compute = ComputeUnits(c);
+        self.storage = StorageUnits(s);
+        self.events += other.events;
+        self.late_events += other.late_events;
+        self.origin = self.origin.min(other.origin);
+        true
+    }
+}
+
+/// `a + b` when it is exact. rust_decimal rounds a sum that needs more than 96 bits of mantissa
+/// by lowering its scale (`1e18 + 1e-10` twice over would lose digits silently); a result whose
+/// scale is below either operand's may have been rounded, so it is refused rather than trusted.
+pub fn exact_sum(a: rust_decimal::Decimal, b: rust_decimal::Decimal) -> Option<rust_decimal::Decimal> {
+    let sum = a.checked_add(b)?;
+    (sum.scale() >= a.scale().max(b.scale())).then_some(sum)
+}
+
+/// Pending sums of one partition's flush, under their full keys. A key appears more than once
+/// only when its sums could not be added exactly in memory (see [`WindowSums::try_add`]);
+/// PostgreSQL adds such rows up exactly (numeric).
+pub type PendingWindows = Vec<(WindowKey, WindowSums)>;
 
 #[cfg(test)]
 mod tests {
@@ -86,6 +142,24 @@ mod tests {
         let start = minute.start_of(at("2026-11-29T03:00:59.999Z"));
         assert_eq!(from_millis(start), at("2026-11-29T03:00:00Z"));
         assert_eq!(minute.start_of(at("2026-11-29T03:01:00Z")), start + 60_000);
+    }
+
+    #[test]
+    fn sums_that_would_be_rounded_are_refused_not_rounded() {
+        let d = |s: &str| s.parse::<rust_decimal::Decimal>().unwrap();
+        let mut sums = WindowSums::starting_at(0, 7);
+        assert!(sums.try_add(ComputeUnits(d("1000000000000000000")), StorageUnits(d("1"))));
+        assert!(sums.try_add(ComputeUnits(d("0.0000000001")), StorageUnits(d("1"))));
+        assert_eq!(sums.compute.to_string(), "1000000000000000000.0000000001");
+        // 7.9e28 units of 1e-10 is all a 96-bit mantissa holds: the eighth 1e18 would round.
+        for _ in 0..6 {
+            assert!(sums.try_add(ComputeUnits(d("1000000000000000000")), StorageUnits(d("0"))));
+        }
+        let before = sums;
+        assert!(!sums.try_add(ComputeUnits(d("1000000000000000000")), StorageUnits(d("0"))));
+        assert_eq!(sums, before, "a refused add changes nothing");
+        assert_eq!(sums.events, 8);
+        assert_eq!(sums.origin, (0, 7));
     }
 
     #[test]

@@ -200,6 +200,7 @@ forecast = true
         duplicates: 0.03,
         late: 0.02,
         malformed: 0.02,
+        hostile: 0.0,
         late_by: Duration::from_secs(600),
         span: Duration::from_secs(600),
         end: Utc::now(),

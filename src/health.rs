@@ -1,0 +1,149 @@
+//! What the consumer reports about itself for `/readyz`: that it polls, how many partitions it
+//! owns, and which of them are stalled (their stored offset has not moved for
+//! `ingest.stall_after` although the broker holds messages past it). Kept apart from the HTTP
+//! layer, which only reads it.
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicI64, AtomicUsize, Ordering};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use chrono::Utc;
+
+use crate::telemetry;
+
+/// The consumer counts as alive while it polled within this long.
+const POLL_STALE: Duration = Duration::from_secs(15);
+
+#[derive(Debug)]
+pub struct Health {
+    last_poll_ms: AtomicI64,
+    assigned: AtomicUsize,
+    stall_after: Duration,
+    partitions: Mutex<BTreeMap<i32, Watch>>,
+}
+
+/// One owned partition's stored offset, and since when it has had messages past it.
+#[derive(Debug, Clone, Copy)]
+struct Watch {
+    stored: Option<i64>,
+    behind_since: Option<Instant>,
+    stalled: bool,
+}
+
+impl Health {
+    pub fn new(stall_after: Duration) -> Self {
+        Self {
+            last_poll_ms: AtomicI64::new(0),
+            assigned: AtomicUsize::new(0),
+            stall_after,
+            partitions: Mutex::new(BTreeMap::new()),
+        }
+    }
+
+    /// Called by the consumer loop on every poll round.
+    pub fn polled(&self) {
+        self.last_poll_ms
+            .store(Utc::now().timestamp_millis(), Ordering::Relaxed);
+    }
+
+    pub fn set_assigned(&self, n: usize) {
+        self.assigned.store(n, Ordering::Relaxed);
+    }
+
+    pub fn assigned(&self) -> usize {
+        self.assigned.load(Ordering::Relaxed)
+    }
+
+    /// Whether the consumer loop polled recently.
+    pub fn consuming(&self) -> bool {
+        let last = self.last_poll_ms.load(Ordering::Relaxed);
+        last > 0 && Utc::now().timestamp_millis() - last < POLL_STALE.as_millis() as i64
+    }
+
+    /// Records where the owned partitions stand: each one's offset stored in PostgreSQL and the
+    /// broker's log end (`None` while unknown). A partition is stalled once its stored offset
+    /// has stayed put for `stall_after` while the log end is past it; partitions not listed are
+    /// no longer owned and forgotten.
+    pub fn observe(&self, positions: &[(i32, Option<i64>, Option<i64>)]) {
+        self.observe_at(positions, Instant::now());
+    }
+
+    fn observe_at(&self, positions: &[(i32, Option<i64>, Option<i64>)], now: Instant) {
+        let mut watched = self.partitions.lock().unwrap_or_else(|p| p.into_inner());
+        watched.retain(|p, w| {
+            let owned = positions.iter().any(|(q, ..)| q == p);
+            if !owned && w.stalled {
+                telemetry::partition_stalled(*p, false);
+            }
+            owned
+        });
+        for &(partition, stored, log_end) in positions {
+            let watch = watched.entry(partition).or_insert(Watch {
+                stored,
+                behind_since: None,
+                stalled: false,
+            });
+            let behind = log_end.is_some_and(|end| end > stored.unwrap_or(0));
+            if watch.stored != stored || !behind {
+                // Moved, or caught up: the clock for the next stall starts afresh.
+                watch.stored = stored;
+                watch.behind_since = None;
+            }
+            if behind {
+                watch.behind_since.get_or_insert(now);
+            }
+            let stalled = watch
+                .behind_since
+                .is_some_and(|since| now.duration_since(since) >= self.stall_after);
+            if stalled != watch.stalled {
+                telemetry::partition_stalled(partition, stalled);
+                watch.stalled = stalled;
+            }
+        }
+    }
+
+    /// Partitions that are stalled now.
+    pub fn stalled(&self) -> Vec<i32> {
+        let watched = self.partitions.lock().unwrap_or_else(|p| p.into_inner());
+        watched.iter().filter(|(_, w)| w.stalled).map(|(p, _)| *p).collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_partition_is_stalled_when_its_stored_offset_stays_put_while_it_has_lag() {
+        let health = Health::new(Duration::from_secs(120));
+        let t0 = Instant::now();
+        let at = |s: u64| t0 + Duration::from_secs(s);
+        health.observe_at(&[(0, Some(10), Some(50)), (1, Some(7), Some(7))], at(0));
+        health.observe_at(&[(0, Some(10), Some(60)), (1, Some(7), Some(7))], at(119));
+        assert!(health.stalled().is_empty());
+        health.observe_at(&[(0, Some(10), Some(60)), (1, Some(7), Some(7))], at(120));
+        // Partition 1 has not moved either, but it has nothing to read: idle, not stalled.
+        assert_eq!(health.stalled(), vec![0]);
+        // Moving again clears it at once.
+        health.observe_at(&[(0, Some(11), Some(60)), (1, Some(7), Some(7))], at(121));
+        assert!(health.stalled().is_empty());
+    }
+
+    #[test]
+    fn an_idle_partition_that_gets_messages_has_the_whole_interval_before_it_counts_as_stalled() {
+        let health = Health::new(Duration::from_secs(120));
+        let t0 = Instant::now();
+        let at = |s: u64| t0 + Duration::from_secs(s);
+        health.observe_at(&[(0, Some(10), Some(10))], at(0));
+        health.observe_at(&[(0, Some(10), Some(20))], at(500));
+        assert!(health.stalled().is_empty());
+        health.observe_at(&[(0, Some(10), Some(20))], at(619));
+        assert!(health.stalled().is_empty());
+        health.observe_at(&[(0, Some(10), Some(20))], at(620));
+        assert_eq!(health.stalled(), vec![0]);
+        // Revoked: forgotten.
+        health.observe_at(&[], at(621));
+        assert!(health.stalled().is_empty());
+    }
+}

@@ -110,8 +110,10 @@ pub fn render() -> String {
     metric(
         "process_virtual_memory_max_bytes",
         "gauge",
-        "Maximum amount of virtual memory available in bytes (-1: unlimited).",
-        Some(parse_limit(&limits, "Max address space").map_or(-1.0, |b| b as f64)),
+        "Maximum amount of virtual memory available in bytes.",
+        // Unlimited is reported as the largest u64, as the Go client does, so that dashboards
+        // dividing by it get a ratio near 0 rather than a negative one.
+        Some(parse_limit(&limits, "Max address space").map_or(u64::MAX as f64, |b| b as f64)),
     );
     metric(
         "process_open_fds",

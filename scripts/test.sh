@@ -38,5 +38,9 @@ export COSTWATCH_TEST_DATABASE_URL="${COSTWATCH_TEST_DATABASE_URL:-postgres://po
 psql -q -h 127.0.0.1 -U postgres -d postgres -At \
   -c "SELECT 'DROP DATABASE IF EXISTS \"' || datname || '\" WITH (FORCE);' FROM pg_database WHERE datname LIKE 'cw\_test\_%'" \
   | psql -q -h 127.0.0.1 -U postgres -d postgres >/dev/null
+# ...and the roles (cw_test_*) that tests/dashboards.rs makes for the Grafana read-only role.
+psql -q -h 127.0.0.1 -U postgres -d postgres -At \
+  -c "SELECT 'DROP ROLE IF EXISTS \"' || rolname || '\";' FROM pg_roles WHERE rolname LIKE 'cw\_test\_%'" \
+  | psql -q -h 127.0.0.1 -U postgres -d postgres >/dev/null
 
 cargo test --lib --bins --tests "$@"

@@ -233,7 +233,8 @@ pub struct LoadgenArgs {
 
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
-    telemetry::init_logging();
+    let log_format = crate::config::LogSettings::peek(cli.config.as_deref()).format;
+    telemetry::init_logging(log_format);
     let result = match cli.command {
         Command::Estimate(ref args) => estimate(cli.config.as_deref(), args),
         Command::CheckConfig => load(cli.config.as_deref()).map(|_| {
@@ -285,7 +286,12 @@ pub fn main() -> ExitCode {
                 || e.downcast_ref::<UsageError>().is_some()
                 || e.downcast_ref::<BillsError>().is_some();
             let code = if usage { EXIT_CONFIG } else { 1 };
-            eprintln!("error: {e:#}");
+            if log_format == crate::config::LogFormat::Json {
+                // A log collector gets the reason as one more JSON line, not as bare text.
+                error!(error = %format!("{e:#}"), exit_code = code, "exiting on error");
+            } else {
+                eprintln!("error: {e:#}");
+            }
             ExitCode::from(code)
         }
     }

@@ -39,6 +39,8 @@ pub struct Settings {
     pub calibration: CalibrationSettings,
     #[serde(default)]
     pub recommendations: RecommendationSettings,
+    #[serde(default)]
+    pub log: LogSettings,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -502,6 +504,50 @@ impl Default for RecommendationSettings {
     }
 }
 
+/// How costwatch writes its log (to stderr). The level is `RUST_LOG`'s, `info` by default.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LogSettings {
+    /// `text` (default): one human-readable line per event. `json`: one JSON object per line,
+    /// with `timestamp`, `level`, `target`, `message` and the event's fields at the top level, for
+    /// log collectors; the container image and the manifests set it.
+    #[serde(default)]
+    pub format: LogFormat,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(try_from = "String")]
+pub enum LogFormat {
+    #[default]
+    Text,
+    Json,
+}
+
+impl TryFrom<String> for LogFormat {
+    type Error = String;
+
+    // By hand, like `Deployment`, so that a wrong value names the allowed ones.
+    fn try_from(s: String) -> Result<Self, String> {
+        match s.as_str() {
+            "text" => Ok(LogFormat::Text),
+            "json" => Ok(LogFormat::Json),
+            other => Err(format!("log.format must be \"text\" or \"json\", got {other:?}")),
+        }
+    }
+}
+
+impl LogSettings {
+    /// The `[log]` section alone, from the same file and environment as [`Settings::load`],
+    /// read before anything else so that every line is written in the configured format.
+    /// A file that does not parse falls back to the environment alone (so that its error is
+    /// still written in the format the environment asks for); anything else wrong yields the
+    /// default here, and `load` then reports it with its key.
+    pub fn peek(path: Option<&Path>) -> LogSettings {
+        let read = |path| layered(path).build().ok()?.get::<LogSettings>("log").ok();
+        read(path).or_else(|| read(None)).unwrap_or_default()
+    }
+}
+
 mod defaults {
     use std::time::Duration;
 
@@ -609,21 +655,24 @@ pub enum ConfigError {
     Invalid(Vec<String>),
 }
 
+/// The sources in order of precedence, lowest first: `path` (if given), then `COSTWATCH__*`
+/// environment variables.
+fn layered(path: Option<&Path>) -> config::ConfigBuilder<config::builder::DefaultState> {
+    let mut builder = config::Config::builder();
+    if let Some(path) = path {
+        builder = builder.add_source(config::File::from(path).format(config::FileFormat::Toml));
+    }
+    builder.add_source(
+        config::Environment::with_prefix(ENV_PREFIX)
+            .prefix_separator("__")
+            .separator("__"),
+    )
+}
+
 impl Settings {
     /// Loads `path` (if given), then `COSTWATCH__*` environment variables on top, then validates.
     pub fn load(path: Option<&Path>) -> Result<Self, ConfigError> {
-        let mut builder = config::Config::builder();
-        if let Some(path) = path {
-            builder = builder.add_source(config::File::from(path).format(config::FileFormat::Toml));
-        }
-        let settings: Settings = builder
-            .add_source(
-                config::Environment::with_prefix(ENV_PREFIX)
-                    .prefix_separator("__")
-                    .separator("__"),
-            )
-            .build()?
-            .try_deserialize()?;
+        let settings: Settings = layered(path).build()?.try_deserialize()?;
         settings.validate()?;
         Ok(settings)
     }
@@ -1058,6 +1107,20 @@ mod tests {
             .to_string();
         assert!(
             err.contains("calibration.reload_interval: must be at least 100ms"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn log_format_is_text_unless_set_to_json() {
+        assert_eq!(parse(EXAMPLE).unwrap().log.format, LogFormat::Text);
+        let json = parse(&format!("{EXAMPLE}\n[log]\nformat = \"json\"\n")).unwrap();
+        assert_eq!(json.log.format, LogFormat::Json);
+        let err = parse(&format!("{EXAMPLE}\n[log]\nformat = \"xml\"\n"))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains(r#"log.format must be "text" or "json", got "xml""#),
             "{err}"
         );
     }

@@ -1,6 +1,8 @@
 //! Logs and metrics: metric names in one place, described once, and one function per noteworthy
 //! event that logs and counts it together.
 
+mod process;
+
 use std::time::Duration;
 
 use std::collections::{BTreeMap, HashSet};
@@ -74,21 +76,46 @@ pub const ALERTS_FIRING: &str = "costwatch_alerts_firing";
 pub const ALERTING_LEADER: &str = "costwatch_alerting_leader";
 pub const NOTIFICATIONS_TOTAL: &str = "costwatch_alert_notifications_total";
 pub const DELIVERIES_PENDING: &str = "costwatch_alert_deliveries_pending";
+pub const BUILD_INFO: &str = "costwatch_build_info";
 
-/// Sets up `tracing` output; `RUST_LOG` overrides the default level (`info`).
-pub fn init_logging() {
+/// Sets up `tracing` output on stderr in `format`; `RUST_LOG` overrides the default level
+/// (`info`).
+pub fn init_logging(format: crate::config::LogFormat) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,sqlx=warn,librdkafka=warn"));
-    let _ = tracing_subscriber::fmt()
+    let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .try_init();
+        .with_writer(std::io::stderr);
+    let _ = match format {
+        crate::config::LogFormat::Text => builder
+            .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+            .try_init(),
+        // Fields at the top level next to `message` (not under "fields"), which is what log
+        // collectors index without a parsing rule; spans are not used, so none are written.
+        crate::config::LogFormat::Json => builder
+            .json()
+            .flatten_event(true)
+            .with_current_span(false)
+            .with_span_list(false)
+            .try_init(),
+    };
 }
 
 /// Describes every metric once, for the `# HELP` lines, and starts the label-free counters at
 /// zero so that dashboards and `rate()` see them before the first error happens.
 pub fn describe_metrics() {
+    process::mark_start();
+    describe_gauge!(
+        BUILD_INFO,
+        "Always 1; the labels say which build runs: version, git revision, rustc version"
+    );
+    gauge!(
+        BUILD_INFO,
+        "version" => env!("CARGO_PKG_VERSION"),
+        "revision" => env!("COSTWATCH_GIT_REVISION"),
+        "rustc" => env!("COSTWATCH_RUSTC_VERSION"),
+    )
+    .set(1.0);
     for outcome in ["accepted", "late", "duplicate", "rejected"] {
         counter!(EVENTS_TOTAL, "outcome" => outcome).increment(0);
     }
@@ -179,6 +206,23 @@ pub fn describe_metrics() {
         WATERMARK,
         Unit::Seconds,
         "Lowest event-time watermark over owned partitions"
+    );
+    describe_gauge!(
+        WATERMARK_DELAY,
+        Unit::Seconds,
+        "Wall clock minus the lowest event-time watermark over owned partitions"
+    );
+    describe_gauge!(
+        CONSUMER_LAG,
+        "Messages between the offset stored in PostgreSQL and the partition's log end (from librdkafka statistics)"
+    );
+    describe_counter!(
+        DATABASE_ERRORS_TOTAL,
+        "PostgreSQL errors: failed flushes and failed partition claims (all retried)"
+    );
+    describe_counter!(
+        START_REWINDS_TOTAL,
+        "Partition starts read again from further back because the broker began past the stored offset"
     );
 }
 
@@ -359,8 +403,16 @@ const LEDGER_HELP: [(&str, &str); 3] = [
     ),
 ];
 
-/// The exact counters in the Prometheus text format, to append to the exporter's output.
+/// What `/metrics` shows besides the exporter's output, in the Prometheus text format: the exact
+/// decimal counters, then (on Linux) the `process_*` metrics, read from `/proc` at each scrape.
+/// Both are rendered here because the `metrics` crate's counters are integers.
 pub fn render_ledger() -> String {
+    let mut out = render_exact_counters();
+    out.push_str(&process::render());
+    out
+}
+
+fn render_exact_counters() -> String {
     let inner = ledger().inner.lock().unwrap_or_else(|p| p.into_inner());
     let mut out = String::new();
     for (name, help) in LEDGER_HELP {

@@ -1,6 +1,7 @@
 //! The shipped dashboard and rules against a real Prometheus scraping a running costwatch under
 //! load: every PromQL query of the dashboard returns data, every rule evaluates healthily (and
-//! every recording rule has data), and every SQL query of the dashboard runs against the schema.
+//! every recording rule has data), and every SQL query of the dashboard runs against the schema as
+//! the read-only role the deployment docs give Grafana.
 
 mod common;
 
@@ -65,9 +66,11 @@ fn start_prometheus(dir: &Path, target: &str) -> Prometheus {
     Prometheus { child, addr, log }
 }
 
-/// Replaces Grafana's variables with values Prometheus accepts.
+/// Replaces Grafana's variables with values Prometheus accepts. `$job` gets the job this test's
+/// Prometheus scrapes, so a panel whose selector misses the job finds no data.
 fn promql(expr: &str) -> String {
     expr.replace("$__rate_interval", "1m")
+        .replace("$job", "costwatch")
         .replace("$__interval", "15s")
         .replace("$__range", "5m")
         .replace("${model:regex}", ".*")
@@ -124,6 +127,26 @@ fn targets(dashboard: &Value, out: &mut Vec<Value>) {
         Value::Array(items) => items.iter().for_each(|v| targets(v, out)),
         _ => {}
     }
+}
+
+/// Makes the Grafana role of `deploy/postgres/grafana-readonly.sql` in this test's database,
+/// under a name of its own (roles are cluster-wide), and returns that name.
+async fn grafana_role(pool: &sqlx::PgPool) -> String {
+    let name = format!("cw_test_grafana_{:016x}", rand::random::<u64>());
+    let script = std::fs::read_to_string(Path::new(ROOT).join("deploy/postgres/grafana-readonly.sql")).unwrap();
+    let without_comments: String = script
+        .lines()
+        .filter(|l| !l.trim_start().starts_with("--"))
+        .collect::<Vec<_>>()
+        .join("\n");
+    for statement in without_comments.split(';').map(str::trim).filter(|s| !s.is_empty()) {
+        let statement = statement.replace("costwatch_grafana", &name);
+        sqlx::query(&statement)
+            .execute(pool)
+            .await
+            .unwrap_or_else(|e| panic!("grafana-readonly.sql: {e}\n{statement}"));
+    }
+    name
 }
 
 async fn query(prom: &str, q: &str) -> Value {
@@ -207,6 +230,13 @@ forecast = true
     .unwrap();
     let mut all = Vec::new();
     targets(&dashboard, &mut all);
+    // SQL panels run as the documented read-only role, on one connection that has SET ROLE.
+    let role = grafana_role(&world.pool).await;
+    let mut grafana = world.pool.acquire().await.unwrap();
+    sqlx::query(&format!("SET ROLE {role}"))
+        .execute(&mut *grafana)
+        .await
+        .unwrap();
     let mut promql_count = 0;
     let mut sql_count = 0;
     let mut empty = Vec::new();
@@ -224,9 +254,9 @@ forecast = true
             sql_count += 1;
             let q = sql(raw);
             let rows = sqlx::query(&q)
-                .fetch_all(&world.pool)
+                .fetch_all(&mut *grafana)
                 .await
-                .unwrap_or_else(|e| panic!("dashboard SQL failed: {e}\n{q}"));
+                .unwrap_or_else(|e| panic!("dashboard SQL failed as the read-only role: {e}\n{q}"));
             assert!(!rows.is_empty(), "dashboard SQL returned no rows:\n{q}");
         }
     }
@@ -236,7 +266,33 @@ forecast = true
         empty.join("\n")
     );
     assert!(promql_count >= 8, "only {promql_count} PromQL targets found");
+
+    // The template variables offer values: `label_values(selector, label)` finds the label on
+    // live series (the job variable finds job="costwatch", model and hardware their names).
+    for variable in dashboard["templating"]["list"].as_array().unwrap() {
+        let Some(definition) = variable["query"].as_str().and_then(|q| q.strip_prefix("label_values(")) else {
+            continue;
+        };
+        let (selector, label) = definition.trim_end_matches(')').rsplit_once(',').unwrap();
+        let q = format!("count by ({}) ({})", label.trim(), promql(selector));
+        let v = query(&prom.addr, &q).await;
+        let values: Vec<&str> = v["data"]["result"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter_map(|r| r["metric"][label.trim()].as_str())
+            .collect();
+        assert!(!values.is_empty(), "variable {} offers nothing: {q}", variable["name"]);
+        if variable["name"] == "job" {
+            assert_eq!(values, ["costwatch"], "{q}");
+        }
+    }
     assert!(sql_count >= 1, "no SQL targets found");
+    sqlx::query("RESET ROLE").execute(&mut *grafana).await.unwrap();
+    drop(grafana);
+    for statement in [format!("DROP OWNED BY {role}"), format!("DROP ROLE {role}")] {
+        sqlx::query(&statement).execute(&world.pool).await.unwrap();
+    }
 
     // Every rule loaded and evaluated without error; every recording rule has data.
     let (_, body) = http(&prom.addr, "GET", "/api/v1/rules", None, None).await;

@@ -320,3 +320,177 @@ async fn a_schema_driven_fuzzer_finds_no_server_error_and_no_off_schema_response
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+/// What an operator points at a running daemon: `promtool check metrics` (HELP and TYPE on every
+/// family, Prometheus' naming rules) finds nothing in a live scrape, and the build and process
+/// metrics every platform dashboard expects are there with believable values.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_live_scrape_passes_promtool_and_has_build_and_process_metrics() {
+    let started = chrono::Utc::now().timestamp() as f64;
+    let world = World::new(2).await;
+    let ts = ago(Duration::from_secs(90));
+    world
+        .produce(vec![
+            event("a", &ts, "qwen2-7b-instruct", "a100-80g", "1000", "500"),
+            event("b", &ts, "model-1", "tpu-v9", "10", "1"),
+            raw("bad", b"{nope".to_vec()),
+        ])
+        .await;
+    let daemon = world.start(&world.config(""));
+    world.wait_consumed(3, WAIT).await;
+    let addr = daemon.http_addr().await;
+    // The lag gauge comes from librdkafka's statistics (every 5 s): wait for a scrape that has
+    // every family the daemon exports under load.
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    let metrics = loop {
+        let (status, metrics) = http(&addr, "GET", "/metrics", None, None).await;
+        assert_eq!(status, 200);
+        let complete = [
+            "costwatch_consumer_lag{",
+            "costwatch_watermark_delay_seconds ",
+            "costwatch_cost_total{",
+        ]
+        .iter()
+        .all(|s| metrics.contains(s));
+        if complete {
+            break metrics;
+        }
+        assert!(std::time::Instant::now() < deadline, "incomplete scrape:\n{metrics}");
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    };
+
+    let mut promtool = std::process::Command::new("promtool")
+        .args(["check", "metrics"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("promtool must be installed (scripts/test.sh installs Debian's prometheus)");
+    std::io::Write::write_all(&mut promtool.stdin.take().unwrap(), metrics.as_bytes()).unwrap();
+    let out = promtool.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "promtool check metrics:\n{}{}\n--- scrape ---\n{metrics}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    let build = samples(&metrics, "costwatch_build_info");
+    assert_eq!(build.len(), 1, "{metrics}");
+    let (labels, value) = &build[0];
+    assert_eq!(*value, dec("1"));
+    assert_eq!(labels["version"], env!("CARGO_PKG_VERSION"));
+    assert!(labels["rustc"].starts_with("rustc "), "{labels:?}");
+    let head = std::process::Command::new("git")
+        .args(["rev-parse", "--short=12", "HEAD"])
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .output()
+        .ok()
+        .filter(|o| o.status.success())
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned());
+    let expected = option_env!("COSTWATCH_BUILD_REVISION")
+        .map(str::to_owned)
+        .or(head)
+        .unwrap_or_else(|| "unknown".to_owned());
+    assert_eq!(labels["revision"], expected, "the revision the binary was built from");
+
+    let one = |name: &str| -> f64 {
+        let found = samples(&metrics, name);
+        assert_eq!(found.len(), 1, "{name}:\n{metrics}");
+        found[0].1.to_string().parse().unwrap()
+    };
+    let now = chrono::Utc::now().timestamp() as f64;
+    let start = one("process_start_time_seconds");
+    // btime has whole seconds and the start ticks hundredths: allow for both.
+    assert!(
+        start >= started - 2.0 && start <= now + 1.0,
+        "start {start} not in [{started}, {now}]"
+    );
+    assert!(one("process_cpu_seconds_total") > 0.0);
+    let rss = one("process_resident_memory_bytes");
+    let peak = daemon.peak_rss_kib() as f64 * 1024.0;
+    assert!(rss > 1e6 && rss <= peak, "rss {rss}, peak {peak}");
+    assert!(one("process_virtual_memory_bytes") >= rss);
+    let fds = one("process_open_fds");
+    assert!(fds >= 3.0 && fds <= one("process_max_fds"), "{fds} open fds");
+    assert!(one("process_threads") >= 2.0);
+}
+
+/// With `log.format = "json"` every line the daemon writes is one JSON object a log collector
+/// can index without a parsing rule: timestamp, level, target, message and the event's fields
+/// at the top level, from start to a clean stop.
+#[tokio::test(flavor = "multi_thread")]
+async fn json_logs_are_one_object_per_line_with_fields_at_the_top() {
+    let world = World::new(1).await;
+    let mut daemon = world.start(&world.config("\n[log]\nformat = \"json\"\n"));
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    let addr = loop {
+        let listening = daemon.log_text().lines().find_map(|line| {
+            let v: Value = serde_json::from_str(line).ok()?;
+            let message = v["message"].as_str()?;
+            message
+                .starts_with("http listening")
+                .then(|| v["addr"].as_str().map(str::to_owned))?
+        });
+        if let Some(addr) = listening {
+            break addr;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no listening line:\n{}",
+            daemon.log_text()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert_eq!(http(&addr, "GET", "/healthz", None, None).await.0, 200);
+    assert!(daemon.terminate(Duration::from_secs(60)).success());
+
+    let log = daemon.log_text();
+    let lines: Vec<&str> = log.lines().collect();
+    assert!(lines.len() >= 3, "{log}");
+    for line in &lines {
+        let v: Value = serde_json::from_str(line).unwrap_or_else(|e| panic!("not a JSON line ({e}): {line}"));
+        for key in ["timestamp", "level", "target", "message"] {
+            assert!(v[key].is_string(), "{key} missing: {line}");
+        }
+    }
+    assert!(
+        lines.iter().any(|l| l.contains(r#""message":"stopped cleanly""#)),
+        "{log}"
+    );
+}
+
+/// A container that logs JSON and is given a bad configuration still writes only JSON: the
+/// problems arrive as one line with the exit code, for a file that fails validation and for
+/// one that is not even TOML.
+#[test]
+fn a_configuration_error_is_one_json_line_when_logs_are_json() {
+    let dir = tempfile::tempdir().unwrap();
+    for (name, text, expect) in [
+        (
+            "invalid.toml",
+            "[kafka]\nbrokers = \"b:9092\"\ntopic = \"t\"\ngroup_id = \"g\"\n[database]\nurl = \"mysql://x\"\n[pricing]\ncurrency = \"USD\"\n",
+            "database.url: must start with postgres://",
+        ),
+        ("broken.toml", "[kafka\n", "cannot read configuration"),
+    ] {
+        let path = dir.path().join(name);
+        std::fs::write(&path, text).unwrap();
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_costwatch"))
+            .args(["check-config", "--config"])
+            .arg(&path)
+            .env("COSTWATCH__LOG__FORMAT", "json")
+            .output()
+            .unwrap();
+        assert_eq!(out.status.code(), Some(64), "{name}");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        let lines: Vec<Value> = stderr
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{name}: not a JSON line ({e}): {l}")))
+            .collect();
+        assert_eq!(lines.len(), 1, "{name}: {stderr}");
+        assert_eq!(lines[0]["level"], "ERROR", "{stderr}");
+        assert_eq!(lines[0]["exit_code"], 64, "{stderr}");
+        assert!(lines[0]["error"].as_str().unwrap().contains(expect), "{name}: {stderr}");
+    }
+}

@@ -248,6 +248,17 @@ pub struct HttpSettings {
     /// `COSTWATCH__HTTP__API_TOKEN` over the file.
     #[serde(default)]
     pub api_token: Option<String>,
+    /// When true, `/metrics` requires the same bearer token as the API (needs `api_token`).
+    #[serde(default)]
+    pub protect_metrics: bool,
+    /// A connection must deliver a request's line and headers within this long (counted from
+    /// its first byte, or from the connection's opening), or it is closed: a client trickling
+    /// header bytes would otherwise hold a connection and its task forever.
+    #[serde(default = "defaults::header_read_timeout", with = "humantime_serde")]
+    pub header_read_timeout: Duration,
+    /// A request that takes longer than this to answer gets `503` with a JSON error.
+    #[serde(default = "defaults::request_timeout", with = "humantime_serde")]
+    pub request_timeout: Duration,
 }
 
 impl fmt::Debug for HttpSettings {
@@ -255,6 +266,9 @@ impl fmt::Debug for HttpSettings {
         f.debug_struct("HttpSettings")
             .field("listen", &self.listen)
             .field("api_token", &self.api_token.as_ref().map(|_| "<redacted>"))
+            .field("protect_metrics", &self.protect_metrics)
+            .field("header_read_timeout", &self.header_read_timeout)
+            .field("request_timeout", &self.request_timeout)
             .finish()
     }
 }
@@ -264,6 +278,9 @@ impl Default for HttpSettings {
         Self {
             listen: defaults::http_listen(),
             api_token: None,
+            protect_metrics: false,
+            header_read_timeout: defaults::header_read_timeout(),
+            request_timeout: defaults::request_timeout(),
         }
     }
 }
@@ -314,7 +331,7 @@ pub struct AlertingSettings {
 impl fmt::Debug for AlertingSettings {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("AlertingSettings")
-            .field("alertmanager_url", &self.alertmanager_url)
+            .field("alertmanager_url", &self.alertmanager_url.as_deref().map(redact_url))
             .field("evaluation_interval", &self.evaluation_interval)
             .field("forecast_short_window", &self.forecast_short_window)
             .field("forecast_long_window", &self.forecast_long_window)
@@ -644,6 +661,40 @@ mod defaults {
     pub fn http_listen() -> String {
         "127.0.0.1:9464".to_owned()
     }
+    pub fn header_read_timeout() -> Duration {
+        Duration::from_secs(10)
+    }
+    pub fn request_timeout() -> Duration {
+        Duration::from_secs(30)
+    }
+}
+
+/// `url` as messages and logs may show it: the userinfo (`user:password@`) and anything from
+/// the query or fragment on become `<redacted>`, since either may carry a credential. It works
+/// on text that does not parse as a URL too, which is exactly what validation echoes back.
+pub fn redact_url(url: &str) -> String {
+    let (address, tail) = match url.find(['?', '#']) {
+        Some(at) => (&url[..at], &url[at..at + 1]),
+        None => (url, ""),
+    };
+    // Without a scheme ("user:pw@host:9093") the authority starts the text.
+    let authority_start = address.find("://").map_or(0, |at| at + 3);
+    let authority_end = address[authority_start..]
+        .find('/')
+        .map_or(address.len(), |at| authority_start + at);
+    let mut shown = match address[authority_start..authority_end].rfind('@') {
+        Some(at) => format!(
+            "{}<redacted>{}",
+            &address[..authority_start],
+            &address[authority_start + at..]
+        ),
+        None => address.to_owned(),
+    };
+    if !tail.is_empty() {
+        shown.push_str(tail);
+        shown.push_str("<redacted>");
+    }
+    shown
 }
 
 /// Why settings could not be used. Every problem is listed, each with its key.
@@ -804,6 +855,18 @@ impl Settings {
             "http.api_token: must be at least 16 characters".into(),
         );
         require(
+            !self.http.protect_metrics || self.http.api_token.is_some(),
+            "http.protect_metrics: needs http.api_token, the token /metrics would require".into(),
+        );
+        require(
+            self.http.header_read_timeout >= Duration::from_millis(100),
+            "http.header_read_timeout: must be at least 100ms".into(),
+        );
+        require(
+            self.http.request_timeout >= Duration::from_millis(100),
+            "http.request_timeout: must be at least 100ms".into(),
+        );
+        require(
             self.metrics.max_models >= 1,
             "metrics.max_models: must be at least 1".into(),
         );
@@ -846,14 +909,17 @@ impl Settings {
         if let Some(url) = &a.alertmanager_url {
             require(
                 reqwest::Url::parse(url).is_ok_and(|u| matches!(u.scheme(), "http" | "https")),
-                format!("alerting.alertmanager_url: {url:?} is not an http(s) URL such as http://127.0.0.1:9093"),
+                format!(
+                    "alerting.alertmanager_url: {:?} is not an http(s) URL such as http://127.0.0.1:9093",
+                    redact_url(url)
+                ),
             );
         }
         if let Some(url) = &a.external_url {
             // Alertmanager refuses a whole post whose generatorURL is not a URL.
             require(
                 reqwest::Url::parse(url).is_ok_and(|u| matches!(u.scheme(), "http" | "https")),
-                format!("alerting.external_url: {url:?} is not an http(s) URL"),
+                format!("alerting.external_url: {:?} is not an http(s) URL", redact_url(url)),
             );
         }
         require(
@@ -1123,6 +1189,40 @@ mod tests {
             err.contains(r#"log.format must be "text" or "json", got "xml""#),
             "{err}"
         );
+    }
+
+    #[test]
+    fn urls_are_shown_without_userinfo_query_or_fragment() {
+        for (url, shown) in [
+            ("http://127.0.0.1:9093", "http://127.0.0.1:9093"),
+            ("http://user:secret@am:9093/api", "http://<redacted>@am:9093/api"),
+            ("http://user:s@cret@am:notaport", "http://<redacted>@am:notaport"),
+            ("https://am/path?token=abc&x=1", "https://am/path?<redacted>"),
+            ("https://am/#access_token=abc", "https://am/#<redacted>"),
+            ("user:secret@am:9093", "<redacted>@am:9093"),
+            ("http://am/a@b", "http://am/a@b"),
+        ] {
+            assert_eq!(redact_url(url), shown, "{url}");
+        }
+    }
+
+    #[test]
+    fn protected_metrics_need_the_api_token_and_timeouts_have_floors() {
+        let s = parse(EXAMPLE).unwrap();
+        assert!(!s.http.protect_metrics);
+        assert_eq!(s.http.header_read_timeout, Duration::from_secs(10));
+        assert_eq!(s.http.request_timeout, Duration::from_secs(30));
+        let bad = format!(
+            "{EXAMPLE}\n[http]\nprotect_metrics = true\nheader_read_timeout = \"10ms\"\nrequest_timeout = \"0s\"\n"
+        );
+        let err = parse(&bad).unwrap_err().to_string();
+        for want in [
+            "http.protect_metrics: needs http.api_token, the token /metrics would require",
+            "http.header_read_timeout: must be at least 100ms",
+            "http.request_timeout: must be at least 100ms",
+        ] {
+            assert!(err.contains(want), "{want}\n{err}");
+        }
     }
 
     #[test]

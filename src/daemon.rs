@@ -100,6 +100,8 @@ pub async fn run(
         api_token: settings.http.api_token.as_deref().map(Arc::from),
         health: health.clone(),
         budgets: board.clone(),
+        protect_metrics: settings.http.protect_metrics,
+        timeouts: http::Timeouts::from_settings(&settings.http),
     };
     let settings = Arc::new(settings);
     let mut tasks = Supervisor::new(cancel.clone());

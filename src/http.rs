@@ -13,6 +13,9 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use chrono::{DateTime, Utc};
+use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper_util::server::graceful::GracefulShutdown;
+use hyper_util::service::TowerToHyperService;
 use metrics_exporter_prometheus::PrometheusHandle;
 use rust_decimal::Decimal;
 use serde::{Deserialize, Serialize};
@@ -29,6 +32,9 @@ use crate::pricing::{EstimateError, EstimateRequest, LivePrices};
 use crate::store::Store;
 use crate::telemetry;
 
+/// How long shutdown lets requests in flight finish before their connections are dropped.
+const DRAIN_CONNECTIONS: Duration = Duration::from_secs(5);
+
 #[derive(Clone)]
 pub struct AppState {
     pub store: Store,
@@ -41,9 +47,34 @@ pub struct AppState {
     pub health: Arc<Health>,
     /// The budget evaluator's latest result.
     pub budgets: SharedBoard,
+    /// `/metrics` needs the token too (`http.protect_metrics`).
+    pub protect_metrics: bool,
+    pub timeouts: Timeouts,
+}
+
+/// How long the listener waits on a client (`http.header_read_timeout`) and on itself
+/// (`http.request_timeout`).
+#[derive(Debug, Clone, Copy)]
+pub struct Timeouts {
+    pub header_read: Duration,
+    pub request: Duration,
+}
+
+impl Timeouts {
+    pub fn from_settings(http: &crate::config::HttpSettings) -> Self {
+        Timeouts {
+            header_read: http.header_read_timeout,
+            request: http.request_timeout,
+        }
+    }
 }
 
 pub fn router(state: AppState) -> Router {
+    let token = middleware::from_fn_with_state(state.clone(), require_token);
+    let mut metrics_route = Router::new().route("/metrics", get(metrics));
+    if state.protect_metrics {
+        metrics_route = metrics_route.route_layer(token.clone());
+    }
     let api = Router::new()
         .route("/costs", get(costs))
         .route("/estimate", post(estimate))
@@ -51,14 +82,15 @@ pub fn router(state: AppState) -> Router {
         .route("/recommendations", get(recommendations))
         .route("/budgets", get(budgets))
         .route("/alerts", get(alerts))
-        .route_layer(middleware::from_fn_with_state(state.clone(), require_token))
+        .route_layer(token)
         .route("/openapi.json", get(openapi));
     Router::new()
-        .route("/metrics", get(metrics))
+        .merge(metrics_route)
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(readyz))
         .nest("/api/v1", api)
         .fallback(|| async { ApiError::NotFound })
+        .layer(middleware::from_fn_with_state(state.clone(), time_limit))
         .with_state(state)
 }
 
@@ -73,9 +105,50 @@ pub async fn bind(listen: &str) -> anyhow::Result<TcpListener> {
 pub async fn serve(listener: TcpListener, state: AppState, cancel: CancellationToken) -> anyhow::Result<()> {
     let addr: SocketAddr = listener.local_addr()?;
     info!(%addr, "http listening (metrics, health, api)");
-    axum::serve(listener, router(state))
-        .with_graceful_shutdown(async move { cancel.cancelled().await })
-        .await?;
+    let header_read = state.timeouts.header_read;
+    let app = router(state);
+    // hyper rather than `axum::serve`, which (axum 0.8) sets no timer and so no header timeout.
+    let mut http1 = hyper::server::conn::http1::Builder::new();
+    http1.timer(TokioTimer::new()).header_read_timeout(header_read);
+    let connections = GracefulShutdown::new();
+    loop {
+        let stream = tokio::select! {
+            _ = cancel.cancelled() => break,
+            accepted = listener.accept() => match accepted {
+                Ok((stream, _)) => stream,
+                Err(error) => {
+                    // Out of file descriptors, typically: back off instead of spinning.
+                    warn!(%error, "cannot accept an http connection");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+            },
+        };
+        let (http1, app, watcher, cancel) = (http1.clone(), app.clone(), connections.watcher(), cancel.clone());
+        tokio::spawn(async move {
+            // hyper starts its header timer at a request's first byte, so a connection that
+            // never sends one is timed here.
+            tokio::select! {
+                first = tokio::time::timeout(header_read, stream.readable()) => {
+                    if !matches!(first, Ok(Ok(()))) {
+                        return;
+                    }
+                }
+                _ = cancel.cancelled() => return,
+            }
+            let connection = http1.serve_connection(TokioIo::new(stream), TowerToHyperService::new(app));
+            // Errors are the client's doing (a reset, a header timeout): nothing to report.
+            let _ = watcher.watch(connection).await;
+        });
+    }
+    // Requests in flight may finish; a client that does not read its response does not hold
+    // the shutdown up for longer than this.
+    if tokio::time::timeout(DRAIN_CONNECTIONS, connections.shutdown())
+        .await
+        .is_err()
+    {
+        warn!(after = ?DRAIN_CONNECTIONS, "closing http connections that did not finish");
+    }
     Ok(())
 }
 
@@ -90,6 +163,8 @@ pub enum ApiError {
     NotFound,
     #[error("the database is unavailable; try again shortly")]
     Unavailable,
+    #[error("the request took longer than http.request_timeout ({}); try again, or ask for a shorter range", humantime::format_duration(*.0))]
+    TimedOut(Duration),
 }
 
 impl IntoResponse for ApiError {
@@ -98,7 +173,7 @@ impl IntoResponse for ApiError {
             ApiError::BadRequest(_) => StatusCode::BAD_REQUEST,
             ApiError::Unauthorized => StatusCode::UNAUTHORIZED,
             ApiError::NotFound => StatusCode::NOT_FOUND,
-            ApiError::Unavailable => StatusCode::SERVICE_UNAVAILABLE,
+            ApiError::Unavailable | ApiError::TimedOut(_) => StatusCode::SERVICE_UNAVAILABLE,
         };
         let mut response = (status, Json(json!({ "error": self.to_string() }))).into_response();
         if status == StatusCode::UNAUTHORIZED {
@@ -139,12 +214,31 @@ async fn require_token(
         let given = headers
             .get(header::AUTHORIZATION)
             .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.strip_prefix("Bearer "));
+            .and_then(bearer_token);
         if !given.is_some_and(|g| constant_time_eq(g.as_bytes(), token.as_bytes())) {
             return Err(ApiError::Unauthorized);
         }
     }
     Ok(next.run(request).await)
+}
+
+/// The credentials of a `Bearer` authorization; the scheme name is case-insensitive
+/// (RFC 7235 2.1), so `bearer` and `BEARER` work too.
+fn bearer_token(authorization: &str) -> Option<&str> {
+    let (scheme, credentials) = authorization.split_once(' ')?;
+    scheme
+        .eq_ignore_ascii_case("bearer")
+        .then(|| credentials.trim_start_matches(' '))
+}
+
+/// Answers 503 when a request outlasts `http.request_timeout`; the handler is dropped with
+/// what it holds (its pool connection goes back, the query ends at `statement_timeout`).
+async fn time_limit(State(state): State<AppState>, request: Request, next: Next) -> Response {
+    let limit = state.timeouts.request;
+    match tokio::time::timeout(limit, next.run(request)).await {
+        Ok(response) => response,
+        Err(_) => ApiError::TimedOut(limit).into_response(),
+    }
 }
 
 /// Compares without an early exit, so response time does not reveal a token's prefix.
@@ -178,6 +272,41 @@ async fn readyz(State(state): State<AppState>) -> Response {
         StatusCode::SERVICE_UNAVAILABLE
     };
     (status, Json(body)).into_response()
+}
+
+/// The times the API takes: RFC 3339's four-digit years. chrono holds about ±262,000 years and
+/// PostgreSQL 4713 BC to 294276 AD; past either, arithmetic on a time overflows (a panic) or the
+/// query fails (a 503), so such a time is refused up front, naming its parameter.
+fn supported_times() -> std::ops::RangeInclusive<DateTime<Utc>> {
+    let earliest = chrono::NaiveDate::from_ymd_opt(0, 1, 1).expect("a valid date");
+    let latest = chrono::NaiveDate::from_ymd_opt(9999, 12, 31).expect("a valid date");
+    earliest.and_time(chrono::NaiveTime::MIN).and_utc()
+        ..=latest
+            .and_hms_nano_opt(23, 59, 59, 999_999_999)
+            .expect("a valid time")
+            .and_utc()
+}
+
+fn supported(name: &str, time: Option<DateTime<Utc>>) -> Result<Option<DateTime<Utc>>, ApiError> {
+    let range = supported_times();
+    match time {
+        Some(t) if !range.contains(&t) => {
+            let show = |t: &DateTime<Utc>| t.to_rfc3339_opts(chrono::SecondsFormat::AutoSi, true);
+            Err(ApiError::BadRequest(format!(
+                "{name} must be from {} to {}, got {}",
+                show(range.start()),
+                show(range.end()),
+                show(&t)
+            )))
+        }
+        _ => Ok(time),
+    }
+}
+
+/// `span` before `to`, but no earlier than the first supported time.
+fn back_from(to: DateTime<Utc>, span: chrono::Duration) -> DateTime<Utc> {
+    let earliest = *supported_times().start();
+    to.checked_sub_signed(span).map_or(earliest, |from| from.max(earliest))
 }
 
 #[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
@@ -220,8 +349,11 @@ async fn costs(
     query: Result<Query<CostsQuery>, QueryRejection>,
 ) -> Result<Response, ApiError> {
     let Query(q) = query?;
-    let to = q.to.unwrap_or_else(Utc::now);
-    let from = q.from.unwrap_or(to - chrono::Duration::hours(24));
+    let to = supported("to", q.to)?.unwrap_or_else(Utc::now);
+    let from = match supported("from", q.from)? {
+        Some(from) => from,
+        None => back_from(to, chrono::Duration::hours(24)),
+    };
     if from >= to {
         return Err(ApiError::BadRequest(format!("from ({from}) must be before to ({to})")));
     }
@@ -328,6 +460,12 @@ async fn estimate(
     Ok(Json(estimate).into_response())
 }
 
+/// Characters of each rejected payload `/api/v1/rejected` shows. Payloads may be megabytes and
+/// a response is held whole until the client reads it: with this cap 1000 items stay under about
+/// 7 MB even at six bytes per JSON-escaped character, where whole payloads let 30 clients that
+/// never read hold a gigabyte. The whole payload stays in `rejected_events`.
+const REJECTED_PAYLOAD_CHARS: i32 = 1024;
+
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RejectedQuery {
@@ -345,12 +483,18 @@ async fn rejected(
             "limit must be between 1 and 1000, got {limit}"
         )));
     }
+    // Cut in the query, so that not even the rows fetched hold whole payloads.
     let rows = sqlx::query(
-        "SELECT received_at, topic, partition, kafka_offset, reason_code, reason_message, payload_text,
-                octet_length(payload) AS payload_bytes
+        "SELECT received_at, topic, partition, kafka_offset, reason_code, reason_message,
+                left(payload_text, $2) AS payload_text,
+                payload_truncated
+                    OR COALESCE(octet_length(payload_text) > octet_length(left(payload_text, $2)), false)
+                    AS payload_truncated,
+                payload_size AS payload_bytes, payload_sha256
          FROM rejected_events ORDER BY received_at DESC, kafka_offset DESC LIMIT $1",
     )
     .bind(limit)
+    .bind(REJECTED_PAYLOAD_CHARS)
     .fetch_all(state.store.pool())
     .await?;
     let items: Vec<_> = rows
@@ -364,7 +508,9 @@ async fn rejected(
                 "reason_code": r.get::<String, _>("reason_code"),
                 "reason": r.get::<String, _>("reason_message"),
                 "payload_text": r.get::<Option<String>, _>("payload_text"),
-                "payload_bytes": r.get::<i32, _>("payload_bytes"),
+                "payload_truncated": r.get::<bool, _>("payload_truncated"),
+                "payload_bytes": r.get::<i64, _>("payload_bytes"),
+                "payload_sha256": r.get::<String, _>("payload_sha256"),
             })
         })
         .collect();
@@ -424,13 +570,11 @@ async fn recommendations(
     query: Result<Query<RecommendationsQuery>, QueryRejection>,
 ) -> Result<Response, ApiError> {
     let Query(q) = query?;
-    let to = q.to.unwrap_or_else(Utc::now);
+    let to = supported("to", q.to)?.unwrap_or_else(Utc::now);
     let window = chrono::Duration::from_std(state.savings_window).unwrap_or(chrono::Duration::days(1));
-    let from = match q.from {
+    let from = match supported("from", q.from)? {
         Some(from) => from,
-        None => to
-            .checked_sub_signed(window)
-            .ok_or_else(|| ApiError::BadRequest(format!("to ({to}) is too early to count back from")))?,
+        None => back_from(to, window),
     };
     if from >= to {
         return Err(ApiError::BadRequest(format!("from ({from}) must be before to ({to})")));
@@ -464,6 +608,36 @@ mod tests {
         assert!(constant_time_eq(b"secret-token-123", b"secret-token-123"));
         assert!(!constant_time_eq(b"secret-token-124", b"secret-token-123"));
         assert!(!constant_time_eq(b"secret", b"secret-token-123"));
+    }
+
+    #[test]
+    fn the_bearer_scheme_is_matched_without_regard_to_case() {
+        for header in ["Bearer t", "bearer t", "BEARER t", "Bearer   t"] {
+            assert_eq!(bearer_token(header), Some("t"), "{header}");
+        }
+        for header in ["Basic t", "Bearert", "t", ""] {
+            assert_eq!(bearer_token(header), None, "{header}");
+        }
+    }
+
+    #[test]
+    fn times_past_four_digit_years_are_refused_and_defaults_stop_at_the_first() {
+        let at = |s: &str| s.parse::<DateTime<Utc>>().unwrap();
+        assert!(supported("to", Some(at("9999-12-31T23:59:59.999999999Z"))).is_ok());
+        assert!(supported("to", Some(at("0000-01-01T00:00:00Z"))).is_ok());
+        let err = supported("from", Some(at("-0001-12-31T23:59:59Z"))).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "from must be from 0000-01-01T00:00:00Z to 9999-12-31T23:59:59.999999999Z, got -0001-12-31T23:59:59Z"
+        );
+        assert_eq!(
+            back_from(at("0000-01-01T01:00:00Z"), chrono::Duration::hours(24)),
+            at("0000-01-01T00:00:00Z")
+        );
+        assert_eq!(
+            back_from(at("-262143-01-01T00:00:00Z"), chrono::Duration::MAX),
+            at("0000-01-01T00:00:00Z")
+        );
     }
 
     #[test]

@@ -110,6 +110,39 @@ async fn tens_of_thousands_of_events_over_four_partitions_sum_exactly() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn sigterm_whose_final_flush_fails_exits_non_zero_and_says_so() {
+    let world = World::new(1).await;
+    let ts = ago(Duration::from_secs(90));
+    world.produce(vec![event("a", &ts, "m", "a100-80g", "1", "1")]).await;
+    let mut daemon = world.start(&world.config(""));
+    world.wait_consumed(1, WAIT).await;
+    world.drop_database().await;
+    world.produce(vec![event("b", &ts, "m", "a100-80g", "1", "1")]).await;
+    let deadline = std::time::Instant::now() + WAIT;
+    while !daemon.log_text().contains("flush failed; pausing consumption") {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no flush failed after the database was dropped:\n{}",
+            daemon.log_text()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+
+    // The final flush retries for 30 s before it gives up.
+    let status = daemon.terminate(WAIT);
+    let log = daemon.log_text();
+    assert_eq!(status.code(), Some(1), "{log}");
+    assert!(log.contains("giving up on the final flush"), "{log}");
+    assert!(
+        log.lines()
+            .any(|l| l
+                .starts_with("error: the final flush failed; the unflushed messages will be counted after restart: ")),
+        "{log}"
+    );
+    assert!(!log.contains("stopped cleanly"), "{log}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn a_duplicate_is_counted_once_even_across_a_restart() {
     let world = World::new(1).await;
     let config = world.config("");

@@ -137,3 +137,57 @@ fn the_shipped_configuration_is_valid_and_env_overrides_it() {
     assert_eq!(out.status.code(), Some(64));
     assert!(String::from_utf8_lossy(&out.stderr).contains("windows.size"));
 }
+
+#[test]
+fn check_config_never_prints_credentials_from_a_url() {
+    let out = Command::new(env!("CARGO_BIN_EXE_costwatch"))
+        .args([
+            "check-config",
+            "--config",
+            concat!(env!("CARGO_MANIFEST_DIR"), "/config/costwatch.toml"),
+        ])
+        .env(
+            "COSTWATCH__ALERTING__ALERTMANAGER_URL",
+            "http://alice:s3cret-pass@alertmanager:notaport",
+        )
+        .env(
+            "COSTWATCH__ALERTING__EXTERNAL_URL",
+            "ftp://bob:hunter2@costwatch.example/?token=t0ken-value",
+        )
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(64));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains(
+            "alerting.alertmanager_url: \"http://<redacted>@alertmanager:notaport\" is not an http(s) URL such as http://127.0.0.1:9093"
+        ),
+        "{err}"
+    );
+    assert!(
+        err.contains("alerting.external_url: \"ftp://<redacted>@costwatch.example/?<redacted>\" is not an http(s) URL"),
+        "{err}"
+    );
+    for secret in ["alice", "s3cret-pass", "bob", "hunter2", "t0ken-value"] {
+        assert!(!err.contains(secret), "{secret} was printed:\n{err}");
+    }
+}
+
+#[test]
+fn protected_metrics_without_an_api_token_is_a_configuration_error() {
+    let out = Command::new(env!("CARGO_BIN_EXE_costwatch"))
+        .args([
+            "check-config",
+            "--config",
+            concat!(env!("CARGO_MANIFEST_DIR"), "/config/costwatch.toml"),
+        ])
+        .env("COSTWATCH__HTTP__PROTECT_METRICS", "true")
+        .env_remove("COSTWATCH__HTTP__API_TOKEN")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(64));
+    assert_eq!(
+        String::from_utf8_lossy(&out.stderr).trim_end(),
+        "error: invalid configuration:\n  - http.protect_metrics: needs http.api_token, the token /metrics would require"
+    );
+}

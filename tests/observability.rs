@@ -5,7 +5,7 @@ mod common;
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-use common::{ago, dec, event, http, raw, World};
+use common::{ago, dec, event, http, http_with, raw, World};
 use rust_decimal::Decimal;
 use serde_json::Value;
 
@@ -493,4 +493,234 @@ fn a_configuration_error_is_one_json_line_when_logs_are_json() {
         assert_eq!(lines[0]["exit_code"], 64, "{stderr}");
         assert!(lines[0]["error"].as_str().unwrap().contains(expect), "{name}: {stderr}");
     }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn times_outside_the_supported_range_are_refused_naming_the_parameter() {
+    let world = World::new(1).await;
+    let daemon = world.start(&world.config(""));
+    let addr = daemon.http_addr().await;
+    let range = "0000-01-01T00:00:00Z to 9999-12-31T23:59:59.999999999Z";
+    for (path, parameter, got) in [
+        // Counting 24 h back from this overflowed chrono and dropped the connection.
+        (
+            "/api/v1/costs?to=-262143-01-01T00:00:00Z",
+            "to",
+            "-262143-01-01T00:00:00Z",
+        ),
+        // PostgreSQL refused this one, which read as "the database is unavailable" (503).
+        (
+            "/api/v1/costs?from=-5000-01-01T00:00:00Z",
+            "from",
+            "-5000-01-01T00:00:00Z",
+        ),
+        (
+            "/api/v1/costs?from=2026-01-01T00:00:00Z&to=%2B20000-01-01T00:00:00Z",
+            "to",
+            "+20000-01-01T00:00:00Z",
+        ),
+        (
+            "/api/v1/recommendations?to=-262143-01-01T00:00:00Z",
+            "to",
+            "-262143-01-01T00:00:00Z",
+        ),
+        (
+            "/api/v1/recommendations?from=-5000-01-01T00:00:00Z&to=2026-01-01T00:00:00Z",
+            "from",
+            "-5000-01-01T00:00:00Z",
+        ),
+    ] {
+        let (status, body) = http(&addr, "GET", path, None, None).await;
+        assert_eq!(
+            (status, body),
+            (
+                400,
+                format!(r#"{{"error":"{parameter} must be from {range}, got {got}"}}"#)
+            ),
+            "{path}"
+        );
+    }
+    // The edges themselves are served; the default range stops at the earliest time.
+    let (status, body) = http(&addr, "GET", "/api/v1/costs?to=0000-01-01T06:00:00Z", None, None).await;
+    assert_eq!(status, 200, "{body}");
+    let v: Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(
+        (v["from"].as_str(), v["series"].as_array().map(Vec::len)),
+        (Some("0000-01-01T00:00:00Z"), Some(0))
+    );
+    let (status, body) = http(
+        &addr,
+        "GET",
+        "/api/v1/recommendations?from=0000-01-01T00:00:00Z&to=9999-12-31T23:59:59.999999999Z",
+        None,
+        None,
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+    assert!(daemon.log_text().contains("http listening") && !daemon.log_text().contains("panicked"));
+}
+
+/// Reads until the daemon closes the connection; `false` if it is still open after `limit`.
+async fn closed_within(stream: &mut tokio::net::TcpStream, limit: Duration) -> bool {
+    use tokio::io::AsyncReadExt;
+    let deadline = tokio::time::Instant::now() + limit;
+    let mut buf = [0u8; 1024];
+    loop {
+        match tokio::time::timeout_at(deadline, stream.read(&mut buf)).await {
+            Err(_) => return false,
+            Ok(Ok(0)) | Ok(Err(_)) => return true,
+            // hyper answers 408 before it closes.
+            Ok(Ok(_)) => {}
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_client_that_trickles_or_withholds_its_headers_is_disconnected() {
+    use tokio::io::AsyncWriteExt;
+    let world = World::new(1).await;
+    let daemon = world.start(&world.config("\n[http]\nlisten = \"127.0.0.1:0\"\nheader_read_timeout = \"1s\"\n"));
+    let addr = daemon.http_addr().await;
+
+    let mut silent = tokio::net::TcpStream::connect(&addr).await.unwrap();
+    let mut trickling = tokio::net::TcpStream::connect(&addr).await.unwrap();
+    trickling.write_all(b"GET /healthz HTTP/1.1\r\n").await.unwrap();
+    let started = std::time::Instant::now();
+    let mut trickle_closed = false;
+    // One header line every 200 ms: the connection is never idle, its headers never end.
+    while started.elapsed() < Duration::from_secs(6) {
+        if closed_within(&mut trickling, Duration::from_millis(200)).await {
+            trickle_closed = true;
+            break;
+        }
+        if trickling.write_all(b"X-Slow: a\r\n").await.is_err() {
+            trickle_closed = true;
+            break;
+        }
+    }
+    let trickled_for = started.elapsed();
+    assert!(
+        trickle_closed,
+        "a trickling client was still connected after {trickled_for:?}"
+    );
+    assert!(
+        trickled_for < Duration::from_secs(3),
+        "closed only after {trickled_for:?}"
+    );
+    assert!(
+        closed_within(&mut silent, Duration::from_secs(2)).await,
+        "a connection that sent nothing was still open after 3s"
+    );
+    assert_eq!(
+        http(&addr, "GET", "/healthz", None, None).await,
+        (200, "ok\n".to_owned())
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_request_that_outlasts_the_time_limit_gets_a_json_503() {
+    let world = World::new(1).await;
+    let daemon = world.start(&world.config("\n[http]\nlisten = \"127.0.0.1:0\"\nrequest_timeout = \"1s\"\n"));
+    let addr = daemon.http_addr().await;
+    // The API's read of rejected events waits behind this lock for as long as the test holds it.
+    let mut lock = world.pool.begin().await.unwrap();
+    sqlx::query("LOCK TABLE rejected_event IN ACCESS EXCLUSIVE MODE")
+        .execute(&mut *lock)
+        .await
+        .unwrap();
+    let started = std::time::Instant::now();
+    let answer = http(&addr, "GET", "/api/v1/rejected", None, None).await;
+    let took = started.elapsed();
+    lock.rollback().await.unwrap();
+    assert_eq!(
+        answer,
+        (
+            503,
+            r#"{"error":"the request took longer than http.request_timeout (1s); try again, or ask for a shorter range"}"#
+                .to_owned()
+        )
+    );
+    assert!(took < Duration::from_secs(3), "answered after {took:?}");
+    let (status, body) = http(&addr, "GET", "/api/v1/rejected", None, None).await;
+    assert_eq!((status, body.as_str()), (200, r#"{"items":[]}"#));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_rejected_api_caps_each_payload_so_clients_that_never_read_hold_little_memory() {
+    use tokio::io::AsyncWriteExt;
+    let world = World::new(1).await;
+    // 200 malformed messages of 60 kB each: 12 MB per uncapped response.
+    let payload = format!("{{{}", "x".repeat(60_000));
+    world
+        .produce((0..200).map(|i| raw(&format!("k{i}"), payload.clone())).collect())
+        .await;
+    let daemon = world.start(&world.config(""));
+    world.wait_consumed(200, WAIT).await;
+    let addr = daemon.http_addr().await;
+
+    let before = daemon.peak_rss_kib();
+    let mut idle = Vec::new();
+    for _ in 0..30 {
+        let mut stream = tokio::net::TcpStream::connect(&addr).await.unwrap();
+        stream
+            .write_all(format!("GET /api/v1/rejected?limit=1000 HTTP/1.1\r\nHost: {addr}\r\n\r\n").as_bytes())
+            .await
+            .unwrap();
+        idle.push(stream);
+    }
+    // Every response is built and waiting on its unread socket well within this.
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    let grown_mib = daemon.peak_rss_kib().saturating_sub(before) / 1024;
+    assert!(grown_mib < 64, "30 clients that do not read cost {grown_mib} MiB");
+
+    let (status, body) = http(&addr, "GET", "/api/v1/rejected?limit=1000", None, None).await;
+    assert_eq!(status, 200);
+    let v: Value = serde_json::from_str(&body).unwrap();
+    let items = v["items"].as_array().unwrap();
+    assert_eq!(items.len(), 200);
+    for item in items {
+        assert_eq!(item["payload_text"].as_str(), Some(&payload[..1024]));
+        assert_eq!(item["payload_truncated"], true);
+        assert_eq!(item["payload_bytes"], 60_001);
+        assert_eq!(item["reason_code"], "malformed_json");
+    }
+    drop(idle);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_bearer_scheme_is_case_insensitive() {
+    let world = World::new(1).await;
+    let daemon = world.start(&world.config(&format!(
+        "\n[http]\nlisten = \"127.0.0.1:0\"\napi_token = \"{TOKEN}\"\n"
+    )));
+    let addr = daemon.http_addr().await;
+    for scheme in ["Bearer", "bearer", "BEARER", "bEaReR"] {
+        let authorization = format!("{scheme} {TOKEN}");
+        let (status, body) = http_with(&addr, "GET", "/api/v1/budgets", &[("Authorization", &authorization)]).await;
+        assert_eq!(status, 200, "{scheme}: {body}");
+    }
+    for wrong in [format!("Basic {TOKEN}"), format!("Bearer{TOKEN}"), TOKEN.to_owned()] {
+        let (status, _) = http_with(&addr, "GET", "/api/v1/budgets", &[("Authorization", &wrong)]).await;
+        assert_eq!(status, 401, "{wrong}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn protect_metrics_puts_metrics_behind_the_api_token() {
+    let world = World::new(1).await;
+    let daemon = world.start(&world.config(&format!(
+        "\n[http]\nlisten = \"127.0.0.1:0\"\napi_token = \"{TOKEN}\"\nprotect_metrics = true\n"
+    )));
+    let addr = daemon.http_addr().await;
+    assert_eq!(
+        http(&addr, "GET", "/metrics", None, None).await,
+        (401, r#"{"error":"missing or wrong bearer token"}"#.to_owned())
+    );
+    let (status, _) = http(&addr, "GET", "/metrics", Some("wrong-token-0123456789"), None).await;
+    assert_eq!(status, 401);
+    let (status, metrics) = http(&addr, "GET", "/metrics", Some(TOKEN), None).await;
+    assert_eq!(status, 200);
+    assert!(metrics.contains("# TYPE costwatch_"), "{metrics}");
+    // Probes stay open: the orchestrator that calls them holds no token.
+    assert_eq!(http(&addr, "GET", "/healthz", None, None).await.0, 200);
 }

@@ -690,6 +690,7 @@ pub fn consume(consumer: BaseConsumer<KafkaContext>, pipeline: Arc<Pipeline>) ->
     info!("shutting down: flushing pending usage");
     let deadline = Instant::now() + Duration::from_secs(30);
     let mut backoff = Backoff::new();
+    let mut unflushed = None;
     loop {
         match pipeline.flush_now(&consumer, None) {
             Ok(()) => break,
@@ -700,6 +701,7 @@ pub fn consume(consumer: BaseConsumer<KafkaContext>, pipeline: Arc<Pipeline>) ->
             }
             Err(error) => {
                 error!(%error, "giving up on the final flush; the unflushed messages will be counted after restart");
+                unflushed = Some(error);
                 break;
             }
         }
@@ -709,8 +711,18 @@ pub fn consume(consumer: BaseConsumer<KafkaContext>, pipeline: Arc<Pipeline>) ->
     consumer.unsubscribe();
     drop(consumer);
     info!("left the consumer group");
-    Ok(())
+    // A shutdown that could not store everything is not a clean one: say so with the exit code.
+    match unflushed {
+        Some(source) => Err(FinalFlushFailed(source).into()),
+        None => Ok(()),
+    }
 }
+
+/// The drain at shutdown could not write what was pending. Nothing is lost: the offsets in
+/// PostgreSQL still point before those messages, so whoever owns the partitions next counts them.
+#[derive(Debug, thiserror::Error)]
+#[error("the final flush failed; the unflushed messages will be counted after restart")]
+pub struct FinalFlushFailed(#[source] StoreError);
 
 /// Acts on a settled write for the poll loop: after a transient failure, pauses consumption and
 /// schedules the retry; after a success that follows failures, resumes. Returns whether the

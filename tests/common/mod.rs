@@ -261,6 +261,25 @@ k2 = "0.9"
     }
 }
 
+impl World {
+    /// Takes the database away from under a running daemon: its connections are terminated and
+    /// every new one is refused (the database does not exist any more).
+    pub async fn drop_database(&self) {
+        self.pool.close().await;
+        let name = &self.db_url[self.db_url.rfind('/').unwrap() + 1..];
+        let admin = PgPoolOptions::new()
+            .max_connections(1)
+            .connect(&admin_url())
+            .await
+            .unwrap();
+        sqlx::query(&format!("DROP DATABASE {name} WITH (FORCE)"))
+            .execute(&admin)
+            .await
+            .unwrap();
+        admin.close().await;
+    }
+}
+
 /// The store-level pieces a test needs to drive flushes by hand.
 pub struct StoreFixture {
     pub store: Store,
@@ -476,11 +495,30 @@ pub async fn try_http(
     token: Option<&str>,
     body: Option<&str>,
 ) -> Option<(u16, String)> {
+    let authorization = token.map(|t| format!("Bearer {t}"));
+    let headers: Vec<(&str, &str)> = authorization.iter().map(|a| ("Authorization", a.as_str())).collect();
+    try_http_with(addr, method, path, &headers, body).await
+}
+
+/// As [`http`], with any request headers, e.g. `[("Authorization", "bearer ...")]`.
+pub async fn http_with(addr: &str, method: &str, path: &str, headers: &[(&str, &str)]) -> (u16, String) {
+    try_http_with(addr, method, path, headers, None)
+        .await
+        .unwrap_or_else(|| panic!("cannot connect to {addr}"))
+}
+
+async fn try_http_with(
+    addr: &str,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: Option<&str>,
+) -> Option<(u16, String)> {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let mut stream = tokio::net::TcpStream::connect(addr).await.ok()?;
     let mut request = format!("{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n");
-    if let Some(token) = token {
-        request.push_str(&format!("Authorization: Bearer {token}\r\n"));
+    for (name, value) in headers {
+        request.push_str(&format!("{name}: {value}\r\n"));
     }
     if let Some(body) = body {
         request.push_str(&format!(

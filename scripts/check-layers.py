@@ -11,7 +11,7 @@ SRC = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "src")
 LAYERS = [
     ("base", ["domain", "config"]),
     ("core", ["pricing", "error_class", "telemetry", "store", "faults", "shutdown"]),
-    ("feature", ["ingest", "alerting", "calibration"]),
+    ("feature", ["ingest", "alerting", "calibration", "usage"]),
     ("top", ["http", "daemon", "cli", "loadgen", "lib", "main", "test_support"]),
 ]
 RANK = {m: i for i, (_, ms) in enumerate(LAYERS) for m in ms}

@@ -20,7 +20,6 @@ use metrics_exporter_prometheus::PrometheusHandle;
 use rust_decimal::Decimal;
 use serde::{Deserialize, Serialize};
 use serde_json::json;
-use sqlx::Row;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
@@ -31,6 +30,7 @@ use crate::ingest::health::Health;
 use crate::pricing::{EstimateError, EstimateRequest, LivePrices};
 use crate::store::Store;
 use crate::telemetry;
+use crate::usage::{self, CostQuery, CostStep, CostTotals};
 
 /// How long shutdown lets requests in flight finish before their connections are dropped.
 const DRAIN_CONNECTIONS: Duration = Duration::from_secs(5);
@@ -375,76 +375,54 @@ async fn costs(
             "the range from {from} to {to} has more than {MAX_POINTS} points at this step; use a coarser step or a shorter range"
         )));
     }
-    let trunc = match step {
-        Step::Window => "window",
-        Step::Hour => "hour",
-        Step::Day => "day",
+    let cost_step = match step {
+        Step::Window => CostStep::Window,
+        Step::Hour => CostStep::Hour,
+        Step::Day => CostStep::Day,
     };
-    let rows = sqlx::query(
-        "SELECT CASE WHEN $3 = 'window' THEN window_start ELSE date_trunc($3, window_start, 'UTC') END AS bucket,
-                sum(events)::int8 AS events, sum(compute) AS compute, sum(storage) AS storage,
-                COALESCE(sum(compute_cost), 0) AS compute_cost, COALESCE(sum(storage_cost), 0) AS storage_cost,
-                COALESCE(sum(total_cost), 0) AS total_cost,
-                COALESCE(sum(events) FILTER (WHERE total_cost IS NULL), 0)::int8 AS unpriced_events
-         FROM usage_costs
-         WHERE window_start >= $1 AND window_start < $2
-           AND ($4::text IS NULL OR model = $4) AND ($5::text IS NULL OR hardware = $5)
-         GROUP BY 1 ORDER BY 1",
-    )
-    .bind(from)
-    .bind(to)
-    .bind(trunc)
-    .bind(&q.model)
-    .bind(&q.hardware)
-    .fetch_all(state.store.pool())
-    .await?;
+    let query = CostQuery {
+        from,
+        to,
+        step: cost_step,
+        model: q.model.as_deref(),
+        hardware: q.hardware.as_deref(),
+    };
+    let buckets = usage::store::cost_series(state.store.pool(), &query).await?;
 
-    let mut totals = [Decimal::ZERO; 5];
+    let mut totals = CostTotals::default();
     let (mut events, mut unpriced) = (0i64, 0i64);
-    let mut series = Vec::with_capacity(rows.len());
-    for r in rows {
-        let values: [Decimal; 5] = [
-            r.get("compute"),
-            r.get("storage"),
-            r.get("compute_cost"),
-            r.get("storage_cost"),
-            r.get("total_cost"),
-        ];
-        for (t, v) in totals.iter_mut().zip(values) {
-            *t += v;
-        }
-        events += r.get::<i64, _>("events");
-        unpriced += r.get::<i64, _>("unpriced_events");
-        series.push(point(
-            Some(r.get("bucket")),
-            r.get("events"),
-            values,
-            r.get("unpriced_events"),
-        ));
+    for b in &buckets {
+        totals.add(&b.totals);
+        events += b.events;
+        unpriced += b.unpriced_events;
     }
+    let series: Vec<CostPoint> = buckets
+        .iter()
+        .map(|b| point(Some(b.start), b.events, &b.totals, b.unpriced_events))
+        .collect();
     Ok(Json(json!({
         "from": from,
         "to": to,
-        "step": trunc,
+        "step": cost_step.as_str(),
         "model": q.model,
         "hardware": q.hardware,
         "currency": state.prices.current().currency(),
-        "totals": point(None, events, totals, unpriced),
+        "totals": point(None, events, &totals, unpriced),
         "series": series,
     }))
     .into_response())
 }
 
-fn point(start: Option<DateTime<Utc>>, events: i64, v: [Decimal; 5], unpriced_events: i64) -> CostPoint {
+fn point(start: Option<DateTime<Utc>>, events: i64, totals: &CostTotals, unpriced_events: i64) -> CostPoint {
     let s = |d: Decimal| d.normalize().to_string();
     CostPoint {
         start,
         events,
-        compute: s(v[0]),
-        storage: s(v[1]),
-        compute_cost: s(v[2]),
-        storage_cost: s(v[3]),
-        total_cost: s(v[4]),
+        compute: s(totals.compute),
+        storage: s(totals.storage),
+        compute_cost: s(totals.compute_cost),
+        storage_cost: s(totals.storage_cost),
+        total_cost: s(totals.total_cost),
         unpriced_events,
     }
 }
@@ -483,34 +461,21 @@ async fn rejected(
             "limit must be between 1 and 1000, got {limit}"
         )));
     }
-    // Cut in the query, so that not even the rows fetched hold whole payloads.
-    let rows = sqlx::query(
-        "SELECT received_at, topic, partition, kafka_offset, reason_code, reason_message,
-                left(payload_text, $2) AS payload_text,
-                payload_truncated
-                    OR COALESCE(octet_length(payload_text) > octet_length(left(payload_text, $2)), false)
-                    AS payload_truncated,
-                payload_size AS payload_bytes, payload_sha256
-         FROM rejected_events ORDER BY received_at DESC, kafka_offset DESC LIMIT $1",
-    )
-    .bind(limit)
-    .bind(REJECTED_PAYLOAD_CHARS)
-    .fetch_all(state.store.pool())
-    .await?;
-    let items: Vec<_> = rows
-        .iter()
+    let items: Vec<_> = usage::store::newest_rejected(state.store.pool(), limit, REJECTED_PAYLOAD_CHARS)
+        .await?
+        .into_iter()
         .map(|r| {
             json!({
-                "received_at": r.get::<DateTime<Utc>, _>("received_at"),
-                "topic": r.get::<String, _>("topic"),
-                "partition": r.get::<i32, _>("partition"),
-                "offset": r.get::<i64, _>("kafka_offset"),
-                "reason_code": r.get::<String, _>("reason_code"),
-                "reason": r.get::<String, _>("reason_message"),
-                "payload_text": r.get::<Option<String>, _>("payload_text"),
-                "payload_truncated": r.get::<bool, _>("payload_truncated"),
-                "payload_bytes": r.get::<i64, _>("payload_bytes"),
-                "payload_sha256": r.get::<String, _>("payload_sha256"),
+                "received_at": r.received_at,
+                "topic": r.topic,
+                "partition": r.partition,
+                "offset": r.offset,
+                "reason_code": r.reason_code,
+                "reason": r.reason,
+                "payload_text": r.payload_text,
+                "payload_truncated": r.payload_truncated,
+                "payload_bytes": r.payload_bytes,
+                "payload_sha256": r.payload_sha256,
             })
         })
         .collect();

@@ -4,8 +4,8 @@
 //! (settings) depend on nothing else of ours; [`pricing`] (the cost model and price book),
 //! [`error_class`] (transient or permanent), [`telemetry`] (metric names, logs) and [`store`]
 //! (connections, migrations, the flush transaction) sit on them. The features use those:
-//! [`ingest`] (Kafka to window sums), [`alerting`] (budgets and alerts) and [`calibration`]
-//! (bills, fits, re-rating, recommendations). At the top, [`http`] (metrics, probes, the API),
+//! [`ingest`] (Kafka to window sums), [`alerting`] (budgets and alerts), [`calibration`]
+//! (bills, fits, re-rating, recommendations) and [`usage`] (reading the priced history back). At the top, [`http`] (metrics, probes, the API),
 //! [`daemon`] (wiring for `costwatch run`), [`cli`], [`loadgen`] (synthetic load),
 //! [`shutdown`] (signals) and [`faults`] (fault injection for the fault suite).
 
@@ -26,3 +26,4 @@ pub mod store;
 pub mod telemetry;
 #[cfg(test)]
 mod test_support;
+pub mod usage;

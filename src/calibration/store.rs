@@ -7,8 +7,34 @@ use sqlx::{PgPool, Row};
 
 use crate::calibration::bills::{bill_key, Bill};
 use crate::calibration::recommend::ModelUsage;
-use crate::domain::{Coefficient, ComputeUnits, HardwareName, ModelName, Money, StorageUnits};
-use crate::pricing::CoefficientVersion;
+use crate::domain::{Coefficient, ComputeUnits, HardwareName, ModelName, Money, StorageUnits, UnitPrice};
+use crate::pricing::{CoefficientVersion, Rates};
+
+/// One stored window row, as far as pricing goes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StoredRow {
+    pub window_start: DateTime<Utc>,
+    pub model: String,
+    pub hardware: String,
+    /// The label set as JSON text; only used to address the row.
+    pub labels: String,
+    pub compute: ComputeUnits,
+    pub storage: StorageUnits,
+    /// `None` when the row was written unpriced.
+    pub rates: Option<Rates>,
+    pub coefficient_version: Option<i64>,
+    pub price_id: Option<String>,
+    pub currency: String,
+}
+
+/// A row whose rates change.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Repriced {
+    pub row: usize,
+    pub rates: Option<Rates>,
+    pub coefficient_version: Option<i64>,
+    pub price_id: Option<String>,
+}
 
 /// What an import did, bill by bill.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -244,4 +270,98 @@ pub async fn usage_by_model(
             })
         })
         .collect()
+}
+
+/// Locks and reads the window rows starting in `[from, to)`, in key order, for `rerate`. A
+/// flush adding to one of these rows waits for the transaction's COMMIT. Should the two lock
+/// orders cross, PostgreSQL aborts one as a deadlock: the flush retries by itself, and rerate
+/// reports the error and can simply be run again.
+pub async fn lock_windows(
+    tx: &mut sqlx::Transaction<'_, sqlx::Postgres>,
+    from: DateTime<Utc>,
+    to: DateTime<Utc>,
+) -> Result<Vec<StoredRow>, sqlx::Error> {
+    Ok(sqlx::query(
+        "SELECT window_start, model, hardware, labels::text AS labels, compute, storage,
+                compute_price, storage_price, k1, k2, coefficient_version, price_id, currency
+         FROM window_usage
+         WHERE window_start >= $1 AND window_start < $2
+         ORDER BY window_start, model, hardware, labels
+         FOR UPDATE",
+    )
+    .bind(from)
+    .bind(to)
+    .fetch_all(&mut **tx)
+    .await?
+    .iter()
+    .map(stored_row)
+    .collect())
+}
+
+/// Writes the new rates of the `changes` among `rows` (read by [`lock_windows`]).
+pub async fn update_rates(
+    tx: &mut sqlx::Transaction<'_, sqlx::Postgres>,
+    rows: &[StoredRow],
+    changes: &[Repriced],
+    currency: &str,
+) -> Result<(), sqlx::Error> {
+    let rate = |pick: fn(&Rates) -> Decimal| -> Vec<Option<Decimal>> {
+        changes.iter().map(|c| c.rates.as_ref().map(pick)).collect()
+    };
+    sqlx::query(
+        "UPDATE window_usage AS w
+            SET compute_price = u.cp, storage_price = u.sp, k1 = u.k1, k2 = u.k2,
+                coefficient_version = u.cv, price_id = u.pi, currency = $11, updated_at = now()
+         FROM UNNEST($1::timestamptz[], $2::text[], $3::text[], $4::text[], $5::numeric[], $6::numeric[],
+                     $7::numeric[], $8::numeric[], $9::int8[], $10::text[])
+              AS u(s, m, h, l, cp, sp, k1, k2, cv, pi)
+         WHERE w.window_start = u.s AND w.model = u.m AND w.hardware = u.h AND w.labels = u.l::jsonb",
+    )
+    .bind(changes.iter().map(|c| rows[c.row].window_start).collect::<Vec<_>>())
+    .bind(changes.iter().map(|c| rows[c.row].model.as_str()).collect::<Vec<_>>())
+    .bind(
+        changes
+            .iter()
+            .map(|c| rows[c.row].hardware.as_str())
+            .collect::<Vec<_>>(),
+    )
+    .bind(changes.iter().map(|c| rows[c.row].labels.as_str()).collect::<Vec<_>>())
+    .bind(rate(|r| r.compute_price.value()))
+    .bind(rate(|r| r.storage_price.value()))
+    .bind(rate(|r| r.k1.value()))
+    .bind(rate(|r| r.k2.value()))
+    .bind(changes.iter().map(|c| c.coefficient_version).collect::<Vec<_>>())
+    .bind(changes.iter().map(|c| c.price_id.as_deref()).collect::<Vec<_>>())
+    .bind(currency)
+    .execute(&mut **tx)
+    .await?;
+    Ok(())
+}
+
+fn stored_row(r: &sqlx::postgres::PgRow) -> StoredRow {
+    let cp: Option<Decimal> = r.get("compute_price");
+    let sp: Option<Decimal> = r.get("storage_price");
+    let k1: Option<Decimal> = r.get("k1");
+    let k2: Option<Decimal> = r.get("k2");
+    let rates = match (cp, sp, k1, k2) {
+        (Some(cp), Some(sp), Some(k1), Some(k2)) => Some(Rates {
+            compute_price: UnitPrice(cp),
+            storage_price: UnitPrice(sp),
+            k1: Coefficient(k1),
+            k2: Coefficient(k2),
+        }),
+        _ => None,
+    };
+    StoredRow {
+        window_start: r.get("window_start"),
+        model: r.get("model"),
+        hardware: r.get("hardware"),
+        labels: r.get("labels"),
+        compute: ComputeUnits(r.get("compute")),
+        storage: StorageUnits(r.get("storage")),
+        rates,
+        coefficient_version: r.get("coefficient_version"),
+        price_id: r.get("price_id"),
+        currency: r.get("currency"),
+    }
 }

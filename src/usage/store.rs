@@ -1,0 +1,157 @@
+//! The SQL that reads the priced history: cost buckets from `usage_costs` and the newest rows of
+//! `rejected_events`.
+
+use chrono::{DateTime, Utc};
+use rust_decimal::Decimal;
+use sqlx::{PgPool, Row};
+
+/// The width of one bucket of a cost series.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CostStep {
+    /// One bucket per window as stored.
+    Window,
+    /// UTC hours.
+    Hour,
+    /// UTC days.
+    Day,
+}
+
+impl CostStep {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            CostStep::Window => "window",
+            CostStep::Hour => "hour",
+            CostStep::Day => "day",
+        }
+    }
+}
+
+/// Which history to read: windows starting in `[from, to)`, optionally of one model and one
+/// hardware target.
+#[derive(Debug, Clone)]
+pub struct CostQuery<'a> {
+    pub from: DateTime<Utc>,
+    pub to: DateTime<Utc>,
+    pub step: CostStep,
+    pub model: Option<&'a str>,
+    pub hardware: Option<&'a str>,
+}
+
+/// ΣT, ΣS and the three costs of some usage, exact. Unpriced usage is in `compute` and `storage`
+/// but in no cost (a NULL cost is never a 0).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct CostTotals {
+    pub compute: Decimal,
+    pub storage: Decimal,
+    pub compute_cost: Decimal,
+    pub storage_cost: Decimal,
+    pub total_cost: Decimal,
+}
+
+impl CostTotals {
+    pub fn add(&mut self, other: &CostTotals) {
+        self.compute += other.compute;
+        self.storage += other.storage;
+        self.compute_cost += other.compute_cost;
+        self.storage_cost += other.storage_cost;
+        self.total_cost += other.total_cost;
+    }
+}
+
+/// One bucket of a cost series.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CostBucket {
+    pub start: DateTime<Utc>,
+    pub events: i64,
+    /// Events on unpriced hardware: their usage is in the totals' quantities, their cost nowhere.
+    pub unpriced_events: i64,
+    pub totals: CostTotals,
+}
+
+/// The cost series of `query`, oldest bucket first, empty buckets left out.
+pub async fn cost_series(pool: &PgPool, query: &CostQuery<'_>) -> Result<Vec<CostBucket>, sqlx::Error> {
+    let rows = sqlx::query(
+        "SELECT CASE WHEN $3 = 'window' THEN window_start ELSE date_trunc($3, window_start, 'UTC') END AS bucket,
+                sum(events)::int8 AS events, sum(compute) AS compute, sum(storage) AS storage,
+                COALESCE(sum(compute_cost), 0) AS compute_cost, COALESCE(sum(storage_cost), 0) AS storage_cost,
+                COALESCE(sum(total_cost), 0) AS total_cost,
+                COALESCE(sum(events) FILTER (WHERE total_cost IS NULL), 0)::int8 AS unpriced_events
+         FROM usage_costs
+         WHERE window_start >= $1 AND window_start < $2
+           AND ($4::text IS NULL OR model = $4) AND ($5::text IS NULL OR hardware = $5)
+         GROUP BY 1 ORDER BY 1",
+    )
+    .bind(query.from)
+    .bind(query.to)
+    .bind(query.step.as_str())
+    .bind(query.model)
+    .bind(query.hardware)
+    .fetch_all(pool)
+    .await?;
+    Ok(rows
+        .iter()
+        .map(|r| CostBucket {
+            start: r.get("bucket"),
+            events: r.get("events"),
+            unpriced_events: r.get("unpriced_events"),
+            totals: CostTotals {
+                compute: r.get("compute"),
+                storage: r.get("storage"),
+                compute_cost: r.get("compute_cost"),
+                storage_cost: r.get("storage_cost"),
+                total_cost: r.get("total_cost"),
+            },
+        })
+        .collect())
+}
+
+/// One rejected message as `/api/v1/rejected` shows it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RejectedItem {
+    pub received_at: DateTime<Utc>,
+    pub topic: String,
+    pub partition: i32,
+    pub offset: i64,
+    pub reason_code: String,
+    pub reason: String,
+    /// The kept payload as text, cut to `text_chars` characters.
+    pub payload_text: Option<String>,
+    /// Less than the whole message is shown (costwatch kept a prefix, or the text was cut).
+    pub payload_truncated: bool,
+    /// The whole message's size in bytes.
+    pub payload_bytes: i64,
+    pub payload_sha256: String,
+}
+
+/// The newest `limit` rejected messages. Payload text is cut in the query, so that not even the
+/// rows fetched hold whole payloads.
+pub async fn newest_rejected(pool: &PgPool, limit: i64, text_chars: i32) -> Result<Vec<RejectedItem>, sqlx::Error> {
+    let rows = sqlx::query(
+        "SELECT received_at, topic, partition, kafka_offset, reason_code, reason_message,
+                left(payload_text, $2) AS payload_text,
+                payload_truncated
+                    OR COALESCE(octet_length(payload_text) > octet_length(left(payload_text, $2)), false)
+                    AS payload_truncated,
+                payload_size AS payload_bytes, payload_sha256
+         FROM rejected_events ORDER BY received_at DESC, kafka_offset DESC LIMIT $1",
+    )
+    .bind(limit)
+    .bind(text_chars)
+    .fetch_all(pool)
+    .await?;
+    Ok(rows
+        .iter()
+        .map(|r| RejectedItem {
+            received_at: r.get("received_at"),
+            topic: r.get("topic"),
+            partition: r.get("partition"),
+            offset: r.get("kafka_offset"),
+            reason_code: r.get("reason_code"),
+            reason: r.get("reason_message"),
+            payload_text: r.get("payload_text"),
+            payload_truncated: r.get("payload_truncated"),
+            payload_bytes: r.get("payload_bytes"),
+            payload_sha256: r.get("payload_sha256"),
+        })
+        .collect())
+}

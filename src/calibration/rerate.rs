@@ -271,7 +271,7 @@ impl RerateReport {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::domain::{Coefficient, UnitPrice};
+    use crate::domain::{Coefficient, ComputeUnits, StorageUnits, UnitPrice};
     use crate::test_support::{book as book_of, coefficient, d, hardware_price, t};
 
     fn book() -> PriceBook {

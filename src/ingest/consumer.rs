@@ -16,7 +16,7 @@ use rdkafka::client::ClientContext;
 use rdkafka::config::{ClientConfig, RDKafkaLogLevel};
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext, RebalanceProtocol};
 use rdkafka::error::KafkaError;
-use rdkafka::message::Message;
+use rdkafka::message::{BorrowedMessage, Message};
 use rdkafka::statistics::Statistics;
 use rdkafka::{Offset, TopicPartitionList};
 use tokio::runtime::Handle;
@@ -578,65 +578,132 @@ pub fn consume(consumer: BaseConsumer<KafkaContext>, pipeline: Arc<Pipeline>) ->
     consumer.subscribe(&[pipeline.topic.as_str()])?;
     info!(topic = %pipeline.topic, owner = %pipeline.owner, "consuming");
 
-    let mut last_flush = Instant::now();
-    let mut retry: Option<(Instant, Backoff)> = None;
-    // The wall clock for event validation, read at the first message after each housekeeping
-    // round rather than per message: it only enters through the future/too-old limits, minutes
-    // and days wide, and reading it for every message cost 3% of the CPU in profiles.
-    let mut clock: Option<DateTime<Utc>> = None;
-    let mut unchecked = 0u32;
+    let mut poll = PollLoop::new();
     // A flush PostgreSQL refuses even with the refused rows isolated: retrying cannot help.
     let mut fatal: Option<StoreError> = None;
     while !pipeline.cancel.is_cancelled() {
-        match consumer.poll(Duration::from_millis(100)) {
-            None => {}
+        let housekeeping_due = match consumer.poll(Duration::from_millis(100)) {
+            None => true,
             Some(Err(error)) => {
                 telemetry::broker_error();
                 warn!(%error, "kafka consumer error");
+                true
             }
-            Some(Ok(message)) => {
-                let now = *clock.get_or_insert_with(Utc::now);
-                let partition = message.partition();
-                let outcome = pipeline
-                    .aggregator()
-                    .ingest(partition, message.offset(), message.payload(), now);
-                if let Outcome::Rewind { to } = outcome {
-                    warn!(
-                        partition,
-                        got = message.offset(),
-                        rewind_to = to,
-                        "the broker started this partition past its stored offset; reading again from earlier"
-                    );
-                    telemetry::start_rewound();
-                    if let Err(error) =
-                        consumer.seek(&pipeline.topic, partition, Offset::Offset(to), Duration::from_secs(10))
-                    {
-                        warn!(partition, %error, "seek failed; the next message retries it");
-                    }
-                }
-                // Under load the rest of the loop (liveness, the write in flight, the flush
-                // timer) runs once per HOUSEKEEPING_EVERY messages: its clock reads and locks
-                // cost as much as decoding a message when done for each one.
-                unchecked += 1;
-                if unchecked < HOUSEKEEPING_EVERY {
-                    continue;
-                }
-            }
-        }
-        unchecked = 0;
-        clock = None;
-        pipeline.health.polled();
-
-        // A write runs while the loop keeps polling; its outcome is taken as soon as it is known.
-        if !pipeline.write_pending() {
-            let settled = pipeline.settle(&consumer, Settle::IfDone);
-            if let Err(error) = written(&consumer, &pipeline, settled, &mut retry) {
+            Some(Ok(message)) => poll.take(&consumer, &pipeline, &message),
+        };
+        if housekeeping_due {
+            if let Err(error) = poll.housekeeping(&consumer, &pipeline) {
                 fatal = Some(error);
                 break;
             }
         }
+    }
 
-        let due = match &retry {
+    if let Some(error) = fatal {
+        // Nothing newer may be written before the failed batch (offsets apply in order), so
+        // there is no final flush: the unflushed messages are counted after the restart.
+        error!(
+            %error,
+            "PostgreSQL refuses this flush even with the refused rows isolated; stopping instead of retrying forever"
+        );
+        pipeline.cancel.cancel();
+        leave_group(consumer);
+        return Err(anyhow::Error::new(error)
+            .context("a flush failed permanently; the unflushed messages are counted after restart"));
+    }
+    let unflushed = final_flush(&consumer, &pipeline);
+    leave_group(consumer);
+    // A shutdown that could not store everything is not a clean one: say so with the exit code.
+    match unflushed {
+        Some(source) => Err(FinalFlushFailed(source).into()),
+        None => Ok(()),
+    }
+}
+
+/// The poll loop's own state between messages.
+struct PollLoop {
+    last_flush: Instant,
+    /// When the failed batch is written again, and the backoff that set it.
+    retry: Option<(Instant, Backoff)>,
+    /// The wall clock for event validation, read at the first message after each housekeeping
+    /// round rather than per message: it only enters through the future/too-old limits and the
+    /// watermark's cap, and reading it for every message cost 3% of the CPU in profiles.
+    clock: Option<DateTime<Utc>>,
+    /// Messages since the last housekeeping round.
+    unchecked: u32,
+}
+
+impl PollLoop {
+    fn new() -> Self {
+        Self {
+            last_flush: Instant::now(),
+            retry: None,
+            clock: None,
+            unchecked: 0,
+        }
+    }
+
+    /// Counts one message; true when housekeeping is due. Under load the rest of the loop
+    /// (liveness, the write in flight, the flush timer) runs once per [`HOUSEKEEPING_EVERY`]
+    /// messages: its clock reads and locks cost as much as decoding a message when done for
+    /// each one.
+    fn take(
+        &mut self,
+        consumer: &BaseConsumer<KafkaContext>,
+        pipeline: &Pipeline,
+        message: &BorrowedMessage<'_>,
+    ) -> bool {
+        let now = *self.clock.get_or_insert_with(Utc::now);
+        let partition = message.partition();
+        let outcome = pipeline
+            .aggregator()
+            .ingest(partition, message.offset(), message.payload(), now);
+        if let Outcome::Rewind { to } = outcome {
+            warn!(
+                partition,
+                got = message.offset(),
+                rewind_to = to,
+                "the broker started this partition past its stored offset; reading again from earlier"
+            );
+            telemetry::start_rewound();
+            if let Err(error) = consumer.seek(&pipeline.topic, partition, Offset::Offset(to), Duration::from_secs(10)) {
+                warn!(partition, %error, "seek failed; the next message retries it");
+            }
+        }
+        self.unchecked += 1;
+        self.unchecked >= HOUSEKEEPING_EVERY
+    }
+
+    /// Liveness, the write in flight and the flush timer. Returns the error of a write that
+    /// failed permanently even isolating the refused rows.
+    fn housekeeping(&mut self, consumer: &BaseConsumer<KafkaContext>, pipeline: &Pipeline) -> Result<(), StoreError> {
+        self.unchecked = 0;
+        self.clock = None;
+        pipeline.health.polled();
+
+        // A write runs while the loop keeps polling; its outcome is taken as soon as it is known.
+        if !pipeline.write_pending() {
+            let settled = pipeline.settle(consumer, Settle::IfDone);
+            written(consumer, pipeline, settled, &mut self.retry)?;
+        }
+        if !self.flush_due(pipeline) {
+            return Ok(());
+        }
+        // At most one write in flight: the next batch applies on top of this one.
+        let settled = pipeline.settle(consumer, Settle::Wait);
+        if !written(consumer, pipeline, settled, &mut self.retry)? {
+            return Ok(());
+        }
+        self.last_flush = Instant::now();
+        if !pipeline.start_write(None) && self.retry.take().is_some() {
+            // The failed batch was settled elsewhere (a rebalance) and nothing is left to write.
+            resume(consumer, pipeline);
+        }
+        Ok(())
+    }
+
+    fn flush_due(&self, pipeline: &Pipeline) -> bool {
+        match &self.retry {
             // The retry of the failed batch is running; its outcome decides what comes next.
             Some(_) if pipeline.write_pending() => false,
             Some((at, _)) => Instant::now() >= *at,
@@ -650,50 +717,20 @@ pub fn consume(consumer: BaseConsumer<KafkaContext>, pipeline: Arc<Pipeline>) ->
                 // not waited for: consumption goes on and the next batch starts as soon as it
                 // is done. Waiting here let librdkafka's prefetch queue fill up meanwhile, which
                 // cost memory and then time to drain. Only a full pending state waits.
-                (last_flush.elapsed() >= pipeline.flush.interval && !pipeline.write_pending()) || full
-            }
-        };
-        if !due {
-            continue;
-        }
-        // At most one write in flight: the next batch applies on top of this one.
-        let settled = pipeline.settle(&consumer, Settle::Wait);
-        match written(&consumer, &pipeline, settled, &mut retry) {
-            Ok(true) => {}
-            Ok(false) => continue,
-            Err(error) => {
-                fatal = Some(error);
-                break;
+                (self.last_flush.elapsed() >= pipeline.flush.interval && !pipeline.write_pending()) || full
             }
         }
-        last_flush = Instant::now();
-        if !pipeline.start_write(None) && retry.take().is_some() {
-            // The failed batch was settled elsewhere (a rebalance) and nothing is left to write.
-            resume(&consumer, &pipeline);
-        }
     }
+}
 
-    if let Some(error) = fatal {
-        // Nothing newer may be written before the failed batch (offsets apply in order), so
-        // there is no final flush: the unflushed messages are counted after the restart.
-        error!(
-            %error,
-            "PostgreSQL refuses this flush even with the refused rows isolated; stopping instead of retrying forever"
-        );
-        pipeline.cancel.cancel();
-        consumer.unsubscribe();
-        drop(consumer);
-        return Err(anyhow::Error::new(error)
-            .context("a flush failed permanently; the unflushed messages are counted after restart"));
-    }
-
+/// Writes what is pending at shutdown, retrying for up to 30 s; the error when it could not.
+fn final_flush(consumer: &BaseConsumer<KafkaContext>, pipeline: &Pipeline) -> Option<StoreError> {
     info!("shutting down: flushing pending usage");
     let deadline = Instant::now() + Duration::from_secs(30);
     let mut backoff = Backoff::new();
-    let mut unflushed = None;
     loop {
-        match pipeline.flush_now(&consumer, None) {
-            Ok(()) => break,
+        match pipeline.flush_now(consumer, None) {
+            Ok(()) => return None,
             Err(error) if Instant::now() < deadline => {
                 let wait = backoff.next_wait();
                 warn!(%error, retry_in = ?wait, "final flush failed, retrying");
@@ -701,21 +738,18 @@ pub fn consume(consumer: BaseConsumer<KafkaContext>, pipeline: Arc<Pipeline>) ->
             }
             Err(error) => {
                 error!(%error, "giving up on the final flush; the unflushed messages will be counted after restart");
-                unflushed = Some(error);
-                break;
+                return Some(error);
             }
         }
     }
-    // Leaving the group explicitly hands partitions to the other members at once instead of
-    // after the session timeout; offsets were already stored by the flush above.
+}
+
+/// Leaving the group explicitly hands partitions to the other members at once instead of after
+/// the session timeout; whatever was stored is in PostgreSQL already.
+fn leave_group(consumer: BaseConsumer<KafkaContext>) {
     consumer.unsubscribe();
     drop(consumer);
     info!("left the consumer group");
-    // A shutdown that could not store everything is not a clean one: say so with the exit code.
-    match unflushed {
-        Some(source) => Err(FinalFlushFailed(source).into()),
-        None => Ok(()),
-    }
 }
 
 /// The drain at shutdown could not write what was pending. Nothing is lost: the offsets in

@@ -197,18 +197,18 @@ impl Supervisor {
     async fn wait(mut self) -> anyhow::Result<()> {
         let mut first: Option<anyhow::Error> = None;
         while let Some(joined) = self.tasks.join_next().await {
-            let failure = match joined {
-                Ok((_, Ok(()))) => None,
-                Ok((name, Err(error))) => Some(error.context(format!("{name} failed"))),
-                Err(panic) => Some(anyhow::anyhow!("a task panicked: {panic}")),
+            let (task, failure) = match joined {
+                Ok((name, Ok(()))) => (name, None),
+                // The task's own error says what failed; the log line names the task.
+                Ok((name, Err(error))) => (name, Some(error)),
+                Err(panic) => ("a task", Some(anyhow::anyhow!("a task panicked: {panic}"))),
             };
-            if !self.cancel.is_cancelled() {
-                match &failure {
-                    Some(error) => error!(error = format!("{error:#}"), "stopping everything"),
-                    None => warn!("a task ended before shutdown; stopping everything"),
-                }
-                self.cancel.cancel();
+            if let Some(error) = &failure {
+                error!(task, error = format!("{error:#}"), "task failed; stopping everything");
+            } else if !self.cancel.is_cancelled() {
+                warn!(task, "task ended before shutdown; stopping everything");
             }
+            self.cancel.cancel();
             if first.is_none() {
                 first = failure;
             }

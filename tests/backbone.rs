@@ -116,7 +116,14 @@ async fn sigterm_whose_final_flush_fails_exits_non_zero_and_says_so() {
     world.produce(vec![event("a", &ts, "m", "a100-80g", "1", "1")]).await;
     let mut daemon = world.start(&world.config(""));
     world.wait_consumed(1, WAIT).await;
-    world.drop_database().await;
+    // A transient failure that outlasts the drain: every flush waits on the lock until its
+    // 10 s statement timeout (a dropped database would be a permanent failure, which stops
+    // costwatch by itself; see tests/hostile.rs).
+    let mut lock = world.pool.begin().await.unwrap();
+    sqlx::query("LOCK TABLE window_usage IN ACCESS EXCLUSIVE MODE")
+        .execute(&mut *lock)
+        .await
+        .unwrap();
     world.produce(vec![event("b", &ts, "m", "a100-80g", "1", "1")]).await;
     let deadline = std::time::Instant::now() + WAIT;
     while !daemon.log_text().contains("flush failed; pausing consumption") {
@@ -140,6 +147,7 @@ async fn sigterm_whose_final_flush_fails_exits_non_zero_and_says_so() {
         "{log}"
     );
     assert!(!log.contains("stopped cleanly"), "{log}");
+    lock.rollback().await.unwrap();
 }
 
 #[tokio::test(flavor = "multi_thread")]

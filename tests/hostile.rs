@@ -529,3 +529,50 @@ async fn rejected_messages_past_their_retention_are_pruned_by_one_instance() {
         .contains("pruned rejected messages past ingest.rejected_retention"));
     assert!(daemon.terminate(WAIT).success());
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_dropped_database_stops_costwatch_and_the_restart_recounts_from_kafka() {
+    let world = World::new(1).await;
+    let ts = ago(Duration::from_secs(60));
+    world
+        .produce(vec![
+            event("a", &ts, "m", "a100-80g", "1", "1"),
+            event("b", &ts, "m", "a100-80g", "2", "2"),
+        ])
+        .await;
+    let config = world.config("");
+    let mut daemon = world.start(&config);
+    world.wait_consumed(2, WAIT).await;
+    world.drop_database().await;
+    world.produce(vec![event("c", &ts, "m", "a100-80g", "4", "4")]).await;
+
+    // "database ... does not exist" is permanent: no retrying forever against it.
+    let status = daemon.wait_exit(WAIT);
+    let log = daemon.log_text();
+    assert!(!status.success(), "{log}");
+    assert!(log.contains("does not exist"), "{log}");
+
+    // The restart creates the database again and counts everything the topic holds, once.
+    let mut daemon = world.start(&config);
+    let pool = sqlx::postgres::PgPoolOptions::new()
+        .max_connections(1)
+        .connect_lazy(&world.db_url)
+        .unwrap();
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let totals: Option<(i64, String)> =
+            sqlx::query_as("SELECT sum(events)::int8, sum(compute)::text FROM usage_costs")
+                .fetch_optional(&pool)
+                .await
+                .ok()
+                .flatten()
+                .filter(|(events, _): &(Option<i64>, Option<String>)| events.is_some())
+                .map(|(events, compute)| (events.unwrap(), compute.unwrap()));
+        if totals == Some((3, "7".to_owned())) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "totals {totals:?}:\n{}", daemon.log_text());
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    assert!(daemon.terminate(WAIT).success());
+}

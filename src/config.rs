@@ -3,7 +3,7 @@
 
 use std::collections::{BTreeMap, HashSet};
 use std::fmt;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::str::FromStr;
 use std::time::Duration;
 
@@ -11,6 +11,8 @@ use rust_decimal::Decimal;
 use serde::Deserialize;
 
 use crate::domain::{exact_decimal, fraction, Coefficient, HardwareName, ModelName, Money, UnitPrice};
+use crate::kafka;
+use crate::secret::Secret;
 
 /// The environment prefix; keys below it are separated by `__`, e.g. `COSTWATCH__KAFKA__BROKERS`.
 pub const ENV_PREFIX: &str = "COSTWATCH";
@@ -58,8 +60,18 @@ pub struct KafkaSettings {
     #[serde(default = "defaults::session_timeout", with = "humantime_serde")]
     pub session_timeout: Duration,
     /// Extra librdkafka properties (e.g. `"security.protocol" = "SASL_SSL"`), passed unchanged.
+    /// Secret-looking ones (`sasl.password`, ...) are redacted wherever costwatch prints.
     #[serde(default)]
     pub properties: BTreeMap<String, String>,
+    /// librdkafka properties read from files, the `*_file` convention:
+    /// `"sasl.password" = "/run/secrets/kafka-password"`. Always treated as secrets.
+    #[serde(default)]
+    pub property_files: BTreeMap<String, PathBuf>,
+    /// Every operator property with its value and where it came from: `properties`, then
+    /// `property_files`, then `COSTWATCH_KAFKA_<NAME>` environment variables. Filled by
+    /// [`Settings::load`]; [`KafkaSettings::operator_properties`] falls back to `properties`.
+    #[serde(skip)]
+    pub resolved: Option<Vec<KafkaProperty>>,
 }
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
@@ -73,8 +85,16 @@ pub enum StartFrom {
 #[derive(Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct DatabaseSettings {
-    /// `postgres://user[:password]@host:port/database`. Never logged.
+    /// `postgres://user[:password]@host:port/database[?sslmode=verify-full&sslrootcert=...]`.
+    /// Never logged.
     pub url: String,
+    /// The password, overriding the URL's; prefer `password_file` or `COSTWATCH__DATABASE__PASSWORD`.
+    /// After [`Settings::load`] it holds the password read from `password_file` too.
+    #[serde(default)]
+    pub password: Option<Secret>,
+    /// A file holding the password (the `*_file` convention), e.g. `/run/secrets/db-password`.
+    #[serde(default)]
+    pub password_file: Option<PathBuf>,
     #[serde(default = "defaults::max_connections")]
     pub max_connections: u32,
 }
@@ -84,6 +104,8 @@ impl fmt::Debug for DatabaseSettings {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("DatabaseSettings")
             .field("url", &"<redacted>")
+            .field("password", &self.password)
+            .field("password_file", &self.password_file)
             .field("max_connections", &self.max_connections)
             .finish()
     }
@@ -562,6 +584,191 @@ mod defaults {
     }
 }
 
+/// One librdkafka property the operator set, with where it was set.
+#[derive(Clone, Debug)]
+pub struct KafkaProperty {
+    pub name: String,
+    pub value: PropertyValue,
+    /// Where it was set, as the operator wrote it: `kafka.properties."sasl.password"`,
+    /// `kafka.property_files."sasl.password"` or `COSTWATCH_KAFKA_SASL_PASSWORD`.
+    pub origin: String,
+}
+
+/// A property value; secrets print as `<redacted>`.
+#[derive(Clone, Debug)]
+pub enum PropertyValue {
+    Plain(String),
+    Secret(Secret),
+}
+
+impl PropertyValue {
+    pub fn expose(&self) -> &str {
+        match self {
+            PropertyValue::Plain(v) => v,
+            PropertyValue::Secret(s) => s.expose(),
+        }
+    }
+}
+
+/// librdkafka properties from the environment: `COSTWATCH_KAFKA_SASL_PASSWORD` sets
+/// `sasl.password` (lower case, `_` for `.`; no librdkafka property has an `_` in its name).
+pub const KAFKA_ENV_PREFIX: &str = "COSTWATCH_KAFKA_";
+
+impl KafkaSettings {
+    /// The operator's properties, resolved by [`Settings::load`] (or, for settings built
+    /// without it, `properties` alone).
+    pub fn operator_properties(&self) -> Vec<KafkaProperty> {
+        self.resolved.clone().unwrap_or_else(|| self.inline_properties())
+    }
+
+    fn inline_properties(&self) -> Vec<KafkaProperty> {
+        self.properties
+            .iter()
+            .map(|(name, value)| KafkaProperty {
+                name: name.clone(),
+                value: if kafka::is_sensitive(name) {
+                    PropertyValue::Secret(Secret::new(value.clone()))
+                } else {
+                    PropertyValue::Plain(value.clone())
+                },
+                origin: format!("kafka.properties.{name:?}"),
+            })
+            .collect()
+    }
+
+    /// `properties`, then `property_files` (read now), then the environment on top, as the
+    /// environment overrides the file for every other key.
+    fn resolve(&self, env: &[(String, String)], problems: &mut Vec<String>) -> Vec<KafkaProperty> {
+        let mut by_name: BTreeMap<String, KafkaProperty> = self
+            .inline_properties()
+            .into_iter()
+            .map(|p| (p.name.clone(), p))
+            .collect();
+        for (name, path) in &self.property_files {
+            let origin = format!("kafka.property_files.{name:?}");
+            if self.properties.contains_key(name) {
+                problems.push(format!("{origin}: also set in kafka.properties; set it in one place"));
+                continue;
+            }
+            match Secret::from_file(path) {
+                Ok(secret) => {
+                    let value = PropertyValue::Secret(secret);
+                    by_name.insert(
+                        name.clone(),
+                        KafkaProperty {
+                            name: name.clone(),
+                            value,
+                            origin,
+                        },
+                    );
+                }
+                Err(e) => problems.push(format!("{origin}: cannot read {}: {e}", path.display())),
+            }
+        }
+        for (var, value) in env {
+            let Some(suffix) = var.strip_prefix(KAFKA_ENV_PREFIX) else {
+                continue;
+            };
+            if suffix.is_empty() {
+                problems.push(format!("{var}: names no librdkafka property"));
+                continue;
+            }
+            let name = suffix.to_ascii_lowercase().replace('_', ".");
+            let value = if kafka::is_sensitive(&name) {
+                PropertyValue::Secret(Secret::new(value.clone()))
+            } else {
+                PropertyValue::Plain(value.clone())
+            };
+            by_name.insert(
+                name.clone(),
+                KafkaProperty {
+                    name,
+                    value,
+                    origin: var.clone(),
+                },
+            );
+        }
+        by_name.into_values().collect()
+    }
+}
+
+impl DatabaseSettings {
+    /// The password in the URL, if any (percent-decoded), so that it can be scrubbed too.
+    fn url_password(&self) -> Option<Secret> {
+        let url = reqwest::Url::parse(&self.url).ok()?;
+        let raw = url.password()?;
+        let decoded = percent_decode(raw);
+        Some(Secret::new(decoded))
+    }
+}
+
+/// `%XX` decoding for the URL's password (the `url` crate leaves it encoded).
+fn percent_decode(s: &str) -> String {
+    let bytes = s.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        let hex = |b: u8| (b as char).to_digit(16);
+        if bytes[i] == b'%' && i + 2 < bytes.len() {
+            if let (Some(h), Some(l)) = (hex(bytes[i + 1]), hex(bytes[i + 2])) {
+                out.push((h * 16 + l) as u8);
+                i += 3;
+                continue;
+            }
+        }
+        out.push(bytes[i]);
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+impl Settings {
+    /// Reads the `*_file` secrets and the `COSTWATCH_KAFKA_*` properties from `env`; returns
+    /// every problem with its key (never with a secret's value).
+    pub fn resolve_secrets(&mut self, env: impl IntoIterator<Item = (String, String)>) -> Vec<String> {
+        let env: Vec<(String, String)> = env.into_iter().collect();
+        let mut problems = Vec::new();
+        self.kafka.resolved = Some(self.kafka.resolve(&env, &mut problems));
+        let db = &mut self.database;
+        match (&db.password, &db.password_file) {
+            (Some(_), Some(_)) => problems
+                .push("database.password_file: set database.password or database.password_file, not both".into()),
+            (None, Some(path)) => match Secret::from_file(path) {
+                Ok(secret) if secret.expose().is_empty() => {
+                    problems.push(format!("database.password_file: {} is empty", path.display()))
+                }
+                Ok(secret) => db.password = Some(secret),
+                Err(e) => problems.push(format!("database.password_file: cannot read {}: {e}", path.display())),
+            },
+            _ => {}
+        }
+        problems
+    }
+
+    /// Every secret value these settings hold, for [`crate::secret::scrub`].
+    pub fn secrets(&self) -> Vec<Secret> {
+        let mut secrets: Vec<Secret> = self
+            .kafka
+            .operator_properties()
+            .into_iter()
+            .filter_map(|p| match p.value {
+                PropertyValue::Secret(s) => Some(s),
+                PropertyValue::Plain(_) => None,
+            })
+            .collect();
+        secrets.extend(self.database.password.clone());
+        secrets.extend(self.database.url_password());
+        secrets.extend(self.http.api_token.clone().map(Secret::new));
+        secrets.extend(
+            self.alerting
+                .webhooks
+                .iter()
+                .filter_map(|w| w.resolve_secret().map(Secret::new)),
+        );
+        secrets
+    }
+}
+
 /// Why settings could not be used. Every problem is listed, each with its key.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -578,7 +785,7 @@ impl Settings {
         if let Some(path) = path {
             builder = builder.add_source(config::File::from(path).format(config::FileFormat::Toml));
         }
-        let settings: Settings = builder
+        let mut settings: Settings = builder
             .add_source(
                 config::Environment::with_prefix(ENV_PREFIX)
                     .prefix_separator("__")
@@ -586,7 +793,14 @@ impl Settings {
             )
             .build()?
             .try_deserialize()?;
-        settings.validate()?;
+        let mut problems = settings.resolve_secrets(std::env::vars());
+        if let Err(ConfigError::Invalid(more)) = settings.validate() {
+            problems.extend(more);
+        }
+        if !problems.is_empty() {
+            return Err(ConfigError::Invalid(problems));
+        }
+        crate::secret::register(&settings.secrets());
         Ok(settings)
     }
 

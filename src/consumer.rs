@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 use chrono::{DateTime, Utc};
 use rdkafka::bindings::rd_kafka_resp_err_t as RespErr;
 use rdkafka::client::ClientContext;
-use rdkafka::config::{ClientConfig, RDKafkaLogLevel};
+use rdkafka::config::RDKafkaLogLevel;
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext, RebalanceProtocol};
 use rdkafka::error::KafkaError;
 use rdkafka::message::Message;
@@ -27,7 +27,9 @@ use crate::aggregate::{start_offset, Aggregator, FlushBatch, Outcome};
 use crate::config::{KafkaSettings, StartFrom};
 use crate::faults::{self, FaultPoint};
 use crate::http::Health;
+use crate::kafka::{self, PermanentFailure};
 use crate::pricing::{LivePrices, PriceBook};
+use crate::secret;
 use crate::store::{Store, StoreError, WindowLayout};
 use crate::telemetry;
 use crate::window::{WindowKey, WindowSums};
@@ -345,9 +347,9 @@ impl Pipeline {
     }
 }
 
-fn lock(aggregator: &Mutex<Aggregator>) -> MutexGuard<'_, Aggregator> {
+fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
     // A panic while holding the lock already ends the process; poisoning adds nothing.
-    aggregator.lock().unwrap_or_else(|p| p.into_inner())
+    mutex.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 /// The metrics of a batch known to be in PostgreSQL, with the watermark and dedup gauges it
@@ -369,10 +371,26 @@ fn report_committed(
 /// before any of their messages are fetched.
 pub struct KafkaContext {
     pipeline: Arc<Pipeline>,
+    /// Set when the broker refused us in a way no retry fixes (see [`kafka::permanent_failure`]).
+    failure: Mutex<Option<String>>,
+}
+
+impl KafkaContext {
+    /// Stops the daemon (draining as for SIGTERM) and remembers why, for its exit.
+    fn fail_permanently(&self, failure: PermanentFailure, reason: &str) {
+        error!(%failure, reason, "the Kafka broker refused costwatch; this is permanent, stopping");
+        let mut slot = lock(&self.failure);
+        if slot.is_none() {
+            *slot = Some(format!("kafka: {failure}, not retried: {reason}"));
+        }
+        self.pipeline.cancel.cancel();
+    }
 }
 
 impl ClientContext for KafkaContext {
     fn log(&self, level: RDKafkaLogLevel, fac: &str, message: &str) {
+        // librdkafka's texts may quote property values; secrets are scrubbed before logging.
+        let message = secret::scrub(message);
         match level {
             RDKafkaLogLevel::Emerg | RDKafkaLogLevel::Alert | RDKafkaLogLevel::Critical | RDKafkaLogLevel::Error => {
                 error!(target: "librdkafka", facility = fac, "{message}")
@@ -400,7 +418,12 @@ impl ClientContext for KafkaContext {
 
     fn error(&self, error: KafkaError, reason: &str) {
         telemetry::broker_error();
-        warn!(%error, reason, "kafka client error; librdkafka retries by itself");
+        let reason = secret::scrub(reason);
+        if let Some(failure) = kafka::permanent_failure(&error, &reason) {
+            self.fail_permanently(failure, &reason);
+            return;
+        }
+        warn!(%error, %reason, "kafka client error; librdkafka retries by itself");
     }
 }
 
@@ -471,38 +494,44 @@ impl ConsumerContext for KafkaContext {
 }
 
 /// Builds the group member. Auto-commit is off: offsets are ours to store, in PostgreSQL.
-pub fn build_consumer(
-    settings: &KafkaSettings,
-    pipeline: Arc<Pipeline>,
-) -> Result<BaseConsumer<KafkaContext>, KafkaError> {
-    let mut config = ClientConfig::new();
-    config
-        .set("bootstrap.servers", &settings.brokers)
-        .set("group.id", &settings.group_id)
-        .set("client.id", format!("costwatch-{}", pipeline.owner))
-        .set("enable.auto.commit", "false")
-        .set("enable.auto.offset.store", "false")
-        .set("enable.partition.eof", "false")
-        .set(
-            "auto.offset.reset",
-            match settings.start_from {
-                StartFrom::Earliest => "earliest",
-                StartFrom::Latest => "latest",
-            },
-        )
-        .set("session.timeout.ms", settings.session_timeout.as_millis().to_string())
+pub fn build_consumer(settings: &KafkaSettings, pipeline: Arc<Pipeline>) -> anyhow::Result<BaseConsumer<KafkaContext>> {
+    let base = consumer_properties(settings, &pipeline.owner);
+    let mut config = kafka::client_config(&base, settings)
+        .map_err(|problems| anyhow::anyhow!("invalid Kafka client configuration: {}", problems.join("; ")))?;
+    config.set_log_level(RDKafkaLogLevel::Warning);
+    let context = KafkaContext {
+        pipeline,
+        failure: Mutex::new(None),
+    };
+    // librdkafka's creation errors may quote a property value: scrubbed.
+    let consumer: BaseConsumer<KafkaContext> = config
+        .create_with_context(context)
+        .map_err(|e| anyhow::anyhow!("{}", kafka::scrubbed(&e)))?;
+    Ok(consumer)
+}
+
+/// costwatch's own consumer properties; the operator's `kafka.properties` go on top.
+pub fn consumer_properties(settings: &KafkaSettings, owner: &str) -> Vec<(&'static str, String)> {
+    let start_from = match settings.start_from {
+        StartFrom::Earliest => "earliest",
+        StartFrom::Latest => "latest",
+    };
+    vec![
+        ("bootstrap.servers", settings.brokers.clone()),
+        ("group.id", settings.group_id.clone()),
+        ("client.id", format!("costwatch-{owner}")),
+        ("enable.auto.commit", "false".into()),
+        ("enable.auto.offset.store", "false".into()),
+        ("enable.partition.eof", "false".into()),
+        ("auto.offset.reset", start_from.into()),
+        ("session.timeout.ms", settings.session_timeout.as_millis().to_string()),
         // Statistics carry each partition's log end, for the lag gauge.
-        .set("statistics.interval.ms", "5000")
-        .set(
+        ("statistics.interval.ms", "5000".into()),
+        (
             "heartbeat.interval.ms",
             (settings.session_timeout.as_millis() / 4).max(100).to_string(),
-        );
-    for (k, v) in &settings.properties {
-        config.set(k, v);
-    }
-    config.set_log_level(RDKafkaLogLevel::Warning);
-    let consumer: BaseConsumer<KafkaContext> = config.create_with_context(KafkaContext { pipeline })?;
-    Ok(consumer)
+        ),
+    ]
 }
 
 /// Runs the consumer until `pipeline.cancel` fires, then flushes what is pending and leaves the
@@ -612,9 +641,13 @@ pub fn consume(consumer: BaseConsumer<KafkaContext>, pipeline: Arc<Pipeline>) ->
     // Leaving the group explicitly hands partitions to the other members at once instead of
     // after the session timeout; offsets were already stored by the flush above.
     consumer.unsubscribe();
+    let failure = lock(&consumer.context().failure).take();
     drop(consumer);
     info!("left the consumer group");
-    Ok(())
+    match failure {
+        Some(failure) => Err(anyhow::anyhow!(failure)),
+        None => Ok(()),
+    }
 }
 
 /// Acts on a settled write for the poll loop: after a failure, pauses consumption and schedules

@@ -7,6 +7,8 @@
 //! Budgets: [`budget`] (periods, forecast, drift: what should alert), [`budget_store`] (spend
 //! from PostgreSQL, alert state, outbox), [`alerting`] (the single evaluator) and [`notify`]
 //! (Alertmanager and signed webhooks).
+//! Connections: [`kafka`] (the librdkafka client configuration, checked without connecting,
+//! and which broker errors are permanent) and [`secret`] (values never printed).
 //! Calibration: [`bills`] (bills CSV) and [`calibrate`] (the k1/k2 fit) are pure,
 //! [`calibration`] runs `costwatch calibrate`, [`calibration_store`] is its PostgreSQL side,
 //! [`rerate`] re-prices stored windows and [`recommend`] ranks hardware targets per model.
@@ -28,11 +30,13 @@ pub mod domain;
 pub mod event;
 pub mod faults;
 pub mod http;
+pub mod kafka;
 pub mod loadgen;
 pub mod notify;
 pub mod pricing;
 pub mod recommend;
 pub mod rerate;
+pub mod secret;
 pub mod shutdown;
 pub mod store;
 pub mod telemetry;

@@ -314,17 +314,18 @@ fn load(path: Option<&std::path::Path>) -> anyhow::Result<Settings> {
 /// and the URL's TLS files. Returns the settings and the warnings (plaintext-capable `sslmode`,
 /// librdkafka's own).
 fn load_checked(path: Option<&std::path::Path>) -> anyhow::Result<(Settings, Vec<String>)> {
-    let settings = load(path)?;
-    let mut problems = Vec::new();
+    let (settings, mut problems) = Settings::load_with_problems(path)?;
     let mut warnings = Vec::new();
     let base = consumer::consumer_properties(&settings.kafka, "check-config");
     match kafka::check(&base, &settings.kafka) {
         Ok(kafka_warnings) => warnings.extend(kafka_warnings.into_iter().map(|w| format!("kafka: {w}"))),
         Err(kafka_problems) => problems.extend(kafka_problems),
     }
-    let (db_problems, db_warnings) = store::check_url(&settings.database.url);
-    problems.extend(db_problems);
-    warnings.extend(db_warnings);
+    if !problems.iter().any(|p| p.starts_with("database.url")) {
+        let (db_problems, db_warnings) = store::check_url(&settings.database.url);
+        problems.extend(db_problems);
+        warnings.extend(db_warnings);
+    }
     if !problems.is_empty() {
         return Err(ConfigError::Invalid(problems).into());
     }

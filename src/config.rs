@@ -781,6 +781,18 @@ pub enum ConfigError {
 impl Settings {
     /// Loads `path` (if given), then `COSTWATCH__*` environment variables on top, then validates.
     pub fn load(path: Option<&Path>) -> Result<Self, ConfigError> {
+        let (settings, problems) = Self::load_with_problems(path)?;
+        if problems.is_empty() {
+            Ok(settings)
+        } else {
+            Err(ConfigError::Invalid(problems))
+        }
+    }
+
+    /// [`Settings::load`], returning the problems beside the settings instead of failing on
+    /// them, for a caller that checks more (librdkafka's verdict) and reports it all at once.
+    /// Fails only when the file cannot be read or parsed at all.
+    pub fn load_with_problems(path: Option<&Path>) -> Result<(Self, Vec<String>), ConfigError> {
         let mut builder = config::Config::builder();
         if let Some(path) = path {
             builder = builder.add_source(config::File::from(path).format(config::FileFormat::Toml));
@@ -793,15 +805,15 @@ impl Settings {
             )
             .build()?
             .try_deserialize()?;
-        let mut problems = settings.resolve_secrets(std::env::vars());
+        // Variables that are not Unicode are no costwatch settings; std::env::vars would panic.
+        let env = std::env::vars_os().filter_map(|(k, v)| Some((k.into_string().ok()?, v.into_string().ok()?)));
+        let mut problems = settings.resolve_secrets(env);
         if let Err(ConfigError::Invalid(more)) = settings.validate() {
             problems.extend(more);
         }
-        if !problems.is_empty() {
-            return Err(ConfigError::Invalid(problems));
-        }
+        // Before anything can print: librdkafka's and sqlx's texts are scrubbed from now on.
         crate::secret::register(&settings.secrets());
-        Ok(settings)
+        Ok((settings, problems))
     }
 
     /// Checks what types alone cannot, collecting every problem instead of stopping at the first.

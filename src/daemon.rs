@@ -73,7 +73,13 @@ pub async fn prepare_database(settings: &Settings, cancel: &CancellationToken) -
 }
 
 fn permanent(failure: ConnectFailure, error: StoreError) -> anyhow::Error {
-    anyhow::Error::new(error).context(format!("PostgreSQL: {failure}; not retried"))
+    // sqlx's chain repeats itself (its error, the I/O error, rustls's); the innermost cause
+    // is the one that says what is wrong.
+    let mut cause: &dyn std::error::Error = &error;
+    while let Some(next) = cause.source() {
+        cause = next;
+    }
+    anyhow::anyhow!("PostgreSQL: {failure}; not retried: {cause}")
 }
 
 /// Runs until `cancel` fires, then drains: flush, store offsets, leave the group, stop serving.

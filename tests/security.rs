@@ -848,3 +848,37 @@ async fn check_config_lists_every_connection_problem_without_connecting() {
         started.elapsed()
     );
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn migrate_stopped_before_the_schema_is_up_to_date_exits_non_zero() {
+    let world = World::new(1).await;
+    let config = world.config("");
+    // Nothing listens there: migrate waits for the database, as a starting daemon would.
+    let url = format!("postgres://postgres@127.0.0.1:{}/costwatch", free_port());
+    let mut child = Command::new(env!("CARGO_BIN_EXE_costwatch"))
+        .args(["migrate", "--config"])
+        .arg(&config)
+        .env("COSTWATCH__DATABASE__URL", &url)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert!(
+        child.try_wait().unwrap().is_none(),
+        "migrate should still be waiting for PostgreSQL"
+    );
+    run(Command::new("kill").args(["-TERM", &child.id().to_string()]));
+    let out = child.wait_with_output().unwrap();
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(out.status.code(), Some(1), "{text}");
+    assert!(
+        text.contains("stopped by a signal before the schema could be migrated"),
+        "{text}"
+    );
+    assert!(!text.contains("database schema is up to date"), "{text}");
+}

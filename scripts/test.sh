@@ -29,12 +29,34 @@ if [ ! -x .local/venv/bin/schemathesis ]; then
 fi
 export COSTWATCH_SCHEMATHESIS="$PWD/.local/venv/bin/schemathesis"
 
+# --- Secure connections (tests/security.rs, issue 14) ---------------------------------------
+# The libraries librdkafka is built against (TLS, SASL, OIDC, zstd); stunnel4 terminates TLS in
+# front of the tests' own brokers, openssl makes their certificates; kafka-python (PyPI, with
+# its codecs) is the independent producer of gzip, snappy, lz4 and zstd batches.
+scripts/build-deps.sh
+if ! command -v stunnel4 >/dev/null || ! command -v openssl >/dev/null; then
+  echo "stunnel4, openssl: installing the Debian packages"
+  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
+    stunnel4 openssl >/dev/null
+fi
+if ! .local/kafka-venv/bin/python -c "import kafka.codec as c; assert c.has_snappy() and c.has_lz4() and c.has_zstd()" 2>/dev/null; then
+  echo "kafka-python: installing into .local/kafka-venv"
+  python3 -m venv .local/kafka-venv
+  .local/kafka-venv/bin/pip install -q "kafka-python[lz4,snappy,zstd]==2.2.15"
+fi
+export COSTWATCH_KAFKA_PYTHON="$PWD/.local/kafka-venv/bin/python"
+# ---------------------------------------------------------------------------------------------
+
 export COSTWATCH_TEST_BROKERS="${COSTWATCH_TEST_BROKERS:-127.0.0.1:${BROKER_PORT:-9092}}"
 export COSTWATCH_TEST_DATABASE_URL="${COSTWATCH_TEST_DATABASE_URL:-postgres://postgres@127.0.0.1:5432/postgres}"
 
 # Each test makes its own database named cw_test_*; drop what earlier runs left behind.
 psql -q -h 127.0.0.1 -U postgres -d postgres -At \
   -c "SELECT 'DROP DATABASE IF EXISTS \"' || datname || '\" WITH (FORCE);' FROM pg_database WHERE datname LIKE 'cw\_test\_%'" \
+  | psql -q -h 127.0.0.1 -U postgres -d postgres >/dev/null
+# ... and the roles of the least-privilege test (tests/dashboards.rs), once their databases are gone.
+psql -q -h 127.0.0.1 -U postgres -d postgres -At \
+  -c "SELECT 'DROP ROLE IF EXISTS \"' || rolname || '\";' FROM pg_roles WHERE rolname LIKE 'cw\_test\_%'" \
   | psql -q -h 127.0.0.1 -U postgres -d postgres >/dev/null
 
 cargo test --lib --bins --tests "$@"

@@ -15,7 +15,7 @@ use rdkafka::bindings::rd_kafka_resp_err_t as RespErr;
 use rdkafka::client::ClientContext;
 use rdkafka::config::RDKafkaLogLevel;
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext, RebalanceProtocol};
-use rdkafka::error::KafkaError;
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::Message;
 use rdkafka::statistics::Statistics;
 use rdkafka::{Offset, TopicPartitionList};
@@ -406,6 +406,10 @@ impl ClientContext for KafkaContext {
     /// librdkafka's periodic statistics carry each partition's log end (`hi_offset`); lag is
     /// measured against the offset PostgreSQL will resume from, not the Kafka commit.
     fn stats(&self, statistics: Statistics) {
+        // Bootstrap entries (node id -1) do not count: a broker is reachable once a
+        // connection to a cluster member is up.
+        let up = statistics.brokers.values().any(|b| b.nodeid >= 0 && b.state == "UP");
+        self.pipeline.health.set_broker_reachable(up);
         let Some(topic) = statistics.topics.get(&self.pipeline.topic) else {
             return;
         };
@@ -422,6 +426,9 @@ impl ClientContext for KafkaContext {
         if let Some(failure) = kafka::permanent_failure(&error, &reason) {
             self.fail_permanently(failure, &reason);
             return;
+        }
+        if error.rdkafka_error_code() == Some(RDKafkaErrorCode::AllBrokersDown) {
+            self.pipeline.health.set_broker_reachable(false);
         }
         warn!(%error, %reason, "kafka client error; librdkafka retries by itself");
     }

@@ -2,7 +2,7 @@
 //! PostgreSQL (`/api/v1/*`, described by `/api/v1/openapi.json`).
 
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicI64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -33,9 +33,16 @@ use crate::{calibration_store, recommend, telemetry};
 pub struct Health {
     last_poll_ms: AtomicI64,
     assigned: AtomicUsize,
+    /// Set when librdkafka reports every broker down; cleared when its statistics show a
+    /// broker connection up again (every 5 s). Not known down until librdkafka says so.
+    broker_down: AtomicBool,
 }
 
 impl Health {
+    pub fn set_broker_reachable(&self, reachable: bool) {
+        self.broker_down.store(!reachable, Ordering::Relaxed);
+    }
+
     /// Called by the consumer loop on every poll.
     pub fn polled(&self) {
         self.last_poll_ms
@@ -185,12 +192,14 @@ async fn readyz(State(state): State<AppState>) -> Response {
         .is_ok_and(|r| r.is_ok());
     let last_poll = state.health.last_poll_ms.load(Ordering::Relaxed);
     let consuming = last_poll > 0 && Utc::now().timestamp_millis() - last_poll < POLL_STALE.as_millis() as i64;
+    let broker = !state.health.broker_down.load(Ordering::Relaxed);
     let body = json!({
         "database": database,
+        "broker": broker,
         "consuming": consuming,
         "assigned_partitions": state.health.assigned.load(Ordering::Relaxed),
     });
-    let status = if database && consuming {
+    let status = if database && broker && consuming {
         StatusCode::OK
     } else {
         StatusCode::SERVICE_UNAVAILABLE

@@ -882,3 +882,41 @@ async fn migrate_stopped_before_the_schema_is_up_to_date_exits_non_zero() {
     );
     assert!(!text.contains("database schema is up to date"), "{text}");
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn readiness_follows_the_broker_down_and_up_again() {
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let mut world = World::new(1).await;
+    world.brokers = format!("127.0.0.1:{port}");
+    let daemon = world.start(&world.config(""));
+    let addr = daemon.http_addr().await;
+    let ready = |want: u16, broker: bool| {
+        let addr = addr.clone();
+        async move {
+            let deadline = Instant::now() + WAIT;
+            loop {
+                let (status, body) = http(&addr, "GET", "/readyz", None, None).await;
+                if status == want && body.contains(&format!("\"broker\":{broker}")) {
+                    return;
+                }
+                assert!(Instant::now() < deadline, "/readyz stayed {status} {body}");
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+        }
+    };
+    ready(503, false).await;
+
+    // The broker appears where costwatch was told to look.
+    let url = format!("tcp://127.0.0.1:{port}");
+    let _tansu = Proc::spawn(
+        "tansu",
+        Command::new("tansu")
+            .args(["broker", "--listener-url", &url, "--advertised-listener-url", &url])
+            .args(["--storage-engine", "memory://tansu/"]),
+        dir.path().join("tansu.log"),
+    );
+    wait_listening(port, "tansu", &dir.path().join("tansu.log"));
+    loadgen::ensure_topic(&world.brokers, &world.topic, 1).await.unwrap();
+    ready(200, true).await;
+}

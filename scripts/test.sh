@@ -31,13 +31,14 @@ export COSTWATCH_SCHEMATHESIS="$PWD/.local/venv/bin/schemathesis"
 
 # --- Secure connections (tests/security.rs, issue 14) ---------------------------------------
 # The libraries librdkafka is built against (TLS, SASL, OIDC, zstd); stunnel4 terminates TLS in
-# front of the tests' own brokers, openssl makes their certificates; kafka-python (PyPI, with
-# its codecs) is the independent producer of gzip, snappy, lz4 and zstd batches.
+# front of the tests' own brokers and the HTTP endpoints, openssl makes their certificates,
+# curl is the HTTPS client; kafka-python (PyPI, with its codecs) is the independent producer of
+# gzip, snappy, lz4 and zstd batches.
 scripts/build-deps.sh
-if ! command -v stunnel4 >/dev/null || ! command -v openssl >/dev/null; then
-  echo "stunnel4, openssl: installing the Debian packages"
+if ! command -v stunnel4 >/dev/null || ! command -v openssl >/dev/null || ! command -v curl >/dev/null; then
+  echo "stunnel4, openssl, curl: installing the Debian packages"
   apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
-    stunnel4 openssl >/dev/null
+    stunnel4 openssl curl >/dev/null
 fi
 if ! .local/kafka-venv/bin/python -c "import kafka.codec as c; assert c.has_snappy() and c.has_lz4() and c.has_zstd()" 2>/dev/null; then
   echo "kafka-python: installing into .local/kafka-venv"

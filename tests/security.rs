@@ -206,23 +206,13 @@ impl TlsBroker {
             dir.join("tansu.log"),
         );
         wait_listening(plain_port, "tansu", &dir.join("tansu.log"));
-        let verify = if client_certificates {
-            format!("verifyChain = yes\nCAfile = {}\n", pki.file("ca.pem"))
-        } else {
-            String::new()
-        };
-        let conf = dir.join("stunnel.conf");
-        std::fs::write(
-            &conf,
-            format!(
-                "foreground = yes\npid =\ndebug = notice\n[kafka]\naccept = 127.0.0.1:{tls_port}\nconnect = 127.0.0.1:{plain_port}\ncert = {}\nkey = {}\n{verify}",
-                pki.file("server.pem"),
-                pki.file("server.key"),
-            ),
-        )
-        .unwrap();
-        let stunnel = Proc::spawn("stunnel", Command::new("stunnel4").arg(&conf), dir.join("stunnel.log"));
-        wait_listening(tls_port, "stunnel", &dir.join("stunnel.log"));
+        let stunnel = stunnel(
+            pki,
+            dir,
+            tls_port,
+            &format!("127.0.0.1:{plain_port}"),
+            client_certificates,
+        );
         TlsBroker {
             _tansu: tansu,
             _stunnel: stunnel,
@@ -234,6 +224,31 @@ impl TlsBroker {
     fn brokers(&self) -> String {
         format!("localhost:{}", self.tls_port)
     }
+}
+
+/// stunnel terminating TLS on `accept_port` with the test CA's server certificate and
+/// forwarding the plaintext to `connect`; with `client_certificates` it demands one from the
+/// test CA. The same configuration as the README's reverse-proxy example.
+fn stunnel(pki: &Pki, dir: &Path, accept_port: u16, connect: &str, client_certificates: bool) -> Proc {
+    let verify = if client_certificates {
+        format!("verifyChain = yes\nCAfile = {}\n", pki.file("ca.pem"))
+    } else {
+        String::new()
+    };
+    let conf = dir.join(format!("stunnel-{accept_port}.conf"));
+    std::fs::write(
+        &conf,
+        format!(
+            "foreground = yes\npid =\n[costwatch]\naccept = 127.0.0.1:{accept_port}\nconnect = {connect}\ncert = {}\nkey = {}\n{verify}",
+            pki.file("server.pem"),
+            pki.file("server.key"),
+        ),
+    )
+    .unwrap();
+    let log = dir.join(format!("stunnel-{accept_port}.log"));
+    let proc = Proc::spawn("stunnel", Command::new("stunnel4").arg(&conf), log.clone());
+    wait_listening(accept_port, "stunnel", &log);
+    proc
 }
 
 /// librdkafka properties for the TLS broker, as TOML lines and as pairs for the test's own
@@ -919,4 +934,42 @@ async fn readiness_follows_the_broker_down_and_up_again() {
     wait_listening(port, "tansu", &dir.path().join("tansu.log"));
     loadgen::ensure_topic(&world.brokers, &world.topic, 1).await.unwrap();
     ready(200, true).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_http_endpoints_serve_https_behind_the_documented_tls_proxy() {
+    let pki = Pki::new();
+    let world = World::new(1).await;
+    let token = "api-token-behind-the-proxy-0123";
+    let daemon = world.start_with(&world.config(""), &[("COSTWATCH__HTTP__API_TOKEN", token)]);
+    let addr = daemon.http_addr().await;
+    let port = free_port();
+    let _proxy = stunnel(&pki, world.dir.path(), port, &addr, false);
+    let curl = |ca: &str, path: &str| {
+        Command::new("curl")
+            .args([
+                "-sS",
+                "--fail",
+                "--cacert",
+                &pki.file(ca),
+                "-H",
+                &format!("Authorization: Bearer {token}"),
+            ])
+            .arg(format!("https://localhost:{port}{path}"))
+            .output()
+            .expect("curl")
+    };
+    let metrics = curl("ca.pem", "/metrics");
+    assert!(metrics.status.success(), "{}", String::from_utf8_lossy(&metrics.stderr));
+    assert!(String::from_utf8_lossy(&metrics.stdout).contains("costwatch_events_total"));
+    let costs = curl("ca.pem", "/api/v1/costs");
+    assert!(costs.status.success(), "{}", String::from_utf8_lossy(&costs.stderr));
+    // A client that does not trust the proxy's CA is refused by its own TLS check.
+    let untrusted = curl("other-ca.pem", "/metrics");
+    assert!(!untrusted.status.success());
+    assert!(
+        String::from_utf8_lossy(&untrusted.stderr).contains("certificate"),
+        "{}",
+        String::from_utf8_lossy(&untrusted.stderr)
+    );
 }

@@ -248,6 +248,9 @@ pub struct HttpSettings {
     /// `COSTWATCH__HTTP__API_TOKEN` over the file.
     #[serde(default)]
     pub api_token: Option<String>,
+    /// A file holding the token (the `*_file` convention); read into `api_token` at load.
+    #[serde(default)]
+    pub api_token_file: Option<PathBuf>,
 }
 
 impl fmt::Debug for HttpSettings {
@@ -255,6 +258,7 @@ impl fmt::Debug for HttpSettings {
         f.debug_struct("HttpSettings")
             .field("listen", &self.listen)
             .field("api_token", &self.api_token.as_ref().map(|_| "<redacted>"))
+            .field("api_token_file", &self.api_token_file)
             .finish()
     }
 }
@@ -264,6 +268,7 @@ impl Default for HttpSettings {
         Self {
             listen: defaults::http_listen(),
             api_token: None,
+            api_token_file: None,
         }
     }
 }
@@ -314,7 +319,11 @@ pub struct AlertingSettings {
 impl fmt::Debug for AlertingSettings {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("AlertingSettings")
-            .field("alertmanager_url", &self.alertmanager_url)
+            // The URL may carry basic-auth credentials.
+            .field(
+                "alertmanager_url",
+                &self.alertmanager_url.as_ref().map(|_| "<redacted>"),
+            )
             .field("evaluation_interval", &self.evaluation_interval)
             .field("forecast_short_window", &self.forecast_short_window)
             .field("forecast_long_window", &self.forecast_long_window)
@@ -350,6 +359,9 @@ pub struct WebhookSettings {
     /// The name of an environment variable holding the secret.
     #[serde(default)]
     pub secret_env: Option<String>,
+    /// A file holding the secret (the `*_file` convention); read into `secret` at load.
+    #[serde(default)]
+    pub secret_file: Option<PathBuf>,
     #[serde(default = "defaults::webhook_timeout", with = "humantime_serde")]
     pub timeout: Duration,
 }
@@ -362,6 +374,7 @@ impl fmt::Debug for WebhookSettings {
             .field("url", &"<redacted>")
             .field("secret", &"<redacted>")
             .field("secret_env", &self.secret_env)
+            .field("secret_file", &self.secret_file)
             .finish()
     }
 }
@@ -693,12 +706,30 @@ impl KafkaSettings {
 }
 
 impl DatabaseSettings {
-    /// The password in the URL, if any (percent-decoded), so that it can be scrubbed too.
+    /// The password in the URL, if any, so that it can be scrubbed too.
     fn url_password(&self) -> Option<Secret> {
-        let url = reqwest::Url::parse(&self.url).ok()?;
-        let raw = url.password()?;
-        let decoded = percent_decode(raw);
-        Some(Secret::new(decoded))
+        url_password(&self.url)
+    }
+}
+
+/// The password of a `scheme://user:password@host` URL, percent-decoded.
+fn url_password(url: &str) -> Option<Secret> {
+    let url = reqwest::Url::parse(url).ok()?;
+    Some(Secret::new(percent_decode(url.password()?)))
+}
+
+/// `<key>_file` read into `<key>` (`value`), unless both are set.
+fn read_secret_file(key: &str, value: &mut Option<String>, file: &Option<PathBuf>, problems: &mut Vec<String>) {
+    let Some(path) = file else {
+        return;
+    };
+    if value.is_some() {
+        problems.push(format!("{key}_file: set {key} or {key}_file, not both"));
+        return;
+    }
+    match Secret::from_file(path) {
+        Ok(secret) => *value = Some(secret.expose().to_owned()),
+        Err(e) => problems.push(format!("{key}_file: cannot read {}: {e}", path.display())),
     }
 }
 
@@ -742,6 +773,20 @@ impl Settings {
             },
             _ => {}
         }
+        read_secret_file(
+            "http.api_token",
+            &mut self.http.api_token,
+            &self.http.api_token_file,
+            &mut problems,
+        );
+        for (i, w) in self.alerting.webhooks.iter_mut().enumerate() {
+            read_secret_file(
+                &format!("alerting.webhooks[{i}].secret"),
+                &mut w.secret,
+                &w.secret_file,
+                &mut problems,
+            );
+        }
         problems
     }
 
@@ -758,6 +803,7 @@ impl Settings {
             .collect();
         secrets.extend(self.database.password.clone());
         secrets.extend(self.database.url_password());
+        secrets.extend(self.alerting.alertmanager_url.as_deref().and_then(url_password));
         secrets.extend(self.http.api_token.clone().map(Secret::new));
         secrets.extend(
             self.alerting
@@ -1005,7 +1051,7 @@ impl Settings {
                 ),
                 (None, None) => require(
                     false,
-                    format!("alerting.webhooks[{i}]: a signing secret is required (secret or secret_env)"),
+                    format!("alerting.webhooks[{i}]: a signing secret is required (secret, secret_env or secret_file)"),
                 ),
                 (Some(s), None) => require(
                     s.len() >= 16,
@@ -1232,6 +1278,96 @@ mod tests {
             err.contains("calibration.reload_interval: must be at least 100ms"),
             "{err}"
         );
+    }
+
+    #[test]
+    fn secrets_come_from_files_and_the_environment_and_every_problem_is_listed() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = |name: &str, text: &str| {
+            let path = dir.path().join(name);
+            std::fs::write(&path, text).unwrap();
+            path.display().to_string()
+        };
+        let (db, kafka, token) = (
+            file("db", "db-secret\n"),
+            file("kafka", "kafka-secret\n"),
+            file("token", "0123456789abcdef-token"),
+        );
+        let toml = EXAMPLE.replace(
+            "url = \"postgres://postgres@127.0.0.1:5432/costwatch\"",
+            &format!(
+                "url = \"postgres://costwatch:url%40secret@127.0.0.1:5432/costwatch\"\npassword_file = {db:?}\n[http]\napi_token_file = {token:?}\n[kafka.properties]\n\"sasl.username\" = \"costwatch\"\n\"sasl.password\" = \"inline-secret\"\n[kafka.property_files]\n\"ssl.key.password\" = {kafka:?}"
+            ),
+        );
+        let mut s = parse(&toml).unwrap();
+        let env = [
+            ("COSTWATCH_KAFKA_SASL_PASSWORD".to_owned(), "env-secret".to_owned()),
+            ("COSTWATCH_KAFKA_SECURITY_PROTOCOL".to_owned(), "SASL_SSL".to_owned()),
+            ("COSTWATCH_KAFKAESQUE".to_owned(), "not ours".to_owned()),
+        ];
+        assert_eq!(s.resolve_secrets(env), Vec::<String>::new());
+        let properties: Vec<(String, String, String)> = s
+            .kafka
+            .operator_properties()
+            .into_iter()
+            .map(|p| (p.name, format!("{:?}", p.value), p.origin))
+            .collect();
+        let expect = |name: &str, value: &str, origin: &str| (name.to_owned(), value.to_owned(), origin.to_owned());
+        assert_eq!(
+            properties,
+            vec![
+                // The environment overrides the file, as it does for every other key.
+                expect("sasl.password", "Secret(<redacted>)", "COSTWATCH_KAFKA_SASL_PASSWORD"),
+                expect(
+                    "sasl.username",
+                    "Plain(\"costwatch\")",
+                    "kafka.properties.\"sasl.username\""
+                ),
+                expect(
+                    "security.protocol",
+                    "Plain(\"SASL_SSL\")",
+                    "COSTWATCH_KAFKA_SECURITY_PROTOCOL"
+                ),
+                expect(
+                    "ssl.key.password",
+                    "Secret(<redacted>)",
+                    "kafka.property_files.\"ssl.key.password\""
+                ),
+            ]
+        );
+        assert_eq!(s.database.password.as_ref().map(Secret::expose), Some("db-secret"));
+        assert_eq!(s.http.api_token.as_deref(), Some("0123456789abcdef-token"));
+        let mut secrets: Vec<String> = s.secrets().iter().map(|s| s.expose().to_owned()).collect();
+        secrets.sort();
+        assert_eq!(
+            secrets,
+            [
+                "0123456789abcdef-token",
+                "db-secret",
+                "env-secret",
+                "kafka-secret",
+                "url@secret"
+            ]
+        );
+
+        let conflicting = toml
+            .replace(
+                &format!("password_file = {db:?}"),
+                &format!("password = \"x\"\npassword_file = {db:?}"),
+            )
+            .replace(&kafka, "/nonexistent/kafka")
+            .replace("\"ssl.key.password\" =", "\"sasl.username\" =");
+        let mut s = parse(&conflicting).unwrap();
+        let problems = s
+            .resolve_secrets([("COSTWATCH_KAFKA_".to_owned(), "x".to_owned())])
+            .join("\n");
+        for want in [
+            "database.password_file: set database.password or database.password_file, not both",
+            "kafka.property_files.\"sasl.username\": also set in kafka.properties; set it in one place",
+            "COSTWATCH_KAFKA_: names no librdkafka property",
+        ] {
+            assert!(problems.contains(want), "{want}\n{problems}");
+        }
     }
 
     #[test]

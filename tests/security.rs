@@ -85,6 +85,8 @@ impl Pki {
             false,
         );
         pki.issue("client", "/CN=costwatch", "extendedKeyUsage=clientAuth\n", true);
+        // For PostgreSQL's `cert` authentication the certificate's CN is the role.
+        pki.issue("pgclient", "/CN=costwatch_cert", "extendedKeyUsage=clientAuth\n", false);
         pki
     }
 
@@ -635,6 +637,23 @@ async fn postgres_over_tls_verifies_the_server_and_every_connection_uses_it() {
 
     let (code, out) = costwatch(&["migrate"], &config, &env);
     assert_eq!(code, Some(0), "{out}");
+
+    // A client certificate instead of a password (as Aiven or Cloud SQL may require); without
+    // it the same role is refused.
+    pg.psql("postgres", "CREATE ROLE costwatch_cert LOGIN IN ROLE costwatch");
+    let with_certificate = format!(
+        "{verified}&sslcert={}&sslkey={}",
+        pki.file("pgclient.pem"),
+        pki.file("pgclient.key")
+    );
+    for (params, want) in [(with_certificate.as_str(), Some(0)), (verified.as_str(), Some(1))] {
+        let url = pg.url("costwatch_cert", "localhost", params);
+        let (code, out) = costwatch(&["migrate"], &config, &[("COSTWATCH__DATABASE__URL", &url)]);
+        assert_eq!(code, want, "{url}: {out}");
+        if want == Some(1) {
+            assert!(out.contains("authentication failed"), "{out}");
+        }
+    }
 
     let (messages, expected) = loadgen::generate(&spec(2_000, 16));
     world.produce(messages).await;

@@ -1,6 +1,6 @@
 //! Secure connections, proven on this machine: Kafka over TLS (stunnel in front of a tansu of
 //! the test's own, advertising the TLS port) with the CA, the host name and a client
-//! certificate checked; SASL refused by the broker; PostgreSQL over TLS (a cluster of the
+//! certificate checked; SASL SCRAM logins accepted and refused; PostgreSQL over TLS (a cluster of the
 //! test's own: `ssl = on`, `hostssl`-only, scram-sha-256) with `verify-full` and a password
 //! file; batches in every codec from an independent producer; and no secret in any output.
 
@@ -190,24 +190,52 @@ impl Drop for Proc {
 /// `localhost:<tls port>`, where stunnel terminates TLS with the test CA's server certificate.
 /// With `client_certificates`, stunnel also demands a client certificate from the test CA.
 struct TlsBroker {
-    _tansu: Proc,
+    // Declared first so that it is dropped (killed) first.
+    tansu: Option<Proc>,
     _stunnel: Proc,
+    dir: PathBuf,
+    plain_port: u16,
     tls_port: u16,
+    /// tansu and its storage engine: in memory, or SQLite (the durable build), whose SCRAM
+    /// users survive a restart.
+    binary: PathBuf,
+    storage: &'static str,
 }
 
 impl TlsBroker {
     fn start(pki: &Pki, dir: &Path, client_certificates: bool, tansu_args: &[&str]) -> TlsBroker {
-        let (plain_port, tls_port) = (free_port(), free_port());
-        let tansu = Proc::spawn(
-            "tansu",
-            Command::new("tansu")
-                .args(["broker", "--listener-url", &format!("tcp://127.0.0.1:{plain_port}")])
-                .args(["--advertised-listener-url", &format!("tcp://localhost:{tls_port}")])
-                .args(["--storage-engine", "memory://tansu/"])
-                .args(tansu_args),
-            dir.join("tansu.log"),
+        Self::start_with(
+            pki,
+            dir,
+            client_certificates,
+            PathBuf::from("tansu"),
+            "memory://tansu/",
+            tansu_args,
+        )
+    }
+
+    /// With the SQLite build of `scripts/durable-broker.sh`, whose storage keeps SCRAM users.
+    fn start_durable(pki: &Pki, dir: &Path) -> TlsBroker {
+        let binary = std::env::var_os("COSTWATCH_TEST_DURABLE_TANSU")
+            .map(PathBuf::from)
+            .unwrap_or_else(|| PathBuf::from(std::env::var("HOME").unwrap()).join(".local/tansu-libsql/bin/tansu"));
+        assert!(
+            binary.exists(),
+            "{} is missing: scripts/durable-broker.sh (run by scripts/test.sh) installs it",
+            binary.display()
         );
-        wait_listening(plain_port, "tansu", &dir.join("tansu.log"));
+        Self::start_with(pki, dir, false, binary, "sqlite://tansu.db", &[])
+    }
+
+    fn start_with(
+        pki: &Pki,
+        dir: &Path,
+        client_certificates: bool,
+        binary: PathBuf,
+        storage: &'static str,
+        tansu_args: &[&str],
+    ) -> TlsBroker {
+        let (plain_port, tls_port) = (free_port(), free_port());
         let stunnel = stunnel(
             pki,
             dir,
@@ -215,11 +243,42 @@ impl TlsBroker {
             &format!("127.0.0.1:{plain_port}"),
             client_certificates,
         );
-        TlsBroker {
-            _tansu: tansu,
+        let mut broker = TlsBroker {
+            tansu: None,
             _stunnel: stunnel,
+            dir: dir.to_path_buf(),
+            plain_port,
             tls_port,
-        }
+            binary,
+            storage,
+        };
+        broker.restart(tansu_args);
+        broker
+    }
+
+    /// Starts tansu (again, after stopping it) on the same port and storage with `args`.
+    fn restart(&mut self, args: &[&str]) {
+        self.tansu = None;
+        let log = self.dir.join(format!("tansu-{}.log", free_port()));
+        // The SQLite file is resolved against the working directory.
+        self.tansu = Some(Proc::spawn(
+            "tansu",
+            Command::new(&self.binary)
+                .args([
+                    "broker",
+                    "--listener-url",
+                    &format!("tcp://127.0.0.1:{}", self.plain_port),
+                ])
+                .args([
+                    "--advertised-listener-url",
+                    &format!("tcp://localhost:{}", self.tls_port),
+                ])
+                .args(["--storage-engine", self.storage])
+                .args(args)
+                .current_dir(&self.dir),
+            log.clone(),
+        ));
+        wait_listening(self.plain_port, "tansu", &log);
     }
 
     /// The bootstrap address, by the name the certificate carries.
@@ -384,29 +443,6 @@ async fn a_client_certificate_with_an_encrypted_key_from_a_file_secret_is_accept
     world.assert_totals(&expected, "with a client certificate").await;
     assert!(daemon.terminate(WAIT).success());
     assert!(!daemon.log_text().contains(Pki::CLIENT_KEY_PASSWORD));
-}
-
-#[tokio::test(flavor = "multi_thread")]
-async fn a_login_the_broker_refuses_is_a_permanent_authentication_error() {
-    // tansu 0.6 with --authentication offers SCRAM (its PLAIN is not enabled) and, with
-    // in-memory storage, knows no SCRAM users: every login is refused, which is what this
-    // proves. A successful SASL login is not exercised here (see README).
-    let pki = Pki::new();
-    let dir = tempfile::tempdir().unwrap();
-    let broker = TlsBroker::start(&pki, dir.path(), false, &["--authentication"]);
-    let mut world = World::new(1).await;
-    world.brokers = broker.brokers();
-    let mut properties = tls_properties(&pki, "ca.pem");
-    properties[0].1 = "SASL_SSL".into();
-    properties.push(("sasl.mechanisms".into(), "SCRAM-SHA-512".into()));
-    properties.push(("sasl.username".into(), "costwatch".into()));
-    let password = "scram-password-c0ffee-4711";
-    let config = world.config(&toml_properties(&properties));
-    let mut daemon = world.start_with(&config, &[("COSTWATCH_KAFKA_SASL_PASSWORD", password)]);
-    let (code, log) = exits(&mut daemon, WAIT);
-    assert_eq!(code, Some(1), "{log}");
-    assert!(log.contains("authentication failed"), "{log}");
-    assert!(!log.contains(password), "{log}");
 }
 
 /// A PostgreSQL cluster of the test's own on its own port: `ssl = on` with the test CA's
@@ -991,4 +1027,71 @@ async fn the_http_endpoints_serve_https_behind_the_documented_tls_proxy() {
         "{}",
         String::from_utf8_lossy(&untrusted.stderr)
     );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_scram_login_over_tls_consumes_and_a_wrong_password_is_a_permanent_error() {
+    use std::io::Write;
+    let pki = Pki::new();
+    let dir = tempfile::tempdir().unwrap();
+    let mut broker = TlsBroker::start_durable(&pki, dir.path());
+    let tls = tls_properties(&pki, "ca.pem");
+    let password = "scram-password-right-6d1e";
+
+    // Before authentication is required: the SCRAM user, as an operator would make it, and the
+    // topic.
+    let world = world_on_tls(&broker, &tls, 2).await;
+    for mechanism in ["SCRAM-SHA-256", "SCRAM-SHA-512"] {
+        let mut child = Command::new(producer_python())
+            .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/support/scram_user.py"))
+            .args([
+                "--brokers",
+                &world.brokers,
+                "--ca",
+                &pki.file("ca.pem"),
+                "--user",
+                "costwatch",
+            ])
+            .args(["--mechanism", mechanism])
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        child.stdin.take().unwrap().write_all(password.as_bytes()).unwrap();
+        let out = child.wait_with_output().unwrap();
+        assert!(
+            out.status.success(),
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    broker.restart(&["--authentication"]);
+
+    let sasl = |mechanism: &str| {
+        let mut properties = tls.clone();
+        properties[0].1 = "SASL_SSL".into();
+        properties.push(("sasl.mechanisms".into(), mechanism.into()));
+        properties.push(("sasl.username".into(), "costwatch".into()));
+        properties
+    };
+    let mut producing = sasl("SCRAM-SHA-256");
+    producing.push(("sasl.password".into(), password.into()));
+    let (messages, expected) = loadgen::generate(&spec(1_500, 19));
+    produce_with(&world, messages, &producing).await;
+
+    let config = world.config(&toml_properties(&sasl("SCRAM-SHA-512")));
+    let mut daemon = world.start_with(&config, &[("COSTWATCH_KAFKA_SASL_PASSWORD", password)]);
+    world.wait_consumed(expected.messages as i64, WAIT).await;
+    world.assert_totals(&expected, "over SASL_SSL with SCRAM-SHA-512").await;
+    assert!(daemon.terminate(WAIT).success());
+    assert!(!daemon.log_text().contains(password));
+
+    let wrong = "scram-password-wrong-0b7c";
+    let mut daemon = world.start_with(&config, &[("COSTWATCH_KAFKA_SASL_PASSWORD", wrong)]);
+    let (code, log) = exits(&mut daemon, WAIT);
+    assert_eq!(code, Some(1), "{log}");
+    assert!(log.contains("authentication failed"), "{log}");
+    assert!(!log.contains(wrong) && !log.contains(password), "{log}");
 }

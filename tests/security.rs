@@ -673,6 +673,9 @@ async fn postgres_over_tls_verifies_the_server_and_every_connection_uses_it() {
 
     let (code, out) = costwatch(&["migrate"], &config, &env);
     assert_eq!(code, Some(0), "{out}");
+    // The password from the environment works like any other key.
+    let (code, out) = costwatch(&["migrate"], &config, &[("COSTWATCH__DATABASE__PASSWORD", password)]);
+    assert_eq!(code, Some(0), "{out}");
 
     // A client certificate instead of a password (as Aiven or Cloud SQL may require); without
     // it the same role is refused.

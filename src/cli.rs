@@ -250,11 +250,18 @@ pub fn main() -> ExitCode {
                 }
             })
         }),
-        Command::Run => load_checked(cli.config.as_deref()).and_then(|(settings, warnings)| {
-            for warning in warnings {
-                tracing::warn!(%warning, "configuration");
-            }
-            runtime()?.block_on(run(settings))
+        Command::Run => runtime().and_then(|rt| {
+            rt.block_on(async {
+                // Signals first: one that arrives while librdkafka checks the configuration
+                // still drains and exits 0 instead of killing the process.
+                let cancel = CancellationToken::new();
+                shutdown::listen_for_signals(cancel.clone());
+                let (settings, warnings) = load_checked(cli.config.as_deref())?;
+                for warning in warnings {
+                    tracing::warn!(%warning, "configuration");
+                }
+                run(settings, cancel).await
+            })
         }),
         Command::Bills(BillsCommand::Import { ref file }) => with_store(cli.config.as_deref(), |settings, store| {
             import_bills(settings, store, file)
@@ -341,7 +348,7 @@ fn check_config(path: Option<&std::path::Path>) -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn run(settings: Settings) -> anyhow::Result<()> {
+async fn run(settings: Settings, cancel: CancellationToken) -> anyhow::Result<()> {
     // Buckets make the flush duration a real histogram (quantiles aggregate across instances);
     // without them the exporter renders a summary.
     let handle = metrics_exporter_prometheus::PrometheusBuilder::new()
@@ -364,8 +371,6 @@ async fn run(settings: Settings) -> anyhow::Result<()> {
             upkeep.run_upkeep();
         }
     });
-    let cancel = CancellationToken::new();
-    shutdown::listen_for_signals(cancel.clone());
     let result = daemon::run(settings, Some(handle), cancel).await;
     match &result {
         Ok(()) => info!("stopped cleanly"),

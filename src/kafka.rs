@@ -85,8 +85,9 @@ pub fn check(base: &[(&str, String)], settings: &KafkaSettings) -> Result<Vec<St
     let consumer: BaseConsumer<CheckContext> = config
         .create_with_context(context)
         .map_err(|e| vec![format!("kafka: librdkafka refuses the configuration: {}", scrubbed(&e))])?;
-    // librdkafka queues its log lines (configuration warnings among them) for the next poll.
-    let _ = consumer.poll(std::time::Duration::from_millis(100));
+    // librdkafka queues its log lines (configuration warnings among them, logged while the
+    // client was created) for the next poll, which serves them without waiting.
+    let _ = consumer.poll(std::time::Duration::ZERO);
     let warnings = std::mem::take(&mut *consumer.context().warnings.lock().unwrap_or_else(|e| e.into_inner()));
     Ok(warnings)
 }

@@ -45,7 +45,8 @@ if ! .local/kafka-venv/bin/python -c "import confluent_kafka, kafka.codec as c; 
   python3 -m venv .local/kafka-venv
   .local/kafka-venv/bin/pip install -q "kafka-python[lz4,snappy,zstd]==2.2.15" "confluent-kafka==2.12.1"
 fi
-export COSTWATCH_KAFKA_PYTHON="$PWD/.local/kafka-venv/bin/python"
+# (Not COSTWATCH_KAFKA_*: every variable with that prefix is a librdkafka property for costwatch.)
+export COSTWATCH_TEST_PYTHON="$PWD/.local/kafka-venv/bin/python"
 # ---------------------------------------------------------------------------------------------
 
 export COSTWATCH_TEST_BROKERS="${COSTWATCH_TEST_BROKERS:-127.0.0.1:${BROKER_PORT:-9092}}"

@@ -718,7 +718,7 @@ async fn postgres_over_tls_verifies_the_server_and_every_connection_uses_it() {
 
 /// The venv `scripts/test.sh` makes with kafka-python and its codecs.
 fn producer_python() -> PathBuf {
-    let python = std::env::var_os("COSTWATCH_KAFKA_PYTHON")
+    let python = std::env::var_os("COSTWATCH_TEST_PYTHON")
         .map(PathBuf::from)
         .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join(".local/kafka-venv/bin/python"));
     assert!(

@@ -31,6 +31,26 @@ if [ ! -x .local/venv/bin/schemathesis ]; then
 fi
 export COSTWATCH_SCHEMATHESIS="$PWD/.local/venv/bin/schemathesis"
 
+# --- Secure connections (tests/security.rs, issue 14) ---------------------------------------
+# The libraries librdkafka is built against (TLS, SASL, OIDC, zstd); stunnel4 terminates TLS in
+# front of the tests' own brokers and the HTTP endpoints, openssl makes their certificates,
+# curl is the HTTPS client; kafka-python (PyPI, with its codecs) is the independent producer of
+# gzip, snappy, lz4 and zstd batches, confluent-kafka's admin client makes SCRAM users.
+scripts/build-deps.sh
+if ! command -v stunnel4 >/dev/null || ! command -v openssl >/dev/null || ! command -v curl >/dev/null; then
+  echo "stunnel4, openssl, curl: installing the Debian packages"
+  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
+    stunnel4 openssl curl >/dev/null
+fi
+if ! .local/kafka-venv/bin/python -c "import confluent_kafka, kafka.codec as c; assert c.has_snappy() and c.has_lz4() and c.has_zstd()" 2>/dev/null; then
+  echo "kafka-python, confluent-kafka: installing into .local/kafka-venv"
+  python3 -m venv .local/kafka-venv
+  .local/kafka-venv/bin/pip install -q "kafka-python[lz4,snappy,zstd]==2.2.15" "confluent-kafka==2.12.1"
+fi
+# (Not COSTWATCH_KAFKA_*: every variable with that prefix is a librdkafka property for costwatch.)
+export COSTWATCH_TEST_PYTHON="$PWD/.local/kafka-venv/bin/python"
+# ---------------------------------------------------------------------------------------------
+
 export COSTWATCH_TEST_BROKERS="${COSTWATCH_TEST_BROKERS:-127.0.0.1:${BROKER_PORT:-9092}}"
 export COSTWATCH_TEST_DATABASE_URL="${COSTWATCH_TEST_DATABASE_URL:-postgres://postgres@127.0.0.1:5432/postgres}"
 

@@ -17,10 +17,11 @@ use crate::calibration::run::CalibrationRequest;
 use crate::calibration::{self, recommend, rerate};
 use crate::config::{ConfigError, Settings};
 use crate::domain::{Coefficient, ComputeUnits, HardwareName, ModelName, StorageUnits, UnitPrice};
+use crate::ingest::consumer;
 use crate::ingest::event::parse_decimal;
 use crate::pricing::{EstimateRequest, PriceBook};
 use crate::store::Store;
-use crate::{alerting, daemon, loadgen, shutdown, telemetry};
+use crate::{alerting, daemon, kafka, loadgen, secret, shutdown, store, telemetry};
 
 /// Exit code for invalid configuration or usage (EX_USAGE), before anything starts.
 const EXIT_CONFIG: u8 = 64;
@@ -237,20 +238,36 @@ pub fn main() -> ExitCode {
     telemetry::init_logging(log_format);
     let result = match cli.command {
         Command::Estimate(ref args) => estimate(cli.config.as_deref(), args),
-        Command::CheckConfig => load(cli.config.as_deref()).map(|_| {
-            println!("configuration is valid");
-        }),
+        Command::CheckConfig => check_config(cli.config.as_deref()),
         Command::Loadgen(ref args) => runtime().and_then(|rt| rt.block_on(run_loadgen(cli.config.as_deref(), args))),
         Command::Migrate => load(cli.config.as_deref()).and_then(|settings| {
             runtime()?.block_on(async {
                 let cancel = CancellationToken::new();
                 shutdown::listen_for_signals(cancel.clone());
-                daemon::prepare_database(&settings, &cancel).await?;
-                println!("database schema is up to date");
-                Ok(())
+                // A signal before the schema is up to date is a failure: whoever runs
+                // `migrate` before `run` must not go on.
+                match daemon::prepare_database(&settings, &cancel).await? {
+                    Some(_) => {
+                        println!("database schema is up to date");
+                        Ok(())
+                    }
+                    None => bail!("stopped by a signal before the schema could be migrated"),
+                }
             })
         }),
-        Command::Run => load(cli.config.as_deref()).and_then(|settings| runtime()?.block_on(run(settings))),
+        Command::Run => runtime().and_then(|rt| {
+            rt.block_on(async {
+                // Signals first: one that arrives while librdkafka checks the configuration
+                // still drains and exits 0 instead of killing the process.
+                let cancel = CancellationToken::new();
+                shutdown::listen_for_signals(cancel.clone());
+                let (settings, warnings) = load_checked(cli.config.as_deref())?;
+                for warning in warnings {
+                    tracing::warn!(%warning, "configuration");
+                }
+                run(settings, cancel).await
+            })
+        }),
         Command::Bills(BillsCommand::Import { ref file }) => with_store(cli.config.as_deref(), |settings, store| {
             import_bills(settings, store, file)
         }),
@@ -286,11 +303,14 @@ pub fn main() -> ExitCode {
                 || e.downcast_ref::<UsageError>().is_some()
                 || e.downcast_ref::<BillsError>().is_some();
             let code = if usage { EXIT_CONFIG } else { 1 };
+            // Errors from librdkafka and sqlx may quote a configured value.
+            let text = format!("{e:#}");
+            let message = secret::scrub(&text);
             if log_format == crate::config::LogFormat::Json {
                 // A log collector gets the reason as one more JSON line, not as bare text.
-                error!(error = %format!("{e:#}"), exit_code = code, "exiting on error");
+                error!(error = %message, exit_code = code, "exiting on error");
             } else {
-                eprintln!("error: {e:#}");
+                eprintln!("error: {message}");
             }
             ExitCode::from(code)
         }
@@ -308,7 +328,39 @@ fn load(path: Option<&std::path::Path>) -> anyhow::Result<Settings> {
     Ok(Settings::load(path)?)
 }
 
-async fn run(settings: Settings) -> anyhow::Result<()> {
+/// [`load`], then what only librdkafka and the database URL can tell, without connecting: every
+/// Kafka property (unknown, invalid, a mechanism this build lacks, TLS files that do not load)
+/// and the URL's TLS files. Returns the settings and the warnings (plaintext-capable `sslmode`,
+/// librdkafka's own).
+fn load_checked(path: Option<&std::path::Path>) -> anyhow::Result<(Settings, Vec<String>)> {
+    let (settings, mut problems) = Settings::load_with_problems(path)?;
+    let mut warnings = Vec::new();
+    let base = consumer::consumer_properties(&settings.kafka, "check-config");
+    match kafka::check(&base, &settings.kafka) {
+        Ok(kafka_warnings) => warnings.extend(kafka_warnings.into_iter().map(|w| format!("kafka: {w}"))),
+        Err(kafka_problems) => problems.extend(kafka_problems),
+    }
+    if !problems.iter().any(|p| p.starts_with("database.url")) {
+        let (db_problems, db_warnings) = store::check_url(&settings.database.url);
+        problems.extend(db_problems);
+        warnings.extend(db_warnings);
+    }
+    if !problems.is_empty() {
+        return Err(ConfigError::Invalid(problems).into());
+    }
+    Ok((settings, warnings))
+}
+
+fn check_config(path: Option<&std::path::Path>) -> anyhow::Result<()> {
+    let (_, warnings) = load_checked(path)?;
+    for warning in warnings {
+        println!("warning: {warning}");
+    }
+    println!("configuration is valid");
+    Ok(())
+}
+
+async fn run(settings: Settings, cancel: CancellationToken) -> anyhow::Result<()> {
     // Buckets make the flush duration a real histogram (quantiles aggregate across instances);
     // without them the exporter renders a summary.
     let handle = metrics_exporter_prometheus::PrometheusBuilder::new()
@@ -332,8 +384,6 @@ async fn run(settings: Settings) -> anyhow::Result<()> {
             upkeep.run_upkeep();
         }
     });
-    let cancel = CancellationToken::new();
-    shutdown::listen_for_signals(cancel.clone());
     let result = daemon::run(settings, Some(handle), cancel).await;
     match &result {
         Ok(()) => info!("stopped cleanly"),
@@ -389,16 +439,26 @@ fn estimate(config: Option<&std::path::Path>, args: &EstimateArgs) -> anyhow::Re
 }
 
 async fn run_loadgen(config: Option<&std::path::Path>, args: &LoadgenArgs) -> anyhow::Result<()> {
-    let (brokers, topic) = match (&args.brokers, &args.topic) {
-        (Some(b), Some(t)) => (b.clone(), t.clone()),
-        (b, t) => {
-            let settings = load(config).context("loadgen needs --brokers and --topic, or a configuration")?;
-            (
-                b.clone().unwrap_or(settings.kafka.brokers),
-                t.clone().unwrap_or(settings.kafka.topic),
-            )
-        }
+    let settings = match (&args.brokers, &args.topic, config) {
+        (Some(_), Some(_), None) => None,
+        _ => Some(load(config).context("loadgen needs --brokers and --topic, or a configuration")?),
     };
+    let (brokers, topic) = match &settings {
+        None => (
+            args.brokers.clone().unwrap_or_default(),
+            args.topic.clone().unwrap_or_default(),
+        ),
+        Some(s) => (
+            args.brokers.clone().unwrap_or_else(|| s.kafka.brokers.clone()),
+            args.topic.clone().unwrap_or_else(|| s.kafka.topic.clone()),
+        ),
+    };
+    // The configuration's librdkafka properties (TLS, SASL, secrets) reach the producer too.
+    let properties: Vec<(String, String)> = settings
+        .iter()
+        .flat_map(|s| s.kafka.operator_properties())
+        .map(|p| (p.name, p.value.expose().to_owned()))
+        .collect();
     for (name, share) in [
         ("--duplicates", args.duplicates),
         ("--late", args.late),
@@ -424,9 +484,9 @@ async fn run_loadgen(config: Option<&std::path::Path>, args: &LoadgenArgs) -> an
         end: args.end.unwrap_or_else(Utc::now),
     };
     let (messages, expected) = loadgen::generate(&spec);
-    loadgen::ensure_topic(&brokers, &topic, args.partitions).await?;
+    loadgen::ensure_topic_with(&brokers, &topic, args.partitions, &properties).await?;
     let rate = args.rate;
-    tokio::task::spawn_blocking(move || loadgen::send(&brokers, &topic, &messages, rate)).await??;
+    tokio::task::spawn_blocking(move || loadgen::send_with(&brokers, &topic, &messages, rate, &properties)).await??;
     if let Some(path) = &args.expected {
         std::fs::write(path, serde_json::to_string_pretty(&expected)?)
             .with_context(|| format!("cannot write {}", path.display()))?;
@@ -502,11 +562,11 @@ where
 {
     let settings = load(config)?;
     runtime()?.block_on(async move {
-        let url = &settings.database.url;
-        if let Err(error) = Store::create_database_if_missing(url).await {
+        let options = store::connect_options(&settings.database.url, settings.database.password.as_ref())?;
+        if let Err(error) = Store::create_database_if_missing_with(&options).await {
             tracing::debug!(%error, "cannot check or create the database; trying to use it as it is");
         }
-        let store = Store::connect_lazy(url, 2)?;
+        let store = Store::connect_lazy_with(options, 2);
         store.migrate().await.context("cannot prepare the database schema")?;
         command(settings, store).await
     })

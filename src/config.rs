@@ -3,7 +3,7 @@
 
 use std::collections::{BTreeMap, HashSet};
 use std::fmt;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::str::FromStr;
 use std::time::Duration;
 
@@ -11,6 +11,7 @@ use rust_decimal::Decimal;
 use serde::Deserialize;
 
 use crate::domain::{exact_decimal, fraction, Coefficient, HardwareName, ModelName, Money, UnitPrice};
+use crate::secret::Secret;
 
 /// The environment prefix; keys below it are separated by `__`, e.g. `COSTWATCH__KAFKA__BROKERS`.
 pub const ENV_PREFIX: &str = "COSTWATCH";
@@ -60,8 +61,18 @@ pub struct KafkaSettings {
     #[serde(default = "defaults::session_timeout", with = "humantime_serde")]
     pub session_timeout: Duration,
     /// Extra librdkafka properties (e.g. `"security.protocol" = "SASL_SSL"`), passed unchanged.
+    /// Secret-looking ones (`sasl.password`, ...) are redacted wherever costwatch prints.
     #[serde(default)]
     pub properties: BTreeMap<String, String>,
+    /// librdkafka properties read from files, the `*_file` convention:
+    /// `"sasl.password" = "/run/secrets/kafka-password"`. Always treated as secrets.
+    #[serde(default)]
+    pub property_files: BTreeMap<String, PathBuf>,
+    /// Every operator property with its value and where it came from: `properties`, then
+    /// `property_files`, then `COSTWATCH_KAFKA_<NAME>` environment variables. Filled by
+    /// [`Settings::load`]; [`KafkaSettings::operator_properties`] falls back to `properties`.
+    #[serde(skip)]
+    pub resolved: Option<Vec<KafkaProperty>>,
 }
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
@@ -75,8 +86,16 @@ pub enum StartFrom {
 #[derive(Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct DatabaseSettings {
-    /// `postgres://user[:password]@host:port/database`. Never logged.
+    /// `postgres://user[:password]@host:port/database[?sslmode=verify-full&sslrootcert=...]`.
+    /// Never logged.
     pub url: String,
+    /// The password, overriding the URL's; prefer `password_file` or `COSTWATCH__DATABASE__PASSWORD`.
+    /// After [`Settings::load`] it holds the password read from `password_file` too.
+    #[serde(default)]
+    pub password: Option<Secret>,
+    /// A file holding the password (the `*_file` convention), e.g. `/run/secrets/db-password`.
+    #[serde(default)]
+    pub password_file: Option<PathBuf>,
     #[serde(default = "defaults::max_connections")]
     pub max_connections: u32,
 }
@@ -86,6 +105,8 @@ impl fmt::Debug for DatabaseSettings {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("DatabaseSettings")
             .field("url", &"<redacted>")
+            .field("password", &self.password)
+            .field("password_file", &self.password_file)
             .field("max_connections", &self.max_connections)
             .finish()
     }
@@ -259,6 +280,9 @@ pub struct HttpSettings {
     /// A request that takes longer than this to answer gets `503` with a JSON error.
     #[serde(default = "defaults::request_timeout", with = "humantime_serde")]
     pub request_timeout: Duration,
+    /// A file holding the token (the `*_file` convention); read into `api_token` at load.
+    #[serde(default)]
+    pub api_token_file: Option<PathBuf>,
 }
 
 impl fmt::Debug for HttpSettings {
@@ -269,6 +293,7 @@ impl fmt::Debug for HttpSettings {
             .field("protect_metrics", &self.protect_metrics)
             .field("header_read_timeout", &self.header_read_timeout)
             .field("request_timeout", &self.request_timeout)
+            .field("api_token_file", &self.api_token_file)
             .finish()
     }
 }
@@ -281,6 +306,7 @@ impl Default for HttpSettings {
             protect_metrics: false,
             header_read_timeout: defaults::header_read_timeout(),
             request_timeout: defaults::request_timeout(),
+            api_token_file: None,
         }
     }
 }
@@ -367,6 +393,9 @@ pub struct WebhookSettings {
     /// The name of an environment variable holding the secret.
     #[serde(default)]
     pub secret_env: Option<String>,
+    /// A file holding the secret (the `*_file` convention); read into `secret` at load.
+    #[serde(default)]
+    pub secret_file: Option<PathBuf>,
     #[serde(default = "defaults::webhook_timeout", with = "humantime_serde")]
     pub timeout: Duration,
 }
@@ -379,6 +408,7 @@ impl fmt::Debug for WebhookSettings {
             .field("url", &"<redacted>")
             .field("secret", &"<redacted>")
             .field("secret_env", &self.secret_env)
+            .field("secret_file", &self.secret_file)
             .finish()
     }
 }
@@ -697,6 +727,249 @@ pub fn redact_url(url: &str) -> String {
     shown
 }
 
+/// One librdkafka property the operator set, with where it was set.
+#[derive(Clone, Debug)]
+pub struct KafkaProperty {
+    pub name: String,
+    pub value: PropertyValue,
+    /// Where it was set, as the operator wrote it: `kafka.properties."sasl.password"`,
+    /// `kafka.property_files."sasl.password"` or `COSTWATCH_KAFKA_SASL_PASSWORD`.
+    pub origin: String,
+}
+
+/// A property value; secrets print as `<redacted>`.
+#[derive(Clone, Debug)]
+pub enum PropertyValue {
+    Plain(String),
+    Secret(Secret),
+}
+
+impl PropertyValue {
+    pub fn expose(&self) -> &str {
+        match self {
+            PropertyValue::Plain(v) => v,
+            PropertyValue::Secret(s) => s.expose(),
+        }
+    }
+}
+
+/// librdkafka properties from the environment: `COSTWATCH_KAFKA_SASL_PASSWORD` sets
+/// `sasl.password` (lower case, `_` for `.`; no librdkafka property has an `_` in its name).
+pub const KAFKA_ENV_PREFIX: &str = "COSTWATCH_KAFKA_";
+
+impl KafkaSettings {
+    /// The operator's properties, resolved by [`Settings::load`] (or, for settings built
+    /// without it, `properties` alone).
+    pub fn operator_properties(&self) -> Vec<KafkaProperty> {
+        self.resolved.clone().unwrap_or_else(|| self.inline_properties())
+    }
+
+    fn inline_properties(&self) -> Vec<KafkaProperty> {
+        self.properties
+            .iter()
+            .map(|(name, value)| KafkaProperty {
+                name: name.clone(),
+                value: if is_sensitive_property(name) {
+                    PropertyValue::Secret(Secret::new(value.clone()))
+                } else {
+                    PropertyValue::Plain(value.clone())
+                },
+                origin: format!("kafka.properties.{name:?}"),
+            })
+            .collect()
+    }
+
+    /// `properties`, then `property_files` (read now), then the environment on top, as the
+    /// environment overrides the file for every other key.
+    fn resolve(&self, env: &[(String, String)], problems: &mut Vec<String>) -> Vec<KafkaProperty> {
+        let mut by_name: BTreeMap<String, KafkaProperty> = self
+            .inline_properties()
+            .into_iter()
+            .map(|p| (p.name.clone(), p))
+            .collect();
+        for (name, path) in &self.property_files {
+            let origin = format!("kafka.property_files.{name:?}");
+            if self.properties.contains_key(name) {
+                problems.push(format!("{origin}: also set in kafka.properties; set it in one place"));
+                continue;
+            }
+            match Secret::from_file(path) {
+                Ok(secret) => {
+                    let value = PropertyValue::Secret(secret);
+                    by_name.insert(
+                        name.clone(),
+                        KafkaProperty {
+                            name: name.clone(),
+                            value,
+                            origin,
+                        },
+                    );
+                }
+                Err(e) => problems.push(format!("{origin}: cannot read {}: {e}", path.display())),
+            }
+        }
+        for (var, value) in env {
+            let Some(suffix) = var.strip_prefix(KAFKA_ENV_PREFIX) else {
+                continue;
+            };
+            if suffix.is_empty() {
+                problems.push(format!("{var}: names no librdkafka property"));
+                continue;
+            }
+            let name = suffix.to_ascii_lowercase().replace('_', ".");
+            let value = if is_sensitive_property(&name) {
+                PropertyValue::Secret(Secret::new(value.clone()))
+            } else {
+                PropertyValue::Plain(value.clone())
+            };
+            by_name.insert(
+                name.clone(),
+                KafkaProperty {
+                    name,
+                    value,
+                    origin: var.clone(),
+                },
+            );
+        }
+        by_name.into_values().collect()
+    }
+}
+
+impl DatabaseSettings {
+    /// The password in the URL, if any, so that it can be scrubbed too.
+    fn url_password(&self) -> Option<Secret> {
+        url_password(&self.url)
+    }
+}
+
+/// The password of a `scheme://user:password@host` URL, percent-decoded.
+fn url_password(url: &str) -> Option<Secret> {
+    let url = reqwest::Url::parse(url).ok()?;
+    Some(Secret::new(percent_decode(url.password()?)))
+}
+
+/// `<key>_file` read into `<key>` (`value`), unless both are set.
+fn read_secret_file(key: &str, value: &mut Option<String>, file: &Option<PathBuf>, problems: &mut Vec<String>) {
+    let Some(path) = file else {
+        return;
+    };
+    if value.is_some() {
+        problems.push(format!("{key}_file: set {key} or {key}_file, not both"));
+        return;
+    }
+    match Secret::from_file(path) {
+        Ok(secret) => *value = Some(secret.expose().to_owned()),
+        Err(e) => problems.push(format!("{key}_file: cannot read {}: {e}", path.display())),
+    }
+}
+
+/// `%XX` decoding for the URL's password (the `url` crate leaves it encoded).
+fn percent_decode(s: &str) -> String {
+    let bytes = s.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        let hex = |b: u8| (b as char).to_digit(16);
+        if bytes[i] == b'%' && i + 2 < bytes.len() {
+            if let (Some(h), Some(l)) = (hex(bytes[i + 1]), hex(bytes[i + 2])) {
+                out.push((h * 16 + l) as u8);
+                i += 3;
+                continue;
+            }
+        }
+        out.push(bytes[i]);
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+impl Settings {
+    /// Reads the `*_file` secrets and the `COSTWATCH_KAFKA_*` properties from `env`; returns
+    /// every problem with its key (never with a secret's value).
+    pub fn resolve_secrets(&mut self, env: impl IntoIterator<Item = (String, String)>) -> Vec<String> {
+        let env: Vec<(String, String)> = env.into_iter().collect();
+        let mut problems = Vec::new();
+        self.kafka.resolved = Some(self.kafka.resolve(&env, &mut problems));
+        let db = &mut self.database;
+        match (&db.password, &db.password_file) {
+            (Some(_), Some(_)) => problems
+                .push("database.password_file: set database.password or database.password_file, not both".into()),
+            (None, Some(path)) => match Secret::from_file(path) {
+                Ok(secret) if secret.expose().is_empty() => {
+                    problems.push(format!("database.password_file: {} is empty", path.display()))
+                }
+                Ok(secret) => db.password = Some(secret),
+                Err(e) => problems.push(format!("database.password_file: cannot read {}: {e}", path.display())),
+            },
+            _ => {}
+        }
+        read_secret_file(
+            "http.api_token",
+            &mut self.http.api_token,
+            &self.http.api_token_file,
+            &mut problems,
+        );
+        for (i, w) in self.alerting.webhooks.iter_mut().enumerate() {
+            read_secret_file(
+                &format!("alerting.webhooks[{i}].secret"),
+                &mut w.secret,
+                &w.secret_file,
+                &mut problems,
+            );
+        }
+        problems
+    }
+
+    /// Every secret value these settings hold, for [`crate::secret::scrub`].
+    pub fn secrets(&self) -> Vec<Secret> {
+        let mut secrets: Vec<Secret> = self
+            .kafka
+            .operator_properties()
+            .into_iter()
+            .filter_map(|p| match p.value {
+                PropertyValue::Secret(s) => Some(s),
+                PropertyValue::Plain(_) => None,
+            })
+            .collect();
+        secrets.extend(self.database.password.clone());
+        secrets.extend(self.database.url_password());
+        secrets.extend(self.alerting.alertmanager_url.as_deref().and_then(url_password));
+        secrets.extend(self.http.api_token.clone().map(Secret::new));
+        secrets.extend(
+            self.alerting
+                .webhooks
+                .iter()
+                .filter_map(|w| w.resolve_secret().map(Secret::new)),
+        );
+        secrets
+    }
+}
+
+/// Properties whose values are secrets, as librdkafka marks them (its `_RK_SENSITIVE`, less the
+/// file paths and the user name, which help more in an error than they could harm).
+const SENSITIVE: &[&str] = &[
+    "sasl.password",
+    "ssl.key.password",
+    "ssl.key.pem",
+    "ssl.keystore.password",
+    "ssl.truststore.password",
+    "sasl.oauthbearer.config",
+    "sasl.oauthbearer.client.secret",
+    "sasl.oauthbearer.client.credentials.client.secret",
+    "sasl.oauthbearer.assertion.private.key.passphrase",
+    "sasl.oauthbearer.assertion.private.key.pem",
+];
+
+/// True for a property whose value must never be printed. Name fragments catch misspelt ones
+/// too (`sasl.passwrod`), which librdkafka rejects but whose value is still a password.
+pub fn is_sensitive_property(name: &str) -> bool {
+    let name = name.to_ascii_lowercase();
+    SENSITIVE.contains(&name.as_str())
+        || ["pass", "secret", "private", "credential"]
+            .iter()
+            .any(|fragment| name.contains(fragment))
+}
+
 /// Why settings could not be used. Every problem is listed, each with its key.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -723,9 +996,28 @@ fn layered(path: Option<&Path>) -> config::ConfigBuilder<config::builder::Defaul
 impl Settings {
     /// Loads `path` (if given), then `COSTWATCH__*` environment variables on top, then validates.
     pub fn load(path: Option<&Path>) -> Result<Self, ConfigError> {
-        let settings: Settings = layered(path).build()?.try_deserialize()?;
-        settings.validate()?;
-        Ok(settings)
+        let (settings, problems) = Self::load_with_problems(path)?;
+        if problems.is_empty() {
+            Ok(settings)
+        } else {
+            Err(ConfigError::Invalid(problems))
+        }
+    }
+
+    /// [`Settings::load`], returning the problems beside the settings instead of failing on
+    /// them, for a caller that checks more (librdkafka's verdict) and reports it all at once.
+    /// Fails only when the file cannot be read or parsed at all.
+    pub fn load_with_problems(path: Option<&Path>) -> Result<(Self, Vec<String>), ConfigError> {
+        let mut settings: Settings = layered(path).build()?.try_deserialize()?;
+        // Variables that are not Unicode are no costwatch settings; std::env::vars would panic.
+        let env = std::env::vars_os().filter_map(|(k, v)| Some((k.into_string().ok()?, v.into_string().ok()?)));
+        let mut problems = settings.resolve_secrets(env);
+        if let Err(ConfigError::Invalid(more)) = settings.validate() {
+            problems.extend(more);
+        }
+        // Before anything can print: librdkafka's and sqlx's texts are scrubbed from now on.
+        crate::secret::register(&settings.secrets());
+        Ok((settings, problems))
     }
 
     /// Checks what types alone cannot, collecting every problem instead of stopping at the first.
@@ -948,7 +1240,7 @@ impl Settings {
                 ),
                 (None, None) => require(
                     false,
-                    format!("alerting.webhooks[{i}]: a signing secret is required (secret or secret_env)"),
+                    format!("alerting.webhooks[{i}]: a signing secret is required (secret, secret_env or secret_file)"),
                 ),
                 (Some(s), None) => require(
                     s.len() >= 16,
@@ -1222,6 +1514,96 @@ mod tests {
             "http.request_timeout: must be at least 100ms",
         ] {
             assert!(err.contains(want), "{want}\n{err}");
+        }
+    }
+
+    #[test]
+    fn secrets_come_from_files_and_the_environment_and_every_problem_is_listed() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = |name: &str, text: &str| {
+            let path = dir.path().join(name);
+            std::fs::write(&path, text).unwrap();
+            path.display().to_string()
+        };
+        let (db, kafka, token) = (
+            file("db", "db-secret\n"),
+            file("kafka", "kafka-secret\n"),
+            file("token", "0123456789abcdef-token"),
+        );
+        let toml = EXAMPLE.replace(
+            "url = \"postgres://postgres@127.0.0.1:5432/costwatch\"",
+            &format!(
+                "url = \"postgres://costwatch:url%40secret@127.0.0.1:5432/costwatch\"\npassword_file = {db:?}\n[http]\napi_token_file = {token:?}\n[kafka.properties]\n\"sasl.username\" = \"costwatch\"\n\"sasl.password\" = \"inline-secret\"\n[kafka.property_files]\n\"ssl.key.password\" = {kafka:?}"
+            ),
+        );
+        let mut s = parse(&toml).unwrap();
+        let env = [
+            ("COSTWATCH_KAFKA_SASL_PASSWORD".to_owned(), "env-secret".to_owned()),
+            ("COSTWATCH_KAFKA_SECURITY_PROTOCOL".to_owned(), "SASL_SSL".to_owned()),
+            ("COSTWATCH_KAFKAESQUE".to_owned(), "not ours".to_owned()),
+        ];
+        assert_eq!(s.resolve_secrets(env), Vec::<String>::new());
+        let properties: Vec<(String, String, String)> = s
+            .kafka
+            .operator_properties()
+            .into_iter()
+            .map(|p| (p.name, format!("{:?}", p.value), p.origin))
+            .collect();
+        let expect = |name: &str, value: &str, origin: &str| (name.to_owned(), value.to_owned(), origin.to_owned());
+        assert_eq!(
+            properties,
+            vec![
+                // The environment overrides the file, as it does for every other key.
+                expect("sasl.password", "Secret(<redacted>)", "COSTWATCH_KAFKA_SASL_PASSWORD"),
+                expect(
+                    "sasl.username",
+                    "Plain(\"costwatch\")",
+                    "kafka.properties.\"sasl.username\""
+                ),
+                expect(
+                    "security.protocol",
+                    "Plain(\"SASL_SSL\")",
+                    "COSTWATCH_KAFKA_SECURITY_PROTOCOL"
+                ),
+                expect(
+                    "ssl.key.password",
+                    "Secret(<redacted>)",
+                    "kafka.property_files.\"ssl.key.password\""
+                ),
+            ]
+        );
+        assert_eq!(s.database.password.as_ref().map(Secret::expose), Some("db-secret"));
+        assert_eq!(s.http.api_token.as_deref(), Some("0123456789abcdef-token"));
+        let mut secrets: Vec<String> = s.secrets().iter().map(|s| s.expose().to_owned()).collect();
+        secrets.sort();
+        assert_eq!(
+            secrets,
+            [
+                "0123456789abcdef-token",
+                "db-secret",
+                "env-secret",
+                "kafka-secret",
+                "url@secret"
+            ]
+        );
+
+        let conflicting = toml
+            .replace(
+                &format!("password_file = {db:?}"),
+                &format!("password = \"x\"\npassword_file = {db:?}"),
+            )
+            .replace(&kafka, "/nonexistent/kafka")
+            .replace("\"ssl.key.password\" =", "\"sasl.username\" =");
+        let mut s = parse(&conflicting).unwrap();
+        let problems = s
+            .resolve_secrets([("COSTWATCH_KAFKA_".to_owned(), "x".to_owned())])
+            .join("\n");
+        for want in [
+            "database.password_file: set database.password or database.password_file, not both",
+            "kafka.property_files.\"sasl.username\": also set in kafka.properties; set it in one place",
+            "COSTWATCH_KAFKA_: names no librdkafka property",
+        ] {
+            assert!(problems.contains(want), "{want}\n{problems}");
         }
     }
 

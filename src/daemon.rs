@@ -19,7 +19,7 @@ use crate::ingest::event::Limits;
 use crate::ingest::health::Health;
 use crate::ingest::window::WindowSize;
 use crate::pricing::{LivePrices, PriceBook};
-use crate::store::Store;
+use crate::store::{self, ConnectFailure, Store, StoreError};
 use crate::telemetry;
 
 /// Derives the ingestion rules from settings.
@@ -39,20 +39,28 @@ pub fn ingest_rules(settings: &Settings) -> IngestRules {
 
 /// Connects to PostgreSQL and brings the schema up to date, retrying with backoff until it
 /// works or `cancel` fires. A database that is down at start is waited for, not a crash loop.
+/// A TLS or login failure ([`StoreError::connect_failure`]) ends it at once, named as such.
 pub async fn prepare_database(settings: &Settings, cancel: &CancellationToken) -> anyhow::Result<Option<Store>> {
-    let url = &settings.database.url;
-    let store = Store::connect_lazy(url, settings.database.max_connections)?;
+    let options = store::connect_options(&settings.database.url, settings.database.password.as_ref())?;
+    let store = Store::connect_lazy_with(options.clone(), settings.database.max_connections);
     let mut backoff = Backoff::new();
     loop {
-        match Store::create_database_if_missing(url).await {
+        match Store::create_database_if_missing_with(&options).await {
             Ok(true) => info!("created the database named in database.url"),
             Ok(false) => {}
             Err(error) => {
+                if let Some(failure) = error.connect_failure() {
+                    return Err(permanent(failure, error));
+                }
                 warn!(%error, "cannot check or create the database; trying to use it as it is")
             }
         }
         match store.migrate().await {
             Ok(()) => return Ok(Some(store)),
+            Err(e) if e.connect_failure().is_some() => {
+                let failure = e.connect_failure().expect("checked");
+                return Err(permanent(failure, e));
+            }
             Err(e) if e.is_transient() => {
                 let wait = backoff.next_wait();
                 error!(error = %e, retry_in = ?wait, "PostgreSQL is unreachable, retrying");
@@ -64,6 +72,16 @@ pub async fn prepare_database(settings: &Settings, cancel: &CancellationToken) -
             Err(e) => return Err(e).context("cannot prepare the database schema"),
         }
     }
+}
+
+fn permanent(failure: ConnectFailure, error: StoreError) -> anyhow::Error {
+    // sqlx's chain repeats itself (its error, the I/O error, rustls's); the innermost cause
+    // is the one that says what is wrong.
+    let mut cause: &dyn std::error::Error = &error;
+    while let Some(next) = cause.source() {
+        cause = next;
+    }
+    anyhow::anyhow!("PostgreSQL: {failure}; not retried: {cause}")
 }
 
 /// Runs until `cancel` fires, then drains: flush, store offsets, leave the group, stop serving.

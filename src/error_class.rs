@@ -1,6 +1,10 @@
 //! Whether an error may go away by itself: the one place that classifies database and broker
 //! errors as transient (retry with backoff) or permanent (retrying the same thing cannot help:
-//! log once, count, and act on it).
+//! log once, count, and act on it). PostgreSQL errors by SQLSTATE ([`of_sqlx`]); Kafka client
+//! errors by librdkafka's code ([`kafka_failure`]: only TLS and authentication failures are
+//! permanent, librdkafka retries everything else by itself).
+
+use std::fmt;
 
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 
@@ -33,7 +37,11 @@ impl ErrorClass {
 pub fn of_sqlx(error: &sqlx::Error) -> ErrorClass {
     use sqlx::Error as E;
     match error {
-        E::Io(_) | E::PoolTimedOut | E::PoolClosed | E::WorkerCrashed | E::Tls(_) => ErrorClass::Transient,
+        // A TLS setup that fails (no TLS on the server, an unreadable certificate) fails the
+        // same way next time; a certificate that does not verify arrives as I/O and is caught
+        // by `StoreError::connect_failure` first.
+        E::Tls(_) => ErrorClass::Permanent,
+        E::Io(_) | E::PoolTimedOut | E::PoolClosed | E::WorkerCrashed => ErrorClass::Transient,
         E::Database(db) => db.code().map_or(ErrorClass::Permanent, |code| of_sqlstate(&code)),
         _ => ErrorClass::Permanent,
     }
@@ -42,8 +50,9 @@ pub fn of_sqlx(error: &sqlx::Error) -> ErrorClass {
 /// Classifies a SQLSTATE code: connection exceptions (08), operator intervention (57P: shutdown,
 /// 57014: a statement timeout), transaction rollbacks (40: serialization failure, deadlock),
 /// insufficient resources (53), lock not available (55P03) and system errors (58: I/O) may pass;
-/// everything else (data exceptions 22, constraint violations 23, program limits 54 such as an
-/// index row too large, permissions and syntax 42, cardinality 21) is the request's own fault.
+/// everything else (data exceptions 22, constraint violations 23, invalid authorization 28, a
+/// database that does not exist 3D000, program limits 54 such as an index row too large,
+/// permissions and syntax 42, cardinality 21) is the request's own fault.
 pub fn of_sqlstate(code: &str) -> ErrorClass {
     let transient =
         ["08", "57P", "40", "53", "58"].iter().any(|p| code.starts_with(p)) || matches!(code, "57014" | "55P03");
@@ -54,31 +63,56 @@ pub fn of_sqlstate(code: &str) -> ErrorClass {
     }
 }
 
-/// Classifies a Kafka client error: authentication, authorization, TLS and configuration
-/// problems are permanent; the rest (brokers down, timeouts, rebalances) librdkafka retries.
-pub fn of_kafka(error: &KafkaError) -> ErrorClass {
-    use RDKafkaErrorCode as C;
-    let Some(code) = error.rdkafka_error_code() else {
-        return match error {
-            KafkaError::ClientConfig(..) | KafkaError::ClientCreation(_) | KafkaError::Subscription(_) => {
-                ErrorClass::Permanent
+/// A broker failure that retrying will not fix: the daemon stops and says which.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum KafkaFailure {
+    /// The broker's certificate does not verify against `ssl.ca.location` (or the system's
+    /// roots), or not for the broker's host name.
+    Certificate,
+    /// Any other TLS failure: a plaintext port, no common protocol version, a client
+    /// certificate the broker refuses.
+    Tls,
+    /// SASL: wrong user or password, a mechanism the broker does not enable, a token refused.
+    Authentication,
+}
+
+impl fmt::Display for KafkaFailure {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            KafkaFailure::Certificate => {
+                "TLS certificate verification failed (check ssl.ca.location and that the certificate names the broker's host)"
             }
-            _ => ErrorClass::Transient,
-        };
-    };
-    match code {
-        C::Authentication
-        | C::SaslAuthenticationFailed
-        | C::UnsupportedSASLMechanism
-        | C::IllegalSASLState
-        | C::SSL
-        | C::InvalidArgument
-        | C::UnsupportedFeature
-        | C::TopicAuthorizationFailed
-        | C::GroupAuthorizationFailed
-        | C::ClusterAuthorizationFailed
-        | C::InvalidConfig => ErrorClass::Permanent,
-        _ => ErrorClass::Transient,
+            KafkaFailure::Tls => "TLS handshake failed (check security.protocol and the broker's TLS listener)",
+            KafkaFailure::Authentication => {
+                "authentication failed (check sasl.mechanisms, sasl.username and the password or token)"
+            }
+        })
+    }
+}
+
+/// Which broker errors are permanent. librdkafka reports a certificate or handshake failure as
+/// `__SSL` (a disconnect during the handshake is `__TRANSPORT`, so a restarting broker is not
+/// mistaken for one) and a refused login as `__AUTHENTICATION`; it would retry both forever.
+pub fn kafka_failure(error: &KafkaError, reason: &str) -> Option<KafkaFailure> {
+    match error.rdkafka_error_code()? {
+        RDKafkaErrorCode::SSL => {
+            let certificate = [
+                "certificate verify failed",
+                "verify broker certificate",
+                "did not provide a certificate",
+            ]
+            .iter()
+            .any(|s| reason.contains(s));
+            Some(if certificate {
+                KafkaFailure::Certificate
+            } else {
+                KafkaFailure::Tls
+            })
+        }
+        RDKafkaErrorCode::Authentication | RDKafkaErrorCode::SaslAuthenticationFailed => {
+            Some(KafkaFailure::Authentication)
+        }
+        _ => None,
     }
 }
 
@@ -107,12 +141,36 @@ mod tests {
     }
 
     #[test]
-    fn kafka_authentication_and_tls_failures_are_permanent() {
-        let auth = KafkaError::MessageConsumption(RDKafkaErrorCode::SaslAuthenticationFailed);
-        assert_eq!(of_kafka(&auth), ErrorClass::Permanent);
-        let tls = KafkaError::MessageConsumption(RDKafkaErrorCode::SSL);
-        assert_eq!(of_kafka(&tls), ErrorClass::Permanent);
-        let down = KafkaError::MessageConsumption(RDKafkaErrorCode::AllBrokersDown);
-        assert_eq!(of_kafka(&down), ErrorClass::Transient);
+    fn certificate_and_login_failures_are_permanent_and_disconnects_are_not() {
+        let ssl = KafkaError::Global(RDKafkaErrorCode::SSL);
+        assert_eq!(
+            kafka_failure(
+                &ssl,
+                "SSL handshake failed: error:0A000086:SSL routines::certificate verify failed"
+            ),
+            Some(KafkaFailure::Certificate)
+        );
+        assert_eq!(
+            kafka_failure(&ssl, "SSL handshake failed: wrong version number"),
+            Some(KafkaFailure::Tls)
+        );
+        assert_eq!(
+            kafka_failure(
+                &KafkaError::Global(RDKafkaErrorCode::Authentication),
+                "SASL authentication error"
+            ),
+            Some(KafkaFailure::Authentication)
+        );
+        assert_eq!(
+            kafka_failure(
+                &KafkaError::Global(RDKafkaErrorCode::BrokerTransportFailure),
+                "Disconnected"
+            ),
+            None
+        );
+        assert_eq!(
+            kafka_failure(&KafkaError::Global(RDKafkaErrorCode::AllBrokersDown), ""),
+            None
+        );
     }
 }

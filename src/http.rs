@@ -252,21 +252,23 @@ async fn metrics(State(state): State<AppState>) -> Response {
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], body).into_response()
 }
 
-/// Ready while the database answers, the consumer polls and no owned partition is stalled;
-/// the body names what is not.
+/// Ready while the database answers, a broker is reachable, the consumer polls and no owned
+/// partition is stalled; the body names what is not.
 async fn readyz(State(state): State<AppState>) -> Response {
     let database = tokio::time::timeout(Duration::from_secs(2), state.store.ping())
         .await
         .is_ok_and(|r| r.is_ok());
     let consuming = state.health.consuming();
+    let broker = state.health.broker_reachable();
     let stalled = state.health.stalled();
     let body = json!({
         "database": database,
+        "broker": broker,
         "consuming": consuming,
         "assigned_partitions": state.health.assigned(),
         "stalled_partitions": stalled,
     });
-    let status = if database && consuming && stalled.is_empty() {
+    let status = if database && broker && consuming && stalled.is_empty() {
         StatusCode::OK
     } else {
         StatusCode::SERVICE_UNAVAILABLE

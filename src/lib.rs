@@ -8,6 +8,8 @@
 //! (bills, fits, re-rating, recommendations) and [`usage`] (reading the priced history back). At the top, [`http`] (metrics, probes, the API),
 //! [`daemon`] (wiring for `costwatch run`), [`cli`], [`loadgen`] (synthetic load),
 //! [`shutdown`] (signals) and [`faults`] (fault injection for the fault suite).
+//! Connections: [`kafka`] (the librdkafka client configuration, checked without connecting)
+//! and [`secret`] (values never printed).
 
 pub mod alerting;
 pub mod calibration;
@@ -19,8 +21,10 @@ pub mod error_class;
 pub mod faults;
 pub mod http;
 pub mod ingest;
+pub mod kafka;
 pub mod loadgen;
 pub mod pricing;
+pub mod secret;
 pub mod shutdown;
 pub mod store;
 pub mod telemetry;

@@ -316,9 +316,19 @@ fn malformed(i: u64, rng: &mut StdRng, now: DateTime<Utc>) -> Message {
 
 /// Creates `topic` with `partitions` partitions unless it exists.
 pub async fn ensure_topic(brokers: &str, topic: &str, partitions: i32) -> anyhow::Result<()> {
-    let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
-        .set("bootstrap.servers", brokers)
+    ensure_topic_with(brokers, topic, partitions, &[]).await
+}
+
+/// [`ensure_topic`] with extra librdkafka properties (TLS, SASL).
+pub async fn ensure_topic_with(
+    brokers: &str,
+    topic: &str,
+    partitions: i32,
+    properties: &[(String, String)],
+) -> anyhow::Result<()> {
+    let admin: AdminClient<DefaultClientContext> = client_config(brokers, properties)
         .create()
+        .map_err(|e| anyhow::anyhow!("{}", crate::kafka::scrubbed(&e)))
         .context("cannot create the Kafka admin client")?;
     let new_topic = NewTopic::new(topic, partitions, TopicReplication::Fixed(1));
     let results = admin
@@ -335,6 +345,15 @@ pub async fn ensure_topic(brokers: &str, topic: &str, partitions: i32) -> anyhow
         }
     }
     Ok(())
+}
+
+fn client_config(brokers: &str, properties: &[(String, String)]) -> ClientConfig {
+    let mut config = ClientConfig::new();
+    config.set("bootstrap.servers", brokers);
+    for (name, value) in properties {
+        config.set(name, value);
+    }
+    config
 }
 
 /// Counts deliveries the broker did not acknowledge.
@@ -357,13 +376,29 @@ impl ProducerContext for DeliveryTally {
 /// Sends `messages` to `topic`, paced to `rate` per second (0: unpaced); fails if any message
 /// was not acknowledged.
 pub fn send(brokers: &str, topic: &str, messages: &[Message], rate: u64) -> anyhow::Result<()> {
+    send_with(brokers, topic, messages, rate, &[])
+}
+
+/// [`send`] with extra librdkafka properties (TLS, SASL), set after loadgen's own.
+pub fn send_with(
+    brokers: &str,
+    topic: &str,
+    messages: &[Message],
+    rate: u64,
+    properties: &[(String, String)],
+) -> anyhow::Result<()> {
     let failed = Arc::new(AtomicU64::new(0));
-    let producer: ThreadedProducer<DeliveryTally> = ClientConfig::new()
-        .set("bootstrap.servers", brokers)
+    let mut config = client_config(brokers, &[]);
+    config
         .set("linger.ms", "5")
         .set("queue.buffering.max.messages", "200000")
-        .set("message.max.bytes", "2000000")
+        .set("message.max.bytes", "2000000");
+    for (name, value) in properties {
+        config.set(name, value);
+    }
+    let producer: ThreadedProducer<DeliveryTally> = config
         .create_with_context(DeliveryTally { failed: failed.clone() })
+        .map_err(|e| anyhow::anyhow!("{}", crate::kafka::scrubbed(&e)))
         .context("cannot create the Kafka producer")?;
     let started = Instant::now();
     for (i, m) in messages.iter().enumerate() {

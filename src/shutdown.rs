@@ -6,8 +6,11 @@ use tracing::{info, warn};
 
 /// Cancels `token` on the first SIGTERM/SIGINT; exits the process with 130 on the second.
 pub fn listen_for_signals(token: CancellationToken) {
+    // Registered before returning, not in the task: a SIGTERM that arrives before the task
+    // first runs must drain, not kill.
+    let term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate());
     tokio::spawn(async move {
-        let Ok(mut term) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) else {
+        let Ok(mut term) = term else {
             warn!("cannot install the SIGTERM handler; only Ctrl-C will stop costwatch gracefully");
             let _ = tokio::signal::ctrl_c().await;
             token.cancel();

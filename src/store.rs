@@ -5,10 +5,11 @@
 use std::str::FromStr;
 use std::time::Duration;
 
-use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
+use sqlx::postgres::{PgConnectOptions, PgPoolOptions, PgSslMode};
 use sqlx::{ConnectOptions, PgPool};
 
 use crate::error_class::{self, ErrorClass};
+use crate::secret::Secret;
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -33,9 +34,12 @@ pub enum StoreError {
 }
 
 impl StoreError {
-    /// Whether the error may go away by itself ([`crate::error_class`] decides for every
-    /// database error).
+    /// Whether the error may go away by itself: a [`ConnectFailure`] never does, and
+    /// [`crate::error_class`] decides for every other database error.
     pub fn class(&self) -> ErrorClass {
+        if self.connect_failure().is_some() {
+            return ErrorClass::Permanent;
+        }
         match self {
             StoreError::Database(e) | StoreError::Migrate(sqlx::migrate::MigrateError::Execute(e)) => {
                 error_class::of_sqlx(e)
@@ -50,7 +54,140 @@ impl StoreError {
     pub fn is_transient(&self) -> bool {
         self.class().is_transient()
     }
+
+    /// Why connecting cannot work as configured, if that is what this error says: TLS that
+    /// does not verify or cannot be set up, or a login PostgreSQL refuses.
+    pub fn connect_failure(&self) -> Option<ConnectFailure> {
+        let e = match self {
+            StoreError::Database(e) | StoreError::Migrate(sqlx::migrate::MigrateError::Execute(e)) => e,
+            _ => return None,
+        };
+        match e {
+            // sqlx's own TLS errors: the server has no TLS (sslmode=require and up), an
+            // unreadable sslrootcert, a client key that does not load.
+            sqlx::Error::Tls(_) => Some(ConnectFailure::Tls),
+            // rustls fails the handshake inside the socket's I/O, so its error arrives as one.
+            sqlx::Error::Io(io) => {
+                let tls = io.get_ref()?.downcast_ref::<rustls::Error>()?;
+                Some(match tls {
+                    rustls::Error::InvalidCertificate(
+                        rustls::CertificateError::NotValidForName
+                        | rustls::CertificateError::NotValidForNameContext { .. },
+                    ) => ConnectFailure::Hostname,
+                    rustls::Error::InvalidCertificate(_) => ConnectFailure::Certificate,
+                    _ => ConnectFailure::Tls,
+                })
+            }
+            // 28: invalid authorization (wrong password, no pg_hba.conf entry, e.g. for a
+            // connection without TLS to a hostssl-only server).
+            sqlx::Error::Database(db) if db.code().is_some_and(|c| c.starts_with("28")) => {
+                Some(ConnectFailure::Authentication)
+            }
+            _ => None,
+        }
+    }
 }
+
+/// A connection to PostgreSQL that cannot work as configured; retrying would only hide it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ConnectFailure {
+    /// The server's certificate does not chain to `sslrootcert` or the system's roots.
+    Certificate,
+    /// The certificate does not name the host in `database.url` (`sslmode=verify-full`).
+    Hostname,
+    /// TLS cannot be set up: the server has none, or a certificate or key file does not load.
+    Tls,
+    /// PostgreSQL refused the login (password, role, or no `pg_hba.conf` entry).
+    Authentication,
+}
+
+impl std::fmt::Display for ConnectFailure {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            ConnectFailure::Certificate => "TLS certificate verification failed (check sslrootcert in database.url)",
+            ConnectFailure::Hostname => {
+                "TLS hostname verification failed (the server certificate does not name the host in database.url)"
+            }
+            ConnectFailure::Tls => "TLS could not be set up (check sslmode, sslrootcert, sslcert and sslkey)",
+            ConnectFailure::Authentication => {
+                "authentication failed (check the user, database.password or database.password_file, and pg_hba.conf)"
+            }
+        })
+    }
+}
+
+/// How costwatch connects: the URL (TLS through its `sslmode`, `sslrootcert`, `sslcert` and
+/// `sslkey`), `password` over the URL's, and `application_name=costwatch` unless the URL (or
+/// `PGAPPNAME`) names another, so that `pg_stat_activity` and `pg_stat_ssl` show who is who.
+pub fn connect_options(url: &str, password: Option<&Secret>) -> Result<PgConnectOptions, StoreError> {
+    let mut options = PgConnectOptions::from_str(url)
+        .map_err(StoreError::BadUrl)?
+        .disable_statement_logging();
+    if let Some(password) = password {
+        options = options.password(password.expose());
+    }
+    if options.get_application_name().is_none() {
+        options = options.application_name(APPLICATION_NAME);
+    }
+    Ok(options)
+}
+
+/// What can be told about `database.url` without connecting: problems (a URL sqlx refuses, TLS
+/// files that cannot be read, a client certificate without its key) and warnings (an `sslmode`
+/// that does not verify the server, for a server across a network).
+pub fn check_url(url: &str) -> (Vec<String>, Vec<String>) {
+    let (mut problems, mut warnings) = (Vec::new(), Vec::new());
+    let options = match connect_options(url, None) {
+        Ok(options) => options,
+        Err(e) => {
+            problems.push(crate::secret::scrub(&e.to_string()).into_owned());
+            return (problems, warnings);
+        }
+    };
+    let files: Vec<(String, String)> = reqwest::Url::parse(url)
+        .map(|u| {
+            u.query_pairs()
+                .filter(|(k, _)| {
+                    matches!(
+                        k.as_ref(),
+                        "sslrootcert" | "ssl-root-cert" | "ssl-ca" | "sslcert" | "ssl-cert" | "sslkey" | "ssl-key"
+                    )
+                })
+                .map(|(k, v)| (k.into_owned(), v.into_owned()))
+                .collect()
+        })
+        .unwrap_or_default();
+    for (key, path) in &files {
+        if let Err(e) = std::fs::File::open(path) {
+            problems.push(format!("database.url: {key}={path} cannot be read: {e}"));
+        }
+    }
+    let has = |names: &[&str]| files.iter().any(|(k, _)| names.contains(&k.as_str()));
+    if has(&["sslcert", "ssl-cert"]) != has(&["sslkey", "ssl-key"]) {
+        problems.push("database.url: sslcert and sslkey go together (a client certificate and its key)".into());
+    }
+    let host = options.get_host();
+    let local = options.get_socket().is_some()
+        || host == "localhost"
+        || host.parse::<std::net::IpAddr>().is_ok_and(|ip| ip.is_loopback());
+    let mode = match options.get_ssl_mode() {
+        PgSslMode::Disable => Some("disable"),
+        PgSslMode::Allow => Some("allow"),
+        PgSslMode::Prefer => Some("prefer"),
+        PgSslMode::Require => Some("require"),
+        PgSslMode::VerifyCa | PgSslMode::VerifyFull => None,
+    };
+    if let (Some(mode), false) = (mode, local) {
+        warnings.push(format!(
+            "database.url: sslmode={mode} (prefer is the default) does not verify the server{}; use sslmode=verify-full with sslrootcert for a database across a network",
+            if mode == "require" { "" } else { " and may connect without TLS" }
+        ));
+    }
+    (problems, warnings)
+}
+
+/// The `application_name` of every costwatch connection.
+pub const APPLICATION_NAME: &str = "costwatch";
 
 static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
 
@@ -62,14 +199,16 @@ pub struct Store {
 impl Store {
     /// Connects (lazily: the first query opens the first connection).
     pub fn connect_lazy(url: &str, max_connections: u32) -> Result<Self, StoreError> {
-        let options = PgConnectOptions::from_str(url)
-            .map_err(StoreError::BadUrl)?
-            .disable_statement_logging();
+        Ok(Self::connect_lazy_with(connect_options(url, None)?, max_connections))
+    }
+
+    /// [`Store::connect_lazy`] with options from [`connect_options`].
+    pub fn connect_lazy_with(options: PgConnectOptions, max_connections: u32) -> Self {
         let pool = PgPoolOptions::new()
             .max_connections(max_connections)
             .acquire_timeout(Duration::from_secs(5))
             .connect_lazy_with(options);
-        Ok(Self { pool })
+        Self { pool }
     }
 
     pub fn pool(&self) -> &PgPool {
@@ -79,15 +218,15 @@ impl Store {
     /// Creates the database named in `url` when it does not exist yet (needs CREATEDB; a failure
     /// here is reported by the caller and the real connection error follows if it matters).
     pub async fn create_database_if_missing(url: &str) -> Result<bool, StoreError> {
-        let options = PgConnectOptions::from_str(url).map_err(StoreError::BadUrl)?;
+        Self::create_database_if_missing_with(&connect_options(url, None)?).await
+    }
+
+    /// [`Store::create_database_if_missing`] with options from [`connect_options`].
+    pub async fn create_database_if_missing_with(options: &PgConnectOptions) -> Result<bool, StoreError> {
         let Some(name) = options.get_database().map(str::to_owned) else {
             return Ok(false);
         };
-        let mut admin = options
-            .database("postgres")
-            .disable_statement_logging()
-            .connect()
-            .await?;
+        let mut admin = options.clone().database("postgres").connect().await?;
         let exists: bool = sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM pg_database WHERE datname = $1)")
             .bind(&name)
             .fetch_one(&mut admin)

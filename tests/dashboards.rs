@@ -129,23 +129,15 @@ fn targets(dashboard: &Value, out: &mut Vec<Value>) {
     }
 }
 
-/// Makes the Grafana role of `deploy/postgres/grafana-readonly.sql` in this test's database,
-/// under a name of its own (roles are cluster-wide), and returns that name.
-async fn grafana_role(pool: &sqlx::PgPool) -> String {
+/// Makes a Grafana role with the grants of `deploy/postgres/grafana-grants.sql` in this test's
+/// database, under a name of its own (roles are cluster-wide), and returns that name.
+async fn grafana_role(pool: &sqlx::PgPool, database: &str) -> String {
     let name = format!("cw_test_grafana_{:016x}", rand::random::<u64>());
-    let script = std::fs::read_to_string(Path::new(ROOT).join("deploy/postgres/grafana-readonly.sql")).unwrap();
-    let without_comments: String = script
-        .lines()
-        .filter(|l| !l.trim_start().starts_with("--"))
-        .collect::<Vec<_>>()
-        .join("\n");
-    for statement in without_comments.split(';').map(str::trim).filter(|s| !s.is_empty()) {
-        let statement = statement.replace("costwatch_grafana", &name);
-        sqlx::query(&statement)
-            .execute(pool)
-            .await
-            .unwrap_or_else(|e| panic!("grafana-readonly.sql: {e}\n{statement}"));
-    }
+    sqlx::query(&format!("CREATE ROLE {name} LOGIN"))
+        .execute(pool)
+        .await
+        .unwrap();
+    psql_file("deploy/postgres/grafana-grants.sql", database, &[("grafana", &name)]);
     name
 }
 
@@ -231,7 +223,7 @@ forecast = true
     let mut all = Vec::new();
     targets(&dashboard, &mut all);
     // SQL panels run as the documented read-only role, on one connection that has SET ROLE.
-    let role = grafana_role(&world.pool).await;
+    let role = grafana_role(&world.pool, world.db_url.rsplit('/').next().unwrap()).await;
     let mut grafana = world.pool.acquire().await.unwrap();
     sqlx::query(&format!("SET ROLE {role}"))
         .execute(&mut *grafana)
@@ -314,4 +306,145 @@ forecast = true
     }
     assert!(seen >= 5, "only {seen} rules loaded from deploy/prometheus/rules.yml");
     producer.abort();
+}
+
+/// Runs one of `deploy/postgres/*.sql` with psql as the test's superuser, against `database`.
+fn psql_file(file: &str, database: &str, vars: &[(&str, &str)]) {
+    let base = std::env::var("COSTWATCH_TEST_DATABASE_URL")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".into());
+    let url = format!("{}/{database}", &base[..base.rfind('/').unwrap()]);
+    let mut cmd = Command::new("psql");
+    cmd.args(["-X", "-q", &url, "-f"]).arg(Path::new(ROOT).join(file));
+    for (name, value) in vars {
+        cmd.args(["-v", &format!("{name}={value}")]);
+    }
+    let out = cmd.output().expect("psql");
+    assert!(
+        out.status.success(),
+        "{file}: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_documented_grants_suffice_and_grafana_can_only_read() {
+    let mut world = World::new(2).await;
+    let suffix = world.topic.rsplit('-').next().unwrap().to_owned();
+    let (owner, grafana, db) = (
+        format!("cw_test_owner_{suffix}"),
+        format!("cw_test_grafana_{suffix}"),
+        format!("cw_test_least_{suffix}"),
+    );
+    psql_file(
+        "deploy/postgres/roles.sql",
+        "postgres",
+        &[
+            ("owner", &owner),
+            ("owner_password", "owner-password"),
+            ("grafana", &grafana),
+            ("grafana_password", "grafana-password"),
+            ("db", &db),
+        ],
+    );
+    // costwatch runs as the owner: migrations, claims, flushes, budgets and alerts all work
+    // without superuser rights.
+    let base = world.db_url[..world.db_url.rfind('/').unwrap()].to_owned();
+    let as_role = |role: &str| base.replacen("postgres@", &format!("{role}@"), 1) + "/" + &db;
+    world.db_url = as_role(&owner);
+    world.pool = sqlx::postgres::PgPoolOptions::new()
+        .max_connections(2)
+        .connect(&format!("{base}/{db}"))
+        .await
+        .unwrap();
+    let config = world.config(
+        "\n[alerting]\nevaluation_interval = \"1s\"\n\n[[budgets]]\nname = \"grants\"\nperiod = \"monthly\"\namount = \"0.001\"\nthresholds = [0.5]\n",
+    );
+    let mut daemon = world.start(&config);
+    let (messages, expected) = loadgen::generate(&LoadSpec {
+        count: 500,
+        seed: 12,
+        models: 2,
+        hardware: 2,
+        rate: 0,
+        duplicates: 0.02,
+        late: 0.0,
+        malformed: 0.05,
+        hostile: 0.0,
+        late_by: Duration::from_secs(60),
+        span: Duration::from_secs(120),
+        end: Utc::now(),
+    });
+    world.produce(messages).await;
+    world
+        .wait_consumed(expected.messages as i64, Duration::from_secs(60))
+        .await;
+    world.assert_totals(&expected, "written as the owner").await;
+    // The budget alert fires, so its table has a row for the dashboard to read.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while sqlx::query_scalar::<_, i64>("SELECT count(*) FROM budget_alert")
+        .fetch_one(&world.pool)
+        .await
+        .unwrap()
+        == 0
+    {
+        assert!(
+            Instant::now() < deadline,
+            "no budget alert was recorded:\n{}",
+            daemon.log_text()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert!(daemon.terminate(Duration::from_secs(60)).success());
+
+    psql_file("deploy/postgres/grafana-grants.sql", &db, &[("grafana", &grafana)]);
+    let reader = sqlx::postgres::PgPoolOptions::new()
+        .max_connections(1)
+        .connect(&as_role(&grafana))
+        .await
+        .unwrap();
+    let dashboard: Value = serde_json::from_str(
+        &std::fs::read_to_string(Path::new(ROOT).join("deploy/grafana/dashboards/costwatch.json")).unwrap(),
+    )
+    .unwrap();
+    let mut all = Vec::new();
+    targets(&dashboard, &mut all);
+    let queries: Vec<String> = all
+        .iter()
+        .filter_map(|t| t.get("rawSql").and_then(Value::as_str))
+        .map(sql)
+        .collect();
+    assert!(!queries.is_empty());
+    for q in &queries {
+        let rows = sqlx::query(q)
+            .fetch_all(&reader)
+            .await
+            .unwrap_or_else(|e| panic!("the grafana role cannot run a dashboard query: {e}\n{q}"));
+        assert!(!rows.is_empty(), "no rows for the grafana role:\n{q}");
+    }
+    for write in [
+        "DELETE FROM window_usage",
+        "UPDATE partition_progress SET next_offset = 0",
+        "SELECT * FROM partition_progress",
+        "INSERT INTO budget_alert (budget) VALUES ('x')",
+        "CREATE TABLE grafana_was_here (x int)",
+    ] {
+        let err = sqlx::query(write).execute(&reader).await.unwrap_err();
+        let code = err.as_database_error().and_then(|e| e.code()).map(|c| c.into_owned());
+        assert_eq!(code.as_deref(), Some("42501"), "{write}: {err}");
+    }
+    reader.close().await;
+    world.pool.close().await;
+    let admin = sqlx::postgres::PgPoolOptions::new()
+        .max_connections(1)
+        .connect(&format!("{base}/postgres"))
+        .await
+        .unwrap();
+    for statement in [
+        format!("DROP DATABASE \"{db}\" WITH (FORCE)"),
+        format!("DROP ROLE \"{grafana}\""),
+        format!("DROP ROLE \"{owner}\""),
+    ] {
+        sqlx::query(&statement).execute(&admin).await.unwrap();
+    }
 }

@@ -13,9 +13,9 @@ use std::time::{Duration, Instant};
 use chrono::{DateTime, Utc};
 use rdkafka::bindings::rd_kafka_resp_err_t as RespErr;
 use rdkafka::client::ClientContext;
-use rdkafka::config::{ClientConfig, RDKafkaLogLevel};
+use rdkafka::config::RDKafkaLogLevel;
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext, RebalanceProtocol};
-use rdkafka::error::KafkaError;
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::{BorrowedMessage, Message};
 use rdkafka::statistics::Statistics;
 use rdkafka::{Offset, TopicPartitionList};
@@ -24,14 +24,17 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, info, warn};
 
 use crate::config::{KafkaSettings, StartFrom};
-use crate::error_class::ErrorClass;
+
+use crate::error_class::{self, ErrorClass, KafkaFailure};
 use crate::faults::{self, FaultPoint};
 use crate::ingest::aggregate::{start_offset, Aggregator, FlushBatch, IngestRules, Outcome};
 use crate::ingest::event::RejectCode;
 use crate::ingest::health::Health;
 use crate::ingest::store::{WindowLayout, WriteOutcome};
 use crate::ingest::window::{from_millis, WindowKey, WindowSums};
+use crate::kafka;
 use crate::pricing::{LivePrices, PriceBook};
+use crate::secret;
 use crate::store::{Store, StoreError};
 use crate::telemetry;
 
@@ -383,9 +386,9 @@ impl Pipeline {
     }
 }
 
-fn lock(aggregator: &Mutex<Aggregator>) -> MutexGuard<'_, Aggregator> {
+fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
     // A panic while holding the lock already ends the process; poisoning adds nothing.
-    aggregator.lock().unwrap_or_else(|p| p.into_inner())
+    mutex.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 /// The metrics of a batch known to be in PostgreSQL, with the watermark and dedup gauges it
@@ -425,10 +428,26 @@ fn report_committed(
 /// before any of their messages are fetched.
 pub struct KafkaContext {
     pipeline: Arc<Pipeline>,
+    /// Set when the broker refused us in a way no retry fixes (see [`error_class::kafka_failure`]).
+    failure: Mutex<Option<String>>,
+}
+
+impl KafkaContext {
+    /// Stops the daemon (draining as for SIGTERM) and remembers why, for its exit.
+    fn fail_permanently(&self, failure: KafkaFailure, reason: &str) {
+        error!(%failure, reason, "the Kafka broker refused costwatch; this is permanent, stopping");
+        let mut slot = lock(&self.failure);
+        if slot.is_none() {
+            *slot = Some(format!("kafka: {failure}, not retried: {reason}"));
+        }
+        self.pipeline.cancel.cancel();
+    }
 }
 
 impl ClientContext for KafkaContext {
     fn log(&self, level: RDKafkaLogLevel, fac: &str, message: &str) {
+        // librdkafka's texts may quote property values; secrets are scrubbed before logging.
+        let message = secret::scrub(message);
         match level {
             RDKafkaLogLevel::Emerg | RDKafkaLogLevel::Alert | RDKafkaLogLevel::Critical | RDKafkaLogLevel::Error => {
                 error!(target: "librdkafka", facility = fac, "{message}")
@@ -446,6 +465,10 @@ impl ClientContext for KafkaContext {
     /// The same statistics feed stall detection: a partition whose committed offset stays put
     /// while its log end is past it ([`Health::observe`]).
     fn stats(&self, statistics: Statistics) {
+        // Bootstrap entries (node id -1) do not count: a broker is reachable once a
+        // connection to a cluster member is up.
+        let up = statistics.brokers.values().any(|b| b.nodeid >= 0 && b.state == "UP");
+        self.pipeline.health.set_broker_reachable(up);
         let topic = statistics.topics.get(&self.pipeline.topic);
         let (positions, committed) = {
             let agg = self.pipeline.aggregator();
@@ -467,7 +490,15 @@ impl ClientContext for KafkaContext {
 
     fn error(&self, error: KafkaError, reason: &str) {
         telemetry::broker_error();
-        warn!(%error, reason, "kafka client error; librdkafka retries by itself");
+        let reason = secret::scrub(reason);
+        if let Some(failure) = error_class::kafka_failure(&error, &reason) {
+            self.fail_permanently(failure, &reason);
+            return;
+        }
+        if error.rdkafka_error_code() == Some(RDKafkaErrorCode::AllBrokersDown) {
+            self.pipeline.health.set_broker_reachable(false);
+        }
+        warn!(%error, %reason, "kafka client error; librdkafka retries by itself");
     }
 }
 
@@ -538,38 +569,44 @@ impl ConsumerContext for KafkaContext {
 }
 
 /// Builds the group member. Auto-commit is off: offsets are ours to store, in PostgreSQL.
-pub fn build_consumer(
-    settings: &KafkaSettings,
-    pipeline: Arc<Pipeline>,
-) -> Result<BaseConsumer<KafkaContext>, KafkaError> {
-    let mut config = ClientConfig::new();
-    config
-        .set("bootstrap.servers", &settings.brokers)
-        .set("group.id", &settings.group_id)
-        .set("client.id", format!("costwatch-{}", pipeline.owner))
-        .set("enable.auto.commit", "false")
-        .set("enable.auto.offset.store", "false")
-        .set("enable.partition.eof", "false")
-        .set(
-            "auto.offset.reset",
-            match settings.start_from {
-                StartFrom::Earliest => "earliest",
-                StartFrom::Latest => "latest",
-            },
-        )
-        .set("session.timeout.ms", settings.session_timeout.as_millis().to_string())
+pub fn build_consumer(settings: &KafkaSettings, pipeline: Arc<Pipeline>) -> anyhow::Result<BaseConsumer<KafkaContext>> {
+    let base = consumer_properties(settings, &pipeline.owner);
+    let mut config = kafka::client_config(&base, settings)
+        .map_err(|problems| anyhow::anyhow!("invalid Kafka client configuration: {}", problems.join("; ")))?;
+    config.set_log_level(RDKafkaLogLevel::Warning);
+    let context = KafkaContext {
+        pipeline,
+        failure: Mutex::new(None),
+    };
+    // librdkafka's creation errors may quote a property value: scrubbed.
+    let consumer: BaseConsumer<KafkaContext> = config
+        .create_with_context(context)
+        .map_err(|e| anyhow::anyhow!("{}", kafka::scrubbed(&e)))?;
+    Ok(consumer)
+}
+
+/// costwatch's own consumer properties; the operator's `kafka.properties` go on top.
+pub fn consumer_properties(settings: &KafkaSettings, owner: &str) -> Vec<(&'static str, String)> {
+    let start_from = match settings.start_from {
+        StartFrom::Earliest => "earliest",
+        StartFrom::Latest => "latest",
+    };
+    vec![
+        ("bootstrap.servers", settings.brokers.clone()),
+        ("group.id", settings.group_id.clone()),
+        ("client.id", format!("costwatch-{owner}")),
+        ("enable.auto.commit", "false".into()),
+        ("enable.auto.offset.store", "false".into()),
+        ("enable.partition.eof", "false".into()),
+        ("auto.offset.reset", start_from.into()),
+        ("session.timeout.ms", settings.session_timeout.as_millis().to_string()),
         // Statistics carry each partition's log end, for the lag gauge.
-        .set("statistics.interval.ms", "5000")
-        .set(
+        ("statistics.interval.ms", "5000".into()),
+        (
             "heartbeat.interval.ms",
             (settings.session_timeout.as_millis() / 4).max(100).to_string(),
-        );
-    for (k, v) in &settings.properties {
-        config.set(k, v);
-    }
-    config.set_log_level(RDKafkaLogLevel::Warning);
-    let consumer: BaseConsumer<KafkaContext> = config.create_with_context(KafkaContext { pipeline })?;
-    Ok(consumer)
+        ),
+    ]
 }
 
 /// Runs the consumer until `pipeline.cancel` fires, then flushes what is pending and leaves the
@@ -612,7 +649,10 @@ pub fn consume(consumer: BaseConsumer<KafkaContext>, pipeline: Arc<Pipeline>) ->
             .context("a flush failed permanently; the unflushed messages are counted after restart"));
     }
     let unflushed = final_flush(&consumer, &pipeline);
-    leave_group(consumer);
+    let refused = leave_group(consumer);
+    if let Some(refused) = refused {
+        return Err(anyhow::anyhow!(refused));
+    }
     // A shutdown that could not store everything is not a clean one: say so with the exit code.
     match unflushed {
         Some(source) => Err(FinalFlushFailed(source).into()),
@@ -746,10 +786,13 @@ fn final_flush(consumer: &BaseConsumer<KafkaContext>, pipeline: &Pipeline) -> Op
 
 /// Leaving the group explicitly hands partitions to the other members at once instead of after
 /// the session timeout; whatever was stored is in PostgreSQL already.
-fn leave_group(consumer: BaseConsumer<KafkaContext>) {
+/// Returns the broker's permanent refusal, if that is what stopped the consumer.
+fn leave_group(consumer: BaseConsumer<KafkaContext>) -> Option<String> {
     consumer.unsubscribe();
+    let refused = lock(&consumer.context().failure).take();
     drop(consumer);
     info!("left the consumer group");
+    refused
 }
 
 /// The drain at shutdown could not write what was pending. Nothing is lost: the offsets in

@@ -1,10 +1,10 @@
-//! What the consumer reports about itself for `/readyz`: that it polls, how many partitions it
-//! owns, and which of them are stalled (their stored offset has not moved for
+//! What the consumer reports about itself for `/readyz`: that it polls, whether a broker is
+//! reachable, how many partitions it owns, and which of them are stalled (their stored offset has not moved for
 //! `ingest.stall_after` although the broker holds messages past it). Kept apart from the HTTP
 //! layer, which only reads it.
 
 use std::collections::BTreeMap;
-use std::sync::atomic::{AtomicI64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicUsize, Ordering};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
@@ -19,6 +19,9 @@ const POLL_STALE: Duration = Duration::from_secs(15);
 pub struct Health {
     last_poll_ms: AtomicI64,
     assigned: AtomicUsize,
+    /// Set when librdkafka reports every broker down; cleared when its statistics show a
+    /// broker connection up again (every 5 s). Not known down until librdkafka says so.
+    broker_down: AtomicBool,
     stall_after: Duration,
     partitions: Mutex<BTreeMap<i32, Watch>>,
 }
@@ -36,6 +39,7 @@ impl Health {
         Self {
             last_poll_ms: AtomicI64::new(0),
             assigned: AtomicUsize::new(0),
+            broker_down: AtomicBool::new(false),
             stall_after,
             partitions: Mutex::new(BTreeMap::new()),
         }
@@ -49,6 +53,15 @@ impl Health {
 
     pub fn set_assigned(&self, n: usize) {
         self.assigned.store(n, Ordering::Relaxed);
+    }
+
+    pub fn set_broker_reachable(&self, reachable: bool) {
+        self.broker_down.store(!reachable, Ordering::Relaxed);
+    }
+
+    /// False once librdkafka reported every broker down, until a connection is up again.
+    pub fn broker_reachable(&self) -> bool {
+        !self.broker_down.load(Ordering::Relaxed)
     }
 
     pub fn assigned(&self) -> usize {

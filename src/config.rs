@@ -1022,293 +1022,351 @@ impl Settings {
 
     /// Checks what types alone cannot, collecting every problem instead of stopping at the first.
     pub fn validate(&self) -> Result<(), ConfigError> {
-        let mut problems = Vec::new();
-        let mut require = |ok: bool, problem: String| {
-            if !ok {
-                problems.push(problem);
-            }
-        };
-
-        require(
-            !self.kafka.brokers.trim().is_empty(),
-            "kafka.brokers: must not be empty".into(),
-        );
-        require(
-            !self.kafka.topic.trim().is_empty(),
-            "kafka.topic: must not be empty".into(),
-        );
-        require(
-            !self.kafka.group_id.trim().is_empty(),
-            "kafka.group_id: must not be empty".into(),
-        );
-        require(
-            self.kafka.session_timeout >= Duration::from_secs(1),
-            "kafka.session_timeout: must be at least 1s".into(),
-        );
-        require(
-            self.database.url.starts_with("postgres://") || self.database.url.starts_with("postgresql://"),
-            "database.url: must start with postgres:// or postgresql://".into(),
-        );
-        require(
-            self.database.max_connections >= 2,
-            "database.max_connections: must be at least 2".into(),
-        );
-
-        let size = self.windows.size;
-        require(
-            size >= Duration::from_secs(1) && size.subsec_nanos() == 0,
-            "windows.size: must be a whole number of seconds, at least 1s".into(),
-        );
-        require(
-            size <= Duration::from_secs(24 * 60 * 60) && (24 * 60 * 60) % size.as_secs().max(1) == 0,
-            "windows.size: must divide a day evenly (e.g. 10s, 1m, 5m, 1h), so windows align across days".into(),
-        );
-        require(
+        let mut problems = Problems::default();
+        self.kafka.validate(&mut problems);
+        self.database.validate(&mut problems);
+        self.windows.validate(&mut problems);
+        self.ingest.validate(&mut problems);
+        problems.require(
             self.ingest.max_event_age > self.windows.allowed_lateness,
-            "ingest.max_event_age: must be longer than windows.allowed_lateness".into(),
+            "ingest.max_event_age: must be longer than windows.allowed_lateness",
         );
-        require(
-            self.ingest.max_event_bytes >= 256,
-            "ingest.max_event_bytes: must be at least 256".into(),
-        );
-        require(
-            self.ingest.flush_interval >= Duration::from_millis(10),
-            "ingest.flush_interval: must be at least 10ms".into(),
-        );
-        require(
-            self.ingest.max_pending_events >= 1,
-            "ingest.max_pending_events: must be at least 1".into(),
-        );
-        require(
-            self.ingest.max_pending_bytes >= self.ingest.max_event_bytes,
-            "ingest.max_pending_bytes: must be at least ingest.max_event_bytes".into(),
-        );
-        require(
-            (64..=1024 * 1024).contains(&self.ingest.max_rejected_payload_bytes),
-            "ingest.max_rejected_payload_bytes: must be between 64 and 1048576".into(),
-        );
-        require(
-            self.ingest.rejected_retention >= Duration::from_secs(60 * 60),
-            "ingest.rejected_retention: must be at least 1h".into(),
-        );
-        require(
-            self.ingest.stall_after >= Duration::from_secs(1),
-            "ingest.stall_after: must be at least 1s".into(),
-        );
+        self.pricing.validate(&mut problems);
+        self.http.validate(&mut problems);
+        self.metrics.validate(&mut problems);
+        self.calibration.validate(&mut problems);
+        self.recommendations.validate(&mut problems);
+        self.alerting.validate(&mut problems);
+        let mut names = HashSet::new();
+        for (i, b) in self.budgets.iter().enumerate() {
+            b.validate(&format!("budgets[{i}]"), &mut problems);
+            problems.require(
+                names.insert(b.name.as_str()),
+                format!("budgets[{i}].name: {:?} is used by two budgets", b.name),
+            );
+        }
+        problems.into_result()
+    }
+}
 
-        let currency = &self.pricing.currency;
-        require(
+/// Every problem found in a configuration, each with its key.
+#[derive(Debug, Default)]
+pub struct Problems(Vec<String>);
+
+impl Problems {
+    /// Records `problem` unless `ok`.
+    pub fn require(&mut self, ok: bool, problem: impl Into<String>) {
+        if !ok {
+            self.0.push(problem.into());
+        }
+    }
+
+    fn into_result(self) -> Result<(), ConfigError> {
+        if self.0.is_empty() {
+            Ok(())
+        } else {
+            Err(ConfigError::Invalid(self.0))
+        }
+    }
+}
+
+impl KafkaSettings {
+    fn validate(&self, p: &mut Problems) {
+        p.require(!self.brokers.trim().is_empty(), "kafka.brokers: must not be empty");
+        p.require(!self.topic.trim().is_empty(), "kafka.topic: must not be empty");
+        p.require(!self.group_id.trim().is_empty(), "kafka.group_id: must not be empty");
+        p.require(
+            self.session_timeout >= Duration::from_secs(1),
+            "kafka.session_timeout: must be at least 1s",
+        );
+    }
+}
+
+impl DatabaseSettings {
+    fn validate(&self, p: &mut Problems) {
+        p.require(
+            self.url.starts_with("postgres://") || self.url.starts_with("postgresql://"),
+            "database.url: must start with postgres:// or postgresql://",
+        );
+        p.require(
+            self.max_connections >= 2,
+            "database.max_connections: must be at least 2",
+        );
+    }
+}
+
+impl WindowSettings {
+    fn validate(&self, p: &mut Problems) {
+        let size = self.size;
+        p.require(
+            size >= Duration::from_secs(1) && size.subsec_nanos() == 0,
+            "windows.size: must be a whole number of seconds, at least 1s",
+        );
+        p.require(
+            size <= Duration::from_secs(24 * 60 * 60) && (24 * 60 * 60) % size.as_secs().max(1) == 0,
+            "windows.size: must divide a day evenly (e.g. 10s, 1m, 5m, 1h), so windows align across days",
+        );
+    }
+}
+
+impl IngestSettings {
+    fn validate(&self, p: &mut Problems) {
+        p.require(
+            self.max_event_bytes >= 256,
+            "ingest.max_event_bytes: must be at least 256",
+        );
+        p.require(
+            self.flush_interval >= Duration::from_millis(10),
+            "ingest.flush_interval: must be at least 10ms",
+        );
+        p.require(
+            self.max_pending_events >= 1,
+            "ingest.max_pending_events: must be at least 1",
+        );
+        p.require(
+            self.max_pending_bytes >= self.max_event_bytes,
+            "ingest.max_pending_bytes: must be at least ingest.max_event_bytes",
+        );
+        p.require(
+            (64..=1024 * 1024).contains(&self.max_rejected_payload_bytes),
+            "ingest.max_rejected_payload_bytes: must be between 64 and 1048576",
+        );
+        p.require(
+            self.rejected_retention >= Duration::from_secs(60 * 60),
+            "ingest.rejected_retention: must be at least 1h",
+        );
+        p.require(
+            self.stall_after >= Duration::from_secs(1),
+            "ingest.stall_after: must be at least 1s",
+        );
+    }
+}
+
+impl PricingSettings {
+    fn validate(&self, p: &mut Problems) {
+        let currency = &self.currency;
+        p.require(
             currency.len() == 3 && currency.chars().all(|c| c.is_ascii_uppercase()),
             format!("pricing.currency: {currency:?} is not a three-letter ISO 4217 code such as \"USD\""),
         );
         let mut seen_hw = HashSet::new();
-        for (i, hw) in self.pricing.hardware.iter().enumerate() {
-            require(
+        for (i, hw) in self.hardware.iter().enumerate() {
+            p.require(
                 seen_hw.insert(&hw.name),
                 format!("pricing.hardware[{i}].name: {:?} is priced twice", hw.name.as_str()),
             );
-            require(
+            p.require(
                 hw.compute_price.0 >= Decimal::ZERO,
                 format!("pricing.hardware[{i}].compute_price: must not be negative"),
             );
-            require(
+            p.require(
                 hw.storage_price.0 >= Decimal::ZERO,
                 format!("pricing.hardware[{i}].storage_price: must not be negative"),
             );
         }
         let mut seen_pairs = HashSet::new();
-        for (i, c) in self.pricing.coefficients.iter().enumerate() {
-            require(
+        for (i, c) in self.coefficients.iter().enumerate() {
+            p.require(
                 seen_pairs.insert((&c.model, &c.hardware)),
                 format!(
                     "pricing.coefficients[{i}]: ({}, {}) has coefficients twice",
                     c.model, c.hardware
                 ),
             );
-            require(
+            p.require(
                 c.k1.0 >= Decimal::ZERO,
                 format!("pricing.coefficients[{i}].k1: must not be negative"),
             );
-            require(
+            p.require(
                 c.k2.0 >= Decimal::ZERO,
                 format!("pricing.coefficients[{i}].k2: must not be negative"),
             );
         }
-        require(
-            std::net::SocketAddr::from_str(&self.http.listen).is_ok(),
-            format!(
-                "http.listen: {:?} is not an address such as 127.0.0.1:9464",
-                self.http.listen
-            ),
-        );
-
-        require(
-            self.http.api_token.as_ref().is_none_or(|t| t.len() >= 16),
-            "http.api_token: must be at least 16 characters".into(),
-        );
-        require(
-            !self.http.protect_metrics || self.http.api_token.is_some(),
-            "http.protect_metrics: needs http.api_token, the token /metrics would require".into(),
-        );
-        require(
-            self.http.header_read_timeout >= Duration::from_millis(100),
-            "http.header_read_timeout: must be at least 100ms".into(),
-        );
-        require(
-            self.http.request_timeout >= Duration::from_millis(100),
-            "http.request_timeout: must be at least 100ms".into(),
-        );
-        require(
-            self.metrics.max_models >= 1,
-            "metrics.max_models: must be at least 1".into(),
-        );
-        require(
-            self.metrics.max_hardware >= 1,
-            "metrics.max_hardware: must be at least 1".into(),
-        );
-
-        require(
-            self.calibration.reload_interval >= Duration::from_millis(100),
-            "calibration.reload_interval: must be at least 100ms".into(),
-        );
-        require(
-            self.recommendations.savings_window >= Duration::from_secs(60),
-            "recommendations.savings_window: must be at least 1m".into(),
-        );
-        require(
-            self.recommendations.refresh_interval >= Duration::from_millis(100),
-            "recommendations.refresh_interval: must be at least 100ms".into(),
-        );
-
-        self.validate_alerting(&mut problems);
-
-        if problems.is_empty() {
-            Ok(())
-        } else {
-            Err(ConfigError::Invalid(problems))
-        }
     }
 }
 
-impl Settings {
-    fn validate_alerting(&self, problems: &mut Vec<String>) {
-        let mut require = |ok: bool, problem: String| {
-            if !ok {
-                problems.push(problem);
-            }
-        };
-        let a = &self.alerting;
-        if let Some(url) = &a.alertmanager_url {
-            require(
-                reqwest::Url::parse(url).is_ok_and(|u| matches!(u.scheme(), "http" | "https")),
+impl HttpSettings {
+    fn validate(&self, p: &mut Problems) {
+        p.require(
+            std::net::SocketAddr::from_str(&self.listen).is_ok(),
+            format!(
+                "http.listen: {:?} is not an address such as 127.0.0.1:9464",
+                self.listen
+            ),
+        );
+        p.require(
+            self.api_token.as_ref().is_none_or(|t| t.len() >= 16),
+            "http.api_token: must be at least 16 characters",
+        );
+        p.require(
+            !self.protect_metrics || self.api_token.is_some(),
+            "http.protect_metrics: needs http.api_token, the token /metrics would require",
+        );
+        p.require(
+            self.header_read_timeout >= Duration::from_millis(100),
+            "http.header_read_timeout: must be at least 100ms",
+        );
+        p.require(
+            self.request_timeout >= Duration::from_millis(100),
+            "http.request_timeout: must be at least 100ms",
+        );
+    }
+}
+
+impl MetricsSettings {
+    fn validate(&self, p: &mut Problems) {
+        p.require(self.max_models >= 1, "metrics.max_models: must be at least 1");
+        p.require(self.max_hardware >= 1, "metrics.max_hardware: must be at least 1");
+    }
+}
+
+impl CalibrationSettings {
+    fn validate(&self, p: &mut Problems) {
+        p.require(
+            self.reload_interval >= Duration::from_millis(100),
+            "calibration.reload_interval: must be at least 100ms",
+        );
+    }
+}
+
+impl RecommendationSettings {
+    fn validate(&self, p: &mut Problems) {
+        p.require(
+            self.savings_window >= Duration::from_secs(60),
+            "recommendations.savings_window: must be at least 1m",
+        );
+        p.require(
+            self.refresh_interval >= Duration::from_millis(100),
+            "recommendations.refresh_interval: must be at least 100ms",
+        );
+    }
+}
+
+/// Whether `url` parses as an http(s) URL.
+fn is_http_url(url: &str) -> bool {
+    reqwest::Url::parse(url).is_ok_and(|u| matches!(u.scheme(), "http" | "https"))
+}
+
+impl AlertingSettings {
+    fn validate(&self, p: &mut Problems) {
+        if let Some(url) = &self.alertmanager_url {
+            p.require(
+                is_http_url(url),
                 format!(
                     "alerting.alertmanager_url: {:?} is not an http(s) URL such as http://127.0.0.1:9093",
                     redact_url(url)
                 ),
             );
         }
-        if let Some(url) = &a.external_url {
+        if let Some(url) = &self.external_url {
             // Alertmanager refuses a whole post whose generatorURL is not a URL.
-            require(
-                reqwest::Url::parse(url).is_ok_and(|u| matches!(u.scheme(), "http" | "https")),
+            p.require(
+                is_http_url(url),
                 format!("alerting.external_url: {:?} is not an http(s) URL", redact_url(url)),
             );
         }
-        require(
-            a.evaluation_interval >= Duration::from_secs(1),
-            "alerting.evaluation_interval: must be at least 1s".into(),
+        p.require(
+            self.evaluation_interval >= Duration::from_secs(1),
+            "alerting.evaluation_interval: must be at least 1s",
         );
-        require(
-            a.forecast_short_window >= Duration::from_secs(1) && a.forecast_short_window <= a.forecast_long_window,
-            "alerting.forecast_short_window: must be at least 1s and no longer than forecast_long_window".into(),
+        p.require(
+            self.forecast_short_window >= Duration::from_secs(1)
+                && self.forecast_short_window <= self.forecast_long_window,
+            "alerting.forecast_short_window: must be at least 1s and no longer than forecast_long_window",
         );
         let mut names = HashSet::new();
-        for (i, w) in a.webhooks.iter().enumerate() {
-            // The URL itself is never echoed: it may carry a token.
-            require(
-                reqwest::Url::parse(&w.url).is_ok_and(|u| matches!(u.scheme(), "http" | "https")),
-                format!("alerting.webhooks[{i}].url: not an http(s) URL"),
-            );
-            require(
+        for (i, w) in self.webhooks.iter().enumerate() {
+            w.validate(i, p);
+            p.require(
                 names.insert(w.name_or_default(i)),
                 format!("alerting.webhooks[{i}].name: two webhooks share this name"),
             );
-            match (&w.secret, &w.secret_env) {
-                (Some(_), Some(_)) => require(
-                    false,
-                    format!("alerting.webhooks[{i}]: set secret or secret_env, not both"),
+        }
+    }
+}
+
+impl WebhookSettings {
+    fn validate(&self, i: usize, p: &mut Problems) {
+        // The URL itself is never echoed: it may carry a token.
+        p.require(
+            is_http_url(&self.url),
+            format!("alerting.webhooks[{i}].url: not an http(s) URL"),
+        );
+        match (&self.secret, &self.secret_env) {
+            (Some(_), Some(_)) => p.require(
+                false,
+                format!("alerting.webhooks[{i}]: set secret or secret_env, not both"),
+            ),
+            (None, None) => p.require(
+                false,
+                format!("alerting.webhooks[{i}]: a signing secret is required (secret, secret_env or secret_file)"),
+            ),
+            (Some(s), None) => p.require(
+                s.len() >= 16,
+                format!("alerting.webhooks[{i}].secret: must be at least 16 characters"),
+            ),
+            (None, Some(var)) => p.require(
+                self.resolve_secret().is_some_and(|s| s.len() >= 16),
+                format!(
+                    "alerting.webhooks[{i}].secret_env: the environment variable {var} must hold a secret of at least 16 characters"
                 ),
-                (None, None) => require(
-                    false,
-                    format!("alerting.webhooks[{i}]: a signing secret is required (secret, secret_env or secret_file)"),
-                ),
-                (Some(s), None) => require(
-                    s.len() >= 16,
-                    format!("alerting.webhooks[{i}].secret: must be at least 16 characters"),
-                ),
-                (None, Some(var)) => require(
-                    w.resolve_secret().is_some_and(|s| s.len() >= 16),
-                    format!(
-                        "alerting.webhooks[{i}].secret_env: the environment variable {var} must hold a secret of at least 16 characters"
-                    ),
-                ),
+            ),
+        }
+    }
+}
+
+impl BudgetSettings {
+    fn validate(&self, key: &str, p: &mut Problems) {
+        p.require(
+            !self.name.trim().is_empty()
+                && self.name.len() <= 128
+                && self
+                    .name
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || "-_.:".contains(c)),
+            format!(
+                "{key}.name: {:?} must be 1-128 characters of letters, digits, '-', '_', '.' or ':'",
+                self.name
+            ),
+        );
+        p.require(
+            self.amount.0 > Decimal::ZERO,
+            format!("{key}.amount: must be greater than 0"),
+        );
+        p.require(
+            self.thresholds.iter().all(|t| *t > Decimal::ZERO),
+            format!("{key}.thresholds: every threshold must be greater than 0 (0.8 means 80% of amount)"),
+        );
+        let mut seen = HashSet::new();
+        p.require(
+            self.thresholds.iter().all(|t| seen.insert(t.normalize())),
+            format!("{key}.thresholds: a threshold is listed twice"),
+        );
+        p.require(
+            !self.severity.trim().is_empty(),
+            format!("{key}.severity: must not be empty"),
+        );
+        for (field, glob) in [("model", &self.scope.model), ("hardware", &self.scope.hardware)] {
+            if let Some(g) = glob {
+                p.require(
+                    !g.is_empty() && g.len() <= 128,
+                    format!("{key}.match.{field}: must be 1-128 characters"),
+                );
             }
         }
-        let mut budget_names = HashSet::new();
-        for (i, b) in self.budgets.iter().enumerate() {
-            let key = format!("budgets[{i}]");
-            require(
-                !b.name.trim().is_empty()
-                    && b.name.len() <= 128
-                    && b.name.chars().all(|c| c.is_ascii_alphanumeric() || "-_.:".contains(c)),
-                format!(
-                    "{key}.name: {:?} must be 1-128 characters of letters, digits, '-', '_', '.' or ':'",
-                    b.name
-                ),
+        if let Some(d) = &self.drift {
+            p.require(
+                d.factor > Decimal::ONE,
+                format!("{key}.drift.factor: must be greater than 1"),
             );
-            require(
-                budget_names.insert(b.name.as_str()),
-                format!("{key}.name: {:?} is used by two budgets", b.name),
+            p.require(
+                d.window >= Duration::from_secs(1) && d.baseline >= d.window,
+                format!("{key}.drift: window must be at least 1s and baseline at least as long as window"),
             );
-            require(
-                b.amount.0 > Decimal::ZERO,
-                format!("{key}.amount: must be greater than 0"),
+            p.require(
+                d.min_spend.0 >= Decimal::ZERO,
+                format!("{key}.drift.min_spend: must not be negative"),
             );
-            require(
-                b.thresholds.iter().all(|t| *t > Decimal::ZERO),
-                format!("{key}.thresholds: every threshold must be greater than 0 (0.8 means 80% of amount)"),
-            );
-            let mut seen = HashSet::new();
-            require(
-                b.thresholds.iter().all(|t| seen.insert(t.normalize())),
-                format!("{key}.thresholds: a threshold is listed twice"),
-            );
-            require(
-                !b.severity.trim().is_empty(),
-                format!("{key}.severity: must not be empty"),
-            );
-            for (field, glob) in [("model", &b.scope.model), ("hardware", &b.scope.hardware)] {
-                if let Some(g) = glob {
-                    require(
-                        !g.is_empty() && g.len() <= 128,
-                        format!("{key}.match.{field}: must be 1-128 characters"),
-                    );
-                }
-            }
-            if let Some(d) = &b.drift {
-                require(
-                    d.factor > Decimal::ONE,
-                    format!("{key}.drift.factor: must be greater than 1"),
-                );
-                require(
-                    d.window >= Duration::from_secs(1) && d.baseline >= d.window,
-                    format!("{key}.drift: window must be at least 1s and baseline at least as long as window"),
-                );
-                require(
-                    d.min_spend.0 >= Decimal::ZERO,
-                    format!("{key}.drift.min_spend: must not be negative"),
-                );
-            }
         }
     }
 }

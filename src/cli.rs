@@ -232,6 +232,8 @@ pub struct LoadgenArgs {
     pub expected: Option<PathBuf>,
 }
 
+/// Parses the command line and runs the command: one match arm per command, so the dispatch
+/// reads as a table, then one place that maps errors to exit codes.
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
     let log_format = crate::config::LogSettings::peek(cli.config.as_deref()).format;

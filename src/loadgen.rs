@@ -79,11 +79,7 @@ pub struct Message {
 pub fn generate(spec: &LoadSpec) -> (Vec<Message>, Expected) {
     let mut rng = StdRng::seed_from_u64(spec.seed);
     let mut messages = Vec::with_capacity(spec.count as usize);
-    let mut expected = Expected {
-        seed: spec.seed,
-        ..Expected::default()
-    };
-    let mut totals: BTreeMap<(String, String), PairTotal> = BTreeMap::new();
+    let mut truth = Truth::new(spec.seed);
     let span_ms = spec.span.as_millis().max(1) as i64;
     let start = spec.end - chrono::Duration::milliseconds(span_ms);
     let late_by = chrono::Duration::from_std(spec.late_by).unwrap_or_default();
@@ -95,54 +91,34 @@ pub fn generate(spec: &LoadSpec) -> (Vec<Message>, Expected) {
         if roll >= 1.0 - spec.hostile {
             let kind = rng.gen_range(0..HOSTILE_KINDS);
             let good_id = (!sent_good.is_empty()).then(|| sent_good[rng.gen_range(0..sent_good.len())]);
-            let poison = hostile(kind, i, spec, good_id.map(|g| &messages[g]), &mut huge_sent);
-            match poison {
+            match hostile(kind, i, spec, good_id.map(|g| &messages[g]), &mut huge_sent) {
                 Hostile::Rejected(message, reason) => {
                     messages.push(message);
-                    expected.rejected += 1;
-                    *expected.rejected_by_reason.entry(reason.to_owned()).or_default() += 1;
-                    continue;
+                    truth.expected.rejected += 1;
+                    *truth.expected.rejected_by_reason.entry(reason.to_owned()).or_default() += 1;
                 }
                 Hostile::Valid { ts, compute, storage } => {
-                    let model = "model-0".to_owned();
-                    let hardware = "hw-0".to_owned();
                     let event_id = format!("s{}-h{i}", spec.seed);
-                    let payload = format!(
-                        r#"{{"event_id":"{event_id}","timestamp":"{}","model":"{model}","hardware":"{hardware}","compute":{compute},"storage":{storage}}}"#,
-                        ts.to_rfc3339_opts(chrono::SecondsFormat::Millis, true)
-                    );
-                    let t = totals
-                        .entry((model.clone(), hardware.clone()))
-                        .or_insert_with(|| PairTotal {
-                            model,
-                            hardware,
-                            ..PairTotal::default()
-                        });
-                    t.events += 1;
-                    t.compute += compute;
-                    t.storage += storage;
-                    expected.accepted += 1;
-                    messages.push(Message {
-                        key: event_id,
-                        payload: payload.into_bytes(),
-                    });
-                    continue;
+                    let payload = event_json(&event_id, ts, "model-0", "hw-0", compute, storage, None);
+                    truth.accept("model-0", "hw-0", compute, storage);
+                    messages.push(Message { key: event_id, payload });
                 }
             }
+            continue;
         }
         if roll < spec.malformed {
             messages.push(malformed(i, &mut rng, spec.end));
-            expected.rejected += 1;
+            truth.expected.rejected += 1;
             continue;
         }
         if roll < spec.malformed + spec.duplicates && !sent_good.is_empty() {
-            let original = sent_good[rng.gen_range(0..sent_good.len())];
+            let original = &messages[sent_good[rng.gen_range(0..sent_good.len())]];
             let copy = Message {
-                key: messages[original].key.clone(),
-                payload: messages[original].payload.clone(),
+                key: original.key.clone(),
+                payload: original.payload.clone(),
             };
             messages.push(copy);
-            expected.duplicates += 1;
+            truth.expected.duplicates += 1;
             continue;
         }
         let is_late = roll < spec.malformed + spec.duplicates + spec.late;
@@ -150,7 +126,7 @@ pub fn generate(spec: &LoadSpec) -> (Vec<Message>, Expected) {
         let mut ts = start + chrono::Duration::milliseconds(offset_ms.min(span_ms));
         if is_late {
             ts -= late_by;
-            expected.late_sent += 1;
+            truth.expected.late_sent += 1;
         }
         let model = format!("model-{}", rng.gen_range(0..spec.models.max(1)));
         let hardware = format!("hw-{}", rng.gen_range(0..spec.hardware.max(1)));
@@ -158,30 +134,72 @@ pub fn generate(spec: &LoadSpec) -> (Vec<Message>, Expected) {
         let storage = Decimal::new(rng.gen_range(0..=100_000), 2);
         let event_id = format!("s{}-e{i}", spec.seed);
         let tenant = ["search", "recs", "ads"][rng.gen_range(0..3)];
-        let payload = format!(
-            r#"{{"event_id":"{event_id}","timestamp":"{}","model":"{model}","hardware":"{hardware}","compute":{compute},"storage":{storage},"labels":{{"tenant":"{tenant}"}}}}"#,
-            ts.to_rfc3339_opts(chrono::SecondsFormat::Millis, true)
-        );
-        let t = totals
-            .entry((model.clone(), hardware.clone()))
+        let payload = event_json(&event_id, ts, &model, &hardware, compute, storage, Some(tenant));
+        truth.accept(&model, &hardware, compute, storage);
+        sent_good.push(messages.len());
+        messages.push(Message { key: event_id, payload });
+    }
+    truth.expected.messages = messages.len() as u64;
+    (messages, truth.finish())
+}
+
+/// The ground truth as a load is generated.
+struct Truth {
+    expected: Expected,
+    totals: BTreeMap<(String, String), PairTotal>,
+}
+
+impl Truth {
+    fn new(seed: u64) -> Self {
+        Self {
+            expected: Expected {
+                seed,
+                ..Expected::default()
+            },
+            totals: BTreeMap::new(),
+        }
+    }
+
+    /// One event a correct consumer counts.
+    fn accept(&mut self, model: &str, hardware: &str, compute: Decimal, storage: Decimal) {
+        let t = self
+            .totals
+            .entry((model.to_owned(), hardware.to_owned()))
             .or_insert_with(|| PairTotal {
-                model,
-                hardware,
+                model: model.to_owned(),
+                hardware: hardware.to_owned(),
                 ..PairTotal::default()
             });
         t.events += 1;
         t.compute += compute;
         t.storage += storage;
-        expected.accepted += 1;
-        sent_good.push(messages.len());
-        messages.push(Message {
-            key: event_id,
-            payload: payload.into_bytes(),
-        });
+        self.expected.accepted += 1;
     }
-    expected.messages = messages.len() as u64;
-    expected.totals = totals.into_values().collect();
-    (messages, expected)
+
+    fn finish(mut self) -> Expected {
+        self.expected.totals = self.totals.into_values().collect();
+        self.expected
+    }
+}
+
+/// One event in the producer contract, with an optional tenant label.
+fn event_json(
+    event_id: &str,
+    ts: DateTime<Utc>,
+    model: &str,
+    hardware: &str,
+    compute: Decimal,
+    storage: Decimal,
+    tenant: Option<&str>,
+) -> Vec<u8> {
+    let labels = tenant
+        .map(|t| format!(r#","labels":{{"tenant":"{t}"}}"#))
+        .unwrap_or_default();
+    format!(
+        r#"{{"event_id":"{event_id}","timestamp":"{}","model":"{model}","hardware":"{hardware}","compute":{compute},"storage":{storage}{labels}}}"#,
+        ts.to_rfc3339_opts(chrono::SecondsFormat::Millis, true)
+    )
+    .into_bytes()
 }
 
 /// How many kinds [`hostile`] makes.
@@ -203,8 +221,8 @@ enum Hostile {
     },
 }
 
-/// One hostile message of `kind`. `earlier` is a good message already sent, for a conflicting
-/// re-use of its id.
+/// One hostile message of `kind`, one match arm per kind. `earlier` is a good message already
+/// sent, for a conflicting re-use of its id.
 fn hostile(kind: u32, i: u64, spec: &LoadSpec, earlier: Option<&Message>, huge_sent: &mut u32) -> Hostile {
     let id = format!("s{}-x{i}", spec.seed);
     let ts = spec.end.to_rfc3339_opts(chrono::SecondsFormat::Millis, true);

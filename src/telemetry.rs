@@ -102,7 +102,9 @@ pub fn init_logging(format: crate::config::LogFormat) {
 }
 
 /// Describes every metric once, for the `# HELP` lines, and starts the label-free counters at
-/// zero so that dashboards and `rate()` see them before the first error happens.
+/// zero so that dashboards and `rate()` see them before the first error happens. A table of
+/// every metric's help text, long because there are that many metrics; each entry is one line
+/// of `/metrics` documentation, kept together so that none is forgotten.
 pub fn describe_metrics() {
     process::mark_start();
     describe_gauge!(

@@ -263,6 +263,33 @@ pub async fn sync_budgets(
     Ok(())
 }
 
+/// Records `spec` as firing, in a new generation if it fired before; returns the generation.
+async fn fire(
+    tx: &mut sqlx::Transaction<'_, sqlx::Postgres>,
+    spec: &AlertSpec,
+    labels: &Value,
+    annotations: &Value,
+    now: DateTime<Utc>,
+) -> Result<i32, StoreError> {
+    Ok(sqlx::query_scalar(
+        "INSERT INTO budget_alert (alert_key, budget, kind, labels, annotations, state, starts_at)
+         VALUES ($1, $2, $3, $4, $5, 'firing', $6)
+         ON CONFLICT (alert_key) DO UPDATE SET
+           state = 'firing', generation = budget_alert.generation + 1, starts_at = excluded.starts_at,
+           ends_at = NULL, labels = excluded.labels, annotations = excluded.annotations,
+           alertmanager_pending = true, updated_at = now()
+         RETURNING generation",
+    )
+    .bind(&spec.key)
+    .bind(&spec.budget)
+    .bind(spec.kind.as_str())
+    .bind(labels)
+    .bind(annotations)
+    .bind(now)
+    .fetch_one(&mut **tx)
+    .await?)
+}
+
 /// Moves the stored alerts to `desired` in one transaction: new ones fire (a new generation),
 /// firing ones no longer desired resolve, and each transition queues one notification per
 /// webhook `receivers`. Alerts that stay firing only get fresh annotations.
@@ -296,23 +323,7 @@ pub async fn apply_transitions(
             .await?;
             continue;
         }
-        let generation: i32 = sqlx::query_scalar(
-            "INSERT INTO budget_alert (alert_key, budget, kind, labels, annotations, state, starts_at)
-             VALUES ($1, $2, $3, $4, $5, 'firing', $6)
-             ON CONFLICT (alert_key) DO UPDATE SET
-               state = 'firing', generation = budget_alert.generation + 1, starts_at = excluded.starts_at,
-               ends_at = NULL, labels = excluded.labels, annotations = excluded.annotations,
-               alertmanager_pending = true, updated_at = now()
-             RETURNING generation",
-        )
-        .bind(&spec.key)
-        .bind(&spec.budget)
-        .bind(spec.kind.as_str())
-        .bind(&labels)
-        .bind(&annotations)
-        .bind(now)
-        .fetch_one(&mut *tx)
-        .await?;
+        let generation = fire(&mut tx, spec, &labels, &annotations, now).await?;
         let alert = json!({
             "key": spec.key, "labels": labels, "annotations": annotations,
             "starts_at": now, "ends_at": null, "generation": generation,

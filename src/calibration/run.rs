@@ -191,40 +191,7 @@ fn fit_target(
         ));
     }
     let current = book.hardware(&target.hardware);
-    let mut left_out = false;
-    let observations: Vec<Observation> = bills
-        .iter()
-        .map(|bill| {
-            // Usage written while the hardware was unpriced is priced at today's price; without
-            // one it cannot enter the fit.
-            let (compute_money, storage_money) = match current {
-                Some(p) => (
-                    bill.compute_money + bill.unpriced_compute.value() * p.compute_price.value(),
-                    bill.storage_money + bill.unpriced_storage.value() * p.storage_price.value(),
-                ),
-                None => {
-                    left_out |= !bill.unpriced_compute.value().is_zero() || !bill.unpriced_storage.value().is_zero();
-                    (bill.compute_money, bill.storage_money)
-                }
-            };
-            // The usage-weighted price: exactly the price when it did not change in the
-            // period, and what makes C_C × ΣT equal Σ(C_C × T) when it did.
-            let average = |money: Decimal, quantity: Decimal, today: Option<UnitPrice>| {
-                if quantity.is_zero() {
-                    today.unwrap_or_default()
-                } else {
-                    UnitPrice(money.checked_div(quantity).unwrap_or_default().normalize())
-                }
-            };
-            Observation {
-                compute: bill.compute,
-                storage: bill.storage,
-                compute_price: average(compute_money, bill.compute.value(), current.map(|p| p.compute_price)),
-                storage_price: average(storage_money, bill.storage.value(), current.map(|p| p.storage_price)),
-                billed: bill.amount,
-            }
-        })
-        .collect();
+    let (observations, left_out) = observations(bills, current);
     if left_out {
         warnings.push(format!(
             "part of the usage was recorded while {} had no price, and it has none now (pricing.hardware); that \
@@ -269,6 +236,46 @@ fn fit_target(
         warnings,
         version: None,
     })
+}
+
+/// One observation per bill, and whether usage recorded while the hardware was unpriced had
+/// to be left out (it has no price today either).
+fn observations(bills: &[&BilledUsage], current: Option<&crate::pricing::HardwarePricing>) -> (Vec<Observation>, bool) {
+    let mut left_out = false;
+    let observations = bills
+        .iter()
+        .map(|bill| {
+            // Usage written while the hardware was unpriced is priced at today's price; without
+            // one it cannot enter the fit.
+            let (compute_money, storage_money) = match current {
+                Some(p) => (
+                    bill.compute_money + bill.unpriced_compute.value() * p.compute_price.value(),
+                    bill.storage_money + bill.unpriced_storage.value() * p.storage_price.value(),
+                ),
+                None => {
+                    left_out |= !bill.unpriced_compute.value().is_zero() || !bill.unpriced_storage.value().is_zero();
+                    (bill.compute_money, bill.storage_money)
+                }
+            };
+            // The usage-weighted price: exactly the price when it did not change in the
+            // period, and what makes C_C × ΣT equal Σ(C_C × T) when it did.
+            let average = |money: Decimal, quantity: Decimal, today: Option<UnitPrice>| {
+                if quantity.is_zero() {
+                    today.unwrap_or_default()
+                } else {
+                    UnitPrice(money.checked_div(quantity).unwrap_or_default().normalize())
+                }
+            };
+            Observation {
+                compute: bill.compute,
+                storage: bill.storage,
+                compute_price: average(compute_money, bill.compute.value(), current.map(|p| p.compute_price)),
+                storage_price: average(storage_money, bill.storage.value(), current.map(|p| p.storage_price)),
+                billed: bill.amount,
+            }
+        })
+        .collect();
+    (observations, left_out)
 }
 
 /// The coefficients in force for `target` at `at`: what a version keeps for a coefficient its

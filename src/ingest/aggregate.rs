@@ -536,18 +536,8 @@ impl PartitionState {
         rules: &IngestRules,
         now: DateTime<Utc>,
     ) -> Outcome {
-        if let Some(rewind) = self.unverified_start.as_mut() {
-            if offset > rewind.next && rewind.from > 0 {
-                // The broker started past the offset we asked for. Some brokers (tansu 0.6) serve
-                // only batches whose *base* offset is at or after the fetch offset, silently
-                // skipping the rest of the batch that holds it. Ask again from further back and
-                // skip what is already counted; a gap that survives a rewind to 0 is a real one
-                // (compaction, transaction markers).
-                rewind.step = rewind.step.saturating_mul(10);
-                rewind.from = (rewind.next - rewind.step).max(0);
-                return Outcome::Rewind { to: rewind.from };
-            }
-            self.unverified_start = None;
+        if let Some(rewind) = self.check_start(offset) {
+            return rewind;
         }
         if self.next_offset.is_some_and(|next| offset < next) {
             return Outcome::AlreadyCounted;
@@ -611,6 +601,22 @@ impl PartitionState {
             self.counts.late += 1;
         }
         Outcome::Accepted { late }
+    }
+
+    /// The first message after an assignment: a rewind if the broker started past the offset
+    /// we asked for. Some brokers (tansu 0.6) serve only batches whose *base* offset is at or
+    /// after the fetch offset, silently skipping the rest of the batch that holds it. Ask again
+    /// from further back and skip what is already counted; a gap that survives a rewind to 0 is
+    /// a real one (compaction, transaction markers).
+    fn check_start(&mut self, offset: i64) -> Option<Outcome> {
+        let rewind = self.unverified_start.as_mut()?;
+        if offset > rewind.next && rewind.from > 0 {
+            rewind.step = rewind.step.saturating_mul(10);
+            rewind.from = (rewind.next - rewind.step).max(0);
+            return Some(Outcome::Rewind { to: rewind.from });
+        }
+        self.unverified_start = None;
+        None
     }
 
     /// Keeps a rejected message (bounded, see [`RejectedMessage::new`]) for `rejected_events`.

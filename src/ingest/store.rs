@@ -538,6 +538,9 @@ fn unstorable_window((key, sums): &(&WindowKey, WindowSums), message: &str, layo
 /// Window rows per INSERT statement of a flush (see [`Store::write`]).
 const WINDOW_ROWS_PER_STATEMENT: usize = 4096;
 
+/// One upsert statement for `windows`. Long only because it builds one column array per
+/// bound parameter (seventeen) for a single `UNNEST`: one statement per chunk is what keeps a
+/// flush fast, and splitting the column building would only pass the arrays around.
 async fn write_windows(
     tx: &mut sqlx::Transaction<'_, sqlx::Postgres>,
     windows: &[&(&WindowKey, WindowSums)],

@@ -1,6 +1,8 @@
 //! Settings: one validated tree, loaded from a TOML file and then the environment
 //! (`COSTWATCH__SECTION__KEY`), checked in one pass that reports every problem with its key.
 
+#![warn(missing_docs)]
+
 use std::collections::{BTreeMap, HashSet};
 use std::fmt;
 use std::path::{Path, PathBuf};
@@ -20,30 +22,42 @@ pub const ENV_PREFIX: &str = "COSTWATCH";
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Settings {
+    /// `[kafka]`: the brokers, topic and consumer group.
     pub kafka: KafkaSettings,
+    /// `[database]`: where PostgreSQL is and how to log in.
     pub database: DatabaseSettings,
+    /// `[windows]`: the event-time windows usage is summed in.
     #[serde(default)]
     pub windows: WindowSettings,
+    /// `[ingest]`: validation limits, flushing, back-pressure, retention of rejected messages.
     #[serde(default)]
     pub ingest: IngestSettings,
+    /// `[pricing]`: the currency, each hardware target's prices, and configured k1, k2.
     pub pricing: PricingSettings,
+    /// `[http]`: the listener for `/metrics`, health probes and the API.
     #[serde(default)]
     pub http: HttpSettings,
+    /// `[metrics]`: label caps of the Prometheus metrics.
     #[serde(default)]
     pub metrics: MetricsSettings,
+    /// `[alerting]`: Alertmanager, webhooks, and how budgets are evaluated.
     #[serde(default)]
     pub alerting: AlertingSettings,
     /// Spend limits per period and scope, evaluated against the priced history.
     #[serde(default)]
     pub budgets: Vec<BudgetSettings>,
+    /// `[calibration]`: how the daemon picks up coefficient versions.
     #[serde(default)]
     pub calibration: CalibrationSettings,
+    /// `[recommendations]`: the potential-savings gauge.
     #[serde(default)]
     pub recommendations: RecommendationSettings,
+    /// `[log]`: the log format.
     #[serde(default)]
     pub log: LogSettings,
 }
 
+/// `[kafka]`: where usage events come from.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct KafkaSettings {
@@ -75,14 +89,18 @@ pub struct KafkaSettings {
     pub resolved: Option<Vec<KafkaProperty>>,
 }
 
+/// Where a partition with no offset stored in PostgreSQL starts.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum StartFrom {
+    /// The oldest offset the topic still holds (nothing produced before the first start is lost).
     #[default]
     Earliest,
+    /// The end of the partition: only what is produced from now on.
     Latest,
 }
 
+/// `[database]`: costwatch's PostgreSQL.
 #[derive(Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct DatabaseSettings {
@@ -96,6 +114,7 @@ pub struct DatabaseSettings {
     /// A file holding the password (the `*_file` convention), e.g. `/run/secrets/db-password`.
     #[serde(default)]
     pub password_file: Option<PathBuf>,
+    /// Connections in the pool (at least 2: one for flushes, one for the rest).
     #[serde(default = "defaults::max_connections")]
     pub max_connections: u32,
 }
@@ -112,6 +131,7 @@ impl fmt::Debug for DatabaseSettings {
     }
 }
 
+/// `[windows]`: event-time tumbling windows.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct WindowSettings {
@@ -134,6 +154,7 @@ impl Default for WindowSettings {
     }
 }
 
+/// `[ingest]`: what an event may be, and how pending usage is written.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct IngestSettings {
@@ -191,13 +212,16 @@ impl Default for IngestSettings {
     }
 }
 
+/// `[pricing]`: the unit prices C_C, C_S per hardware target and the coefficients k1, k2.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct PricingSettings {
     /// ISO 4217 code every price is quoted in, e.g. `USD`.
     pub currency: String,
+    /// One entry per hardware target; usage on a target without one is recorded unpriced.
     #[serde(default)]
     pub hardware: Vec<HardwarePrice>,
+    /// k1 and k2 per (model, hardware); pairs without an entry use 1 and 1.
     #[serde(default)]
     pub coefficients: Vec<CoefficientEntry>,
 }
@@ -206,9 +230,12 @@ pub struct PricingSettings {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct HardwarePrice {
+    /// The hardware target's name, as events carry it.
     pub name: HardwareName,
+    /// C_C: the price of one unit of compute (T) on this target, in `pricing.currency`.
     #[serde(deserialize_with = "exact_decimal")]
     pub compute_price: UnitPrice,
+    /// C_S: the price of one unit of storage (S) on this target, in `pricing.currency`.
     #[serde(deserialize_with = "exact_decimal")]
     pub storage_price: UnitPrice,
     /// Where the target runs, shown by `recommend`; untagged when absent.
@@ -220,7 +247,9 @@ pub struct HardwarePrice {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Deserialize, serde::Serialize)]
 #[serde(rename_all = "lowercase", try_from = "String")]
 pub enum Deployment {
+    /// A cloud provider's machines.
     Cloud,
+    /// Devices at the edge.
     Edge,
 }
 
@@ -239,6 +268,7 @@ impl TryFrom<String> for Deployment {
 }
 
 impl Deployment {
+    /// The name as configured (`cloud`, `edge`).
     pub fn as_str(self) -> &'static str {
         match self {
             Deployment::Cloud => "cloud",
@@ -251,14 +281,19 @@ impl Deployment {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct CoefficientEntry {
+    /// The model's name, as events carry it.
     pub model: ModelName,
+    /// The hardware target's name, as events carry it.
     pub hardware: HardwareName,
+    /// Multiplies C_C × T in the cost model.
     #[serde(deserialize_with = "exact_decimal")]
     pub k1: Coefficient,
+    /// Multiplies C_S × S in the cost model.
     #[serde(deserialize_with = "exact_decimal")]
     pub k2: Coefficient,
 }
 
+/// `[http]`: the listener for `/metrics`, health probes and the JSON API.
 #[derive(Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct HttpSettings {
@@ -311,6 +346,7 @@ impl Default for HttpSettings {
     }
 }
 
+/// `[metrics]`: how many label values the metrics keep.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct MetricsSettings {
@@ -344,6 +380,7 @@ pub struct AlertingSettings {
     /// The short and long burn-rate windows of the forecast (see the README).
     #[serde(default = "defaults::forecast_short_window", with = "humantime_serde")]
     pub forecast_short_window: Duration,
+    /// The long burn-rate window of the forecast.
     #[serde(default = "defaults::forecast_long_window", with = "humantime_serde")]
     pub forecast_long_window: Duration,
     /// Shown to humans as the alert's source (`generatorURL`), e.g. the costwatch API's address.
@@ -386,6 +423,7 @@ pub struct WebhookSettings {
     /// Names this receiver in the delivery log and metrics; defaults to `webhook-<index>`.
     #[serde(default)]
     pub name: Option<String>,
+    /// The receiver's http(s) URL; never logged (it may carry a token).
     pub url: String,
     /// The signing secret. Prefer `secret_env` so the secret stays out of the file.
     #[serde(default)]
@@ -396,6 +434,7 @@ pub struct WebhookSettings {
     /// A file holding the secret (the `*_file` convention); read into `secret` at load.
     #[serde(default)]
     pub secret_file: Option<PathBuf>,
+    /// How long one post may take before it counts as failed and is retried.
     #[serde(default = "defaults::webhook_timeout", with = "humantime_serde")]
     pub timeout: Duration,
 }
@@ -434,7 +473,9 @@ impl WebhookSettings {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct BudgetSettings {
+    /// Names the budget in alerts, metrics and the API: letters, digits, '-', '_', '.', ':'.
     pub name: String,
+    /// The calendar period the amount is for.
     pub period: Period,
     /// In `pricing.currency`, as a string so it stays exact.
     #[serde(deserialize_with = "exact_decimal")]
@@ -462,16 +503,22 @@ pub struct BudgetSettings {
     pub time_zone: chrono_tz::Tz,
 }
 
+/// A budget's calendar period, in its time zone.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, serde::Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Period {
+    /// From the full hour.
     Hourly,
+    /// From midnight.
     Daily,
+    /// From Monday midnight.
     Weekly,
+    /// From the 1st of the month at midnight.
     Monthly,
 }
 
 impl Period {
+    /// The name as configured (`hourly`, `daily`, `weekly`, `monthly`).
     pub fn as_str(self) -> &'static str {
         match self {
             Period::Hourly => "hourly",
@@ -482,11 +529,14 @@ impl Period {
     }
 }
 
+/// Which usage a budget counts: globs (`*`, `?`) on model and hardware.
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ScopeSettings {
+    /// A glob on model names; omitted means every model.
     #[serde(default)]
     pub model: Option<String>,
+    /// A glob on hardware names; omitted means every target.
     #[serde(default)]
     pub hardware: Option<String>,
 }
@@ -495,6 +545,7 @@ pub struct ScopeSettings {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct DriftSettings {
+    /// How many times the baseline rate the recent rate must be to alert (greater than 1).
     #[serde(deserialize_with = "fraction")]
     pub factor: Decimal,
     /// The recent window whose spend rate is compared.
@@ -514,6 +565,7 @@ fn fractions<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<Decimal>, D::
     Ok(Vec::<Wrap>::deserialize(d)?.into_iter().map(|w| w.0).collect())
 }
 
+/// `[calibration]`: coefficient versions in a running daemon.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct CalibrationSettings {
@@ -531,6 +583,7 @@ impl Default for CalibrationSettings {
     }
 }
 
+/// `[recommendations]`: the `costwatch_potential_savings` gauge.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RecommendationSettings {
@@ -562,11 +615,14 @@ pub struct LogSettings {
     pub format: LogFormat,
 }
 
+/// How log lines are written.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
 #[serde(try_from = "String")]
 pub enum LogFormat {
+    /// Human-readable lines (the default).
     #[default]
     Text,
+    /// One JSON object per line, for log collectors.
     Json,
 }
 
@@ -730,7 +786,9 @@ pub fn redact_url(url: &str) -> String {
 /// One librdkafka property the operator set, with where it was set.
 #[derive(Clone, Debug)]
 pub struct KafkaProperty {
+    /// The librdkafka property name, e.g. `sasl.password`.
     pub name: String,
+    /// Its value; a secret one prints as `<redacted>`.
     pub value: PropertyValue,
     /// Where it was set, as the operator wrote it: `kafka.properties."sasl.password"`,
     /// `kafka.property_files."sasl.password"` or `COSTWATCH_KAFKA_SASL_PASSWORD`.
@@ -740,11 +798,14 @@ pub struct KafkaProperty {
 /// A property value; secrets print as `<redacted>`.
 #[derive(Clone, Debug)]
 pub enum PropertyValue {
+    /// A value that may be printed.
     Plain(String),
+    /// A value that is never printed.
     Secret(Secret),
 }
 
 impl PropertyValue {
+    /// The value itself, for librdkafka; never print it.
     pub fn expose(&self) -> &str {
         match self {
             PropertyValue::Plain(v) => v,
@@ -973,8 +1034,10 @@ pub fn is_sensitive_property(name: &str) -> bool {
 /// Why settings could not be used. Every problem is listed, each with its key.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
+    /// The file cannot be read or does not fit the settings' shape.
     #[error("cannot read configuration: {0}")]
     Load(#[from] config::ConfigError),
+    /// The settings are readable but break rules; every problem with its key.
     #[error("invalid configuration:\n{}", .0.iter().map(|p| format!("  - {p}")).collect::<Vec<_>>().join("\n"))]
     Invalid(Vec<String>),
 }

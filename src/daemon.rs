@@ -316,12 +316,7 @@ async fn prune_rejected(store: Store, retention: std::time::Duration, cancel: Ca
             continue;
         };
         match store.prune_rejected(before).await {
-            Ok(Some(n)) => {
-                telemetry::rejected_pruned(n);
-                if n > 0 {
-                    info!(deleted = n, %before, "pruned rejected messages past ingest.rejected_retention");
-                }
-            }
+            Ok(Some(n)) => telemetry::rejected_pruned(n, before),
             Ok(None) => {}
             Err(error) => warn!(%error, "cannot prune rejected messages; trying again in an hour"),
         }

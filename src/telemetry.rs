@@ -435,21 +435,60 @@ fn escape_label(v: &str) -> String {
     v.replace('\\', "\\\\").replace('"', "\\\"").replace('\n', "\\n")
 }
 
-pub fn flush_failed(class: ErrorClass) {
+fn flush_error(class: ErrorClass) {
     counter!(FLUSH_ERRORS_TOTAL, "class" => class.as_str()).increment(1);
     counter!(DATABASE_ERRORS_TOTAL).increment(1);
 }
 
+/// A flush failed with a transient error: consumption pauses and the batch is written again
+/// after `retry_in`.
+pub fn flush_retrying(error: &dyn std::fmt::Display, retry_in: Duration) {
+    flush_error(ErrorClass::Transient);
+    tracing::error!(%error, ?retry_in, "flush failed; pausing consumption and retrying");
+}
+
+/// PostgreSQL refused a flush with a permanent error: the batch is written again at once,
+/// isolating the rows it refuses.
+pub fn flush_refused(error: &dyn std::fmt::Display) {
+    flush_error(ErrorClass::Permanent);
+    tracing::error!(%error, "PostgreSQL refused the flush; writing it again with the refused rows isolated");
+}
+
+/// The isolating write failed permanently too: the failure is not in the rows, and costwatch
+/// stops rather than retry forever.
+pub fn flush_refused_for_good(error: &dyn std::fmt::Display) {
+    flush_error(ErrorClass::Permanent);
+    tracing::error!(
+        %error,
+        "PostgreSQL refuses this flush even with the refused rows isolated; stopping instead of retrying forever"
+    );
+}
+
+/// A partition became stalled, or moves again.
 pub fn partition_stalled(partition: i32, stalled: bool) {
     gauge!(PARTITION_STALLED, "partition" => partition.to_string()).set(if stalled { 1.0 } else { 0.0 });
+    if stalled {
+        tracing::warn!(
+            partition,
+            "partition stalled: its stored offset has not moved although it has messages to read"
+        );
+    } else {
+        tracing::info!(partition, "partition no longer stalled");
+    }
 }
 
-pub fn rejected_pruned(n: u64) {
+/// Rejected messages older than `before` were deleted.
+pub fn rejected_pruned(n: u64, before: chrono::DateTime<chrono::Utc>) {
     counter!(REJECTED_PRUNED_TOTAL).increment(n);
+    if n > 0 {
+        tracing::info!(deleted = n, %before, "pruned rejected messages past ingest.rejected_retention");
+    }
 }
 
-pub fn claim_failed() {
+/// Claiming assigned partitions in PostgreSQL failed; retried after `retry_in`.
+pub fn claim_failed(error: &dyn std::fmt::Display, partitions: &[i32], retry_in: Duration) {
     counter!(DATABASE_ERRORS_TOTAL).increment(1);
+    tracing::error!(%error, ?partitions, ?retry_in, "cannot claim assigned partitions, retrying");
 }
 
 /// Lag of one owned partition: log end minus the next offset to count.
@@ -457,12 +496,27 @@ pub fn partition_lag(partition: i32, lag: i64) {
     gauge!(CONSUMER_LAG, "partition" => partition.to_string()).set(lag.max(0) as f64);
 }
 
-pub fn partitions_fenced(n: usize) {
-    counter!(FENCED_TOTAL).increment(n as u64);
+/// Another instance claimed these partitions: their unflushed work is dropped (the new owner
+/// counts it from the stored offset).
+pub fn partitions_fenced(partitions: &[i32]) {
+    counter!(FENCED_TOTAL).increment(partitions.len() as u64);
+    tracing::warn!(
+        ?partitions,
+        "another instance owns these partitions now; dropping their unflushed work"
+    );
 }
 
-pub fn broker_error() {
+/// The broker refused costwatch in a way no retry fixes (TLS verification, authentication):
+/// costwatch drains and stops.
+pub fn broker_refused(failure: &dyn std::fmt::Display, reason: &str) {
     counter!(BROKER_ERRORS_TOTAL).increment(1);
+    tracing::error!(%failure, reason, "the Kafka broker refused costwatch; this is permanent, stopping");
+}
+
+/// An error the Kafka client reported; librdkafka retries by itself.
+pub fn broker_error(error: &dyn std::fmt::Display, reason: &str) {
+    counter!(BROKER_ERRORS_TOTAL).increment(1);
+    tracing::warn!(%error, reason, "kafka client error; librdkafka retries by itself");
 }
 
 /// Ownership and progress of the partitions this instance holds, after an assignment change or
@@ -513,8 +567,15 @@ pub fn potential_savings(savings: &[(String, Decimal)]) {
     shown.extend(by_label.into_keys());
 }
 
-pub fn start_rewound() {
+/// The broker started a partition past its stored offset: it is read again from `to`.
+pub fn start_rewound(partition: i32, got: i64, to: i64) {
     counter!(START_REWINDS_TOTAL).increment(1);
+    tracing::warn!(
+        partition,
+        got,
+        rewind_to = to,
+        "the broker started this partition past its stored offset; reading again from earlier"
+    );
 }
 
 #[cfg(test)]

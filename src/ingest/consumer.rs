@@ -156,9 +156,8 @@ impl Pipeline {
             match claimed {
                 Ok(claims) => break claims,
                 Err(error) => {
-                    telemetry::claim_failed();
                     let wait = backoff.next_wait();
-                    error!(%error, ?partitions, retry_in = ?wait, "cannot claim assigned partitions, retrying");
+                    telemetry::claim_failed(&error, &partitions, wait);
                     if self.sleep_unless_cancelled(wait) {
                         return false;
                     }
@@ -329,8 +328,7 @@ impl Pipeline {
                         self.committed(consumer, &done, started);
                     }
                     if !fenced.is_empty() {
-                        warn!(partitions = ?fenced, "another instance owns these partitions now; dropping their unflushed work");
-                        telemetry::partitions_fenced(fenced.len());
+                        telemetry::partitions_fenced(&fenced);
                         batch.split_off(&fenced);
                         self.aggregator().drop_partitions(&fenced);
                     }
@@ -342,13 +340,11 @@ impl Pipeline {
                     self.start_write(None);
                 }
                 Err(e) => {
-                    let class = e.class();
-                    telemetry::flush_failed(class);
-                    if class == ErrorClass::Permanent && !batch.isolate {
+                    if e.class() == ErrorClass::Permanent && !batch.isolate {
                         // Writing the same batch again would fail the same way forever (a
                         // stalled partition): write it again at once, isolating the rows
                         // PostgreSQL refuses.
-                        error!(error = %e, "PostgreSQL refused the flush; writing it again with the refused rows isolated");
+                        telemetry::flush_refused(&e);
                         batch.isolate = true;
                         self.aggregator().failed(batch);
                         self.start_write(None);
@@ -435,7 +431,7 @@ pub struct KafkaContext {
 impl KafkaContext {
     /// Stops the daemon (draining as for SIGTERM) and remembers why, for its exit.
     fn fail_permanently(&self, failure: KafkaFailure, reason: &str) {
-        error!(%failure, reason, "the Kafka broker refused costwatch; this is permanent, stopping");
+        telemetry::broker_refused(&failure, reason);
         let mut slot = lock(&self.failure);
         if slot.is_none() {
             *slot = Some(format!("kafka: {failure}, not retried: {reason}"));
@@ -489,7 +485,6 @@ impl ClientContext for KafkaContext {
     }
 
     fn error(&self, error: KafkaError, reason: &str) {
-        telemetry::broker_error();
         let reason = secret::scrub(reason);
         if let Some(failure) = error_class::kafka_failure(&error, &reason) {
             self.fail_permanently(failure, &reason);
@@ -498,7 +493,7 @@ impl ClientContext for KafkaContext {
         if error.rdkafka_error_code() == Some(RDKafkaErrorCode::AllBrokersDown) {
             self.pipeline.health.set_broker_reachable(false);
         }
-        warn!(%error, %reason, "kafka client error; librdkafka retries by itself");
+        telemetry::broker_error(&secret::scrub(&error.to_string()), &reason);
     }
 }
 
@@ -622,8 +617,7 @@ pub fn consume(consumer: BaseConsumer<KafkaContext>, pipeline: Arc<Pipeline>) ->
         let housekeeping_due = match consumer.poll(Duration::from_millis(100)) {
             None => true,
             Some(Err(error)) => {
-                telemetry::broker_error();
-                warn!(%error, "kafka consumer error");
+                telemetry::broker_error(&error, "consumer poll");
                 true
             }
             Some(Ok(message)) => poll.take(&consumer, &pipeline, &message),
@@ -639,10 +633,7 @@ pub fn consume(consumer: BaseConsumer<KafkaContext>, pipeline: Arc<Pipeline>) ->
     if let Some(error) = fatal {
         // Nothing newer may be written before the failed batch (offsets apply in order), so
         // there is no final flush: the unflushed messages are counted after the restart.
-        error!(
-            %error,
-            "PostgreSQL refuses this flush even with the refused rows isolated; stopping instead of retrying forever"
-        );
+        telemetry::flush_refused_for_good(&error);
         pipeline.cancel.cancel();
         leave_group(consumer);
         return Err(anyhow::Error::new(error)
@@ -699,13 +690,7 @@ impl PollLoop {
             .aggregator()
             .ingest(partition, message.offset(), message.payload(), now);
         if let Outcome::Rewind { to } = outcome {
-            warn!(
-                partition,
-                got = message.offset(),
-                rewind_to = to,
-                "the broker started this partition past its stored offset; reading again from earlier"
-            );
-            telemetry::start_rewound();
+            telemetry::start_rewound(partition, message.offset(), to);
             if let Err(error) = consumer.seek(&pipeline.topic, partition, Offset::Offset(to), Duration::from_secs(10)) {
                 warn!(partition, %error, "seek failed; the next message retries it");
             }
@@ -826,7 +811,7 @@ fn written(
             let (at, backoff) = retry.get_or_insert_with(|| (Instant::now(), Backoff::new()));
             let wait = backoff.next_wait();
             *at = Instant::now() + wait;
-            error!(%error, retry_in = ?wait, "flush failed; pausing consumption and retrying");
+            telemetry::flush_retrying(&error, wait);
             // Pausing keeps memory bounded while we keep polling, which keeps this member in
             // the group (librdkafka evicts members that stop polling).
             match consumer.assignment() {

@@ -43,9 +43,19 @@ pub fn ingest_rules(settings: &Settings) -> IngestRules {
 pub async fn prepare_database(settings: &Settings, cancel: &CancellationToken) -> anyhow::Result<Option<Store>> {
     let options = store::connect_options(&settings.database.url, settings.database.password.as_ref())?;
     let store = Store::connect_lazy_with(options.clone(), settings.database.max_connections);
+    Ok(migrate_when_reachable(&store, &options, cancel).await?.then_some(store))
+}
+
+/// [`prepare_database`] on a store that already exists (lazily, not yet connected): true once
+/// the schema is up to date, false when shutdown began first.
+async fn migrate_when_reachable(
+    store: &Store,
+    options: &sqlx::postgres::PgConnectOptions,
+    cancel: &CancellationToken,
+) -> anyhow::Result<bool> {
     let mut backoff = Backoff::new();
     loop {
-        match Store::create_database_if_missing_with(&options).await {
+        match Store::create_database_if_missing_with(options).await {
             Ok(true) => info!("created the database named in database.url"),
             Ok(false) => {}
             Err(error) => {
@@ -56,7 +66,7 @@ pub async fn prepare_database(settings: &Settings, cancel: &CancellationToken) -
             }
         }
         match store.migrate().await {
-            Ok(()) => return Ok(Some(store)),
+            Ok(()) => return Ok(true),
             Err(e) if e.connect_failure().is_some() => {
                 let failure = e.connect_failure().expect("checked");
                 return Err(permanent(failure, e));
@@ -65,7 +75,7 @@ pub async fn prepare_database(settings: &Settings, cancel: &CancellationToken) -
                 let wait = backoff.next_wait();
                 error!(error = %e, retry_in = ?wait, "PostgreSQL is unreachable, retrying");
                 tokio::select! {
-                    _ = cancel.cancelled() => return Ok(None),
+                    _ = cancel.cancelled() => return Ok(false),
                     _ = tokio::time::sleep(wait) => {}
                 }
             }
@@ -92,20 +102,12 @@ pub async fn run(
 ) -> anyhow::Result<()> {
     // Bind before anything else, so that a port in use fails the start instead of later.
     let listener = http::bind(&settings.http.listen).await?;
-    let Some(store) = prepare_database(&settings, &cancel).await? else {
-        return Ok(());
-    };
-    info!("database schema is up to date");
+    let options = store::connect_options(&settings.database.url, settings.database.password.as_ref())?;
+    let store = Store::connect_lazy_with(options.clone(), settings.database.max_connections);
     telemetry::set_label_caps(settings.metrics.max_models, settings.metrics.max_hardware);
-
-    let Some(prices) = start_pricing(&settings, &store, &cancel).await else {
-        return Ok(());
-    };
-    tokio::spawn(prune_rejected(
-        store.clone(),
-        settings.ingest.rejected_retention,
-        cancel.clone(),
-    ));
+    // Configured prices until the calibrated versions are loaded (before the first flush).
+    let configured = PriceBook::from_settings(&settings.pricing);
+    let prices = LivePrices::new(configured.clone());
     // Offsets move once per flush at best: a long flush interval is not a stall.
     let stall_after = settings.ingest.stall_after.max(settings.ingest.flush_interval * 2);
     let health = Arc::new(Health::new(stall_after));
@@ -121,9 +123,35 @@ pub async fn run(
         protect_metrics: settings.http.protect_metrics,
         timeouts: http::Timeouts::from_settings(&settings.http),
     };
-    let settings = Arc::new(settings);
+    // Serving starts at once: `/healthz` answers while the database is still being waited
+    // for, and `/readyz` says what is missing.
     let mut tasks = Supervisor::new(cancel.clone());
     tasks.spawn("the http server", http::serve(listener, app, cancel.clone()));
+
+    let started = async {
+        if !migrate_when_reachable(&store, &options, &cancel).await? {
+            return anyhow::Ok(false);
+        }
+        info!("database schema is up to date");
+        // Calibrated versions are loaded before the first flush, so that no window is priced
+        // with configured coefficients while a version in force exists.
+        Ok(start_pricing(&settings, &store, configured, &prices, &cancel).await)
+    };
+    match started.await {
+        Ok(true) => {}
+        Ok(false) => return tasks.wait().await,
+        Err(error) => {
+            cancel.cancel();
+            let _ = tasks.wait().await;
+            return Err(error);
+        }
+    }
+    tokio::spawn(prune_rejected(
+        store.clone(),
+        settings.ingest.rejected_retention,
+        cancel.clone(),
+    ));
+    let settings = Arc::new(settings);
     tasks.spawn(
         "the budget evaluator",
         alerting::run(settings.clone(), store.clone(), board, cancel.clone()),
@@ -162,14 +190,20 @@ pub async fn run(
     tasks.wait().await
 }
 
-/// Loads the price book with every calibrated version before the first flush (so that no
-/// window is priced with configured coefficients while a version in force exists), then keeps
-/// it current and the potential-savings gauge fresh in the background. `None` when shutdown
-/// began first.
-async fn start_pricing(settings: &Settings, store: &Store, cancel: &CancellationToken) -> Option<LivePrices> {
-    let configured = PriceBook::from_settings(&settings.pricing);
-    let book = load_book(store, &configured, cancel).await?;
-    let prices = LivePrices::new(book);
+/// Loads every calibrated version into `prices` before the first flush (so that no window is
+/// priced with configured coefficients while a version in force exists), then keeps it current
+/// and the potential-savings gauge fresh in the background. False when shutdown began first.
+async fn start_pricing(
+    settings: &Settings,
+    store: &Store,
+    configured: PriceBook,
+    prices: &LivePrices,
+    cancel: &CancellationToken,
+) -> bool {
+    let Some(book) = load_book(store, &configured, cancel).await else {
+        return false;
+    };
+    prices.replace(book);
     tokio::spawn(reload_coefficients(
         store.clone(),
         configured,
@@ -183,7 +217,7 @@ async fn start_pricing(settings: &Settings, store: &Store, cancel: &Cancellation
         settings.recommendations.clone(),
         cancel.clone(),
     ));
-    Some(prices)
+    true
 }
 
 /// The daemon's long-running tasks, run as one: when any of them ends (an error, a panic, or

@@ -252,23 +252,26 @@ async fn metrics(State(state): State<AppState>) -> Response {
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], body).into_response()
 }
 
-/// Ready while the database answers, a broker is reachable, the consumer polls and no owned
-/// partition is stalled; the body names what is not.
+/// Ready while the database answers, a broker is reachable, the consumer polls, the group has
+/// handed this member an assignment and no owned partition is stalled; the body names what is
+/// not.
 async fn readyz(State(state): State<AppState>) -> Response {
     let database = tokio::time::timeout(Duration::from_secs(2), state.store.ping())
         .await
         .is_ok_and(|r| r.is_ok());
     let consuming = state.health.consuming();
     let broker = state.health.broker_reachable();
+    let joined = state.health.has_joined();
     let stalled = state.health.stalled();
     let body = json!({
         "database": database,
         "broker": broker,
         "consuming": consuming,
+        "group_joined": joined,
         "assigned_partitions": state.health.assigned(),
         "stalled_partitions": stalled,
     });
-    let status = if database && broker && consuming && stalled.is_empty() {
+    let status = if database && broker && consuming && joined && stalled.is_empty() {
         StatusCode::OK
     } else {
         StatusCode::SERVICE_UNAVAILABLE

@@ -724,3 +724,24 @@ async fn protect_metrics_puts_metrics_behind_the_api_token() {
     // Probes stay open: the orchestrator that calls them holds no token.
     assert_eq!(http(&addr, "GET", "/healthz", None, None).await.0, 200);
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn healthz_answers_at_once_while_the_database_is_still_awaited() {
+    let world = World::new(1).await;
+    let config = world.config("");
+    // Nothing listens on port 1: costwatch waits for PostgreSQL, retrying with backoff.
+    let daemon = world.start_with(
+        &config,
+        &[("COSTWATCH__DATABASE__URL", "postgres://postgres@127.0.0.1:1/costwatch")],
+    );
+    let addr = daemon.http_addr().await;
+    let (status, body) = http(&addr, "GET", "/healthz", None, None).await;
+    assert_eq!((status, body.as_str()), (200, "ok\n"));
+    let (status, body) = http(&addr, "GET", "/readyz", None, None).await;
+    assert_eq!(status, 503, "{body}");
+    let v: Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(v["database"], false, "{body}");
+    assert_eq!(v["consuming"], false, "{body}");
+    assert_eq!(v["group_joined"], false, "{body}");
+    assert!(daemon.log_text().contains("PostgreSQL is unreachable, retrying"));
+}

@@ -502,6 +502,7 @@ impl ConsumerContext for KafkaContext {
         let cooperative = matches!(consumer.rebalance_protocol(), RebalanceProtocol::Cooperative);
         match err {
             RespErr::RD_KAFKA_RESP_ERR__ASSIGN_PARTITIONS => {
+                self.pipeline.health.joined();
                 // Offsets go into the assignment itself rather than a seek afterwards: a seek
                 // right after assign races the fetcher (librdkafka #3959).
                 if !self.pipeline.claim(consumer, tpl) {

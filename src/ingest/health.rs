@@ -19,6 +19,8 @@ const POLL_STALE: Duration = Duration::from_secs(15);
 pub struct Health {
     last_poll_ms: AtomicI64,
     assigned: AtomicUsize,
+    /// Set at the first assignment the group hands this member (an empty one included).
+    joined: AtomicBool,
     /// Set when librdkafka reports every broker down; cleared when its statistics show a
     /// broker connection up again (every 5 s). Not known down until librdkafka says so.
     broker_down: AtomicBool,
@@ -39,6 +41,7 @@ impl Health {
         Self {
             last_poll_ms: AtomicI64::new(0),
             assigned: AtomicUsize::new(0),
+            joined: AtomicBool::new(false),
             broker_down: AtomicBool::new(false),
             stall_after,
             partitions: Mutex::new(BTreeMap::new()),
@@ -53,6 +56,16 @@ impl Health {
 
     pub fn set_assigned(&self, n: usize) {
         self.assigned.store(n, Ordering::Relaxed);
+    }
+
+    /// The group handed this member an assignment (possibly empty): it is a member.
+    pub fn joined(&self) {
+        self.joined.store(true, Ordering::Relaxed);
+    }
+
+    /// Whether the group has handed this member an assignment yet.
+    pub fn has_joined(&self) -> bool {
+        self.joined.load(Ordering::Relaxed)
     }
 
     pub fn set_broker_reachable(&self, reachable: bool) {

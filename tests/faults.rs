@@ -332,10 +332,26 @@ async fn a_postgres_outage_pauses_consumption_without_leaving_the_group() {
     };
     let revocations_before = daemon.log_text().matches("partitions revoked").count();
     let rss_before = daemon.peak_rss_kib();
+    let addr = daemon.http_addr().await;
     {
         let _down = PostgresOutage::begin();
-        tokio::time::sleep(outage).await;
+        tokio::time::sleep(outage / 2).await;
+        // Not ready while the database is away, and the probe says why.
+        let (status, body) = common::http(&addr, "GET", "/readyz", None, None).await;
+        assert_eq!(status, 503, "{body}");
+        assert!(body.contains("\"database\":false"), "{body}");
+        tokio::time::sleep(outage / 2).await;
         assert!(daemon.is_running(), "a database outage must not stop costwatch");
+    }
+    // Ready again once it is back.
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let (status, body) = common::http(&addr, "GET", "/readyz", None, None).await;
+        if status == 200 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "never ready after the outage: {body}");
+        tokio::time::sleep(Duration::from_millis(250)).await;
     }
     let log = daemon.log_text();
     assert!(log.contains("flush failed; pausing consumption"), "{log}");

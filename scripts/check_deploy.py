@@ -278,6 +278,8 @@ def check_kubernetes(costwatch, crd_modules, validate_bin):
     config_text = config_map["data"][Path(config_path).name]
     stand_ins = {
         "database-url": "postgres://costwatch:stand-in@postgres.db.svc:5432/costwatch",
+        "database-password": "stand-in-password",
+        "kafka-sasl-password": "stand-in-sasl-password",
         "api-token": "stand-in-token-0123456789",
         "webhook-secret": "stand-in-secret-0123456789",
     }

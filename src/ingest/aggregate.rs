@@ -1005,6 +1005,31 @@ mod tests {
     }
 
     #[test]
+    fn ids_stored_before_content_digests_read_back_with_unknown_content() {
+        // The packed form of earlier versions: u16 length (no flag bit), the id, i64 millis.
+        let mut old = Vec::new();
+        for (id, ms) in [("a", 1_000i64), ("bc", 2_000)] {
+            old.extend_from_slice(&(id.len() as u16).to_be_bytes());
+            old.extend_from_slice(id.as_bytes());
+            old.extend_from_slice(&ms.to_be_bytes());
+        }
+        let mut now = SeenIds::default();
+        now.push("d", 3_000, 42);
+        old.extend_from_slice(now.as_bytes());
+        let read: Vec<(String, i64, u64)> = decode_ids(&old)
+            .map(|(id, t, c)| (id.to_owned(), t.timestamp_millis(), c))
+            .collect();
+        assert_eq!(
+            read,
+            vec![
+                ("a".into(), 1_000, UNKNOWN_CONTENT),
+                ("bc".into(), 2_000, UNKNOWN_CONTENT),
+                ("d".into(), 3_000, 42)
+            ]
+        );
+    }
+
+    #[test]
     fn pending_bytes_count_every_payload_read_until_the_batch_is_taken() {
         let mut a = fresh(0);
         let good = event("a", "2026-11-29T03:00:00Z", "1");

@@ -26,6 +26,7 @@ use crate::{alerting, daemon, kafka, loadgen, secret, shutdown, store, telemetry
 /// Exit code for invalid configuration or usage (EX_USAGE), before anything starts.
 const EXIT_CONFIG: u8 = 64;
 
+/// The command line: a global `--config` and one command.
 #[derive(Debug, Parser)]
 #[command(
     name = "costwatch",
@@ -36,10 +37,12 @@ pub struct Cli {
     /// Configuration file (TOML). `COSTWATCH__SECTION__KEY` environment variables override it.
     #[arg(long, short, global = true, env = "COSTWATCH_CONFIG")]
     pub config: Option<PathBuf>,
+    /// What to do.
     #[command(subcommand)]
     pub command: Command,
 }
 
+/// costwatch's commands; each one's doc comment is its `--help` text.
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Consume usage events and keep window costs in PostgreSQL until SIGTERM.
@@ -67,6 +70,7 @@ pub enum Command {
     Alerts(AlertsArgs),
 }
 
+/// The arguments of commands whose only option is `--json`.
 #[derive(Debug, Args)]
 pub struct JsonArgs {
     /// Print one JSON document with decimal strings.
@@ -74,6 +78,7 @@ pub struct JsonArgs {
     pub json: bool,
 }
 
+/// The arguments of `costwatch alerts`.
 #[derive(Debug, Args)]
 pub struct AlertsArgs {
     /// Only alerts in this state.
@@ -87,6 +92,7 @@ pub struct AlertsArgs {
     pub json: bool,
 }
 
+/// The `bills` subcommands.
 #[derive(Debug, Subcommand)]
 pub enum BillsCommand {
     /// Import a bills CSV (period_start, period_end, hardware, model, amount, currency).
@@ -97,6 +103,7 @@ pub enum BillsCommand {
     },
 }
 
+/// The arguments of `costwatch calibrate`.
 #[derive(Debug, Args)]
 pub struct CalibrateArgs {
     /// Fit only bills whose period starts at or after this (RFC 3339 or YYYY-MM-DD, UTC).
@@ -116,6 +123,7 @@ pub struct CalibrateArgs {
     pub json: bool,
 }
 
+/// The arguments of `costwatch rerate`.
 #[derive(Debug, Args)]
 pub struct RerateArgs {
     /// First window start to re-price (RFC 3339 or YYYY-MM-DD, UTC).
@@ -132,6 +140,7 @@ pub struct RerateArgs {
     pub json: bool,
 }
 
+/// The arguments of `costwatch recommend`.
 #[derive(Debug, Args)]
 pub struct RecommendArgs {
     /// Usage in windows starting at or after this (default: `--to` minus
@@ -151,6 +160,7 @@ pub struct RecommendArgs {
 #[error("{0}")]
 pub struct UsageError(String);
 
+/// The arguments of `costwatch estimate`.
 #[derive(Debug, Args)]
 pub struct EstimateArgs {
     /// T: compute units.
@@ -182,6 +192,7 @@ pub struct EstimateArgs {
     pub json: bool,
 }
 
+/// The arguments of `costwatch loadgen`.
 #[derive(Debug, Args)]
 pub struct LoadgenArgs {
     /// Brokers (default: kafka.brokers from the configuration).
@@ -196,10 +207,13 @@ pub struct LoadgenArgs {
     /// Number of messages to send.
     #[arg(long, default_value_t = 10_000)]
     pub count: u64,
+    /// Seed of the generator: the same seed and options produce the same events.
     #[arg(long, default_value_t = 1)]
     pub seed: u64,
+    /// Number of distinct models (`model-0`, `model-1`, ...).
     #[arg(long, default_value_t = 5)]
     pub models: u32,
+    /// Number of distinct hardware targets (`hw-0`, `hw-1`, ...).
     #[arg(long, default_value_t = 3)]
     pub hardware: u32,
     /// Messages per second; 0 sends as fast as possible.
@@ -219,6 +233,7 @@ pub struct LoadgenArgs {
     /// events stamped minutes ahead, 10^18 quantities), each with a known outcome.
     #[arg(long, default_value_t = 0.0)]
     pub hostile: f64,
+    /// How far behind the stream late events are stamped.
     #[arg(long, default_value = "10m", value_parser = humantime::parse_duration)]
     pub late_by: Duration,
     /// Event times are spread over this span, ending now (or at --end).

@@ -1,8 +1,6 @@
 //! Settings: one validated tree, loaded from a TOML file and then the environment
 //! (`COSTWATCH__SECTION__KEY`), checked in one pass that reports every problem with its key.
 
-#![warn(missing_docs)]
-
 use std::collections::{BTreeMap, HashSet};
 use std::fmt;
 use std::path::{Path, PathBuf};

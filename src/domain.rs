@@ -15,10 +15,13 @@ pub const MAX_NAME_CHARS: usize = 128;
 /// Why a name was refused.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum NameError {
+    /// The name is the empty string.
     #[error("must not be empty")]
     Empty,
+    /// The name has more than [`MAX_NAME_CHARS`] characters (the count is given).
     #[error("is {0} characters long, the limit is {MAX_NAME_CHARS}")]
     TooLong(usize),
+    /// The name contains a NUL character, which PostgreSQL text cannot hold.
     #[error("must not contain NUL characters")]
     Nul,
 }
@@ -58,6 +61,7 @@ macro_rules! bounded_name {
                 Ok(Self(s))
             }
 
+            /// The name as given.
             pub fn as_str(&self) -> &str {
                 &self.0
             }
@@ -106,8 +110,10 @@ macro_rules! decimal_quantity {
         }
 
         impl $name {
+            /// Zero, e.g. to start a sum.
             pub const ZERO: Self = Self(Decimal::ZERO);
 
+            /// The exact decimal, for arithmetic and SQL binds.
             pub fn value(self) -> Decimal {
                 self.0
             }
@@ -162,6 +168,7 @@ decimal_quantity!(
 );
 
 impl Coefficient {
+    /// 1: the coefficient when nothing is known about a pair.
     pub const ONE: Self = Self(Decimal::ONE);
 }
 

@@ -28,6 +28,7 @@ impl ErrorClass {
         }
     }
 
+    /// Whether waiting and retrying may help.
     pub fn is_transient(self) -> bool {
         self == ErrorClass::Transient
     }

@@ -9,10 +9,14 @@
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::OnceLock;
 
+/// A place in the flush where `COSTWATCH_FAULTS` can inject a fault.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum FaultPoint {
+    /// Inside the flush transaction, before COMMIT: the process aborts and nothing of the flush is stored.
     BeforeCommit,
+    /// After COMMIT, before the Kafka commit and the metrics: the process aborts with the flush stored.
     AfterCommit,
+    /// Every Nth COMMIT succeeds but is reported as a dropped connection, so the batch's outcome looks unknown.
     AmbiguousCommit,
 }
 

@@ -35,20 +35,26 @@ use crate::usage::{self, CostQuery, CostStep, CostTotals};
 /// How long shutdown lets requests in flight finish before their connections are dropped.
 const DRAIN_CONNECTIONS: Duration = Duration::from_secs(5);
 
+/// What every handler can reach: the database, prices, health, budgets and the HTTP settings.
 #[derive(Clone)]
 pub struct AppState {
+    /// The database the API reads costs, rejections and alerts from.
     pub store: Store,
     /// The daemon's live price book: calibrated versions appear here as they are loaded.
     pub prices: LivePrices,
     /// The default range of `/api/v1/recommendations`, ending now.
     pub savings_window: Duration,
+    /// The Prometheus recorder whose output `/metrics` renders; `None` when none is installed, and then `/metrics` shows only the exact counters and `process_*`.
     pub metrics: Option<PrometheusHandle>,
+    /// The bearer token the API (and `/metrics` with `protect_metrics`) requires, from `http.api_token`; `None`: open.
     pub api_token: Option<Arc<str>>,
+    /// The consumer's liveness, for `/readyz`.
     pub health: Arc<Health>,
     /// The budget evaluator's latest result.
     pub budgets: SharedBoard,
     /// `/metrics` needs the token too (`http.protect_metrics`).
     pub protect_metrics: bool,
+    /// How long to wait on clients and on handlers.
     pub timeouts: Timeouts,
 }
 
@@ -56,11 +62,14 @@ pub struct AppState {
 /// (`http.request_timeout`).
 #[derive(Debug, Clone, Copy)]
 pub struct Timeouts {
+    /// How long a client may take to send a request's headers (`http.header_read_timeout`).
     pub header_read: Duration,
+    /// How long a handler may take before the client gets a 503 (`http.request_timeout`).
     pub request: Duration,
 }
 
 impl Timeouts {
+    /// The timeouts of `[http]`.
     pub fn from_settings(http: &crate::config::HttpSettings) -> Self {
         Timeouts {
             header_read: http.header_read_timeout,
@@ -69,6 +78,7 @@ impl Timeouts {
     }
 }
 
+/// Every route: `/metrics`, `/healthz`, `/readyz` and `/api/v1/*`, with the token and time-limit middleware.
 pub fn router(state: AppState) -> Router {
     let token = middleware::from_fn_with_state(state.clone(), require_token);
     let mut metrics_route = Router::new().route("/metrics", get(metrics));
@@ -102,6 +112,7 @@ pub async fn bind(listen: &str) -> anyhow::Result<TcpListener> {
     Ok(listener)
 }
 
+/// Serves the router on `listener` until `cancel` fires, then gives requests in flight up to 5 s to finish.
 pub async fn serve(listener: TcpListener, state: AppState, cancel: CancellationToken) -> anyhow::Result<()> {
     let addr: SocketAddr = listener.local_addr()?;
     info!(%addr, "http listening (metrics, health, api)");
@@ -155,14 +166,19 @@ pub async fn serve(listener: TcpListener, state: AppState, cancel: CancellationT
 /// Errors as JSON `{"error": "..."}` with a status that says whose fault it is.
 #[derive(Debug, thiserror::Error)]
 pub enum ApiError {
+    /// The request is wrong (a parameter out of range, a bad body): 400 with the reason.
     #[error("{0}")]
     BadRequest(String),
+    /// The bearer token is missing or wrong: 401.
     #[error("missing or wrong bearer token")]
     Unauthorized,
+    /// No such route: 404.
     #[error("no such endpoint; see /api/v1/openapi.json")]
     NotFound,
+    /// PostgreSQL did not answer: 503.
     #[error("the database is unavailable; try again shortly")]
     Unavailable,
+    /// The handler ran past `http.request_timeout`: 503 (the configured limit is given).
     #[error("the request took longer than http.request_timeout ({}); try again, or ask for a shorter range", humantime::format_duration(*.0))]
     TimedOut(Duration),
 }

@@ -11,6 +11,8 @@
 //! Connections: [`kafka`] (the librdkafka client configuration, checked without connecting)
 //! and [`secret`] (values never printed).
 
+#![warn(missing_docs)]
+
 pub mod alerting;
 pub mod calibration;
 pub mod cli;

@@ -23,15 +23,21 @@ use tracing::info;
 /// What to generate.
 #[derive(Debug, Clone)]
 pub struct LoadSpec {
+    /// Messages to send, all kinds together.
     pub count: u64,
+    /// Seed of the generator: the same spec always produces the same messages.
     pub seed: u64,
+    /// Number of distinct models (`model-0`, ...).
     pub models: u32,
+    /// Number of distinct hardware targets (`hw-0`, ...).
     pub hardware: u32,
     /// Events per second; 0 sends as fast as the broker takes them.
     pub rate: u64,
     /// Shares of the `count` messages, each in [0, 1).
     pub duplicates: f64,
+    /// Share of events stamped `late_by` behind the stream.
     pub late: f64,
+    /// Share of malformed messages, each rejected.
     pub malformed: f64,
     /// Share of hostile messages: valid-looking poison (label sets too wide to index, emoji
     /// labels, 37-digit exponents, JSON arrays, oversized payloads, conflicting duplicates) and
@@ -42,35 +48,51 @@ pub struct LoadSpec {
     pub late_by: Duration,
     /// Event times are spread over `span` ending at `end`.
     pub span: Duration,
+    /// The end of the span of event times.
     pub end: DateTime<Utc>,
 }
 
 /// The ground truth of one generated load, per (model, hardware).
 #[derive(Debug, Clone, Default, Serialize, PartialEq)]
 pub struct Expected {
+    /// The seed the load was generated with.
     pub seed: u64,
+    /// Messages sent, all kinds together.
     pub messages: u64,
+    /// Events a correct consumer accepts (late ones included).
     pub accepted: u64,
+    /// Re-sent copies a correct consumer skips.
     pub duplicates: u64,
+    /// Messages a correct consumer rejects.
     pub rejected: u64,
+    /// Events stamped late; whether each one counts as late depends on the watermark when it arrives.
     pub late_sent: u64,
     /// Rejections by reason code (hostile messages only; malformed ones are in `rejected`).
     pub rejected_by_reason: BTreeMap<String, u64>,
+    /// Per (model, hardware), the sums a correct consumer stores.
     pub totals: Vec<PairTotal>,
 }
 
+/// The accepted events of one (model, hardware) pair, summed exactly.
 #[derive(Debug, Clone, Default, Serialize, PartialEq, Eq)]
 pub struct PairTotal {
+    /// The model's name, as the events carry it.
     pub model: String,
+    /// The hardware's name, as the events carry it.
     pub hardware: String,
+    /// Accepted events of the pair.
     pub events: u64,
+    /// ΣT of those events.
     pub compute: Decimal,
+    /// ΣS of those events.
     pub storage: Decimal,
 }
 
 /// One message to send, with its key.
 pub struct Message {
+    /// The Kafka key: the event id, so copies land in the same partition as the original.
     pub key: String,
+    /// The message's bytes (JSON, or deliberately not).
     pub payload: Vec<u8>,
 }
 

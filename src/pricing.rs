@@ -18,9 +18,13 @@ use crate::domain::{
 /// The four numbers that price one (model, hardware) pair.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 pub struct Rates {
+    /// C_C: what one compute unit costs on the hardware.
     pub compute_price: UnitPrice,
+    /// C_S: what one storage unit costs on the hardware.
     pub storage_price: UnitPrice,
+    /// How much of the hardware's compute this model uses per unit of T.
     pub k1: Coefficient,
+    /// How much of the hardware's storage this model uses per unit of S.
     pub k2: Coefficient,
 }
 
@@ -28,13 +32,18 @@ pub struct Rates {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 pub struct CostBreakdown {
     // Serialized normalized ("50", not "50.000") by `Money`'s serde impl.
+    /// `C_C * k1 * T`.
     pub compute_cost: Money,
+    /// `C_S * k2 * S`.
     pub storage_cost: Money,
+    /// The sum of both components.
     pub total_cost: Money,
 }
 
+/// Why a cost could not be computed.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum PricingError {
+    /// A product or the sum needs more than a 96-bit decimal holds; nothing is rounded instead.
     #[error("the cost does not fit in a 96-bit decimal; check the prices and quantities for typos")]
     Overflow,
 }
@@ -67,6 +76,7 @@ impl Rates {
 pub struct PriceId(u64);
 
 impl PriceId {
+    /// The id of the price entry of `hardware` with these prices, in `currency`.
     pub fn of(hardware: &HardwareName, compute_price: UnitPrice, storage_price: UnitPrice, currency: &str) -> Self {
         let canonical = format!("{hardware}\0{compute_price}\0{storage_price}\0{currency}");
         let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
@@ -87,11 +97,15 @@ impl fmt::Display for PriceId {
 /// One coefficient version stored by `costwatch calibrate`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct CoefficientVersion {
+    /// The `coefficient_version` row's id; higher is newer.
     pub id: i64,
     /// `None`: the hardware default, for models without a version of their own.
     pub model: Option<ModelName>,
+    /// The hardware the version is for.
     pub hardware: HardwareName,
+    /// The calibrated compute coefficient.
     pub k1: Coefficient,
+    /// The calibrated storage coefficient.
     pub k2: Coefficient,
     /// The version prices windows that start at or after this instant.
     pub effective_from: DateTime<Utc>,
@@ -119,6 +133,7 @@ impl CoefficientSource {
         }
     }
 
+    /// The label used in reports and the API: `calibrated`, `calibrated_hardware_default`, `configured` or `default`.
     pub fn as_str(self) -> &'static str {
         match self {
             CoefficientSource::ModelVersion(_) => "calibrated",
@@ -132,17 +147,24 @@ impl CoefficientSource {
 /// The rates for one (model, hardware) at one instant, and what they came from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Priced {
+    /// The four numbers to price with.
     pub rates: Rates,
+    /// Where k1 and k2 came from.
     pub source: CoefficientSource,
+    /// The price entry C_C and C_S came from, stored with the row.
     pub price_id: PriceId,
 }
 
 /// A priced hardware target of the price book.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct HardwarePricing {
+    /// C_C, from `pricing.hardware`.
     pub compute_price: UnitPrice,
+    /// C_S, from `pricing.hardware`.
     pub storage_price: UnitPrice,
+    /// Cloud or edge, when the entry says; `None` otherwise.
     pub deployment: Option<Deployment>,
+    /// The entry's stable id (see [`PriceId`]).
     pub price_id: PriceId,
 }
 
@@ -225,6 +247,7 @@ impl PriceBook {
         self.newest_version
     }
 
+    /// The currency every price is in (`pricing.currency`).
     pub fn currency(&self) -> &str {
         &self.currency
     }
@@ -236,6 +259,7 @@ impl PriceBook {
         targets
     }
 
+    /// The prices of `hardware`; `None` when it has none (its usage is unpriced).
     pub fn hardware(&self, hardware: &HardwareName) -> Option<&HardwarePricing> {
         self.hardware.get(hardware)
     }
@@ -308,15 +332,18 @@ impl PriceBook {
 pub struct LivePrices(Arc<RwLock<Arc<PriceBook>>>);
 
 impl LivePrices {
+    /// Live prices starting from `book`.
     pub fn new(book: PriceBook) -> Self {
         Self(Arc::new(RwLock::new(Arc::new(book))))
     }
 
+    /// A snapshot of the book in force now; later swaps do not change it.
     pub fn current(&self) -> Arc<PriceBook> {
         // A panic while holding the lock cannot leave a half-written Arc behind.
         self.0.read().unwrap_or_else(|p| p.into_inner()).clone()
     }
 
+    /// Swaps in `book` for every later [`LivePrices::current`]; snapshots already taken keep the old one.
     pub fn replace(&self, book: PriceBook) {
         *self.0.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(book);
     }
@@ -327,20 +354,28 @@ impl LivePrices {
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct EstimateRequest {
+    /// T to price.
     #[serde(deserialize_with = "exact_decimal")]
     pub compute: ComputeUnits,
+    /// S to price.
     #[serde(deserialize_with = "exact_decimal")]
     pub storage: StorageUnits,
+    /// C_C to price with; give it with `storage_price`, instead of `model` and `hardware`.
     #[serde(default, deserialize_with = "exact_decimal_opt")]
     pub compute_price: Option<UnitPrice>,
+    /// C_S to price with; give it with `compute_price`.
     #[serde(default, deserialize_with = "exact_decimal_opt")]
     pub storage_price: Option<UnitPrice>,
+    /// Overrides k1 (explicit prices otherwise use 1; a pair uses the book's).
     #[serde(default, deserialize_with = "exact_decimal_opt")]
     pub k1: Option<Coefficient>,
+    /// Overrides k2 (explicit prices otherwise use 1; a pair uses the book's).
     #[serde(default, deserialize_with = "exact_decimal_opt")]
     pub k2: Option<Coefficient>,
+    /// Take the rates of this model on `hardware` from the price book, as a flush now would.
     #[serde(default)]
     pub model: Option<ModelName>,
+    /// The hardware whose prices to take from the price book; give it with `model`.
     #[serde(default)]
     pub hardware: Option<HardwareName>,
 }
@@ -348,29 +383,42 @@ pub struct EstimateRequest {
 /// A priced estimate, with everything that went into it.
 #[derive(Debug, Clone, Serialize)]
 pub struct Estimate {
+    /// T priced.
     pub compute: ComputeUnits,
+    /// S priced.
     pub storage: StorageUnits,
+    /// The rates used, after overrides.
     #[serde(flatten)]
     pub rates: Rates,
+    /// The cost, by component and total.
     #[serde(flatten)]
     pub cost: CostBreakdown,
+    /// The currency of the price book; `None` with explicit prices and no configuration loaded.
     pub currency: Option<String>,
 }
 
+/// Why an estimate could not be made; each message says what to pass instead.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum EstimateError {
+    /// Neither prices nor a (model, hardware) pair were given, or both were.
     #[error("give either compute_price and storage_price, or model and hardware")]
     NoRates,
+    /// Only one of `compute_price` and `storage_price` was given.
     #[error("give both compute_price and storage_price")]
     HalfPrices,
+    /// Only one of `model` and `hardware` was given.
     #[error("give both model and hardware")]
     HalfPair,
+    /// A (model, hardware) pair was given but no configuration was loaded to look it up in.
     #[error("model and hardware read the price book, which is not loaded (pass --config)")]
     NoPriceBook,
+    /// The hardware has no price in the price book.
     #[error("hardware {0} has no price in the price book (pricing.hardware), so its usage is unpriced")]
     Unpriced(HardwareName),
+    /// An input is negative: its name and value.
     #[error("{0} must not be negative, got {1}")]
     Negative(&'static str, Decimal),
+    /// The cost overflowed a 96-bit decimal.
     #[error(transparent)]
     Pricing(#[from] PricingError),
 }

@@ -16,10 +16,12 @@ use serde::Deserialize;
 pub struct Secret(String);
 
 impl Secret {
+    /// Wraps `value`; from here on it prints as `<redacted>`.
     pub fn new(value: impl Into<String>) -> Self {
         Secret(value.into())
     }
 
+    /// The secret itself, for the one place that must send it (a connection option, a signature key).
     pub fn expose(&self) -> &str {
         &self.0
     }

@@ -11,15 +11,23 @@ use sqlx::{ConnectOptions, PgPool};
 use crate::error_class::{self, ErrorClass};
 use crate::secret::Secret;
 
+/// What went wrong talking to PostgreSQL; [`StoreError::class`] says whether waiting can help.
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
+    /// `database.url` does not parse; fix the configuration.
     #[error("database.url is not a valid PostgreSQL URL: {0}")]
     BadUrl(#[source] sqlx::Error),
     /// Nothing was written; `fenced` partitions belong to another instance now, and `applied`
     /// ones already hold this batch (an earlier COMMIT went through although it reported an
     /// error). Write the rest again without them.
     #[error("stale flush: partitions {fenced:?} were claimed by another instance, {applied:?} were already written")]
-    Stale { fenced: Vec<i32>, applied: Vec<i32> },
+    Stale {
+        /// Partitions another instance has claimed since this one did.
+        fenced: Vec<i32>,
+        /// Partitions whose progress already stands at this batch's end.
+        applied: Vec<i32>,
+    },
+    /// Running the schema migrations failed; the message names the migration.
     #[error("schema migration failed: {0}")]
     Migrate(#[from] sqlx::migrate::MigrateError),
     /// Text PostgreSQL cannot hold in another encoding would fail flushes for good (one emoji
@@ -29,6 +37,7 @@ pub enum StoreError {
          CREATE DATABASE <name> ENCODING 'UTF8' TEMPLATE template0"
     )]
     Encoding(String),
+    /// Any other error from PostgreSQL or the connection to it.
     #[error("PostgreSQL error: {0}")]
     Database(#[from] sqlx::Error),
 }
@@ -191,6 +200,7 @@ pub const APPLICATION_NAME: &str = "costwatch";
 
 static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
 
+/// costwatch's PostgreSQL: a connection pool shared by every feature (cheap to clone).
 #[derive(Clone, Debug)]
 pub struct Store {
     pool: PgPool,
@@ -211,6 +221,7 @@ impl Store {
         Self { pool }
     }
 
+    /// The pool, for the features' own SQL.
     pub fn pool(&self) -> &PgPool {
         &self.pool
     }
@@ -246,6 +257,7 @@ impl Store {
         }
     }
 
+    /// Checks that the database is UTF8, then applies the migrations it lacks; safe to run from several instances at once.
     pub async fn migrate(&self) -> Result<(), StoreError> {
         let encoding: String = sqlx::query_scalar(
             "SELECT pg_encoding_to_char(encoding)::text FROM pg_database WHERE datname = current_database()",
@@ -259,6 +271,7 @@ impl Store {
         Ok(())
     }
 
+    /// One trivial query: whether PostgreSQL answers (used by `/readyz`).
     pub async fn ping(&self) -> Result<(), StoreError> {
         sqlx::query("SELECT 1").execute(&self.pool).await?;
         Ok(())

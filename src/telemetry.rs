@@ -18,11 +18,17 @@ use crate::error_class::ErrorClass;
 /// One window row of a committed flush, as the usage metrics need it.
 #[derive(Debug, Clone, Copy)]
 pub struct WindowUsage<'a> {
+    /// The row's model; its metric label is `other` once `metrics.max_models` other models have one.
     pub model: &'a ModelName,
+    /// The row's hardware; its metric label is `other` once `metrics.max_hardware` other targets have one.
     pub hardware: &'a HardwareName,
+    /// The window's start: which rates of the price book apply.
     pub start: chrono::DateTime<chrono::Utc>,
+    /// Accepted events in the row; counted as unpriced events when the hardware has no price.
     pub events: i64,
+    /// ΣT of the row.
     pub compute: ComputeUnits,
+    /// ΣS of the row.
     pub storage: StorageUnits,
 }
 use crate::pricing::PriceBook;
@@ -30,13 +36,18 @@ use crate::pricing::PriceBook;
 /// Messages of a flush by outcome, for `costwatch_events_total`.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct OutcomeCounts {
+    /// Accepted messages, late ones included.
     pub accepted: u64,
+    /// Accepted messages that were late (behind the watermark by more than the allowed lateness).
     pub late: u64,
+    /// Messages skipped as copies of a counted `event_id`.
     pub duplicate: u64,
+    /// Messages refused (kept in `rejected_events`).
     pub rejected: u64,
 }
 
 impl OutcomeCounts {
+    /// Adds `o`'s counts to these.
     pub fn add(&mut self, o: &OutcomeCounts) {
         self.accepted += o.accepted;
         self.late += o.late;
@@ -45,37 +56,69 @@ impl OutcomeCounts {
     }
 }
 
+/// Counter, label `outcome`: messages consumed by what happened to them.
 pub const EVENTS_TOTAL: &str = "costwatch_events_total";
+/// Counter, label `reason`: rejected messages by [`RejectCode`](crate::ingest::event::RejectCode).
 pub const REJECTED_TOTAL: &str = "costwatch_rejected_events_total";
+/// Exact counter, labels `model`, `hardware`: compute units (T) accounted.
 pub const COMPUTE_UNITS_TOTAL: &str = "costwatch_compute_units_total";
+/// Exact counter, labels `model`, `hardware`: storage units (S) accounted.
 pub const STORAGE_UNITS_TOTAL: &str = "costwatch_storage_units_total";
+/// Exact counter, labels `model`, `hardware`, `component`, `currency`: money accounted, the same sums as `usage_costs`.
 pub const COST_TOTAL: &str = "costwatch_cost_total";
+/// Counter, labels `model`, `hardware`: accepted events on hardware without a price.
 pub const UNPRICED_EVENTS_TOTAL: &str = "costwatch_unpriced_events_total";
+/// Histogram, seconds: time to write one flush.
 pub const FLUSH_DURATION: &str = "costwatch_flush_duration_seconds";
+/// Gauge, Unix seconds: when the last flush committed.
 pub const LAST_FLUSH: &str = "costwatch_last_flush_timestamp_seconds";
+/// Counter, label `class` (`transient`, `permanent`): failed flushes.
 pub const FLUSH_ERRORS_TOTAL: &str = "costwatch_flush_errors_total";
+/// Gauge, label `partition`: 1 while the partition is stalled (see `ingest.stall_after`).
 pub const PARTITION_STALLED: &str = "costwatch_partition_stalled";
+/// Counter: rejected messages deleted after `ingest.rejected_retention`.
 pub const REJECTED_PRUNED_TOTAL: &str = "costwatch_rejected_pruned_total";
+/// Counter: partitions whose flush was fenced because another instance claimed them.
 pub const FENCED_TOTAL: &str = "costwatch_fenced_partitions_total";
+/// Counter: errors reported by the Kafka client.
 pub const BROKER_ERRORS_TOTAL: &str = "costwatch_broker_errors_total";
+/// Gauge: partitions this instance owns.
 pub const ASSIGNED_PARTITIONS: &str = "costwatch_assigned_partitions";
+/// Gauge: event ids held in memory for dedup.
 pub const DEDUP_IDS: &str = "costwatch_dedup_ids";
+/// Counter: partition starts read again from further back (the broker began past the stored offset).
 pub const START_REWINDS_TOTAL: &str = "costwatch_start_rewinds_total";
+/// Gauge, Unix seconds: the lowest event-time watermark over owned partitions.
 pub const WATERMARK: &str = "costwatch_watermark_timestamp_seconds";
+/// Gauge, seconds: wall clock minus that watermark.
 pub const WATERMARK_DELAY: &str = "costwatch_watermark_delay_seconds";
+/// Gauge, label `partition`: messages between the stored offset and the log end.
 pub const CONSUMER_LAG: &str = "costwatch_consumer_lag";
+/// Counter: PostgreSQL errors of flushes and partition claims.
 pub const DATABASE_ERRORS_TOTAL: &str = "costwatch_database_errors_total";
+/// Gauge: the highest coefficient version the price book holds (0 without versions).
 pub const COEFFICIENT_VERSION: &str = "costwatch_coefficient_version";
+/// Counter: times new coefficient versions were loaded into the running price book.
 pub const COEFFICIENT_RELOADS_TOTAL: &str = "costwatch_coefficient_reloads_total";
+/// Gauge, label `model`: what the model would save on its cheapest candidate hardware.
 pub const POTENTIAL_SAVINGS: &str = "costwatch_potential_savings";
+/// Gauge, label `budget`: the budget's amount for its period.
 pub const BUDGET_AMOUNT: &str = "costwatch_budget_amount";
+/// Gauge, label `budget`: priced spend so far this period.
 pub const BUDGET_SPEND: &str = "costwatch_budget_spend";
+/// Gauge, label `budget`: projected spend at period end (only with `forecast = true`).
 pub const BUDGET_FORECAST: &str = "costwatch_budget_forecast";
+/// Gauge, label `budget`: spend divided by amount.
 pub const BUDGET_UTILIZATION: &str = "costwatch_budget_utilization_ratio";
+/// Gauge, label `kind`: budget alerts firing.
 pub const ALERTS_FIRING: &str = "costwatch_alerts_firing";
+/// Gauge: 1 on the instance that holds the alerting lock, 0 elsewhere.
 pub const ALERTING_LEADER: &str = "costwatch_alerting_leader";
+/// Counter, labels `receiver`, `outcome` (`ok`, `error`): posts to alert receivers.
 pub const NOTIFICATIONS_TOTAL: &str = "costwatch_alert_notifications_total";
+/// Gauge: alert notifications no receiver has accepted yet (set by the leader).
 pub const DELIVERIES_PENDING: &str = "costwatch_alert_deliveries_pending";
+/// Gauge, always 1, labels `version`, `revision`, `rustc`: which build runs.
 pub const BUILD_INFO: &str = "costwatch_build_info";
 
 /// Sets up `tracing` output on stderr in `format`; `RUST_LOG` overrides the default level
@@ -250,19 +293,23 @@ pub fn rejection_reasons(reasons: impl IntoIterator<Item = &'static str>) {
     }
 }
 
+/// Sets how many alerts of `kind` fire, as PostgreSQL holds them.
 pub fn alerts_firing(kind: &'static str, n: i64) {
     gauge!(ALERTS_FIRING, "kind" => kind).set(n as f64);
 }
 
+/// Sets whether this instance leads alerting.
 pub fn alerting_leader(leader: bool) {
     gauge!(ALERTING_LEADER).set(if leader { 1.0 } else { 0.0 });
 }
 
+/// Counts one post to `receiver`, by whether it was accepted.
 pub fn notification(receiver: &str, ok: bool) {
     let outcome = if ok { "ok" } else { "error" };
     counter!(NOTIFICATIONS_TOTAL, "receiver" => receiver.to_owned(), "outcome" => outcome).increment(1);
 }
 
+/// Sets how many notifications wait for delivery.
 pub fn deliveries_pending(n: i64) {
     gauge!(DELIVERIES_PENDING).set(n as f64);
 }

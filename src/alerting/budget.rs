@@ -16,13 +16,18 @@ use crate::domain::Money;
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum AlertKind {
+    /// Spend has reached one of the budget's `thresholds` (fractions of its amount) this period.
     Threshold,
+    /// Spend is projected to pass the amount before the period ends, at the current burn rate.
     Forecast,
+    /// The recent spend rate is more than `drift.factor` times its trailing baseline.
     Drift,
+    /// Usage in the budget's scope has no price, so the spend shown undercounts it.
     Unpriced,
 }
 
 impl AlertKind {
+    /// The `kind` label's value, as in the JSON (`threshold`, `forecast`, `drift`, `unpriced`).
     pub fn as_str(self) -> &'static str {
         match self {
             AlertKind::Threshold => "threshold",
@@ -42,6 +47,7 @@ impl AlertKind {
         }
     }
 
+    /// Every kind, in label order; e.g. to zero each kind's `costwatch_alerts_firing` gauge.
     pub const ALL: [AlertKind; 4] = [
         AlertKind::Threshold,
         AlertKind::Forecast,
@@ -118,14 +124,20 @@ pub fn like_pattern(glob: Option<&str>) -> String {
 /// The time ranges a budget's evaluation reads, all `[from, to)` over window starts.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Ranges {
+    /// The calendar period containing now, in the budget's time zone.
     pub period: (DateTime<Utc>, DateTime<Utc>),
+    /// The short forecast window, ending now.
     pub short: (DateTime<Utc>, DateTime<Utc>),
+    /// The long forecast window, ending now.
     pub long: (DateTime<Utc>, DateTime<Utc>),
+    /// The recent drift window, ending now; `None` when the budget has no `drift` section.
     pub drift_recent: Option<(DateTime<Utc>, DateTime<Utc>)>,
+    /// The drift baseline, ending where `drift_recent` starts; `None` when the budget has no `drift` section.
     pub drift_baseline: Option<(DateTime<Utc>, DateTime<Utc>)>,
 }
 
 impl Ranges {
+    /// The ranges `budget` reads when evaluated at `now`, with the configured forecast windows.
     pub fn new(budget: &BudgetSettings, windows: ForecastWindows, now: DateTime<Utc>) -> Self {
         let ago = |d: Duration| now - ChronoDuration::from_std(d).unwrap_or(ChronoDuration::zero());
         let drift = budget.drift.as_ref().map(|d| {
@@ -154,9 +166,12 @@ impl Ranges {
     }
 }
 
+/// How far back the two forecast burn rates look (`alerting.forecast_short_window` and `_long_window`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ForecastWindows {
+    /// The short window: reacts to the current burn, so a forecast alert clears as soon as it drops.
     pub short: Duration,
+    /// The long window: makes a forecast alert need a sustained burn, not a spike.
     pub long: Duration,
 }
 
@@ -164,30 +179,47 @@ pub struct ForecastWindows {
 /// only; usage without a price is listed in `unpriced`.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Observed {
+    /// Priced spend since the period started.
     pub period_spend: Money,
+    /// Priced spend over the short forecast window.
     pub short_spend: Money,
+    /// Priced spend over the long forecast window.
     pub long_spend: Money,
+    /// Priced spend over the recent drift window; zero without a `drift` section.
     pub drift_recent_spend: Money,
+    /// Priced spend over the drift baseline; zero without a `drift` section.
     pub drift_baseline_spend: Money,
+    /// Each (model, hardware) in scope with usage this period but no price.
     pub unpriced: Vec<UnpricedUsage>,
 }
 
+/// Usage in a budget's scope that has no price this period; each is an `unpriced` alert.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct UnpricedUsage {
+    /// The model's name, as events carry it.
     pub model: String,
+    /// The hardware's name, as events carry it; it has no `[[pricing.hardware]]` entry.
     pub hardware: String,
+    /// How many events of this pair went unpriced this period.
     pub events: i64,
 }
 
 /// A budget's standing at one instant: what `/api/v1/budgets` shows and the gauges export.
 #[derive(Debug, Clone, Serialize)]
 pub struct BudgetStatus {
+    /// The budget's configured `name`.
     pub name: String,
+    /// The calendar period the budget covers (hourly, daily, weekly, monthly).
     pub period: Period,
+    /// When the current period started, in UTC (the period is calendar-aligned in the budget's time zone).
     pub period_start: DateTime<Utc>,
+    /// When the current period ends (exclusive).
     pub period_end: DateTime<Utc>,
+    /// The currency of `amount` and every spend figure (`pricing.currency`).
     pub currency: String,
+    /// The budget for one period, normalised.
     pub amount: Money,
+    /// Priced spend so far this period; unpriced usage is not in it.
     pub spend: Money,
     /// spend / amount, rounded to 6 places for display.
     pub utilization: Decimal,
@@ -195,32 +227,45 @@ pub struct BudgetStatus {
     pub forecast: Option<Money>,
     /// Spend per hour over the short and long forecast windows.
     pub burn_rate_short_per_hour: Money,
+    /// Spend per hour over the long forecast window.
     pub burn_rate_long_per_hour: Money,
+    /// The drift comparison; `None` when the budget has no `drift` section.
     pub drift: Option<DriftStatus>,
     /// The thresholds reached so far this period.
     pub thresholds_reached: Vec<Decimal>,
+    /// Unpriced usage this period; empty when the budget has `unpriced = false`.
     pub unpriced: Vec<UnpricedUsage>,
     /// `ok`, `warning` (a threshold below 1 reached, or a forecast or drift alert), `exceeded`.
     pub state: &'static str,
 }
 
+/// A budget's recent spend rate against its trailing baseline.
 #[derive(Debug, Clone, Serialize)]
 pub struct DriftStatus {
+    /// Spend per hour over the recent drift window.
     pub recent_per_hour: Money,
+    /// Spend per hour over the baseline before it.
     pub baseline_per_hour: Money,
     /// recent / baseline; `None` while the baseline is zero.
     pub ratio: Option<Decimal>,
+    /// The configured `drift.factor`: the ratio above which drift fires.
     pub factor: Decimal,
+    /// Whether a drift alert should fire: recent spend is above zero and `drift.min_spend`, and its rate above `factor` times the baseline rate.
     pub firing: bool,
 }
 
 /// One alert that should be firing now. `key` identifies it across evaluations and restarts.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct AlertSpec {
+    /// See [`alert_key`]: the labels without `severity` and `alertname`.
     pub key: String,
+    /// The name of the budget the alert belongs to.
     pub budget: String,
+    /// Which condition fired.
     pub kind: AlertKind,
+    /// The labels sent to Alertmanager and webhooks: `alertname`, `budget`, `kind`, `severity`, and per kind `threshold` and `period`, or `model` and `hardware`.
     pub labels: BTreeMap<String, String>,
+    /// Human-readable context: spend, amount, currency, utilization, the period, `summary` and `description`.
     pub annotations: BTreeMap<String, String>,
 }
 

@@ -28,11 +28,13 @@ pub struct BudgetBoard {
     pub evaluated_at: Option<DateTime<Utc>>,
     /// Whether this instance is the one that sends alerts.
     pub leader: bool,
+    /// Each configured budget's status, in configuration order.
     pub budgets: Vec<BudgetStatus>,
     /// Why the last evaluation failed, if it did (the statuses are then from the one before).
     pub error: Option<String>,
 }
 
+/// The board as the evaluator writes it and `/api/v1/budgets` reads it.
 pub type SharedBoard = Arc<RwLock<BudgetBoard>>;
 
 /// Outbox entries handled per evaluation.

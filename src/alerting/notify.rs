@@ -19,23 +19,32 @@ pub const SIGNATURE_HEADER: &str = "x-costwatch-signature";
 /// receiver can drop a repeat.
 pub const DELIVERY_HEADER: &str = "x-costwatch-delivery";
 
+/// Why a notification was not delivered; the outbox keeps it and retries (see [`retry_delay`]).
 #[derive(Debug, thiserror::Error)]
 pub enum NotifyError {
     /// Connection refused, timeout, TLS: the URL is left out because it may hold a token.
     #[error("cannot reach {receiver}: {source}")]
     Unreachable {
+        /// The receiver's name (`alertmanager` or the webhook's name).
         receiver: String,
+        /// The client's error, with the URL removed.
         #[source]
         source: reqwest::Error,
     },
+    /// The receiver answered with a non-2xx status.
     #[error("{receiver} answered {status}: {body}")]
     Refused {
+        /// The receiver's name (`alertmanager` or the webhook's name).
         receiver: String,
+        /// The HTTP status code it answered with.
         status: u16,
+        /// The start of its answer (at most 300 characters), trimmed, for the log and `last_error`.
         body: String,
     },
+    /// An outbox entry names a webhook the configuration no longer has; it stays queued until the webhook returns or the row is deleted.
     #[error("no webhook named {0:?} is configured any more")]
     UnknownReceiver(String),
+    /// The HTTP client could not be built (e.g. no TLS backend); costwatch cannot notify at all.
     #[error("cannot build the HTTP client: {0}")]
     Client(#[source] reqwest::Error),
 }
@@ -44,12 +53,19 @@ pub enum NotifyError {
 /// `alerting::store` reads from and acknowledges in `budget_alert`.
 #[derive(Debug, Clone)]
 pub struct AlertmanagerAlert {
+    /// The alert's identity ([`alert_key`](crate::alerting::budget::alert_key)).
     pub key: String,
+    /// `firing` or `resolved`.
     pub state: String,
+    /// Which firing this is: each time the alert fires again the generation goes up by one.
     pub generation: i32,
+    /// The labels Alertmanager groups and routes by.
     pub labels: BTreeMap<String, String>,
+    /// The annotations shown to people (summary, description, spend, ...).
     pub annotations: BTreeMap<String, String>,
+    /// When this generation started firing.
     pub starts_at: DateTime<Utc>,
+    /// When it resolved; `None` while it fires (then `endsAt` is sent a few evaluations ahead).
     pub ends_at: Option<DateTime<Utc>>,
 }
 
@@ -60,6 +76,7 @@ struct Webhook {
     timeout: Duration,
 }
 
+/// Sends alerts to the configured Alertmanager and webhooks; one shared HTTP client for all.
 pub struct Notifier {
     client: reqwest::Client,
     alertmanager: Option<String>,
@@ -83,6 +100,7 @@ struct PostableAlert<'a> {
 }
 
 impl Notifier {
+    /// A notifier for `[alerting]`: the Alertmanager URL, the webhooks with their secrets and timeouts. Fails only when the HTTP client cannot be built.
     pub fn new(settings: &AlertingSettings) -> Result<Self, NotifyError> {
         let client = reqwest::Client::builder()
             .user_agent(concat!("costwatch/", env!("CARGO_PKG_VERSION")))
@@ -113,10 +131,12 @@ impl Notifier {
         })
     }
 
+    /// Whether `alerting.alertmanager_url` is set; without it [`Notifier::post_alertmanager`] sends nothing.
     pub fn has_alertmanager(&self) -> bool {
         self.alertmanager.is_some()
     }
 
+    /// The webhooks' names (`webhook-<index>` when unnamed): the receivers each transition queues a notification for.
     pub fn webhook_names(&self) -> Vec<String> {
         self.webhooks.iter().map(|w| w.name.clone()).collect()
     }

@@ -146,20 +146,31 @@ impl Store {
 /// One alert as stored.
 #[derive(Debug, Clone, Serialize)]
 pub struct AlertRecord {
+    /// The alert's identity ([`alert_key`](crate::alerting::budget::alert_key)).
     pub key: String,
+    /// The name of the budget it belongs to.
     pub budget: String,
+    /// Its [`AlertKind`](crate::alerting::budget::AlertKind) as the `kind` label spells it.
     pub kind: String,
+    /// `firing` or `resolved`.
     pub state: String,
+    /// The labels as last sent, a JSON object of strings.
     pub labels: Value,
+    /// The annotations as last evaluated, a JSON object of strings.
     pub annotations: Value,
+    /// Which firing this is; it goes up by one each time the alert fires again.
     pub generation: i32,
+    /// When the current generation started firing.
     pub starts_at: DateTime<Utc>,
+    /// When it resolved; `None` while it fires.
     pub ends_at: Option<DateTime<Utc>>,
+    /// The last time the row changed (a transition or fresh annotations).
     pub updated_at: DateTime<Utc>,
     /// Whether Alertmanager has yet to acknowledge the current state.
     pub alertmanager_pending: bool,
     /// Webhook notifications of this alert not delivered yet, and the last error trying.
     pub pending_deliveries: i64,
+    /// The last error delivering one of them; `None` when the last attempt succeeded or none was made.
     pub last_error: Option<String>,
 }
 
@@ -186,18 +197,26 @@ impl AlertRecord {
 /// A state change recorded by [`apply_transitions`].
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Transition {
+    /// The alert's identity ([`alert_key`](crate::alerting::budget::alert_key)).
     pub key: String,
+    /// `firing` or `resolved`: the state the alert moved to.
     pub status: &'static str,
+    /// The generation the transition belongs to (a new one for each firing).
     pub generation: i32,
 }
 
 /// One webhook notification waiting in the outbox.
 #[derive(Debug, Clone)]
 pub struct Delivery {
+    /// The outbox row's id, sent as the delivery id so a receiver can drop repeats.
     pub id: i64,
+    /// The webhook's name.
     pub receiver: String,
+    /// The JSON body to send (`version`, `status`, `alert`), fixed when the transition was recorded.
     pub payload: Value,
+    /// How many times sending it failed so far; sets the next [`retry_delay`](crate::alerting::notify::retry_delay).
     pub attempts: i32,
+    /// Not to be retried before this instant.
     pub next_attempt_at: DateTime<Utc>,
 }
 
@@ -444,6 +463,7 @@ pub async fn pending_deliveries(conn: &mut PgConnection, limit: i64) -> Result<V
         .collect())
 }
 
+/// Marks an outbox entry delivered; it is never sent again.
 pub async fn delivered(conn: &mut PgConnection, id: i64) -> Result<(), StoreError> {
     sqlx::query(
         "UPDATE alert_delivery SET delivered_at = now(), attempts = attempts + 1, last_error = NULL WHERE id = $1",
@@ -454,6 +474,7 @@ pub async fn delivered(conn: &mut PgConnection, id: i64) -> Result<(), StoreErro
     Ok(())
 }
 
+/// Records a failed attempt with its error (shown in `costwatch alerts`/the API) and when to try again.
 pub async fn delivery_failed(
     conn: &mut PgConnection,
     id: i64,

@@ -31,11 +31,15 @@ pub const COLUMNS: [&str; 6] = ["period_start", "period_end", "hardware", "model
 /// `[period_start, period_end)`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Bill {
+    /// The first instant billed.
     pub period_start: DateTime<Utc>,
+    /// The end of the billed period (exclusive); after `period_start`.
     pub period_end: DateTime<Utc>,
+    /// The hardware the bill is for, as events name it.
     pub hardware: HardwareName,
     /// `None` when the bill covers every model on the hardware.
     pub model: Option<ModelName>,
+    /// The billed amount; not negative.
     pub amount: Money,
     /// An ISO 4217 code such as `USD`; comparing it with `pricing.currency` is up to the caller.
     pub currency: String,
@@ -46,7 +50,9 @@ pub struct Bill {
 /// One thing wrong with a bills file.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct BillProblem {
+    /// The line of the file the problem is on (1 is the header).
     pub line: usize,
+    /// What is wrong and, where it helps, what to write instead.
     pub message: String,
 }
 
@@ -64,6 +70,7 @@ impl fmt::Display for BillProblem {
     .problems.iter().map(|p| format!("  - {p}")).collect::<Vec<_>>().join("\n")
 )]
 pub struct BillsError {
+    /// Every problem, sorted by line.
     pub problems: Vec<BillProblem>,
 }
 

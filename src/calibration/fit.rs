@@ -74,27 +74,40 @@ pub struct Fit {
     pub warnings: Vec<String>,
 }
 
+/// Why k1 and k2 could not be fitted; the message says what to check.
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
 pub enum FitError {
+    /// Fewer than [`MIN_PERIODS`] bill periods (the count is given).
     #[error("need at least {MIN_PERIODS} bill periods to fit two coefficients, got {0}")]
     TooFewPeriods(usize),
+    /// Compute and storage regressors are zero in every period: no usage in the bill periods, or the hardware has no price.
     #[error(
         "no usage to fit against: C_C*T and C_S*S are 0 in every bill period (is usage recorded \
          for these bill periods, and is the hardware priced?)"
     )]
     NoUsage,
+    /// An observation has a negative quantity, price or bill.
     #[error("bill period {period}: {field} must not be negative, got {value}")]
     Negative {
         /// 1-based position in the observations.
         period: usize,
+        /// Which value is negative: `compute`, `storage`, `compute_price`, `storage_price` or `billed`.
         field: &'static str,
+        /// The negative value.
         value: Decimal,
     },
+    /// A coefficient or statistic came out as infinity, NaN or beyond a decimal's range; usually a unit mistake in the inputs.
     #[error(
         "the fit produced {what} = {value:e}, which is not a finite decimal; look for a unit \
          mistake (prices per hour against usage in seconds, say) or an extreme value"
     )]
-    NonFinite { what: &'static str, value: f64 },
+    NonFinite {
+        /// Which number: `k1`, `k2` or the statistic's name.
+        what: &'static str,
+        /// The offending `f64`.
+        value: f64,
+    },
+    /// Pricing an observation with the fitted coefficients overflowed.
     #[error(transparent)]
     Pricing(#[from] PricingError),
 }

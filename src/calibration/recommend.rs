@@ -19,8 +19,11 @@ use crate::pricing::{PriceBook, PricingError, Rates};
 /// Usage of one model over a range, summed over every hardware it ran on.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ModelUsage {
+    /// The model's name, as events carry it.
     pub model: ModelName,
+    /// ΣT over the range, on every hardware.
     pub compute: ComputeUnits,
+    /// ΣS over the range, on every hardware.
     pub storage: StorageUnits,
     /// What the usage cost as priced (`usage_costs.total_cost`); `None` when part of it ran on
     /// unpriced hardware, so that its cost is unknown.
@@ -32,14 +35,21 @@ pub struct ModelUsage {
 /// The model's usage priced on one hardware target.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct TargetCost {
+    /// The target the usage is priced on.
     pub hardware: HardwareName,
+    /// Cloud or edge, when the `[[pricing.hardware]]` entry says; `None` otherwise.
     pub deployment: Option<Deployment>,
+    /// C_C of the target in force at the ranking instant.
     pub compute_price: UnitPrice,
+    /// C_S of the target in force at the ranking instant.
     pub storage_price: UnitPrice,
+    /// The compute coefficient used; see `coefficients` for where it came from.
     pub k1: Coefficient,
+    /// The storage coefficient used; see `coefficients` for where it came from.
     pub k2: Coefficient,
     /// `calibrated`, `calibrated_hardware_default` or `configured`.
     pub coefficients: &'static str,
+    /// The `coefficient_version` id the coefficients come from; `None` when they are configured.
     pub coefficient_version: Option<i64>,
     /// The observed ΣT and ΣS priced here.
     pub cost: Money,
@@ -54,33 +64,44 @@ pub struct TargetCost {
 /// A priced hardware target that is not a candidate for this model.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct Skipped {
+    /// The priced target that was left out.
     pub hardware: HardwareName,
+    /// Why it was left out (e.g. [`NO_COEFFICIENTS`]).
     pub reason: String,
 }
 
 /// One model's ranking.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct Recommendation {
+    /// The model's name, as events carry it.
     pub model: ModelName,
+    /// ΣT over the range, on every hardware.
     pub compute: ComputeUnits,
+    /// ΣS over the range, on every hardware.
     pub storage: StorageUnits,
     /// What the usage cost as priced; `None` when part of it ran on unpriced hardware.
     pub actual_cost: Option<Money>,
+    /// Events of this model on hardware without a price; their usage is in ΣT and ΣS but not in `actual_cost`.
     pub unpriced_events: i64,
     /// The saving of the cheapest target, never below 0; `None` when the actual cost is
     /// unknown or no target is a candidate.
     pub potential_saving: Option<Money>,
     /// Cheapest first; ties by hardware name.
     pub targets: Vec<TargetCost>,
+    /// Priced targets without coefficients for this model, with the reason; not ranked.
     pub skipped: Vec<Skipped>,
 }
 
 /// The answer of `recommend --json` and `GET /api/v1/recommendations`.
 #[derive(Debug, Clone, Serialize)]
 pub struct Recommendations {
+    /// The start of the usage range (window starts from here, inclusive).
     pub from: DateTime<Utc>,
+    /// The end of the usage range (exclusive).
     pub to: DateTime<Utc>,
+    /// The currency of every amount (`pricing.currency`).
     pub currency: String,
+    /// One ranking per model with usage in the range.
     pub models: Vec<Recommendation>,
 }
 

@@ -20,40 +20,63 @@ use crate::pricing::{PriceBook, PricingError, Rates};
 /// The difference re-rating made for one (model, hardware) pair.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct PairDifference {
+    /// The model's name, as stored.
     pub model: String,
+    /// The hardware's name, as stored.
     pub hardware: String,
+    /// How many window rows of the pair were read.
     pub rows: usize,
+    /// How many of them got new rates (or version, price entry or currency).
     pub changed: usize,
     /// Total cost before; `None` when a row of the pair was unpriced.
     pub before: Option<Money>,
+    /// Total cost after; `None` when a row of the pair has no price now.
     pub after: Option<Money>,
     /// `after - before`; `None` when either is unknown.
     pub difference: Option<Money>,
 }
 
+/// What `rerate` did (or, with `--dry-run`, would do): the text and the `--json` answer.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct RerateReport {
+    /// The start of the range of window starts re-priced (inclusive).
     pub from: DateTime<Utc>,
+    /// The end of the range (exclusive).
     pub to: DateTime<Utc>,
+    /// Whether `--dry-run` was given: nothing was written.
     pub dry_run: bool,
+    /// The currency of every amount (`pricing.currency`).
     pub currency: String,
+    /// How many window rows were read.
     pub rows: usize,
+    /// How many of them got new rates.
     pub changed: usize,
+    /// Total cost before over all pairs; `None` when any row was unpriced.
     pub before: Option<Money>,
+    /// Total cost after over all pairs; `None` when any row has no price now.
     pub after: Option<Money>,
+    /// `after - before`; `None` when either is unknown.
     pub difference: Option<Money>,
+    /// One entry per (model, hardware), in name order.
     pub pairs: Vec<PairDifference>,
 }
 
+/// Why `rerate` stopped; slices committed before it stay re-priced, and running it again finishes the job.
 #[derive(Debug, thiserror::Error)]
 pub enum RerateError {
+    /// A row's cost overflowed a 96-bit decimal, with either its stored rates or its new ones.
     #[error("a window of {model} on {hardware} at {window_start}: {source}")]
     Pricing {
+        /// The model of the row.
         model: String,
+        /// The hardware of the row.
         hardware: String,
+        /// The start of the row's window.
         window_start: DateTime<Utc>,
+        /// The overflow.
         source: PricingError,
     },
+    /// Reading or updating window rows failed (a deadlock with a flush included); run it again.
     #[error("PostgreSQL error: {0}")]
     Database(#[from] sqlx::Error),
 }
@@ -217,6 +240,7 @@ async fn rerate_slice(
 }
 
 impl RerateReport {
+    /// The report for people: totals, then one line per pair.
     pub fn to_text(&self) -> String {
         let show = |m: Option<Money>| m.map_or_else(|| "unpriced".to_owned(), |m| m.to_string());
         let signed = |m: Option<Money>| {

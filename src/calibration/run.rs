@@ -22,7 +22,9 @@ use crate::pricing::PriceBook;
 /// What one fit is for: a (model, hardware) pair, or a hardware default (`model` = `None`).
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
 pub struct FitTarget {
+    /// The billed hardware.
     pub hardware: HardwareName,
+    /// The billed model; `None` for bills covering every model on the hardware (a hardware default).
     pub model: Option<ModelName>,
 }
 
@@ -38,15 +40,22 @@ impl fmt::Display for FitTarget {
 /// A successful fit, with the coefficients a version stores.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct FitReport {
+    /// The coefficient k1 to store: fitted, or the value in force when the bills cannot determine it (with a warning).
     #[serde(flatten)]
     pub target: FitTarget,
+    /// The coefficient k2 to store: fitted, or the value in force when the bills cannot determine it (with a warning).
     pub k1: Coefficient,
+    /// How many bill periods the fit used.
     pub k2: Coefficient,
+    /// R² of the stored coefficients; see [`Fit::r_squared`](crate::calibration::fit::Fit::r_squared).
     pub periods: usize,
+    /// Mean absolute percentage error of the stored coefficients over the bills.
     pub r_squared: Option<Decimal>,
     /// In per cent.
     pub mape: Option<Decimal>,
+    /// The largest `|billed - predicted|` over the bills, exact.
     pub max_residual: Money,
+    /// Why the fit may be less trustworthy than its statistics suggest; empty when all is well.
     pub warnings: Vec<String>,
     /// The stored version; `None` with `--dry-run`.
     pub version: Option<i64>,
@@ -55,27 +64,39 @@ pub struct FitReport {
 /// A target that could not be fitted, and why.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct FitFailure {
+    /// The target that failed.
     #[serde(flatten)]
     pub target: FitTarget,
+    /// Why, for a person: too few periods, a currency mismatch, no usage, ...
     pub error: String,
 }
 
 /// Everything `calibrate` prints (as text, or as one JSON document with `--json`).
 #[derive(Debug, Clone, Serialize)]
 pub struct CalibrationReport {
+    /// Only bills whose whole period starts at or after this were used; `None`: no lower bound.
     pub from: Option<DateTime<Utc>>,
+    /// Only bills whose whole period ends at or before this were used; `None`: no upper bound.
     pub to: Option<DateTime<Utc>>,
+    /// The instant the stored versions take effect (window starts at or after it).
     pub effective_from: DateTime<Utc>,
+    /// Whether `--dry-run` was given: nothing was stored, and each fit's `version` is `None`.
     pub dry_run: bool,
+    /// The currency of prices and bills (`pricing.currency`); bills in another one fail.
     pub currency: String,
+    /// The targets fitted, in target order.
     pub fits: Vec<FitReport>,
+    /// The targets that could not be fitted, in target order.
     pub errors: Vec<FitFailure>,
 }
 
+/// Why `calibrate` produced no report at all (failures of single targets are in [`CalibrationReport::errors`]).
 #[derive(Debug, thiserror::Error)]
 pub enum CalibrationError {
+    /// No bill lies in the requested range; the text names the range.
     #[error("no bills {0}; import some with `costwatch bills import FILE`")]
     NoBills(String),
+    /// Reading bills or usage, or storing versions, failed.
     #[error("PostgreSQL error: {0}")]
     Database(#[from] sqlx::Error),
 }
@@ -83,10 +104,13 @@ pub enum CalibrationError {
 /// What to fit and how to store it.
 #[derive(Debug, Clone, Copy)]
 pub struct CalibrationRequest {
+    /// Use only bills whose whole period starts at or after this; `None`: no lower bound.
     pub from: Option<DateTime<Utc>>,
+    /// Use only bills whose whole period ends at or before this; `None`: no upper bound.
     pub to: Option<DateTime<Utc>>,
     /// Stored versions price windows starting at or after this.
     pub effective_from: DateTime<Utc>,
+    /// Fit and report, but store no version.
     pub dry_run: bool,
 }
 

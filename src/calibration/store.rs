@@ -13,34 +13,49 @@ use crate::pricing::{CoefficientVersion, Rates};
 /// One stored window row, as far as pricing goes.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct StoredRow {
+    /// The window's start.
     pub window_start: DateTime<Utc>,
+    /// The model's name, as stored.
     pub model: String,
+    /// The hardware's name, as stored.
     pub hardware: String,
     /// The label set as JSON text; only used to address the row.
     pub labels: String,
+    /// ΣT of the row.
     pub compute: ComputeUnits,
+    /// ΣS of the row.
     pub storage: StorageUnits,
     /// `None` when the row was written unpriced.
     pub rates: Option<Rates>,
+    /// The `coefficient_version` the row was priced with; `None` for configured or default coefficients, or unpriced.
     pub coefficient_version: Option<i64>,
+    /// The [`PriceId`](crate::pricing::PriceId) of the price entry the row was priced with, as hex; `None` when unpriced.
     pub price_id: Option<String>,
+    /// The currency the row's prices are in (`pricing.currency` when it was written).
     pub currency: String,
 }
 
 /// A row whose rates change.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Repriced {
+    /// The index of the row in the slice [`lock_windows`] returned.
     pub row: usize,
+    /// The new rates; `None` when the row's hardware has no price any more.
     pub rates: Option<Rates>,
+    /// The coefficient version of the new rates; `None` for configured or default coefficients.
     pub coefficient_version: Option<i64>,
+    /// The price entry of the new rates, as hex; `None` when unpriced.
     pub price_id: Option<String>,
 }
 
 /// What an import did, bill by bill.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct ImportOutcome {
+    /// Bills not stored before.
     pub inserted: usize,
+    /// Bills stored before with another amount or currency, now replaced.
     pub updated: usize,
+    /// Bills stored before exactly so; left alone.
     pub unchanged: usize,
 }
 
@@ -84,11 +99,17 @@ pub async fn import_bills(pool: &PgPool, bills: &[Bill]) -> Result<ImportOutcome
 /// A stored bill with the usage recorded for its hardware (and model) over its period.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct BilledUsage {
+    /// The first instant billed.
     pub period_start: DateTime<Utc>,
+    /// The end of the billed period (exclusive).
     pub period_end: DateTime<Utc>,
+    /// The billed hardware.
     pub hardware: HardwareName,
+    /// The billed model; `None` when the bill covers every model on the hardware.
     pub model: Option<ModelName>,
+    /// The billed amount.
     pub amount: Money,
+    /// The bill's currency, as the file gave it.
     pub currency: String,
     /// ΣT over the windows that start inside the period.
     pub compute: ComputeUnits,
@@ -100,6 +121,7 @@ pub struct BilledUsage {
     pub storage_money: Decimal,
     /// ΣT and ΣS of the windows written while the hardware had no price.
     pub unpriced_compute: ComputeUnits,
+    /// ΣS of the windows written while the hardware had no price.
     pub unpriced_storage: StorageUnits,
 }
 
@@ -163,17 +185,29 @@ fn stored_name<T, E: std::fmt::Display>(s: String, parse: impl Fn(String) -> Res
 /// A fitted version to store, with the statistics `calibrate` printed for it.
 #[derive(Debug, Clone, PartialEq)]
 pub struct NewVersion {
+    /// The model the version is for; `None` for the hardware default.
     pub model: Option<ModelName>,
+    /// The hardware the version is for.
     pub hardware: HardwareName,
+    /// The fitted (or kept) compute coefficient.
     pub k1: Coefficient,
+    /// The fitted (or kept) storage coefficient.
     pub k2: Coefficient,
+    /// Windows starting at or after this are priced with the version.
     pub effective_from: DateTime<Utc>,
+    /// How many bill periods the fit used.
     pub periods: usize,
+    /// R² of the fit, for the record.
     pub r_squared: Option<Decimal>,
+    /// Mean absolute percentage error, in per cent, for the record.
     pub mape: Option<Decimal>,
+    /// The largest residual of the fit, exact.
     pub max_residual: Money,
+    /// The fit's warnings, stored as a JSON array.
     pub warnings: Vec<String>,
+    /// The `--from` the bills were selected with; `None` when unbounded.
     pub fitted_from: Option<DateTime<Utc>>,
+    /// The `--to` the bills were selected with; `None` when unbounded.
     pub fitted_to: Option<DateTime<Utc>>,
 }
 

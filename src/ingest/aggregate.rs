@@ -20,21 +20,29 @@ use crate::ingest::window::{from_millis, PendingWindows, WindowKey, WindowSize, 
 /// The fixed rules ingestion applies, derived from settings once.
 #[derive(Debug, Clone, Copy)]
 pub struct IngestRules {
+    /// The byte and precision limits an event must meet to be accepted.
     pub limits: Limits,
     /// At most this much of a rejected message is kept (its full size and SHA-256 are kept too).
     pub max_rejected_payload_bytes: usize,
+    /// The window size events are summed in.
     pub window: WindowSize,
+    /// `windows.allowed_lateness` in milliseconds: an accepted event older than the watermark minus this is counted as late.
     pub allowed_lateness_ms: i64,
+    /// `ingest.dedup_horizon` in milliseconds: ids are remembered until the watermark is this far past their event time.
     pub dedup_horizon_ms: i64,
 }
 
 /// What happened to one message.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Outcome {
+    /// Added to its window's sums.
     Accepted {
+        /// Older than the watermark minus the allowed lateness; still counted, in `late_events`.
         late: bool,
     },
+    /// The `event_id` was counted before with the same content; skipped silently.
     Duplicate,
+    /// Refused, for this reason; kept in `rejected_events`.
     Rejected(RejectCode),
     /// Below the offset already stored in PostgreSQL: counted before, so skipped now.
     AlreadyCounted,
@@ -43,6 +51,7 @@ pub enum Outcome {
     /// The first message after assignment came from past the stored offset: seek back to `to`
     /// and read again (nothing was counted).
     Rewind {
+        /// The offset to read the partition again from.
         to: i64,
     },
 }
@@ -82,11 +91,13 @@ impl StartCheck {
 /// What PostgreSQL knows of a partition when this instance takes it over.
 #[derive(Debug, Clone)]
 pub struct Claim {
+    /// The partition taken over.
     pub partition: i32,
     /// Fencing token: a flush is accepted only while this is still the partition's epoch.
     pub epoch: i64,
     /// The first offset not yet counted; `None` when nothing was ever counted.
     pub next_offset: Option<i64>,
+    /// The largest accepted event time stored for the partition (never ahead of the clock); `None` before any event.
     pub watermark: Option<DateTime<Utc>>,
     /// Event ids stored for this partition (in PostgreSQL's packed form), with their event time;
     /// those inside the dedup horizon are remembered. Not loaded for a continued claim.
@@ -97,10 +108,14 @@ pub struct Claim {
     pub continued: bool,
 }
 
+/// A message that was refused, as it goes into `rejected_events`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RejectedMessage {
+    /// The Kafka partition it came from.
     pub partition: i32,
+    /// Its offset in the partition.
     pub offset: i64,
+    /// Why it was refused.
     pub rejection: Rejection,
     /// The message's first bytes, at most `ingest.max_rejected_payload_bytes`; cut at a
     /// character boundary when the message is UTF-8 text.
@@ -161,6 +176,7 @@ pub struct SeenIds {
 const WITH_CONTENT: u16 = 0x8000;
 
 impl SeenIds {
+    /// Appends one id with its event time (Unix milliseconds) and content digest.
     pub fn push(&mut self, id: &str, event_time_ms: i64, content: u64) {
         let id = id.as_bytes();
         // A validated id is at most 128 characters, 512 bytes: the length fits in 15 bits.
@@ -180,6 +196,7 @@ impl SeenIds {
         }
     }
 
+    /// Whether no id was taken in.
     pub fn is_empty(&self) -> bool {
         self.bytes.is_empty()
     }
@@ -231,14 +248,19 @@ pub fn decode_ids(mut bytes: &[u8]) -> impl Iterator<Item = (&str, DateTime<Utc>
     })
 }
 
+/// Where a partition stands after a flush: what the `partition_progress` row becomes.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Progress {
+    /// The partition the row is for.
     pub partition: i32,
+    /// The epoch this instance claimed it at; the flush is fenced when PostgreSQL holds another.
     pub epoch: i64,
     /// The offset PostgreSQL holds before this batch: the batch applies only on top of it, which
     /// makes retrying a batch whose COMMIT outcome was unknown safe.
     pub prev_offset: Option<i64>,
+    /// The first offset not yet counted once the batch is written.
     pub next_offset: i64,
+    /// The partition's watermark once the batch is written; `None` while no event was accepted.
     pub watermark: Option<DateTime<Utc>>,
     /// Dedup entries older than this may be deleted.
     pub forget_before: Option<DateTime<Utc>>,
@@ -249,11 +271,17 @@ pub use crate::telemetry::OutcomeCounts;
 /// One partition's share of a flush.
 #[derive(Debug, Clone)]
 pub struct PartitionBatch {
+    /// The offset, watermark and epoch to store.
     pub progress: Progress,
+    /// Window sums taken in since the last flush, by full key.
     pub windows: PendingWindows,
+    /// Messages refused since the last flush.
     pub rejected: Vec<RejectedMessage>,
+    /// Dedup ids taken in since the last flush, in their stored form.
     pub seen: SeenIds,
+    /// Accepted, late, duplicate and rejected messages since the last flush, for the metrics.
     pub counts: OutcomeCounts,
+    /// Rejections since the last flush by [`RejectCode::as_str`], for `costwatch_rejected_events_total`.
     pub rejected_by_code: BTreeMap<&'static str, u64>,
 }
 
@@ -261,6 +289,7 @@ pub struct PartitionBatch {
 /// a fenced partition's share can be taken out and the rest written.
 #[derive(Debug, Clone, Default)]
 pub struct FlushBatch {
+    /// One share per partition with anything new.
     pub parts: Vec<PartitionBatch>,
     /// Set after this batch's write failed with a permanent error: it is written again
     /// isolating the rows PostgreSQL refuses (see `Store::write`) instead of failing forever.
@@ -268,18 +297,22 @@ pub struct FlushBatch {
 }
 
 impl FlushBatch {
+    /// Whether no partition has anything to write.
     pub fn is_empty(&self) -> bool {
         self.parts.is_empty()
     }
 
+    /// Each partition's progress, in share order.
     pub fn progress(&self) -> impl Iterator<Item = &Progress> {
         self.parts.iter().map(|p| &p.progress)
     }
 
+    /// The partitions the batch has a share of.
     pub fn partitions(&self) -> Vec<i32> {
         self.progress().map(|p| p.partition).collect()
     }
 
+    /// Every rejected message of the batch, partition by partition.
     pub fn rejected(&self) -> impl Iterator<Item = &RejectedMessage> {
         self.parts.iter().flat_map(|p| &p.rejected)
     }
@@ -310,6 +343,7 @@ impl FlushBatch {
         windows
     }
 
+    /// The outcome counts summed over partitions.
     pub fn counts(&self) -> OutcomeCounts {
         let mut total = OutcomeCounts::default();
         for part in &self.parts {
@@ -318,6 +352,7 @@ impl FlushBatch {
         total
     }
 
+    /// Rejections by reason code, summed over partitions.
     pub fn rejected_by_code(&self) -> BTreeMap<&'static str, u64> {
         let mut total = BTreeMap::new();
         for part in &self.parts {
@@ -712,6 +747,7 @@ pub struct Aggregator {
 const PRUNE_EVERY_FLUSHES: u32 = 30;
 
 impl Aggregator {
+    /// An aggregator that owns no partition yet.
     pub fn new(rules: IngestRules) -> Self {
         Self {
             rules,
@@ -722,6 +758,7 @@ impl Aggregator {
         }
     }
 
+    /// The rules it applies.
     pub fn rules(&self) -> &IngestRules {
         &self.rules
     }
@@ -779,6 +816,7 @@ impl Aggregator {
             .collect()
     }
 
+    /// How many partitions this instance owns now (parked ones not included).
     pub fn owned_count(&self) -> usize {
         self.partitions.len()
     }
@@ -788,6 +826,7 @@ impl Aggregator {
         self.partitions.values().map(|p| p.seen.len()).sum()
     }
 
+    /// Decodes, validates, dedups and adds one message of `partition` at `offset`. `now` is the validation clock (future skew, maximum age, the watermark's ceiling); A `None` payload (tombstone) is rejected as `empty_payload`.
     pub fn ingest(&mut self, partition: i32, offset: i64, payload: Option<&[u8]>, now: DateTime<Utc>) -> Outcome {
         match self.partitions.get_mut(&partition) {
             Some(state) => state.ingest(partition, offset, payload, &self.rules, now),

@@ -40,18 +40,26 @@ use crate::telemetry;
 
 /// Everything the consumer thread and its rebalance callback share.
 pub struct Pipeline {
+    /// The topic consumed.
     pub topic: String,
     /// This instance's name in `partition_progress.owner`.
     pub owner: String,
+    /// Connections to PostgreSQL: claims, flushes, progress.
     pub store: Store,
     /// Swapped by the daemon when calibrated coefficient versions change; each flush prices
     /// with one snapshot of it.
     pub prices: LivePrices,
+    /// How window rows are stamped (size, lateness, rejected-row limits).
     pub layout: WindowLayout,
+    /// Where a partition with no stored offset starts (`kafka.start_from`).
     pub start_from: StartFrom,
+    /// When pending state is flushed.
     pub flush: FlushLimits,
+    /// The tokio runtime the consumer thread and rebalance callbacks block on for database work.
     pub runtime: Handle,
+    /// Stops the consumer; cancelled by the daemon on shutdown, and by the consumer itself when it cannot go on (a permanent broker or flush failure).
     pub cancel: CancellationToken,
+    /// What `/readyz` reports about this consumer.
     pub health: Arc<Health>,
     /// Shared with the writer thread, which reports the watermark right after its COMMIT.
     aggregator: Arc<Mutex<Aggregator>>,
@@ -63,8 +71,11 @@ pub struct Pipeline {
 /// When pending state is written: on a timer, or early once this much is pending.
 #[derive(Debug, Clone, Copy)]
 pub struct FlushLimits {
+    /// The flush timer: pending state is written at least this often (`ingest.flush_interval`).
     pub interval: Duration,
+    /// Flush early once this many messages are pending (`ingest.max_pending_events`).
     pub max_pending_events: usize,
+    /// Flush early once this many payload bytes are pending (`ingest.max_pending_bytes`).
     pub max_pending_bytes: usize,
 }
 
@@ -86,11 +97,15 @@ enum Settle {
 /// What a pipeline is told by the configuration.
 #[derive(Debug, Clone)]
 pub struct PipelineSettings {
+    /// The topic to consume (`kafka.topic`).
     pub topic: String,
     /// This instance's name in `partition_progress.owner`.
     pub owner: String,
+    /// The rules the aggregator applies.
     pub rules: IngestRules,
+    /// Where a partition with no stored offset starts (`kafka.start_from`).
     pub start_from: StartFrom,
+    /// When pending state is flushed.
     pub flush: FlushLimits,
 }
 
@@ -862,12 +877,14 @@ pub struct Backoff {
 }
 
 impl Backoff {
+    /// The first wait: 200 ms.
     pub fn new() -> Self {
         Self {
             next: Duration::from_millis(200),
         }
     }
 
+    /// The wait before the next attempt; each call doubles it, up to 30 s.
     pub fn next_wait(&mut self) -> Duration {
         let current = self.next;
         self.next = (self.next * 2).min(Duration::from_secs(30));

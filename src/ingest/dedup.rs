@@ -89,6 +89,7 @@ impl Default for SeenSet {
 }
 
 impl SeenSet {
+    /// An empty set with a digest key of its own, drawn at random.
     pub fn new() -> Self {
         // A fresh random key per set: ahash draws its keys from the operating system.
         let seed = ahash::RandomState::new().hash_one(0u64);
@@ -141,10 +142,12 @@ impl SeenSet {
         }
     }
 
+    /// How many ids are remembered (the `costwatch_dedup_ids` gauge sums this).
     pub fn len(&self) -> usize {
         self.times.len()
     }
 
+    /// Whether no id is remembered.
     pub fn is_empty(&self) -> bool {
         self.times.is_empty()
     }

@@ -40,12 +40,19 @@ pub type Labels = BTreeMap<String, String>;
 /// One accepted request's usage.
 #[derive(Debug, Clone, PartialEq)]
 pub struct UsageEvent {
+    /// The producer's id for the request; copies with the same id inside the dedup horizon count once.
     pub event_id: EventId,
+    /// When the request happened (event time): decides the window, never the arrival time.
     pub timestamp: DateTime<Utc>,
+    /// The model that served the request.
     pub model: ModelName,
+    /// The hardware it ran on; its prices come from `[[pricing.hardware]]`.
     pub hardware: HardwareName,
+    /// T, the compute units the request used; exact, not negative, within the precision contract.
     pub compute: ComputeUnits,
+    /// S, the storage units the request used; exact, not negative, within the precision contract.
     pub storage: StorageUnits,
+    /// Free-form dimensions (tenant, region, ...); each label set is a row of its own in `window_usage`.
     pub labels: Labels,
 }
 
@@ -54,16 +61,24 @@ pub struct UsageEvent {
 /// keeps. Every field is validated exactly as in [`UsageEvent`].
 #[derive(Debug, Clone, PartialEq)]
 pub struct UsageEventRef<'a> {
+    /// The producer's id for the request, validated as [`EventId`].
     pub event_id: Cow<'a, str>,
+    /// When the request happened (event time).
     pub timestamp: DateTime<Utc>,
+    /// The model's name, validated as [`ModelName`].
     pub model: Cow<'a, str>,
+    /// The hardware's name, validated as [`HardwareName`].
     pub hardware: Cow<'a, str>,
+    /// T, the compute units the request used.
     pub compute: ComputeUnits,
+    /// S, the storage units the request used.
     pub storage: StorageUnits,
+    /// The labels, sorted by key, one pair per key.
     pub labels: RawLabels<'a>,
 }
 
 impl UsageEventRef<'_> {
+    /// Copies the borrowed names and labels into a [`UsageEvent`].
     pub fn into_owned(self) -> UsageEvent {
         let valid = "validated by decode_ref";
         UsageEvent {
@@ -85,17 +100,29 @@ impl UsageEventRef<'_> {
 /// The machine-readable part of a rejection; stored as its `as_str()` in `rejected_events`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum RejectCode {
+    /// The message has no payload (a tombstone or an empty message).
     EmptyPayload,
+    /// The payload is larger than `ingest.max_event_bytes`.
     Oversized,
+    /// The payload is not UTF-8.
     InvalidUtf8,
+    /// Not a JSON object, or not JSON at all (a bare `NaN` number included).
     MalformedJson,
+    /// A required field (`event_id`, `timestamp`, `model`, `hardware`, `compute`, `storage`) is absent.
     MissingField,
+    /// A field has the wrong type, or a name is empty or holds NUL.
     InvalidField,
+    /// A name or label is longer than 128 characters, or the label set has too many entries or bytes.
     FieldTooLong,
+    /// `compute` or `storage` is below zero.
     NegativeValue,
+    /// `compute` or `storage` is above 1e18 per event or has more digits than a 96-bit decimal keeps exactly (the precision contract).
     OutOfRange,
+    /// `timestamp` is not RFC 3339.
     InvalidTimestamp,
+    /// `timestamp` is further ahead of this host's clock than `ingest.max_future_skew`.
     FutureTimestamp,
+    /// `timestamp` is older than `ingest.max_event_age`.
     TooOld,
     /// The same `event_id` as a counted event inside the dedup horizon, with different content.
     ConflictingDuplicate,
@@ -104,6 +131,7 @@ pub enum RejectCode {
 }
 
 impl RejectCode {
+    /// Every code; e.g. to start each `reason` series of `costwatch_rejected_events_total` at 0.
     pub const ALL: [RejectCode; 14] = [
         Self::EmptyPayload,
         Self::Oversized,
@@ -121,6 +149,7 @@ impl RejectCode {
         Self::Unstorable,
     ];
 
+    /// The code as stored in `rejected_events.reason_code` and used as the metric's `reason` label.
     pub fn as_str(self) -> &'static str {
         match self {
             Self::EmptyPayload => "empty_payload",
@@ -150,11 +179,14 @@ impl fmt::Display for RejectCode {
 /// Why an event was not accepted.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Rejection {
+    /// What kind of problem; stable, for queries and alerts.
     pub code: RejectCode,
+    /// What exactly is wrong, for a person fixing the producer.
     pub message: String,
 }
 
 impl Rejection {
+    /// A rejection with `code` and a message saying what is wrong.
     pub fn new(code: RejectCode, message: impl Into<String>) -> Self {
         Self {
             code,
@@ -172,8 +204,11 @@ impl fmt::Display for Rejection {
 /// The limits an event is checked against; `now` comes from the caller so this stays pure.
 #[derive(Debug, Clone, Copy)]
 pub struct Limits {
+    /// `ingest.max_event_bytes`: larger payloads are `oversized`.
     pub max_event_bytes: usize,
+    /// `ingest.max_future_skew`: how far ahead of the clock a timestamp may be.
     pub max_future_skew: Duration,
+    /// `ingest.max_event_age`: how far behind the clock a timestamp may be.
     pub max_event_age: Duration,
 }
 

@@ -15,6 +15,7 @@ use crate::telemetry;
 /// The consumer counts as alive while it polled within this long.
 const POLL_STALE: Duration = Duration::from_secs(15);
 
+/// The consumer's liveness as `/readyz` reads it: written by the consumer thread and its callbacks, read by HTTP handlers; lock-free but for the per-partition watch.
 #[derive(Debug)]
 pub struct Health {
     last_poll_ms: AtomicI64,
@@ -37,6 +38,7 @@ struct Watch {
 }
 
 impl Health {
+    /// A consumer that has not polled, joined or been assigned anything yet; a partition counts as stalled after `stall_after` (`ingest.stall_after`).
     pub fn new(stall_after: Duration) -> Self {
         Self {
             last_poll_ms: AtomicI64::new(0),
@@ -54,6 +56,7 @@ impl Health {
             .store(Utc::now().timestamp_millis(), Ordering::Relaxed);
     }
 
+    /// Records how many partitions this member owns after a rebalance.
     pub fn set_assigned(&self, n: usize) {
         self.assigned.store(n, Ordering::Relaxed);
     }
@@ -68,6 +71,7 @@ impl Health {
         self.joined.load(Ordering::Relaxed)
     }
 
+    /// Records what librdkafka says about the brokers: `false` on "all brokers down", `true` once its statistics show a connection up.
     pub fn set_broker_reachable(&self, reachable: bool) {
         self.broker_down.store(!reachable, Ordering::Relaxed);
     }
@@ -77,6 +81,7 @@ impl Health {
         !self.broker_down.load(Ordering::Relaxed)
     }
 
+    /// How many partitions this member owns.
     pub fn assigned(&self) -> usize {
         self.assigned.load(Ordering::Relaxed)
     }

@@ -16,13 +16,16 @@ use crate::store::{database_message, Store, StoreError};
 /// How the window rows are stamped when written.
 #[derive(Debug, Clone, Copy)]
 pub struct WindowLayout {
+    /// The window size, for each row's `window_end`.
     pub size: WindowSize,
+    /// `windows.allowed_lateness` in milliseconds: a row is final once the lowest watermark passes its end plus this.
     pub allowed_lateness_ms: i64,
     /// How much of a refused window row's description is kept in `rejected_events`.
     pub max_rejected_payload_bytes: usize,
 }
 
 impl WindowLayout {
+    /// The layout the ingestion rules imply.
     pub fn from_rules(rules: &IngestRules) -> Self {
         Self {
             size: rules.window,

@@ -14,10 +14,12 @@ use crate::ingest::event::Labels;
 pub struct WindowSize(i64);
 
 impl WindowSize {
+    /// A window size from the configured duration, at least 1 ms (sub-millisecond parts are dropped).
     pub fn new(size: Duration) -> Self {
         Self((size.as_millis() as i64).max(1))
     }
 
+    /// The width in milliseconds.
     pub fn millis(self) -> i64 {
         self.0
     }
@@ -41,8 +43,11 @@ pub fn from_millis(ms: i64) -> DateTime<Utc> {
 /// One row of `usage_costs` before pricing: a window, a pair, and a label set.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct WindowKey {
+    /// The window's start, in Unix milliseconds (a multiple of the window size).
     pub start_ms: i64,
+    /// The model the usage is for.
     pub model: ModelName,
+    /// The hardware the usage ran on.
     pub hardware: HardwareName,
     /// Shared: every window of a label set refers to one copy (a map's node is about 500 bytes,
     /// and a flush can hold tens of thousands of keys).
@@ -52,9 +57,13 @@ pub struct WindowKey {
 /// Usage summed over a key since the last flush.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct WindowSums {
+    /// Accepted events summed in.
     pub events: i64,
+    /// How many of them were late (older than the watermark minus the allowed lateness).
     pub late_events: i64,
+    /// ΣT; exact.
     pub compute: ComputeUnits,
+    /// ΣS; exact.
     pub storage: StorageUnits,
     /// The earliest (partition, offset) that contributed: names these sums in `rejected_events`
     /// should PostgreSQL ever refuse to store them (see `Store::write`). Distinct per sums of one

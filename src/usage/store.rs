@@ -17,6 +17,7 @@ pub enum CostStep {
 }
 
 impl CostStep {
+    /// The value the `step` query parameter takes, and `date_trunc`'s unit for hours and days.
     pub fn as_str(self) -> &'static str {
         match self {
             CostStep::Window => "window",
@@ -30,10 +31,15 @@ impl CostStep {
 /// hardware target.
 #[derive(Debug, Clone)]
 pub struct CostQuery<'a> {
+    /// The first window start included.
     pub from: DateTime<Utc>,
+    /// The first window start left out.
     pub to: DateTime<Utc>,
+    /// The bucket width.
     pub step: CostStep,
+    /// Only this model's usage, as events name it; `None`: every model.
     pub model: Option<&'a str>,
+    /// Only usage on this hardware; `None`: every hardware.
     pub hardware: Option<&'a str>,
 }
 
@@ -41,14 +47,20 @@ pub struct CostQuery<'a> {
 /// but in no cost (a NULL cost is never a 0).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct CostTotals {
+    /// ΣT.
     pub compute: Decimal,
+    /// ΣS.
     pub storage: Decimal,
+    /// Σ C_C·k1·T over priced usage.
     pub compute_cost: Decimal,
+    /// Σ C_S·k2·S over priced usage.
     pub storage_cost: Decimal,
+    /// The sum of both costs.
     pub total_cost: Decimal,
 }
 
 impl CostTotals {
+    /// Adds `other`'s sums to these, exactly.
     pub fn add(&mut self, other: &CostTotals) {
         self.compute += other.compute;
         self.storage += other.storage;
@@ -61,10 +73,13 @@ impl CostTotals {
 /// One bucket of a cost series.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct CostBucket {
+    /// The bucket's start: a window start, or a UTC hour or day.
     pub start: DateTime<Utc>,
+    /// Accepted events in the bucket, priced or not.
     pub events: i64,
     /// Events on unpriced hardware: their usage is in the totals' quantities, their cost nowhere.
     pub unpriced_events: i64,
+    /// The bucket's quantities and costs.
     pub totals: CostTotals,
 }
 
@@ -108,11 +123,17 @@ pub async fn cost_series(pool: &PgPool, query: &CostQuery<'_>) -> Result<Vec<Cos
 /// One rejected message as `/api/v1/rejected` shows it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RejectedItem {
+    /// When costwatch rejected the message.
     pub received_at: DateTime<Utc>,
+    /// The topic it came from.
     pub topic: String,
+    /// Its partition.
     pub partition: i32,
+    /// Its offset in the partition.
     pub offset: i64,
+    /// Why, machine-readable: a [`RejectCode`](crate::ingest::event::RejectCode) as text.
     pub reason_code: String,
+    /// Why, for a person.
     pub reason: String,
     /// The kept payload as text, cut to `text_chars` characters.
     pub payload_text: Option<String>,
@@ -120,6 +141,7 @@ pub struct RejectedItem {
     pub payload_truncated: bool,
     /// The whole message's size in bytes.
     pub payload_bytes: i64,
+    /// SHA-256 of the whole message, hex, to find the producer's copy.
     pub payload_sha256: String,
 }
 

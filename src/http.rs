@@ -104,7 +104,8 @@ pub fn router(state: AppState) -> Router {
         .with_state(state)
 }
 
-/// Serves until `cancel` fires. Binds first so that a port in use fails the start, not later.
+/// Binds the listener, first thing at start, so that a port in use fails the start rather
+/// than later.
 pub async fn bind(listen: &str) -> anyhow::Result<TcpListener> {
     let listener = TcpListener::bind(listen)
         .await

@@ -315,11 +315,9 @@ pub fn deliveries_pending(n: i64) {
 }
 
 /// Counts a committed flush. Called only after COMMIT, so counters never run ahead of the
-/// database: their increase over a range matches `usage_costs` for that range.
-/// `windows` are the batch's merged windows ([`FlushBatch::windows`]), as the flush wrote them.
-///
-/// `refused` are the window rows PostgreSQL refused (see `Store::write`): their events count as
-/// rejected (`unstorable`), not accepted, and `windows` no longer holds them.
+/// database: their increase over a range matches `usage_costs` for that range. `windows` are
+/// the window rows the flush stored (rows PostgreSQL refused are not among them; the caller
+/// counts their events as rejected in `counts` and `rejected_by_code`).
 pub fn flush_committed<'a>(
     counts: OutcomeCounts,
     rejected_by_code: BTreeMap<&'static str, u64>,

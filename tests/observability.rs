@@ -743,5 +743,9 @@ async fn healthz_answers_at_once_while_the_database_is_still_awaited() {
     assert_eq!(v["database"], false, "{body}");
     assert_eq!(v["consuming"], false, "{body}");
     assert_eq!(v["group_joined"], false, "{body}");
-    assert!(daemon.log_text().contains("PostgreSQL is unreachable, retrying"));
+    let deadline = std::time::Instant::now() + WAIT;
+    while !daemon.log_text().contains("PostgreSQL is unreachable, retrying") {
+        assert!(std::time::Instant::now() < deadline, "{}", daemon.log_text());
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 }

@@ -676,7 +676,8 @@ impl PartitionState {
         Outcome::Rejected(code)
     }
 
-    /// Forgets dedup entries that fell out of the horizon; returns the cut-off, if any.
+    /// Forgets dedup entries that fell out of the horizon, and notes the cut-off for the flush
+    /// (`forget_before`), so their stored rows go too.
     fn prune_seen(&mut self, rules: &IngestRules) {
         let Some(w) = self.watermark_ms else { return };
         let cutoff = w - rules.dedup_horizon_ms;

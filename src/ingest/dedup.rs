@@ -159,22 +159,23 @@ impl SeenSet {
 /// stripped (`event::exact_quantity`), so `1.5` and `1.50` are one content. Never
 /// [`UNKNOWN_CONTENT`].
 pub fn content_digest(event: &crate::ingest::event::UsageEventRef<'_>) -> u64 {
-    let mut h = xxhash_rust::xxh3::Xxh3::new();
-    for part in [&event.model, &event.hardware] {
-        h.update(part.as_bytes());
-        h.update(&[0]);
-    }
-    h.update(&event.timestamp.timestamp().to_be_bytes());
-    h.update(&event.timestamp.timestamp_subsec_nanos().to_be_bytes());
-    h.update(&event.compute.value().serialize());
-    h.update(&event.storage.value().serialize());
+    use xxhash_rust::xxh3::xxh3_64_with_seed as hash;
+    // Each part hashed on its own, seeded with the digest so far: parts keep their boundaries,
+    // and nothing is copied (building one buffer to hash cost more than the hashing, 5% of
+    // the consumer's CPU in a profile).
+    let mut h = hash(event.model.as_bytes(), 0);
+    h = hash(event.hardware.as_bytes(), h);
+    let mut ts = [0u8; 12];
+    ts[..8].copy_from_slice(&event.timestamp.timestamp().to_le_bytes());
+    ts[8..].copy_from_slice(&event.timestamp.timestamp_subsec_nanos().to_le_bytes());
+    h = hash(&ts, h);
+    h = hash(&event.compute.value().serialize(), h);
+    h = hash(&event.storage.value().serialize(), h);
     for (k, v) in &event.labels {
-        h.update(k.as_bytes());
-        h.update(&[0]);
-        h.update(v.as_bytes());
-        h.update(&[0]);
+        h = hash(k.as_bytes(), h);
+        h = hash(v.as_bytes(), h);
     }
-    h.digest().max(1)
+    h.max(1)
 }
 
 #[cfg(test)]

@@ -32,6 +32,8 @@ def dependencies(mods):
     deps = collections.defaultdict(set)
     for name, path in mods.items():
         text = re.split(r"#\[cfg\(test\)\]\s*mod tests", open(path).read())[0]
+        # Comments (doc links included) are no imports.
+        text = "\n".join(line.split("//", 1)[0] for line in text.splitlines())
         paths = re.findall(r"crate::([a-z_]+(?:::[a-z_]+)*)", text)
         for group in re.findall(r"use crate::\{([^}]*)\}", text):
             paths += [p.strip() for p in group.split(",")]

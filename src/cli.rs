@@ -68,6 +68,29 @@ pub enum Command {
     Budgets(JsonArgs),
     /// Budget alerts as recorded in PostgreSQL, newest first.
     Alerts(AlertsArgs),
+    /// Costs from PostgreSQL: totals over a range, by model and hardware, per step; the same
+    /// numbers as `GET /api/v1/costs`.
+    Costs(CostsArgs),
+}
+
+/// The arguments of `costwatch costs`.
+#[derive(Debug, Args)]
+pub struct CostsArgs {
+    /// Windows starting at or after this, RFC 3339 (default: `--to` minus 24 hours).
+    #[arg(long)]
+    pub from: Option<String>,
+    /// Windows starting before this, RFC 3339 (default: now).
+    #[arg(long)]
+    pub to: Option<String>,
+    /// Group by these, comma separated: `model`, `hardware` (default: one total).
+    #[arg(long, value_delimiter = ',', value_parser = ["model", "hardware"])]
+    pub by: Vec<String>,
+    /// One row per bucket of this width (UTC): `window`, `hour` or `day` (default: none).
+    #[arg(long, value_parser = ["window", "hour", "day"])]
+    pub step: Option<String>,
+    /// `table` (default), `csv` or `json`; decimals stay exact in every format.
+    #[arg(long, value_parser = ["table", "csv", "json"], default_value = "table")]
+    pub format: String,
 }
 
 /// The arguments of commands whose only option is `--json`.
@@ -155,6 +178,16 @@ pub struct RecommendArgs {
     pub json: bool,
 }
 
+/// A decimal that must not be negative: quantities, prices and coefficients. A negative one is
+/// read as a number (not taken for a flag) and refused with its value.
+fn non_negative(s: &str) -> Result<Decimal, String> {
+    let value = parse_decimal(s)?;
+    if value.is_sign_negative() && !value.is_zero() {
+        return Err(format!("must be >= 0, got {s}"));
+    }
+    Ok(value)
+}
+
 /// A bad argument: reported like a configuration error, with exit code 64.
 #[derive(Debug, thiserror::Error)]
 #[error("{0}")]
@@ -164,22 +197,22 @@ pub struct UsageError(String);
 #[derive(Debug, Args)]
 pub struct EstimateArgs {
     /// T: compute units.
-    #[arg(long, value_parser = parse_decimal)]
+    #[arg(long, allow_negative_numbers = true, value_parser = non_negative)]
     pub compute: Decimal,
     /// S: storage units.
-    #[arg(long, value_parser = parse_decimal)]
+    #[arg(long, allow_negative_numbers = true, value_parser = non_negative)]
     pub storage: Decimal,
     /// C_C: price of one compute unit (instead of --hardware).
-    #[arg(long, value_parser = parse_decimal, requires = "storage_price", conflicts_with = "hardware")]
+    #[arg(long, allow_negative_numbers = true, value_parser = non_negative, requires = "storage_price", conflicts_with = "hardware")]
     pub compute_price: Option<Decimal>,
     /// C_S: price of one storage unit (instead of --hardware).
-    #[arg(long, value_parser = parse_decimal, requires = "compute_price")]
+    #[arg(long, allow_negative_numbers = true, value_parser = non_negative, requires = "compute_price")]
     pub storage_price: Option<Decimal>,
     /// k1 (default 1, or the price book's value with --model/--hardware).
-    #[arg(long, value_parser = parse_decimal)]
+    #[arg(long, allow_negative_numbers = true, value_parser = non_negative)]
     pub k1: Option<Decimal>,
     /// k2 (default 1, or the price book's value with --model/--hardware).
-    #[arg(long, value_parser = parse_decimal)]
+    #[arg(long, allow_negative_numbers = true, value_parser = non_negative)]
     pub k2: Option<Decimal>,
     /// Take prices and coefficients for this model from the price book (needs --config).
     #[arg(long, requires = "hardware")]
@@ -306,6 +339,11 @@ pub fn main() -> ExitCode {
         }),
         Command::Alerts(ref args) => with_store(cli.config.as_deref(), |_, store| {
             show_alerts(store, &args.state, args.limit, args.json)
+        }),
+        Command::Costs(ref args) => time_range(args.from.as_deref(), args.to.as_deref()).and_then(|(from, to)| {
+            with_store(cli.config.as_deref(), |settings, store| {
+                show_costs(settings, store, from, to, args)
+            })
         }),
         Command::Recommend(ref args) => time_range(args.from.as_deref(), args.to.as_deref()).and_then(|(from, to)| {
             with_store(cli.config.as_deref(), |settings, store| {
@@ -725,6 +763,142 @@ async fn show_budgets(settings: Settings, store: Store, json: bool) -> anyhow::R
         }
     }
     Ok(())
+}
+
+/// `costwatch costs`: the cost table, and a total that equals `/api/v1/costs`' for the range.
+async fn show_costs(
+    settings: Settings,
+    store: Store,
+    from: Option<DateTime<Utc>>,
+    to: Option<DateTime<Utc>>,
+    args: &CostsArgs,
+) -> anyhow::Result<()> {
+    use crate::usage::{self, CostStep, CostTotals, Dimension};
+    let to = to.unwrap_or_else(Utc::now);
+    let from = from.unwrap_or(to - chrono::Duration::hours(24));
+    check_order(Some(from), Some(to))?;
+    let by: Vec<Dimension> = args.by.iter().filter_map(|b| Dimension::parse(b)).collect();
+    let step = args.step.as_deref().map(|s| match s {
+        "window" => CostStep::Window,
+        "day" => CostStep::Day,
+        _ => CostStep::Hour,
+    });
+    let rows = usage::store::cost_table(store.pool(), from, to, step, &by)
+        .await
+        .context("cannot read costs from PostgreSQL")?;
+    let mut total = CostTotals::default();
+    let (mut events, mut unpriced) = (0i64, 0i64);
+    for r in &rows {
+        total.add(&r.totals);
+        events += r.events;
+        unpriced += r.unpriced_events;
+    }
+    let currency = settings.pricing.currency.as_str();
+    let n = |d: rust_decimal::Decimal| d.normalize().to_string();
+    let figures = |t: &CostTotals| {
+        [
+            n(t.compute),
+            n(t.storage),
+            n(t.compute_cost),
+            n(t.storage_cost),
+            n(t.total_cost),
+        ]
+    };
+    let names: Vec<&str> = by.iter().map(|d| d.column()).collect();
+    match args.format.as_str() {
+        "json" => {
+            let row = |r: &usage::CostRow| {
+                let mut v = serde_json::json!({
+                    "events": r.events,
+                    "compute": n(r.totals.compute),
+                    "storage": n(r.totals.storage),
+                    "compute_cost": n(r.totals.compute_cost),
+                    "storage_cost": n(r.totals.storage_cost),
+                    "total_cost": n(r.totals.total_cost),
+                    "unpriced_events": r.unpriced_events,
+                });
+                if let Some(start) = r.start {
+                    v["start"] = serde_json::json!(start);
+                }
+                for (name, value) in names.iter().zip(&r.group) {
+                    v[*name] = serde_json::json!(value);
+                }
+                v
+            };
+            let [compute, storage, compute_cost, storage_cost, total_cost] = figures(&total);
+            let document = serde_json::json!({
+                "from": from,
+                "to": to,
+                "step": step.map(CostStep::as_str),
+                "by": names,
+                "currency": currency,
+                "rows": rows.iter().map(row).collect::<Vec<_>>(),
+                "totals": {
+                    "events": events, "compute": compute, "storage": storage, "compute_cost": compute_cost,
+                    "storage_cost": storage_cost, "total_cost": total_cost, "unpriced_events": unpriced,
+                },
+            });
+            println!("{}", serde_json::to_string_pretty(&document)?);
+        }
+        format => {
+            let mut header: Vec<String> = Vec::new();
+            if step.is_some() {
+                header.push("start".into());
+            }
+            header.extend(names.iter().map(|s| s.to_string()));
+            header.extend(
+                [
+                    "events",
+                    "compute",
+                    "storage",
+                    "compute_cost",
+                    "storage_cost",
+                    "total_cost",
+                    "unpriced_events",
+                ]
+                .map(String::from),
+            );
+            let mut table = vec![header];
+            for r in &rows {
+                let mut line: Vec<String> = r.start.map(show_instant).into_iter().collect();
+                line.extend(r.group.iter().cloned());
+                line.push(r.events.to_string());
+                line.extend(figures(&r.totals));
+                line.push(r.unpriced_events.to_string());
+                table.push(line);
+            }
+            let mut last: Vec<String> = vec![format!("total ({currency})")];
+            last.resize(table[0].len() - 7, String::new());
+            last.push(events.to_string());
+            last.extend(figures(&total));
+            last.push(unpriced.to_string());
+            if format == "csv" {
+                // The total is left out: a CSV reader sums the rows itself.
+                for line in &table {
+                    println!("{}", line.iter().map(|f| csv_field(f)).collect::<Vec<_>>().join(","));
+                }
+            } else {
+                table.push(last);
+                let widths: Vec<usize> = (0..table[0].len())
+                    .map(|i| table.iter().map(|l| l[i].chars().count()).max().unwrap_or(0))
+                    .collect();
+                for line in &table {
+                    let cells: Vec<String> = line.iter().zip(&widths).map(|(c, w)| format!("{c:<w$}")).collect();
+                    println!("{}", cells.join("  ").trim_end());
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+/// One CSV field, quoted when it must be (RFC 4180).
+fn csv_field(field: &str) -> String {
+    if field.contains([',', '"', '\n', '\r']) {
+        format!("\"{}\"", field.replace('"', "\"\""))
+    } else {
+        field.to_owned()
+    }
 }
 
 async fn show_alerts(store: Store, state: &str, limit: i64, json: bool) -> anyhow::Result<()> {

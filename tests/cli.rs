@@ -191,3 +191,37 @@ fn protected_metrics_without_an_api_token_is_a_configuration_error() {
         "error: invalid configuration:\n  - http.protect_metrics: needs http.api_token, the token /metrics would require"
     );
 }
+
+#[test]
+fn a_negative_estimate_input_is_read_as_a_number_and_refused_with_its_value() {
+    let out = costwatch(&[
+        "estimate",
+        "--compute",
+        "-1",
+        "--storage",
+        "2",
+        "--compute-price",
+        "0.1",
+        "--storage-price",
+        "0.2",
+    ]);
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("invalid value '-1' for '--compute <COMPUTE>': must be >= 0, got -1"),
+        "{stderr}"
+    );
+    // Zero, also written -0, is fine.
+    let out = costwatch(&[
+        "estimate",
+        "--compute",
+        "-0",
+        "--storage",
+        "0",
+        "--compute-price",
+        "0.1",
+        "--storage-price",
+        "0.2",
+    ]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+}

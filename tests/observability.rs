@@ -749,3 +749,93 @@ async fn healthz_answers_at_once_while_the_database_is_still_awaited() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
+
+/// `costwatch costs` reads the same history as `/api/v1/costs`: its total equals the API's to
+/// the last digit, and its groups add up to the events produced.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_costs_command_equals_the_api_to_the_last_digit() {
+    let world = World::new(2).await;
+    let ts = ago(Duration::from_secs(90));
+    world
+        .produce(vec![
+            event("a", &ts, "qwen2-7b-instruct", "a100-80g", "1000", "500"),
+            event("b", &ts, "model-0", "hw-0", "123.456", "7.5"),
+            event("c", &ts, "model-0", "hw-0", "0.544", "2.5"),
+            event("d", &ts, "model-1", "tpu-v9", "10", "1"),
+        ])
+        .await;
+    let config = world.config("");
+    let daemon = world.start(&config);
+    world.wait_consumed(4, WAIT).await;
+    let addr = daemon.http_addr().await;
+    let (from, to) = (
+        (chrono::Utc::now() - chrono::Duration::hours(1)).to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
+        (chrono::Utc::now() + chrono::Duration::minutes(1)).to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
+    );
+    let (status, body) = http(&addr, "GET", &format!("/api/v1/costs?from={from}&to={to}"), None, None).await;
+    assert_eq!(status, 200, "{body}");
+    let api: Value = serde_json::from_str(&body).unwrap();
+
+    let cli = |args: &[&str]| {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_costwatch"))
+            .arg("--config")
+            .arg(&config)
+            .args(["costs", "--from", &from, "--to", &to])
+            .args(args)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8(out.stdout).unwrap()
+    };
+    let json: Value = serde_json::from_str(&cli(&["--by", "model,hardware", "--format", "json"])).unwrap();
+    for field in [
+        "events",
+        "compute",
+        "storage",
+        "compute_cost",
+        "storage_cost",
+        "total_cost",
+        "unpriced_events",
+    ] {
+        assert_eq!(json["totals"][field], api["totals"][field], "{field}");
+    }
+    let rows: Vec<(String, String, String, String)> = json["rows"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| {
+            (
+                r["model"].as_str().unwrap().to_owned(),
+                r["hardware"].as_str().unwrap().to_owned(),
+                r["compute"].as_str().unwrap().to_owned(),
+                r["total_cost"].as_str().unwrap().to_owned(),
+            )
+        })
+        .collect();
+    // qwen on a100: the worked example, 130; model-0 on hw-0: (124 x 0.0004 x 1.1) + (10 x
+    // 0.00002 x 0.9); tpu-v9 has no price: its usage is there, its cost is not.
+    assert_eq!(
+        rows,
+        vec![
+            ("model-0".into(), "hw-0".into(), "124".into(), "0.05474".into()),
+            ("model-1".into(), "tpu-v9".into(), "10".into(), "0".into()),
+            (
+                "qwen2-7b-instruct".into(),
+                "a100-80g".into(),
+                "1000".into(),
+                "130".into()
+            ),
+        ]
+    );
+    assert_eq!(json["totals"]["unpriced_events"], 1);
+
+    let table = cli(&["--by", "model"]);
+    let last = table.lines().last().unwrap();
+    assert!(last.starts_with("total (USD)"), "{table}");
+    assert!(last.contains(api["totals"]["total_cost"].as_str().unwrap()), "{table}");
+    let csv = cli(&["--format", "csv", "--step", "hour"]);
+    assert!(
+        csv.starts_with("start,events,compute,storage,compute_cost,storage_cost,total_cost,unpriced_events\n"),
+        "{csv}"
+    );
+}

@@ -4,4 +4,4 @@
 
 pub mod store;
 
-pub use store::{CostBucket, CostQuery, CostStep, CostTotals, RejectedItem};
+pub use store::{CostBucket, CostQuery, CostRow, CostStep, CostTotals, Dimension, RejectedItem};

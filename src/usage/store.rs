@@ -177,3 +177,98 @@ pub async fn newest_rejected(pool: &PgPool, limit: i64, text_chars: i32) -> Resu
         })
         .collect())
 }
+
+/// What a cost table can be grouped by.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Dimension {
+    /// The model's name.
+    Model,
+    /// The hardware target's name.
+    Hardware,
+}
+
+impl Dimension {
+    /// The column of `usage_costs` it groups by; also its name on the command line.
+    pub fn column(self) -> &'static str {
+        match self {
+            Dimension::Model => "model",
+            Dimension::Hardware => "hardware",
+        }
+    }
+
+    /// Parses `model` or `hardware`.
+    pub fn parse(name: &str) -> Option<Self> {
+        match name {
+            "model" => Some(Dimension::Model),
+            "hardware" => Some(Dimension::Hardware),
+            _ => None,
+        }
+    }
+}
+
+/// One row of a cost table: a bucket (when a step is asked for) and a group.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CostRow {
+    /// The bucket's start; `None` without a step (the row covers the whole range).
+    pub start: Option<DateTime<Utc>>,
+    /// The group's values, in the order of the dimensions asked for.
+    pub group: Vec<String>,
+    /// Accepted events (duplicates excluded).
+    pub events: i64,
+    /// Events on unpriced hardware: in the quantities, in no cost.
+    pub unpriced_events: i64,
+    /// The row's quantities and costs.
+    pub totals: CostTotals,
+}
+
+/// Cost totals over windows starting in `[from, to)`, per bucket of `step` (if any) and per
+/// value of each of `by`: the numbers `/api/v1/costs` sums, grouped. The SQL is built from
+/// the fixed column names of [`Dimension`] only.
+pub async fn cost_table(
+    pool: &PgPool,
+    from: DateTime<Utc>,
+    to: DateTime<Utc>,
+    step: Option<CostStep>,
+    by: &[Dimension],
+) -> Result<Vec<CostRow>, sqlx::Error> {
+    let bucket = match step {
+        Some(_) => "CASE WHEN $3 = 'window' THEN window_start ELSE date_trunc($3, window_start, 'UTC') END",
+        None => "NULL::timestamptz",
+    };
+    let columns: Vec<&str> = by.iter().map(|d| d.column()).collect();
+    let group_select: String = columns.iter().map(|c| format!(", {c}")).collect();
+    let mut group_by = vec!["1".to_owned()];
+    group_by.extend((0..columns.len()).map(|i| (i + 2).to_string()));
+    let sql = format!(
+        "SELECT {bucket} AS bucket{group_select},
+                sum(events)::int8 AS events, sum(compute) AS compute, sum(storage) AS storage,
+                COALESCE(sum(compute_cost), 0) AS compute_cost, COALESCE(sum(storage_cost), 0) AS storage_cost,
+                COALESCE(sum(total_cost), 0) AS total_cost,
+                COALESCE(sum(events) FILTER (WHERE total_cost IS NULL), 0)::int8 AS unpriced_events
+         FROM usage_costs
+         WHERE window_start >= $1 AND window_start < $2
+         GROUP BY {g} ORDER BY {g}",
+        g = group_by.join(", ")
+    );
+    let mut query = sqlx::query(&sql).bind(from).bind(to);
+    if let Some(step) = step {
+        query = query.bind(step.as_str());
+    }
+    let rows = query.fetch_all(pool).await?;
+    Ok(rows
+        .iter()
+        .map(|r| CostRow {
+            start: r.get("bucket"),
+            group: columns.iter().map(|c| r.get::<String, _>(*c)).collect(),
+            events: r.get("events"),
+            unpriced_events: r.get("unpriced_events"),
+            totals: CostTotals {
+                compute: r.get("compute"),
+                storage: r.get("storage"),
+                compute_cost: r.get("compute_cost"),
+                storage_cost: r.get("storage_cost"),
+                total_cost: r.get("total_cost"),
+            },
+        })
+        .collect())
+}

@@ -265,6 +265,19 @@ impl TryFrom<String> for Deployment {
     }
 }
 
+impl TryFrom<String> for Period {
+    type Error = String;
+
+    // By hand, as for `Deployment`: the `config` crate's error for an unknown variant does not
+    // say which exist.
+    fn try_from(s: String) -> Result<Self, String> {
+        Period::ALL.into_iter().find(|p| p.as_str() == s).ok_or_else(|| {
+            let names: Vec<&str> = Period::ALL.iter().map(|p| p.as_str()).collect();
+            format!("period must be one of {}, got {s:?}", names.join(", "))
+        })
+    }
+}
+
 impl Deployment {
     /// The name as configured (`cloud`, `edge`).
     pub fn as_str(self) -> &'static str {
@@ -503,7 +516,7 @@ pub struct BudgetSettings {
 
 /// A budget's calendar period, in its time zone.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, serde::Serialize)]
-#[serde(rename_all = "lowercase")]
+#[serde(rename_all = "lowercase", try_from = "String")]
 pub enum Period {
     /// From the full hour.
     Hourly,
@@ -513,16 +526,32 @@ pub enum Period {
     Weekly,
     /// From the 1st of the month at midnight.
     Monthly,
+    /// From midnight on January, April, July and October 1st.
+    Quarterly,
+    /// From midnight on January 1st.
+    Yearly,
 }
 
 impl Period {
-    /// The name as configured (`hourly`, `daily`, `weekly`, `monthly`).
+    /// Every period, in the order the error for an unknown one lists them.
+    pub const ALL: [Period; 6] = [
+        Period::Hourly,
+        Period::Daily,
+        Period::Weekly,
+        Period::Monthly,
+        Period::Quarterly,
+        Period::Yearly,
+    ];
+
+    /// The name as configured (`hourly`, `daily`, `weekly`, `monthly`, `quarterly`, `yearly`).
     pub fn as_str(self) -> &'static str {
         match self {
             Period::Hourly => "hourly",
             Period::Daily => "daily",
             Period::Weekly => "weekly",
             Period::Monthly => "monthly",
+            Period::Quarterly => "quarterly",
+            Period::Yearly => "yearly",
         }
     }
 }

@@ -225,3 +225,23 @@ fn a_negative_estimate_input_is_read_as_a_number_and_refused_with_its_value() {
     ]);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
 }
+
+#[test]
+fn an_unknown_budget_period_names_the_ones_that_exist() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("costwatch.toml");
+    let shipped = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/config/costwatch.toml")).unwrap();
+    let text = format!("{shipped}\n[[budgets]]\nname = \"q\"\nperiod = \"fortnightly\"\namount = \"100\"\n");
+    std::fs::write(&path, &text).unwrap();
+    let out = costwatch(&["--config", path.to_str().unwrap(), "check-config"]);
+    assert_eq!(out.status.code(), Some(64));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("period must be one of hourly, daily, weekly, monthly, quarterly, yearly, got \"fortnightly\""),
+        "{stderr}"
+    );
+    // Quarterly and yearly budgets are valid.
+    std::fs::write(&path, text.replace("fortnightly", "quarterly")).unwrap();
+    let out = costwatch(&["--config", path.to_str().unwrap(), "check-config"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+}

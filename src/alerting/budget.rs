@@ -74,9 +74,14 @@ pub fn period_bounds(period: Period, tz: chrono_tz::Tz, now: DateTime<Utc>) -> (
             let monday = date - ChronoDuration::days(date.weekday().num_days_from_monday() as i64);
             (midnight(monday), midnight(monday + ChronoDuration::days(7)))
         }
-        Period::Monthly => {
-            let first = NaiveDate::from_ymd_opt(date.year(), date.month(), 1).expect("the 1st");
-            let next = first.checked_add_months(chrono::Months::new(1)).expect("in range");
+        Period::Monthly | Period::Quarterly | Period::Yearly => {
+            let (first_month, months) = match period {
+                Period::Quarterly => (date.month0() / 3 * 3 + 1, 3),
+                Period::Yearly => (1, 12),
+                _ => (date.month(), 1),
+            };
+            let first = NaiveDate::from_ymd_opt(date.year(), first_month, 1).expect("the 1st");
+            let next = first.checked_add_months(chrono::Months::new(months)).expect("in range");
             (midnight(first), midnight(next))
         }
     }
@@ -565,6 +570,23 @@ mod tests {
         assert_eq!(
             period_bounds(Period::Monthly, utc, now),
             (t("2026-11-01T00:00:00Z"), t("2026-12-01T00:00:00Z"))
+        );
+        assert_eq!(
+            period_bounds(Period::Quarterly, utc, now),
+            (t("2026-10-01T00:00:00Z"), t("2027-01-01T00:00:00Z"))
+        );
+        assert_eq!(
+            period_bounds(Period::Quarterly, utc, t("2026-04-01T00:00:00Z")),
+            (t("2026-04-01T00:00:00Z"), t("2026-07-01T00:00:00Z"))
+        );
+        assert_eq!(
+            period_bounds(Period::Yearly, utc, now),
+            (t("2026-01-01T00:00:00Z"), t("2027-01-01T00:00:00Z"))
+        );
+        // Quarters and years start at local midnight of the zone, as months do.
+        assert_eq!(
+            period_bounds(Period::Yearly, chrono_tz::America::New_York, t("2027-01-01T02:00:00Z")),
+            (t("2026-01-01T05:00:00Z"), t("2027-01-01T05:00:00Z"))
         );
         assert_eq!(
             period_bounds(Period::Weekly, utc, now),

@@ -734,7 +734,7 @@ async fn healthz_answers_at_once_while_the_database_is_still_awaited() {
         &config,
         &[("COSTWATCH__DATABASE__URL", "postgres://postgres@127.0.0.1:1/costwatch")],
     );
-    let addr = daemon.http_addr().await;
+    let addr = daemon.http_addr_at_start().await;
     let (status, body) = http(&addr, "GET", "/healthz", None, None).await;
     assert_eq!((status, body.as_str()), (200, "ok\n"));
     let (status, body) = http(&addr, "GET", "/readyz", None, None).await;

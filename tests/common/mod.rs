@@ -423,15 +423,31 @@ impl Daemon {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
 
-    /// The address the HTTP listener bound (the tests configure port 0).
+    /// The address the HTTP listener bound (the tests configure port 0), once the API can
+    /// answer: the listener serves from the start (`/healthz`), but the API's queries need
+    /// the schema, which is brought up to date after.
     pub async fn http_addr(&self) -> String {
+        let addr = self.http_addr_at_start().await;
+        self.wait_log("database schema is up to date").await;
+        addr
+    }
+
+    /// The address the HTTP listener bound, as soon as it listens (before the database is
+    /// ready).
+    pub async fn http_addr_at_start(&self) -> String {
+        let line = self.wait_log("http listening").await;
+        line.rsplit("addr=").next().unwrap().trim().to_owned()
+    }
+
+    /// Waits for a log line containing `text`; returns the line.
+    pub async fn wait_log(&self, text: &str) -> String {
         let deadline = Instant::now() + Duration::from_secs(60);
         loop {
             let log = self.log_text();
-            if let Some(line) = log.lines().find(|l| l.contains("http listening")) {
-                return line.rsplit("addr=").next().unwrap().trim().to_owned();
+            if let Some(line) = log.lines().find(|l| l.contains(text)) {
+                return line.to_owned();
             }
-            assert!(Instant::now() < deadline, "the http listener never started:\n{log}");
+            assert!(Instant::now() < deadline, "no log line with {text:?}:\n{log}");
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
     }

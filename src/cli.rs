@@ -783,7 +783,15 @@ async fn show_costs(
         "day" => CostStep::Day,
         _ => CostStep::Hour,
     });
-    let rows = usage::store::cost_table(store.pool(), from, to, step, &by)
+    let query = usage::CostQuery {
+        from,
+        to,
+        step,
+        model: None,
+        hardware: None,
+        by: &by,
+    };
+    let rows = usage::store::cost_table(store.pool(), &query)
         .await
         .context("cannot read costs from PostgreSQL")?;
     let mut total = CostTotals::default();

@@ -405,11 +405,12 @@ async fn costs(
     let query = CostQuery {
         from,
         to,
-        step: cost_step,
+        step: Some(cost_step),
         model: q.model.as_deref(),
         hardware: q.hardware.as_deref(),
+        by: &[],
     };
-    let buckets = usage::store::cost_series(state.store.pool(), &query).await?;
+    let buckets = usage::store::cost_table(state.store.pool(), &query).await?;
 
     let mut totals = CostTotals::default();
     let (mut events, mut unpriced) = (0i64, 0i64);
@@ -420,7 +421,7 @@ async fn costs(
     }
     let series: Vec<CostPoint> = buckets
         .iter()
-        .map(|b| point(Some(b.start), b.events, &b.totals, b.unpriced_events))
+        .map(|b| point(b.start, b.events, &b.totals, b.unpriced_events))
         .collect();
     Ok(Json(json!({
         "from": from,

@@ -4,4 +4,4 @@
 
 pub mod store;
 
-pub use store::{CostBucket, CostQuery, CostRow, CostStep, CostTotals, Dimension, RejectedItem};
+pub use store::{CostQuery, CostRow, CostStep, CostTotals, Dimension, RejectedItem};

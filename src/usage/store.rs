@@ -28,19 +28,21 @@ impl CostStep {
 }
 
 /// Which history to read: windows starting in `[from, to)`, optionally of one model and one
-/// hardware target.
+/// hardware target, per bucket of `step` (if any) and per value of each of `by`.
 #[derive(Debug, Clone)]
 pub struct CostQuery<'a> {
-    /// The first window start included.
+    /// Windows starting at or after this.
     pub from: DateTime<Utc>,
-    /// The first window start left out.
+    /// Windows starting before this.
     pub to: DateTime<Utc>,
-    /// The bucket width.
-    pub step: CostStep,
-    /// Only this model's usage, as events name it; `None`: every model.
+    /// One row per bucket of this width; `None` for one row over the whole range.
+    pub step: Option<CostStep>,
+    /// Only this model, when set.
     pub model: Option<&'a str>,
-    /// Only usage on this hardware; `None`: every hardware.
+    /// Only this hardware target, when set.
     pub hardware: Option<&'a str>,
+    /// One row per value of each of these.
+    pub by: &'a [Dimension],
 }
 
 /// ΣT, ΣS and the three costs of some usage, exact. Unpriced usage is in `compute` and `storage`
@@ -68,56 +70,6 @@ impl CostTotals {
         self.storage_cost += other.storage_cost;
         self.total_cost += other.total_cost;
     }
-}
-
-/// One bucket of a cost series.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct CostBucket {
-    /// The bucket's start: a window start, or a UTC hour or day.
-    pub start: DateTime<Utc>,
-    /// Accepted events in the bucket, priced or not.
-    pub events: i64,
-    /// Events on unpriced hardware: their usage is in the totals' quantities, their cost nowhere.
-    pub unpriced_events: i64,
-    /// The bucket's quantities and costs.
-    pub totals: CostTotals,
-}
-
-/// The cost series of `query`, oldest bucket first, empty buckets left out.
-pub async fn cost_series(pool: &PgPool, query: &CostQuery<'_>) -> Result<Vec<CostBucket>, sqlx::Error> {
-    let rows = sqlx::query(
-        "SELECT CASE WHEN $3 = 'window' THEN window_start ELSE date_trunc($3, window_start, 'UTC') END AS bucket,
-                sum(events)::int8 AS events, sum(compute) AS compute, sum(storage) AS storage,
-                COALESCE(sum(compute_cost), 0) AS compute_cost, COALESCE(sum(storage_cost), 0) AS storage_cost,
-                COALESCE(sum(total_cost), 0) AS total_cost,
-                COALESCE(sum(events) FILTER (WHERE total_cost IS NULL), 0)::int8 AS unpriced_events
-         FROM usage_costs
-         WHERE window_start >= $1 AND window_start < $2
-           AND ($4::text IS NULL OR model = $4) AND ($5::text IS NULL OR hardware = $5)
-         GROUP BY 1 ORDER BY 1",
-    )
-    .bind(query.from)
-    .bind(query.to)
-    .bind(query.step.as_str())
-    .bind(query.model)
-    .bind(query.hardware)
-    .fetch_all(pool)
-    .await?;
-    Ok(rows
-        .iter()
-        .map(|r| CostBucket {
-            start: r.get("bucket"),
-            events: r.get("events"),
-            unpriced_events: r.get("unpriced_events"),
-            totals: CostTotals {
-                compute: r.get("compute"),
-                storage: r.get("storage"),
-                compute_cost: r.get("compute_cost"),
-                storage_cost: r.get("storage_cost"),
-                total_cost: r.get("total_cost"),
-            },
-        })
-        .collect())
 }
 
 /// One rejected message as `/api/v1/rejected` shows it.
@@ -221,21 +173,14 @@ pub struct CostRow {
     pub totals: CostTotals,
 }
 
-/// Cost totals over windows starting in `[from, to)`, per bucket of `step` (if any) and per
-/// value of each of `by`: the numbers `/api/v1/costs` sums, grouped. The SQL is built from
-/// the fixed column names of [`Dimension`] only.
-pub async fn cost_table(
-    pool: &PgPool,
-    from: DateTime<Utc>,
-    to: DateTime<Utc>,
-    step: Option<CostStep>,
-    by: &[Dimension],
-) -> Result<Vec<CostRow>, sqlx::Error> {
-    let bucket = match step {
-        Some(_) => "CASE WHEN $3 = 'window' THEN window_start ELSE date_trunc($3, window_start, 'UTC') END",
+/// The cost table of `query`, ordered by bucket and group: the numbers `/api/v1/costs` and
+/// `costwatch costs` answer. The SQL is built from fixed column names only ([`Dimension`]).
+pub async fn cost_table(pool: &PgPool, query: &CostQuery<'_>) -> Result<Vec<CostRow>, sqlx::Error> {
+    let bucket = match query.step {
+        Some(_) => "CASE WHEN $5 = 'window' THEN window_start ELSE date_trunc($5, window_start, 'UTC') END",
         None => "NULL::timestamptz",
     };
-    let columns: Vec<&str> = by.iter().map(|d| d.column()).collect();
+    let columns: Vec<&str> = query.by.iter().map(|d| d.column()).collect();
     let group_select: String = columns.iter().map(|c| format!(", {c}")).collect();
     let mut group_by = vec!["1".to_owned()];
     group_by.extend((0..columns.len()).map(|i| (i + 2).to_string()));
@@ -247,14 +192,19 @@ pub async fn cost_table(
                 COALESCE(sum(events) FILTER (WHERE total_cost IS NULL), 0)::int8 AS unpriced_events
          FROM usage_costs
          WHERE window_start >= $1 AND window_start < $2
+           AND ($3::text IS NULL OR model = $3) AND ($4::text IS NULL OR hardware = $4)
          GROUP BY {g} ORDER BY {g}",
         g = group_by.join(", ")
     );
-    let mut query = sqlx::query(&sql).bind(from).bind(to);
-    if let Some(step) = step {
-        query = query.bind(step.as_str());
+    let mut statement = sqlx::query(&sql)
+        .bind(query.from)
+        .bind(query.to)
+        .bind(query.model)
+        .bind(query.hardware);
+    if let Some(step) = query.step {
+        statement = statement.bind(step.as_str());
     }
-    let rows = query.fetch_all(pool).await?;
+    let rows = statement.fetch_all(pool).await?;
     Ok(rows
         .iter()
         .map(|r| CostRow {

@@ -773,16 +773,12 @@ async fn show_costs(
     to: Option<DateTime<Utc>>,
     args: &CostsArgs,
 ) -> anyhow::Result<()> {
-    use crate::usage::{self, CostStep, CostTotals, Dimension};
+    use crate::usage::{self, CostRow, CostStep, Dimension};
     let to = to.unwrap_or_else(Utc::now);
     let from = from.unwrap_or(to - chrono::Duration::hours(24));
     check_order(Some(from), Some(to))?;
     let by: Vec<Dimension> = args.by.iter().filter_map(|b| Dimension::parse(b)).collect();
-    let step = args.step.as_deref().map(|s| match s {
-        "window" => CostStep::Window,
-        "day" => CostStep::Day,
-        _ => CostStep::Hour,
-    });
+    let step = args.step.as_deref().and_then(CostStep::parse);
     let query = usage::CostQuery {
         from,
         to,
@@ -794,110 +790,108 @@ async fn show_costs(
     let rows = usage::store::cost_table(store.pool(), &query)
         .await
         .context("cannot read costs from PostgreSQL")?;
-    let mut total = CostTotals::default();
-    let (mut events, mut unpriced) = (0i64, 0i64);
-    for r in &rows {
-        total.add(&r.totals);
-        events += r.events;
-        unpriced += r.unpriced_events;
-    }
-    let currency = settings.pricing.currency.as_str();
-    let n = |d: rust_decimal::Decimal| d.normalize().to_string();
-    let figures = |t: &CostTotals| {
-        [
-            n(t.compute),
-            n(t.storage),
-            n(t.compute_cost),
-            n(t.storage_cost),
-            n(t.total_cost),
-        ]
-    };
+    let total = CostRow::total(&rows);
     let names: Vec<&str> = by.iter().map(|d| d.column()).collect();
+    let currency = settings.pricing.currency.as_str();
     match args.format.as_str() {
         "json" => {
-            let row = |r: &usage::CostRow| {
-                let mut v = serde_json::json!({
-                    "events": r.events,
-                    "compute": n(r.totals.compute),
-                    "storage": n(r.totals.storage),
-                    "compute_cost": n(r.totals.compute_cost),
-                    "storage_cost": n(r.totals.storage_cost),
-                    "total_cost": n(r.totals.total_cost),
-                    "unpriced_events": r.unpriced_events,
-                });
-                if let Some(start) = r.start {
-                    v["start"] = serde_json::json!(start);
-                }
-                for (name, value) in names.iter().zip(&r.group) {
-                    v[*name] = serde_json::json!(value);
-                }
-                v
-            };
-            let [compute, storage, compute_cost, storage_cost, total_cost] = figures(&total);
             let document = serde_json::json!({
                 "from": from,
                 "to": to,
                 "step": step.map(CostStep::as_str),
                 "by": names,
                 "currency": currency,
-                "rows": rows.iter().map(row).collect::<Vec<_>>(),
-                "totals": {
-                    "events": events, "compute": compute, "storage": storage, "compute_cost": compute_cost,
-                    "storage_cost": storage_cost, "total_cost": total_cost, "unpriced_events": unpriced,
-                },
+                "rows": rows.iter().map(|r| cost_json(r, &names)).collect::<Vec<_>>(),
+                "totals": cost_json(&total, &names),
             });
             println!("{}", serde_json::to_string_pretty(&document)?);
         }
-        format => {
-            let mut header: Vec<String> = Vec::new();
-            if step.is_some() {
-                header.push("start".into());
+        "csv" => {
+            // The total is left out: a CSV reader sums the rows itself.
+            for line in cost_lines(&rows, &names, step.is_some()) {
+                println!("{}", line.iter().map(|f| csv_field(f)).collect::<Vec<_>>().join(","));
             }
-            header.extend(names.iter().map(|s| s.to_string()));
-            header.extend(
-                [
-                    "events",
-                    "compute",
-                    "storage",
-                    "compute_cost",
-                    "storage_cost",
-                    "total_cost",
-                    "unpriced_events",
-                ]
-                .map(String::from),
-            );
-            let mut table = vec![header];
-            for r in &rows {
-                let mut line: Vec<String> = r.start.map(show_instant).into_iter().collect();
-                line.extend(r.group.iter().cloned());
-                line.push(r.events.to_string());
-                line.extend(figures(&r.totals));
-                line.push(r.unpriced_events.to_string());
-                table.push(line);
-            }
-            let mut last: Vec<String> = vec![format!("total ({currency})")];
-            last.resize(table[0].len() - 7, String::new());
-            last.push(events.to_string());
-            last.extend(figures(&total));
-            last.push(unpriced.to_string());
-            if format == "csv" {
-                // The total is left out: a CSV reader sums the rows itself.
-                for line in &table {
-                    println!("{}", line.iter().map(|f| csv_field(f)).collect::<Vec<_>>().join(","));
-                }
-            } else {
-                table.push(last);
-                let widths: Vec<usize> = (0..table[0].len())
-                    .map(|i| table.iter().map(|l| l[i].chars().count()).max().unwrap_or(0))
-                    .collect();
-                for line in &table {
-                    let cells: Vec<String> = line.iter().zip(&widths).map(|(c, w)| format!("{c:<w$}")).collect();
-                    println!("{}", cells.join("  ").trim_end());
-                }
+        }
+        _ => {
+            let mut table = cost_lines(&rows, &names, step.is_some());
+            let mut last = vec![format!("total ({currency})")];
+            last.resize(table[0].len() - COST_FIGURES.len(), String::new());
+            last.extend(cost_figures(&total));
+            table.push(last);
+            let widths: Vec<usize> = (0..table[0].len())
+                .map(|i| table.iter().map(|l| l[i].chars().count()).max().unwrap_or(0))
+                .collect();
+            for line in &table {
+                let cells: Vec<String> = line.iter().zip(&widths).map(|(c, w)| format!("{c:<w$}")).collect();
+                println!("{}", cells.join("  ").trim_end());
             }
         }
     }
     Ok(())
+}
+
+/// The figures of a cost row, in every format's order.
+const COST_FIGURES: [&str; 7] = [
+    "events",
+    "compute",
+    "storage",
+    "compute_cost",
+    "storage_cost",
+    "total_cost",
+    "unpriced_events",
+];
+
+/// A row's figures as text, in [`COST_FIGURES`] order; decimals exact, without trailing zeros.
+fn cost_figures(r: &crate::usage::CostRow) -> Vec<String> {
+    let n = |d: Decimal| d.normalize().to_string();
+    let t = &r.totals;
+    vec![
+        r.events.to_string(),
+        n(t.compute),
+        n(t.storage),
+        n(t.compute_cost),
+        n(t.storage_cost),
+        n(t.total_cost),
+        r.unpriced_events.to_string(),
+    ]
+}
+
+/// A row as a JSON object: its bucket, its group (named by `names`) and its figures, the
+/// counts as numbers and the decimals as strings.
+fn cost_json(r: &crate::usage::CostRow, names: &[&str]) -> serde_json::Value {
+    let mut v = serde_json::json!({});
+    for (name, figure) in COST_FIGURES.iter().zip(cost_figures(r)) {
+        v[*name] = match *name {
+            "events" => serde_json::json!(r.events),
+            "unpriced_events" => serde_json::json!(r.unpriced_events),
+            _ => serde_json::json!(figure),
+        };
+    }
+    if let Some(start) = r.start {
+        v["start"] = serde_json::json!(start);
+    }
+    for (name, value) in names.iter().zip(&r.group) {
+        v[*name] = serde_json::json!(value);
+    }
+    v
+}
+
+/// The header and one line per row, for the table and the CSV.
+fn cost_lines(rows: &[crate::usage::CostRow], names: &[&str], with_start: bool) -> Vec<Vec<String>> {
+    let mut header: Vec<String> = Vec::new();
+    if with_start {
+        header.push("start".into());
+    }
+    header.extend(names.iter().map(|s| s.to_string()));
+    header.extend(COST_FIGURES.map(String::from));
+    let mut lines = vec![header];
+    for r in rows {
+        let mut line: Vec<String> = r.start.map(show_instant).into_iter().collect();
+        line.extend(r.group.iter().cloned());
+        line.extend(cost_figures(r));
+        lines.push(line);
+    }
+    lines
 }
 
 /// One CSV field, quoted when it must be (RFC 4180).

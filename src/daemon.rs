@@ -95,6 +95,8 @@ fn permanent(failure: ConnectFailure, error: StoreError) -> anyhow::Error {
 }
 
 /// Runs until `cancel` fires, then drains: flush, store offsets, leave the group, stop serving.
+/// It reads as the start-up order (listen, serve, database, prices, evaluator, consumer), which
+/// is why it stays one function.
 pub async fn run(
     settings: Settings,
     metrics: Option<PrometheusHandle>,
@@ -158,17 +160,7 @@ pub async fn run(
     );
 
     let pipeline = Arc::new(Pipeline::new(
-        PipelineSettings {
-            topic: settings.kafka.topic.clone(),
-            owner: instance_name(),
-            rules: ingest_rules(&settings),
-            start_from: settings.kafka.start_from,
-            flush: FlushLimits {
-                interval: settings.ingest.flush_interval,
-                max_pending_events: settings.ingest.max_pending_events,
-                max_pending_bytes: settings.ingest.max_pending_bytes,
-            },
-        },
+        pipeline_settings(&settings),
         store,
         prices,
         health,
@@ -188,6 +180,21 @@ pub async fn run(
             .map_err(|e| anyhow::anyhow!("the consumer thread panicked: {e}"))?
     });
     tasks.wait().await
+}
+
+/// What the ingest pipeline is told by the configuration.
+fn pipeline_settings(settings: &Settings) -> PipelineSettings {
+    PipelineSettings {
+        topic: settings.kafka.topic.clone(),
+        owner: instance_name(),
+        rules: ingest_rules(settings),
+        start_from: settings.kafka.start_from,
+        flush: FlushLimits {
+            interval: settings.ingest.flush_interval,
+            max_pending_events: settings.ingest.max_pending_events,
+            max_pending_bytes: settings.ingest.max_pending_bytes,
+        },
+    }
 }
 
 /// Loads every calibrated version into `prices` before the first flush (so that no window is

@@ -30,7 +30,7 @@ use crate::ingest::health::Health;
 use crate::pricing::{EstimateError, EstimateRequest, LivePrices};
 use crate::store::Store;
 use crate::telemetry;
-use crate::usage::{self, CostQuery, CostStep, CostTotals};
+use crate::usage::{self, CostQuery, CostRow, CostStep};
 
 /// How long shutdown lets requests in flight finish before their connections are dropped.
 const DRAIN_CONNECTIONS: Duration = Duration::from_secs(5);
@@ -331,14 +331,6 @@ fn back_from(to: DateTime<Utc>, span: chrono::Duration) -> DateTime<Utc> {
     to.checked_sub_signed(span).map_or(earliest, |from| from.max(earliest))
 }
 
-#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
-#[serde(rename_all = "lowercase")]
-enum Step {
-    Window,
-    Hour,
-    Day,
-}
-
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct CostsQuery {
@@ -346,7 +338,7 @@ struct CostsQuery {
     to: Option<DateTime<Utc>>,
     model: Option<String>,
     hardware: Option<String>,
-    step: Option<Step>,
+    step: Option<CostStep>,
 }
 
 #[derive(Debug, Default, Serialize)]
@@ -384,24 +376,14 @@ async fn costs(
             return Err(ApiError::BadRequest(format!("{name} must not contain NUL characters")));
         }
     }
-    let step = q.step.unwrap_or(Step::Hour);
+    let cost_step = q.step.unwrap_or(CostStep::Hour);
     // Windows are at least a second wide; counting them as a minute (the default) allows about
     // a week at step=window.
-    let step_secs = match step {
-        Step::Window => 60,
-        Step::Hour => 3600,
-        Step::Day => 86_400,
-    };
-    if (to - from).num_seconds() / step_secs > MAX_POINTS {
+    if (to - from).num_seconds() / cost_step.approx_seconds() > MAX_POINTS {
         return Err(ApiError::BadRequest(format!(
             "the range from {from} to {to} has more than {MAX_POINTS} points at this step; use a coarser step or a shorter range"
         )));
     }
-    let cost_step = match step {
-        Step::Window => CostStep::Window,
-        Step::Hour => CostStep::Hour,
-        Step::Day => CostStep::Day,
-    };
     let query = CostQuery {
         from,
         to,
@@ -412,17 +394,8 @@ async fn costs(
     };
     let buckets = usage::store::cost_table(state.store.pool(), &query).await?;
 
-    let mut totals = CostTotals::default();
-    let (mut events, mut unpriced) = (0i64, 0i64);
-    for b in &buckets {
-        totals.add(&b.totals);
-        events += b.events;
-        unpriced += b.unpriced_events;
-    }
-    let series: Vec<CostPoint> = buckets
-        .iter()
-        .map(|b| point(b.start, b.events, &b.totals, b.unpriced_events))
-        .collect();
+    let total = CostRow::total(&buckets);
+    let series: Vec<CostPoint> = buckets.iter().map(point).collect();
     Ok(Json(json!({
         "from": from,
         "to": to,
@@ -430,23 +403,23 @@ async fn costs(
         "model": q.model,
         "hardware": q.hardware,
         "currency": state.prices.current().currency(),
-        "totals": point(None, events, &totals, unpriced),
+        "totals": point(&total),
         "series": series,
     }))
     .into_response())
 }
 
-fn point(start: Option<DateTime<Utc>>, events: i64, totals: &CostTotals, unpriced_events: i64) -> CostPoint {
+fn point(row: &CostRow) -> CostPoint {
     let s = |d: Decimal| d.normalize().to_string();
     CostPoint {
-        start,
-        events,
-        compute: s(totals.compute),
-        storage: s(totals.storage),
-        compute_cost: s(totals.compute_cost),
-        storage_cost: s(totals.storage_cost),
-        total_cost: s(totals.total_cost),
-        unpriced_events,
+        start: row.start,
+        events: row.events,
+        compute: s(row.totals.compute),
+        storage: s(row.totals.storage),
+        compute_cost: s(row.totals.compute_cost),
+        storage_cost: s(row.totals.storage_cost),
+        total_cost: s(row.totals.total_cost),
+        unpriced_events: row.unpriced_events,
     }
 }
 

@@ -6,7 +6,8 @@ use rust_decimal::Decimal;
 use sqlx::{PgPool, Row};
 
 /// The width of one bucket of a cost series.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
 pub enum CostStep {
     /// One bucket per window as stored.
     Window,
@@ -17,6 +18,22 @@ pub enum CostStep {
 }
 
 impl CostStep {
+    /// Parses `window`, `hour` or `day`.
+    pub fn parse(name: &str) -> Option<Self> {
+        [CostStep::Window, CostStep::Hour, CostStep::Day]
+            .into_iter()
+            .find(|s| s.as_str() == name)
+    }
+
+    /// A bucket's width in seconds, counting a window as a minute (the default size).
+    pub fn approx_seconds(self) -> i64 {
+        match self {
+            CostStep::Window => 60,
+            CostStep::Hour => 3600,
+            CostStep::Day => 86_400,
+        }
+    }
+
     /// The value the `step` query parameter takes, and `date_trunc`'s unit for hours and days.
     pub fn as_str(self) -> &'static str {
         match self {
@@ -171,6 +188,25 @@ pub struct CostRow {
     pub unpriced_events: i64,
     /// The row's quantities and costs.
     pub totals: CostTotals,
+}
+
+impl CostRow {
+    /// The sum of `rows`: no bucket, no group.
+    pub fn total(rows: &[CostRow]) -> CostRow {
+        let mut total = CostRow {
+            start: None,
+            group: Vec::new(),
+            events: 0,
+            unpriced_events: 0,
+            totals: CostTotals::default(),
+        };
+        for r in rows {
+            total.events += r.events;
+            total.unpriced_events += r.unpriced_events;
+            total.totals.add(&r.totals);
+        }
+        total
+    }
 }
 
 /// The cost table of `query`, ordered by bucket and group: the numbers `/api/v1/costs` and

@@ -470,3 +470,73 @@ async fn label_dimensions_reach_the_cost_counters_capped_with_other() {
         "{unpriced:?}"
     );
 }
+
+/// A window whose rows were written with and without a price (the price was added while it was
+/// open): the priced row keeps its cost, the unpriced one is reported as unpriced, and neither
+/// is folded into the other. `usage_costs`, which prices a window only when all of it is
+/// priced, shows no cost for that window at all.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_price_added_mid_window_keeps_priced_rows_priced_and_unpriced_rows_apart() {
+    let world = World::new(1).await;
+    let ts = ago(Duration::from_secs(90));
+    world
+        .produce(vec![labelled(
+            "u1",
+            &ts,
+            "model-1",
+            "tpu-v9",
+            "10",
+            "1",
+            r#"{"tenant":"ads"}"#,
+        )])
+        .await;
+    let mut daemon = world.start(&world.config(""));
+    world.wait_consumed(1, WAIT).await;
+    assert!(daemon.terminate(WAIT).success());
+
+    world
+        .produce(vec![labelled(
+            "p1",
+            &ts,
+            "model-1",
+            "tpu-v9",
+            "20",
+            "2",
+            r#"{"tenant":"search"}"#,
+        )])
+        .await;
+    let priced = world.config(
+        "\n[pricing]\ncurrency = \"USD\"\n\n[[pricing.hardware]]\nname = \"tpu-v9\"\ncompute_price = \"0.5\"\nstorage_price = \"0.25\"\n",
+    );
+    let daemon = world.start(&priced);
+    world.wait_consumed(2, WAIT).await;
+    let addr = daemon.http_addr().await;
+    let (from, to) = range();
+    let report = get_json(&addr, &format!("/api/v1/report?from={from}&to={to}")).await;
+    // search: 20 x 0.5 + 2 x 0.25 = 10.5; ads: unpriced, in no cost.
+    let rows: Vec<(String, String, i64)> = report["rows"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| {
+            (
+                r["tenant"].as_str().unwrap().to_owned(),
+                r["total_cost"].as_str().unwrap().to_owned(),
+                r["unpriced_events"].as_i64().unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        rows,
+        [("ads".into(), "0".into(), 1), ("search".into(), "10.5".into(), 0)]
+    );
+    assert_eq!(report["totals"]["total_cost"], "10.5");
+    assert_eq!(report["totals"]["unpriced_compute"], "10");
+    let costs = get_json(&addr, &format!("/api/v1/costs?from={from}&to={to}")).await;
+    assert_eq!(costs["totals"], report["totals"]);
+    let view: Option<Decimal> = sqlx::query_scalar("SELECT sum(total_cost) FROM usage_costs")
+        .fetch_one(&world.pool)
+        .await
+        .unwrap();
+    assert_eq!(view, None, "usage_costs prices a window only when all of it is priced");
+}

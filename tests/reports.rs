@@ -540,3 +540,113 @@ async fn a_price_added_mid_window_keeps_priced_rows_priced_and_unpriced_rows_apa
         .unwrap();
     assert_eq!(view, None, "usage_costs prices a window only when all of it is priced");
 }
+
+/// The text of a numeric field in an event payload, kept exact (serde_json's numbers are f64).
+fn number_field(payload: &str, field: &str) -> Decimal {
+    let key = format!("\"{field}\":");
+    let start = payload.find(&key).unwrap() + key.len();
+    let end = payload[start..].find([',', '}']).unwrap() + start;
+    dec(payload[start..end].trim())
+}
+
+/// The test config's rates per (model, hardware): compute price x k1, storage price x k2;
+/// `None` for unpriced hardware.
+fn rates(model: &str, hardware: &str) -> Option<(Decimal, Decimal)> {
+    let (cp, sp) = match hardware {
+        "hw-0" => (dec("0.0004"), dec("0.00002")),
+        "hw-1" => (dec("0.00025"), dec("0.00002")),
+        _ => return None,
+    };
+    let (k1, k2) = match (model, hardware) {
+        ("model-0", "hw-0") => (dec("1.1"), dec("0.9")),
+        _ => (Decimal::ONE, Decimal::ONE),
+    };
+    Some((cp * k1, sp * k2))
+}
+
+/// A seeded load with tenant labels on several models and hardware targets, duplicates and late
+/// events: the report per tenant and hardware equals the truth summed from the messages sent,
+/// each event priced on its own (duplicates once, unpriced hardware in no cost).
+#[tokio::test(flavor = "multi_thread")]
+async fn a_seeded_load_reports_per_tenant_what_its_messages_add_up_to() {
+    use costwatch::loadgen::{self, LoadSpec};
+    let world = World::new(2).await;
+    let (messages, expected) = loadgen::generate(&LoadSpec {
+        count: 3_000,
+        seed: 19,
+        models: 2,
+        hardware: 3,
+        rate: 0,
+        duplicates: 0.05,
+        late: 0.02,
+        malformed: 0.0,
+        hostile: 0.0,
+        late_by: Duration::from_secs(300),
+        span: Duration::from_secs(600),
+        end: chrono::Utc::now(),
+    });
+    // (tenant, hardware) -> [events, compute, storage, compute cost, storage cost, unpriced events]
+    let mut truth: BTreeMap<(String, String), [Decimal; 6]> = BTreeMap::new();
+    let mut seen = std::collections::HashSet::new();
+    for m in &messages {
+        if !seen.insert(m.key.clone()) {
+            continue;
+        }
+        let payload = std::str::from_utf8(&m.payload).unwrap();
+        let v: Value = serde_json::from_str(payload).unwrap();
+        let (model, hardware) = (v["model"].as_str().unwrap(), v["hardware"].as_str().unwrap());
+        let (compute, storage) = (number_field(payload, "compute"), number_field(payload, "storage"));
+        let t = truth
+            .entry((v["labels"]["tenant"].as_str().unwrap().to_owned(), hardware.to_owned()))
+            .or_default();
+        t[0] += Decimal::ONE;
+        t[1] += compute;
+        t[2] += storage;
+        match rates(model, hardware) {
+            Some((c, s)) => {
+                t[3] += compute * c;
+                t[4] += storage * s;
+            }
+            None => t[5] += Decimal::ONE,
+        }
+    }
+    world.produce(messages).await;
+    let daemon = world.start(&world.config(""));
+    world.wait_consumed(expected.messages as i64, WAIT).await;
+    let addr = daemon.http_addr().await;
+    let (from, to) = range();
+    let report = get_json(&addr, &format!("/api/v1/report?from={from}&to={to}&by=tenant,hardware")).await;
+    let got: BTreeMap<(String, String), [Decimal; 6]> = report["rows"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| {
+            let d = |f: &str| dec(r[f].as_str().unwrap());
+            let n = |f: &str| Decimal::from(r[f].as_i64().unwrap());
+            let key = (
+                r["tenant"].as_str().unwrap().to_owned(),
+                r["hardware"].as_str().unwrap().to_owned(),
+            );
+            (
+                key,
+                [
+                    n("events"),
+                    d("compute"),
+                    d("storage"),
+                    d("compute_cost"),
+                    d("storage_cost"),
+                    n("unpriced_events"),
+                ],
+            )
+        })
+        .collect();
+    let normal = |m: &BTreeMap<(String, String), [Decimal; 6]>| -> BTreeMap<(String, String), [Decimal; 6]> {
+        m.iter().map(|(k, v)| (k.clone(), v.map(|d| d.normalize()))).collect()
+    };
+    assert_eq!(normal(&got), normal(&truth));
+    assert_eq!(got.len(), 9, "three tenants on three hardware targets");
+    let total: Decimal = truth.values().map(|t| t[3] + t[4]).sum();
+    assert_eq!(dec(report["totals"]["total_cost"].as_str().unwrap()), total);
+    let costs = get_json(&addr, &format!("/api/v1/costs?from={from}&to={to}")).await;
+    assert_eq!(costs["totals"], report["totals"]);
+}

@@ -100,8 +100,9 @@ pub struct CostsArgs {
     pub format: String,
 }
 
-/// The arguments of `costwatch report`.
+/// The arguments of `costwatch report`: a range is `--month` or `--from` and `--to`.
 #[derive(Debug, Args)]
+#[command(group(clap::ArgGroup::new("range").required(true).args(["month", "from"])))]
 pub struct ReportArgs {
     /// Windows starting at or after this, RFC 3339 or a date (UTC midnight); with `--to`.
     #[arg(long, requires = "to", conflicts_with = "month")]
@@ -110,7 +111,7 @@ pub struct ReportArgs {
     #[arg(long, requires = "from", conflicts_with = "month")]
     pub to: Option<String>,
     /// A calendar month, `YYYY-MM`, from its first midnight to the next month's in `--tz`.
-    #[arg(long, required_unless_present = "from")]
+    #[arg(long)]
     pub month: Option<String>,
     /// The time zone of `--month` (IANA name, e.g. `Europe/Berlin`).
     #[arg(long, default_value = "UTC")]

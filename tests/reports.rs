@@ -202,6 +202,16 @@ async fn reports_and_grouped_queries_equal_the_hand_computed_truth_per_tenant() 
     }
     assert_eq!(groups.len(), TRUTH.len());
 
+    // The source is a column (the topic until sources exist), next to labels.
+    let by_source = get_json(
+        &addr,
+        &format!("/api/v1/costs?from={from}&to={to}&group_by=source,tenant"),
+    )
+    .await;
+    assert_eq!(by_source["group_by"], serde_json::json!(["source", "tenant"]));
+    assert_eq!(by_source["groups"][0]["source"], world.topic.as_str());
+    assert_eq!(by_source["groups"][0]["tenant"], "ads");
+
     // Filters: one tenant; two labels ANDed; a label no row has.
     let search = get_json(&addr, &format!("/api/v1/costs?from={from}&to={to}&label.tenant=search")).await;
     assert_eq!(
@@ -301,7 +311,9 @@ async fn reports_and_grouped_queries_equal_the_hand_computed_truth_per_tenant() 
     // The calendar month of the events, in UTC, holds all of them.
     let month = &from[..7];
     if month == &to[..7] {
+        // Whole days are read from the daily roll-ups, which keep the label sets too.
         let by_month = get_json(&addr, &format!("/api/v1/report?month={month}")).await;
+        assert_eq!(by_month["rows"], report["rows"]);
         assert_eq!(by_month["totals"], report["totals"]);
         assert_eq!(by_month["tz"], "UTC");
     }

@@ -8,9 +8,9 @@ use chrono::{DateTime, Datelike, NaiveDate, TimeZone, Utc};
 
 use crate::domain::check_name;
 
-/// The columns of `window_usage` a cost table can be grouped by; every other name is a label.
-/// Issue 18's `source` column joins this list once its migration has landed.
-pub const GROUP_COLUMNS: [&str; 2] = ["model", "hardware"];
+/// The columns of `window_usage` (and its roll-ups) a cost table can be grouped by; every other
+/// name is a label. `source` is issue 18's source name (the topic until sources exist).
+pub const GROUP_COLUMNS: [&str; 3] = ["model", "hardware", "source"];
 
 /// The prefix that names a label in query parameters (`label.tenant=search`) and, in a
 /// `group_by`/`--by` list, forces a name to be read as a label (`label.model`).
@@ -175,6 +175,7 @@ mod tests {
     #[test]
     fn columns_are_columns_and_other_names_are_labels() {
         assert_eq!(Dimension::parse("model").unwrap(), Dimension::Column("model"));
+        assert_eq!(Dimension::parse("source").unwrap(), Dimension::Column("source"));
         assert_eq!(Dimension::parse("tenant").unwrap(), Dimension::Label("tenant".into()));
         let forced = Dimension::parse("label.model").unwrap();
         assert_eq!(forced, Dimension::Label("model".into()));

@@ -17,12 +17,14 @@ pub enum CostStep {
     Hour,
     /// UTC days.
     Day,
+    /// UTC calendar months.
+    Month,
 }
 
 impl CostStep {
     /// Parses `window`, `hour` or `day`.
     pub fn parse(name: &str) -> Option<Self> {
-        [CostStep::Window, CostStep::Hour, CostStep::Day]
+        [CostStep::Window, CostStep::Hour, CostStep::Day, CostStep::Month]
             .into_iter()
             .find(|s| s.as_str() == name)
     }
@@ -33,6 +35,17 @@ impl CostStep {
             CostStep::Window => 60,
             CostStep::Hour => 3600,
             CostStep::Day => 86_400,
+            CostStep::Month => 30 * 86_400,
+        }
+    }
+
+    /// The finest tier a bucket of this width can be answered from (`usage_between`'s third
+    /// argument): a bucket never splits a roll-up row.
+    pub fn finest_tier(step: Option<Self>) -> &'static str {
+        match step {
+            Some(CostStep::Window) => "window",
+            Some(CostStep::Hour) => "hour",
+            Some(CostStep::Day | CostStep::Month) | None => "day",
         }
     }
 
@@ -42,6 +55,7 @@ impl CostStep {
             CostStep::Window => "window",
             CostStep::Hour => "hour",
             CostStep::Day => "day",
+            CostStep::Month => "month",
         }
     }
 }
@@ -152,6 +166,14 @@ pub async fn newest_rejected(pool: &PgPool, limit: i64, text_chars: i32) -> Resu
         .collect())
 }
 
+/// How many rejected messages were received before `before` (what retention would delete).
+pub async fn rejected_before(pool: &PgPool, before: DateTime<Utc>) -> Result<i64, sqlx::Error> {
+    sqlx::query_scalar("SELECT count(*) FROM rejected_event WHERE received_at < $1")
+        .bind(before)
+        .fetch_one(pool)
+        .await
+}
+
 /// One row of a cost table: a bucket (when a step is asked for) and a group.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct CostRow {
@@ -195,11 +217,6 @@ impl CostRow {
     }
 }
 
-/// The relation cost tables read: one row per window, model, hardware and label set, with the
-/// rates of its last write. Every cost figure below is a sum over its rows, so a relation with
-/// the same columns (a roll-up) can stand in for part of a range.
-const USAGE_ROWS: &str = "window_usage";
-
 /// The figures of a cost table, summed over the rows of a group. A row is priced when both its
 /// rates are known; an unpriced row's usage is in the quantities and in the `unpriced_*`
 /// figures, never in a cost (a NULL cost is never a 0). Priced rows keep their cost even when a
@@ -212,15 +229,18 @@ const FIGURES: &str = "sum(events)::int8 AS events, sum(compute) AS compute, sum
     COALESCE(sum(compute) FILTER (WHERE NOT priced), 0) AS unpriced_compute,
     COALESCE(sum(storage) FILTER (WHERE NOT priced), 0) AS unpriced_storage";
 
-/// The SQL of [`cost_table`]. Parameters: $1 from, $2 to, $3 model, $4 hardware, $5 the label
-/// filter (a JSON object the row's labels must contain), $6 the step, then one per label
-/// dimension (its name). Column names come from [`GROUP_COLUMNS`](super::query::GROUP_COLUMNS)
+/// The SQL of [`cost_table`]. Rows come from `usage_between`, so each part of the range is read
+/// from the coarsest tier (window rows, hourly or daily roll-ups, all with the same columns,
+/// labels included) that covers it and the step allows; the figures are the same whichever tier
+/// answers. Parameters: $1 from, $2 to, $3 model, $4 hardware, $5 the label filter (a JSON
+/// object the row's labels must contain), $6 the step, then one per label dimension (its name). Column names come from [`GROUP_COLUMNS`](super::query::GROUP_COLUMNS)
 /// only; label names are always bound, never spliced.
 fn cost_sql(query: &CostQuery<'_>) -> String {
     let bucket = match query.step {
         Some(_) => "CASE WHEN $6 = 'window' THEN window_start ELSE date_trunc($6, window_start, 'UTC') END",
         None => "NULL::timestamptz",
     };
+    let finest = CostStep::finest_tier(query.step);
     let mut next_parameter = 7;
     let group_select: String = query
         .by
@@ -237,9 +257,9 @@ fn cost_sql(query: &CostQuery<'_>) -> String {
     let group_by: Vec<String> = (1..=query.by.len() + 1).map(|i| i.to_string()).collect();
     format!(
         "SELECT {bucket} AS bucket{group_select}, {FIGURES}
-         FROM (SELECT *, compute_price IS NOT NULL AND storage_price IS NOT NULL AS priced FROM {USAGE_ROWS}) AS u
-         WHERE window_start >= $1 AND window_start < $2
-           AND ($3::text IS NULL OR model = $3) AND ($4::text IS NULL OR hardware = $4)
+         FROM (SELECT *, compute_price IS NOT NULL AND storage_price IS NOT NULL AS priced
+               FROM usage_between($1, $2, '{finest}')) AS u
+         WHERE ($3::text IS NULL OR model = $3) AND ($4::text IS NULL OR hardware = $4)
            AND labels @> $5::jsonb
          GROUP BY {g} ORDER BY {g}",
         g = group_by.join(", ")

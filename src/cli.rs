@@ -1,5 +1,6 @@
 //! The command line: `run`, `migrate`, `check-config`, `estimate`, `loadgen`, the calibration
-//! commands `bills import`, `calibrate`, `rerate` and `recommend`, and `budgets` and `alerts`.
+//! commands `bills import`, `calibrate`, `rerate` and `recommend`, `budgets` and `alerts`, and
+//! the history commands `costs`, `report` and `retention`.
 
 use std::path::PathBuf;
 use std::process::ExitCode;

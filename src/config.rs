@@ -450,6 +450,15 @@ pub struct MetricsSettings {
     /// Distinct hardware targets that get their own label value; the rest are `other`.
     #[serde(default = "defaults::max_hardware")]
     pub max_hardware: usize,
+    /// Event labels added to the usage and cost counters (`costwatch_cost_total`,
+    /// `costwatch_compute_units_total`, `costwatch_storage_units_total`,
+    /// `costwatch_unpriced_events_total`), e.g. `["tenant"]`. None by default: every label
+    /// multiplies the series.
+    #[serde(default)]
+    pub label_dimensions: Vec<String>,
+    /// Distinct values each of `label_dimensions` keeps in metrics; the rest are `other`.
+    #[serde(default = "defaults::max_label_values")]
+    pub max_label_values: usize,
 }
 
 impl Default for MetricsSettings {
@@ -457,6 +466,8 @@ impl Default for MetricsSettings {
         Self {
             max_models: defaults::max_models(),
             max_hardware: defaults::max_hardware(),
+            label_dimensions: Vec::new(),
+            max_label_values: defaults::max_label_values(),
         }
     }
 }
@@ -849,6 +860,9 @@ mod defaults {
         100
     }
     pub fn max_hardware() -> usize {
+        50
+    }
+    pub fn max_label_values() -> usize {
         50
     }
     pub fn reload_interval() -> Duration {
@@ -1393,8 +1407,40 @@ impl MetricsSettings {
     fn validate(&self, p: &mut Problems) {
         p.require(self.max_models >= 1, "metrics.max_models: must be at least 1");
         p.require(self.max_hardware >= 1, "metrics.max_hardware: must be at least 1");
+        p.require(
+            self.max_label_values >= 1,
+            "metrics.max_label_values: must be at least 1",
+        );
+        for (i, name) in self.label_dimensions.iter().enumerate() {
+            let key = format!("metrics.label_dimensions[{i}]");
+            let mut chars = name.chars();
+            let well_formed = chars.next().is_some_and(|c| c.is_ascii_alphabetic() || c == '_')
+                && chars.all(|c| c.is_ascii_alphanumeric() || c == '_')
+                && !name.starts_with("__");
+            p.require(
+                well_formed,
+                format!(
+                    "{key}: {name:?} is not a Prometheus label name ([a-zA-Z_][a-zA-Z0-9_]*, not starting with __)"
+                ),
+            );
+            p.require(
+                !METRIC_LABELS_TAKEN.contains(&name.as_str()),
+                format!(
+                    "{key}: {name:?} is a label costwatch or Prometheus already sets ({}); pick another name",
+                    METRIC_LABELS_TAKEN.join(", ")
+                ),
+            );
+            p.require(
+                !self.label_dimensions[..i].contains(name),
+                format!("{key}: {name:?} is listed twice"),
+            );
+        }
     }
 }
+
+/// Labels the cost counters already carry, or Prometheus adds to every series: an event label
+/// of the same name cannot be a metrics dimension.
+const METRIC_LABELS_TAKEN: [&str; 6] = ["model", "hardware", "component", "currency", "job", "instance"];
 
 impl CalibrationSettings {
     fn validate(&self, p: &mut Problems) {
@@ -1614,6 +1660,27 @@ mod tests {
             err.contains("pricing.coefficients[0].k1: must not be negative"),
             "{err}"
         );
+    }
+
+    #[test]
+    fn label_dimensions_must_be_free_prometheus_label_names() {
+        let good = format!("{EXAMPLE}\n[metrics]\nlabel_dimensions = [\"tenant\", \"team_2\"]\n");
+        let s = parse(&good).unwrap();
+        assert_eq!(s.metrics.label_dimensions, ["tenant", "team_2"]);
+        assert_eq!(s.metrics.max_label_values, 50);
+        let bad = format!(
+            "{EXAMPLE}\n[metrics]\nlabel_dimensions = [\"tenant\", \"model\", \"2x\", \"__x\", \"tenant\"]\nmax_label_values = 0\n"
+        );
+        let err = parse(&bad).unwrap_err().to_string();
+        for problem in [
+            "metrics.max_label_values: must be at least 1",
+            "metrics.label_dimensions[1]: \"model\" is a label costwatch or Prometheus already sets (model, hardware, component, currency, job, instance); pick another name",
+            "metrics.label_dimensions[2]: \"2x\" is not a Prometheus label name ([a-zA-Z_][a-zA-Z0-9_]*, not starting with __)",
+            "metrics.label_dimensions[3]: \"__x\" is not a Prometheus label name",
+            "metrics.label_dimensions[4]: \"tenant\" is listed twice",
+        ] {
+            assert!(err.contains(problem), "{problem}\n{err}");
+        }
     }
 
     #[test]

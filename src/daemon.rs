@@ -108,6 +108,7 @@ pub async fn run(
     let options = store::connect_options(&settings.database.url, settings.database.password.as_ref())?;
     let store = Store::connect_lazy_with(options.clone(), settings.database.max_connections);
     telemetry::set_label_caps(settings.metrics.max_models, settings.metrics.max_hardware);
+    telemetry::set_label_dimensions(&settings.metrics.label_dimensions, settings.metrics.max_label_values);
     // Configured prices until the calibrated versions are loaded (before the first flush).
     let configured = PriceBook::from_settings(&settings.pricing);
     let prices = LivePrices::new(configured.clone());

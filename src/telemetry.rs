@@ -30,6 +30,8 @@ pub struct WindowUsage<'a> {
     pub compute: ComputeUnits,
     /// ΣS of the row.
     pub storage: StorageUnits,
+    /// The row's event labels; those named in `metrics.label_dimensions` become metric labels.
+    pub labels: &'a BTreeMap<String, String>,
 }
 use crate::pricing::PriceBook;
 
@@ -354,11 +356,16 @@ pub fn flush_committed<'a>(
     for w in windows {
         let model = inner.cap.model(w.model.as_str());
         let hardware = inner.cap.hardware(w.hardware.as_str());
-        let pair = vec![("model", model.clone()), ("hardware", hardware.clone())];
+        let mut pair: Labels = vec![("model".into(), model), ("hardware".into(), hardware)];
+        pair.extend(inner.cap.dimensions(w.labels));
         inner.add(COMPUTE_UNITS_TOTAL, pair.clone(), w.compute.value());
         inner.add(STORAGE_UNITS_TOTAL, pair.clone(), w.storage.value());
         let Some(rates) = prices.rates(w.model, w.hardware, w.start) else {
-            counter!(UNPRICED_EVENTS_TOTAL, "model" => model, "hardware" => hardware).increment(w.events as u64);
+            let labels: Vec<metrics::Label> = pair
+                .into_iter()
+                .map(|(k, v)| metrics::Label::new(k.into_owned(), v))
+                .collect();
+            counter!(UNPRICED_EVENTS_TOTAL, labels).increment(w.events as u64);
             continue;
         };
         // Overflow is impossible for validated quantities; skip rather than panic if it happens.
@@ -367,8 +374,8 @@ pub fn flush_committed<'a>(
         };
         for (component, amount) in [("compute", cost.compute_cost), ("storage", cost.storage_cost)] {
             let mut labels = pair.clone();
-            labels.push(("component", component.to_owned()));
-            labels.push(("currency", prices.currency().to_owned()));
+            labels.push(("component".into(), component.to_owned()));
+            labels.push(("currency".into(), prices.currency().to_owned()));
             inner.add(COST_TOTAL, labels, amount.value());
         }
     }
@@ -377,7 +384,9 @@ pub fn flush_committed<'a>(
     gauge!(LAST_FLUSH).set(chrono::Utc::now().timestamp_millis() as f64 / 1000.0);
 }
 
-type Labels = Vec<(&'static str, String)>;
+/// A series' labels, in order: model, hardware, the label dimensions a row has, then component
+/// and currency. Names are owned when they come from `metrics.label_dimensions`.
+type Labels = Vec<(std::borrow::Cow<'static, str>, String)>;
 
 /// Exact decimal counters, rendered by us: the `metrics` crate's counters are integers, and
 /// money must not drift through float addition.
@@ -408,9 +417,25 @@ struct LabelCap {
     max_hardware: usize,
     models: HashSet<String>,
     hardware: HashSet<String>,
+    /// `metrics.label_dimensions`, each with the values that keep their name.
+    dimensions: Vec<(String, HashSet<String>)>,
+    max_label_values: usize,
 }
 
 impl LabelCap {
+    /// The metric labels of a row's event labels: one per configured dimension the row carries
+    /// (a row without it gets none, which Prometheus reads as the empty value), capped.
+    fn dimensions(&mut self, labels: &BTreeMap<String, String>) -> Labels {
+        let max = self.max_label_values;
+        let mut out = Labels::new();
+        for (name, seen) in &mut self.dimensions {
+            if let Some(value) = labels.get(name.as_str()) {
+                out.push((name.clone().into(), Self::admit(seen, max, value)));
+            }
+        }
+        out
+    }
+
     fn model(&mut self, name: &str) -> String {
         Self::admit(&mut self.models, self.max_models, name)
     }
@@ -445,9 +470,19 @@ fn ledger() -> &'static Ledger {
                 max_hardware: 50,
                 models: HashSet::new(),
                 hardware: HashSet::new(),
+                dimensions: Vec::new(),
+                max_label_values: 50,
             },
         }),
     })
+}
+
+/// Sets which event labels the cost counters carry (`metrics.label_dimensions`) and how many
+/// values each keeps (`metrics.max_label_values`); call at startup, before the first flush.
+pub fn set_label_dimensions(names: &[String], max_values: usize) {
+    let mut inner = ledger().inner.lock().unwrap_or_else(|p| p.into_inner());
+    inner.cap.dimensions = names.iter().map(|n| (n.clone(), HashSet::new())).collect();
+    inner.cap.max_label_values = max_values;
 }
 
 /// Sets the label cardinality caps (call once at startup, before the first flush).
@@ -663,6 +698,8 @@ mod tests {
             max_hardware: 1,
             models: HashSet::new(),
             hardware: HashSet::new(),
+            dimensions: Vec::new(),
+            max_label_values: 1,
         };
         assert_eq!(cap.model("a"), "a");
         assert_eq!(cap.model("b"), "b");
@@ -670,6 +707,40 @@ mod tests {
         assert_eq!(cap.model("a"), "a");
         assert_eq!(cap.hardware("x"), "x");
         assert_eq!(cap.hardware("y"), OTHER);
+    }
+
+    #[test]
+    fn label_dimensions_are_capped_and_absent_labels_add_none() {
+        let mut cap = LabelCap {
+            max_models: 1,
+            max_hardware: 1,
+            models: HashSet::new(),
+            hardware: HashSet::new(),
+            dimensions: vec![("tenant".into(), HashSet::new()), ("region".into(), HashSet::new())],
+            max_label_values: 2,
+        };
+        let labels = |pairs: &[(&str, &str)]| -> BTreeMap<String, String> {
+            pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
+        };
+        let shown = |l: Labels| -> Vec<(String, String)> { l.into_iter().map(|(k, v)| (k.into_owned(), v)).collect() };
+        let pair = |k: &str, v: &str| (k.to_owned(), v.to_owned());
+        assert_eq!(
+            shown(cap.dimensions(&labels(&[("tenant", "a"), ("team", "x")]))),
+            [pair("tenant", "a")]
+        );
+        assert_eq!(
+            shown(cap.dimensions(&labels(&[("tenant", "b"), ("region", "eu")]))),
+            [pair("tenant", "b"), pair("region", "eu")]
+        );
+        assert_eq!(
+            shown(cap.dimensions(&labels(&[("tenant", "c")]))),
+            [pair("tenant", OTHER)]
+        );
+        assert_eq!(
+            shown(cap.dimensions(&labels(&[("tenant", "a")]))),
+            [pair("tenant", "a")]
+        );
+        assert!(cap.dimensions(&labels(&[])).is_empty());
     }
 
     #[test]

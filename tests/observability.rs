@@ -830,12 +830,19 @@ async fn the_costs_command_equals_the_api_to_the_last_digit() {
     assert_eq!(json["totals"]["unpriced_events"], 1);
 
     let table = cli(&["--by", "model"]);
-    let last = table.lines().last().unwrap();
-    assert!(last.starts_with("total (USD)"), "{table}");
-    assert!(last.contains(api["totals"]["total_cost"].as_str().unwrap()), "{table}");
+    let total = table.lines().find(|l| l.starts_with("total (USD)")).unwrap();
+    assert!(total.contains(api["totals"]["total_cost"].as_str().unwrap()), "{table}");
+    // The unpriced usage is called out under the total, never folded into it.
+    assert_eq!(
+        table.lines().last().unwrap(),
+        "unpriced: 1 events (compute 10, storage 1) have no price and are in no cost",
+        "{table}"
+    );
     let csv = cli(&["--format", "csv", "--step", "hour"]);
     assert!(
-        csv.starts_with("start,events,compute,storage,compute_cost,storage_cost,total_cost,unpriced_events\n"),
+        csv.starts_with(
+            "start,events,compute,storage,compute_cost,storage_cost,total_cost,unpriced_events,unpriced_compute,unpriced_storage\n"
+        ),
         "{csv}"
     );
 }

@@ -429,6 +429,7 @@ fn report_committed(
         events: sums.events,
         compute: sums.compute,
         storage: sums.storage,
+        labels: &key.labels,
     });
     telemetry::flush_committed(counts, by_code, usage, prices, started.elapsed());
     let agg = lock(aggregator);

@@ -482,7 +482,7 @@ fn a_configuration_error_is_one_json_line_when_logs_are_json() {
             .env("COSTWATCH__LOG__FORMAT", "json")
             .output()
             .unwrap();
-        assert_eq!(out.status.code(), Some(64), "{name}");
+        assert_eq!(out.status.code(), Some(78), "{name}");
         let stderr = String::from_utf8_lossy(&out.stderr);
         let lines: Vec<Value> = stderr
             .lines()
@@ -490,7 +490,7 @@ fn a_configuration_error_is_one_json_line_when_logs_are_json() {
             .collect();
         assert_eq!(lines.len(), 1, "{name}: {stderr}");
         assert_eq!(lines[0]["level"], "ERROR", "{stderr}");
-        assert_eq!(lines[0]["exit_code"], 64, "{stderr}");
+        assert_eq!(lines[0]["exit_code"], 78, "{stderr}");
         assert!(lines[0]["error"].as_str().unwrap().contains(expect), "{name}: {stderr}");
     }
 }

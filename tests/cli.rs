@@ -586,3 +586,86 @@ fn estimate_says_when_coefficients_are_assumed() {
         (Some("200"), Some(true))
     );
 }
+
+/// The keys serde knows under `section` (the root when empty), read from the error for an
+/// unknown key there: `expected one of `a`, `b``.
+fn known_keys(section: &str) -> std::collections::BTreeSet<String> {
+    let var = if section.is_empty() {
+        "COSTWATCH__ZZZ_UNKNOWN".to_owned()
+    } else {
+        format!("COSTWATCH__{}__ZZZ_UNKNOWN", section.to_uppercase())
+    };
+    let out = check_shipped_with(&[(var.as_str(), "1")]);
+    let text = stderr(&out);
+    let key = if section.is_empty() {
+        "zzz_unknown".to_owned()
+    } else {
+        format!("{section}.zzz_unknown")
+    };
+    let line = text
+        .lines()
+        .find(|l| l.starts_with(&format!("  - {key}: unknown key")))
+        .unwrap_or_else(|| panic!("no unknown-key problem for {key}:\n{text}"));
+    let expected = line.split("expected").nth(1).unwrap();
+    expected.split('`').skip(1).step_by(2).map(str::to_owned).collect()
+}
+
+#[test]
+fn readme_configuration_table_lists_exactly_the_keys_the_validator_knows() {
+    let readme = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/README.md")).unwrap();
+    let section = readme
+        .split("\n## Configuration\n")
+        .nth(1)
+        .unwrap()
+        .split("\n## ")
+        .next()
+        .unwrap();
+    let documented: std::collections::BTreeSet<String> = section
+        .lines()
+        .filter(|l| l.starts_with("| `"))
+        .flat_map(|l| {
+            l.split('|')
+                .nth(1)
+                .unwrap()
+                .split('`')
+                .skip(1)
+                .step_by(2)
+                .map(str::to_owned)
+                .collect::<Vec<_>>()
+        })
+        .filter(|k| k.contains('.') || k.ends_with("[]"))
+        .filter(|k| {
+            k.chars()
+                .all(|c| c.is_ascii_lowercase() || c == '_' || c == '.' || c == '[' || c == ']')
+        })
+        .collect();
+    let mut drift = Vec::new();
+    for root in known_keys("") {
+        if documented.contains(&format!("{root}[]")) {
+            continue;
+        }
+        let known: std::collections::BTreeSet<String> =
+            known_keys(&root).into_iter().map(|k| format!("{root}.{k}")).collect();
+        let listed: std::collections::BTreeSet<String> = documented
+            .iter()
+            .filter(|k| k.starts_with(&format!("{root}.")))
+            .map(|k| k.trim_end_matches("[]").to_owned())
+            .collect();
+        for missing in known.difference(&listed) {
+            drift.push(format!("{missing} is a key but not in README's Configuration table"));
+        }
+        for stale in listed.difference(&known) {
+            drift.push(format!("{stale} is in README's Configuration table but no key"));
+        }
+    }
+    let roots = known_keys("");
+    for key in &documented {
+        let root = key.split(['.', '[']).next().unwrap();
+        if !roots.contains(root) {
+            drift.push(format!(
+                "{key} is in README's Configuration table but [{root}] is no section"
+            ));
+        }
+    }
+    assert!(drift.is_empty(), "{}", drift.join("\n"));
+}

@@ -1835,6 +1835,25 @@ mod tests {
     }
 
     #[test]
+    fn a_missing_section_and_a_missing_key_are_each_named_once() {
+        let bad = EXAMPLE
+            .replace(
+                "[database]\n        url = \"postgres://postgres@127.0.0.1:5432/costwatch\"\n",
+                "",
+            )
+            .replace("topic = \"inference-usage\"\n", "")
+            .replace("k1 = \"0.5\"", "k1 = \"half\"");
+        let err = parse(&bad).unwrap_err().to_string();
+        assert_eq!(
+            err,
+            "invalid configuration:\n  \
+             - database: missing; this key is required\n  \
+             - kafka.topic: missing; this key is required\n  \
+             - pricing.coefficients[0].k1: \"half\" is not a decimal number"
+        );
+    }
+
+    #[test]
     fn unknown_keys_are_refused() {
         let bad = EXAMPLE.replace("group_id = \"costwatch\"", "group_id = \"costwatch\"\ngroup = \"x\"");
         let err = parse(&bad).unwrap_err().to_string();

@@ -15,7 +15,7 @@ use serde::de::DeserializeOwned;
 use serde_path_to_error::Segment;
 
 /// One step of a key: a table key or a list index.
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
 enum Step {
     Key(String),
     Index(usize),
@@ -38,7 +38,7 @@ enum Issue {
 pub(super) struct Shaped<T> {
     /// The settings; built from a patched tree when `problems` is not empty.
     pub value: Option<T>,
-    /// One line per problem, `key: what is wrong`, sorted by key.
+    /// One line per problem, `key: what is wrong`, in key order (`list[2]` before `list[10]`).
     pub problems: Vec<String>,
     /// Keys (as shown) that were set aside or renumbered: validation problems under them echo
     /// a problem already reported, or name an entry by a shifted index.
@@ -50,7 +50,8 @@ const MAX_ROUNDS: usize = 500;
 
 /// Reads `tree` as `T`, collecting every problem of its shape (see the module documentation).
 pub(super) fn read<T: DeserializeOwned>(mut tree: Value) -> Shaped<T> {
-    let mut problems: Vec<(String, String)> = Vec::new();
+    let mut problems: Vec<(Path, String)> = Vec::new();
+    // Both by the path as the user wrote it: list entries move up when one is set aside.
     let mut reported: HashSet<Path> = HashSet::new();
     let mut placeholders: HashSet<Path> = HashSet::new();
     let mut silenced: Vec<Path> = Vec::new();
@@ -72,19 +73,20 @@ pub(super) fn read<T: DeserializeOwned>(mut tree: Value) -> Shaped<T> {
             Issue::Unknown(field, message) => (child(&at, field), message.clone()),
             Issue::Invalid(message) => (at.clone(), message.clone()),
         };
-        let quiet = reported.contains(&target) || silenced.iter().any(|s| target.starts_with(s));
+        let written = original(&target, &survivors);
+        let quiet = reported.contains(&written) || silenced.iter().any(|s| target.starts_with(s));
         if !quiet {
-            problems.push((show(&original(&target, &survivors)), message));
-            reported.insert(target.clone());
+            problems.push((written.clone(), message));
+            reported.insert(written.clone());
         }
         let fixed = match issue {
-            Issue::Missing(_) if !placeholders.contains(&target) => {
-                placeholders.insert(target.clone());
+            Issue::Missing(_) if !placeholders.contains(&written) => {
+                placeholders.insert(written);
                 insert(&mut tree, &target, Value::new(None, ValueKind::String(String::new())))
             }
             Issue::Unknown(..) => remove(&mut tree, &target),
-            Issue::Invalid(_) if !placeholders.contains(&target) && target.len() > 1 && remove(&mut tree, &target) => {
-                placeholders.insert(target.clone());
+            Issue::Invalid(_) if !placeholders.contains(&written) && target.len() > 1 && remove(&mut tree, &target) => {
+                placeholders.insert(written);
                 true
             }
             _ => {
@@ -99,20 +101,20 @@ pub(super) fn read<T: DeserializeOwned>(mut tree: Value) -> Shaped<T> {
         }
     }
     if problems.is_empty() {
-        problems.push((String::new(), "the configuration cannot be read".to_owned()));
+        problems.push((Path::new(), "the configuration cannot be read".to_owned()));
     }
     finish(None, problems, &reported, &survivors, &silenced)
 }
 
 fn finish<T>(
     value: Option<T>,
-    mut problems: Vec<(String, String)>,
+    mut problems: Vec<(Path, String)>,
     reported: &HashSet<Path>,
     survivors: &HashMap<Path, Vec<usize>>,
     silenced: &[Path],
 ) -> Shaped<T> {
     problems.sort();
-    let mut set_aside: Vec<String> = reported.iter().map(|p| show(&original(p, survivors))).collect();
+    let mut set_aside: Vec<String> = reported.iter().map(|p| show(p)).collect();
     set_aside.extend(survivors.keys().chain(silenced).map(|p| show(p)));
     Shaped {
         value,
@@ -122,7 +124,7 @@ fn finish<T>(
                 if key.is_empty() {
                     message
                 } else {
-                    format!("{key}: {message}")
+                    format!("{}: {message}", show(&key))
                 }
             })
             .collect(),
@@ -318,7 +320,7 @@ mod tests {
     #[test]
     fn every_problem_is_found_once_with_the_index_the_user_wrote() {
         let shaped = read::<Root>(tree(
-            "[a]\ncount = \"many\"\ncolour = 1\n[[list]]\nid = \"x\"\n[[list]]\nid = 2\n[[list]]\n",
+            "[a]\ncount = \"many\"\ncolour = 1\n[[list]]\nid = \"x\"\n[[list]]\nid = 2\n[[list]]\n[[list]]\nid = \"y\"\n",
         ));
         assert_eq!(
             shaped.problems,
@@ -328,6 +330,7 @@ mod tests {
                 "a.name: missing; this key is required",
                 "list[0].id: invalid type: string \"x\", expected an integer",
                 "list[2].id: missing; this key is required",
+                "list[3].id: invalid type: string \"y\", expected an integer",
             ]
         );
         // Read on from a patched tree, which says where validation would only echo these.

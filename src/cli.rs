@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
-use anyhow::{bail, Context};
+use anyhow::Context;
 use chrono::{DateTime, Utc};
 use clap::{Args, Parser, Subcommand};
 use rust_decimal::Decimal;
@@ -18,14 +18,12 @@ use crate::calibration::run::CalibrationRequest;
 use crate::calibration::{self, recommend, rerate};
 use crate::config::{ConfigError, Settings};
 use crate::domain::{Coefficient, ComputeUnits, HardwareName, ModelName, StorageUnits, UnitPrice};
+use crate::exit::{ExitClass, Failure, InputError, UsageError};
 use crate::ingest::consumer;
 use crate::ingest::event::parse_decimal;
 use crate::pricing::{EstimateRequest, PriceBook};
 use crate::store::Store;
 use crate::{alerting, daemon, kafka, loadgen, secret, shutdown, store, telemetry};
-
-/// Exit code for invalid configuration or usage (EX_USAGE), before anything starts.
-const EXIT_CONFIG: u8 = 64;
 
 /// The command line: a global `--config` and one command.
 #[derive(Debug, Parser)]
@@ -235,11 +233,6 @@ fn non_negative(s: &str) -> Result<Decimal, String> {
     Ok(value)
 }
 
-/// A bad argument: reported like a configuration error, with exit code 64.
-#[derive(Debug, thiserror::Error)]
-#[error("{0}")]
-pub struct UsageError(String);
-
 /// The arguments of `costwatch estimate`.
 #[derive(Debug, Args)]
 pub struct EstimateArgs {
@@ -328,9 +321,20 @@ pub struct LoadgenArgs {
 }
 
 /// Parses the command line and runs the command: one match arm per command, so the dispatch
-/// reads as a table, then one place that maps errors to exit codes.
+/// reads as a table; [`ExitClass::of`] maps its error to the exit code.
 pub fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => {
+            // --help and --version print to stdout and succeed; anything else is a usage error.
+            let _ = e.print();
+            return if e.use_stderr() {
+                ExitCode::from(ExitClass::Usage.code())
+            } else {
+                ExitCode::SUCCESS
+            };
+        }
+    };
     let log_format = crate::config::LogSettings::peek(cli.config.as_deref()).format;
     telemetry::init_logging(log_format);
     let result = match cli.command {
@@ -348,7 +352,12 @@ pub fn main() -> ExitCode {
                         println!("database schema is up to date");
                         Ok(())
                     }
-                    None => bail!("stopped by a signal before the schema could be migrated"),
+                    // Only an unreachable database keeps `migrate` waiting for a signal.
+                    None => Err(Failure::new(
+                        ExitClass::Unavailable,
+                        "stopped by a signal before the schema could be migrated",
+                    )
+                    .into()),
                 }
             })
         }),
@@ -365,8 +374,12 @@ pub fn main() -> ExitCode {
                 run(settings, cancel).await
             })
         }),
-        Command::Bills(BillsCommand::Import { ref file }) => with_store(cli.config.as_deref(), |settings, store| {
-            import_bills(settings, store, file)
+        // The file is read and checked before the database is opened, so that a missing or
+        // broken file is reported as such even when PostgreSQL is away.
+        Command::Bills(BillsCommand::Import { ref file }) => read_bills(file).and_then(|bills| {
+            with_store(cli.config.as_deref(), |settings, store| {
+                import_bills(settings, store, file, bills)
+            })
         }),
         // Arguments are checked before the database is opened, so that a typo is reported as
         // such even when PostgreSQL is away.
@@ -409,10 +422,7 @@ pub fn main() -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            let usage = e.downcast_ref::<ConfigError>().is_some()
-                || e.downcast_ref::<UsageError>().is_some()
-                || e.downcast_ref::<BillsError>().is_some();
-            let code = if usage { EXIT_CONFIG } else { 1 };
+            let code = ExitClass::of(&e).code();
             // Errors from librdkafka and sqlx may quote a configured value.
             let text = format!("{e:#}");
             let message = secret::scrub(&text);
@@ -506,7 +516,12 @@ fn estimate(config: Option<&std::path::Path>, args: &EstimateArgs) -> anyhow::Re
     let uses_book = args.model.is_some();
     let book = match (uses_book, config) {
         (true, Some(path)) => Some(PriceBook::from_settings(&load(Some(path))?.pricing)),
-        (true, None) => bail!("--model/--hardware read the price book: pass --config FILE (or set COSTWATCH_CONFIG)"),
+        (true, None) => {
+            return Err(UsageError(
+                "--model/--hardware read the price book: pass --config FILE (or set COSTWATCH_CONFIG)".into(),
+            )
+            .into())
+        }
         (false, _) => None,
     };
     let request = EstimateRequest {
@@ -521,13 +536,13 @@ fn estimate(config: Option<&std::path::Path>, args: &EstimateArgs) -> anyhow::Re
             .as_deref()
             .map(ModelName::parse)
             .transpose()
-            .context("--model")?,
+            .map_err(|e| UsageError(format!("--model: {e}")))?,
         hardware: args
             .hardware
             .as_deref()
             .map(HardwareName::parse)
             .transpose()
-            .context("--hardware")?,
+            .map_err(|e| UsageError(format!("--hardware: {e}")))?,
     };
     let e = request.price(book.as_ref())?;
     if args.json {
@@ -544,6 +559,15 @@ fn estimate(config: Option<&std::path::Path>, args: &EstimateArgs) -> anyhow::Re
             c.storage_cost, r.storage_price, r.k2, e.storage
         );
         println!("total    {}{unit}", c.total_cost);
+        let assumed = match e.assumed {
+            (true, true) => "k1 = k2 = 1",
+            (true, false) => "k1 = 1",
+            (false, true) => "k2 = 1",
+            (false, false) => "",
+        };
+        if !assumed.is_empty() {
+            println!("assumed  {assumed}: not given, configured or calibrated for this pair (--k1, --k2 set them)");
+        }
     }
     Ok(())
 }
@@ -576,7 +600,7 @@ async fn run_loadgen(config: Option<&std::path::Path>, args: &LoadgenArgs) -> an
         ("--hostile", args.hostile),
     ] {
         if !(0.0..1.0).contains(&share) {
-            bail!("{name} is a share of messages between 0 and 1, got {share}");
+            return Err(UsageError(format!("{name} is a share of messages between 0 and 1, got {share}")).into());
         }
     }
     let spec = loadgen::LoadSpec {
@@ -691,7 +715,7 @@ async fn run_retention(settings: Settings, store: Store, dry_run: bool) -> anyho
         .await
         .context("cannot apply history retention")?
     else {
-        bail!("another costwatch instance is running retention right now; try again in a minute");
+        anyhow::bail!("another costwatch instance is running retention right now; try again in a minute");
     };
     print!("{}", outcome.to_text(dry_run));
     let keep = chrono::Duration::from_std(settings.rejected_retention()).unwrap_or(chrono::Duration::MAX);
@@ -718,9 +742,21 @@ async fn current_book(settings: &Settings, store: &Store) -> anyhow::Result<Pric
     Ok(PriceBook::from_settings(&settings.pricing).with_versions(versions))
 }
 
-async fn import_bills(settings: Settings, store: Store, file: &std::path::Path) -> anyhow::Result<()> {
-    let text = std::fs::read_to_string(file).with_context(|| format!("cannot read {}", file.display()))?;
-    let bills = bills::parse_bills(&text)?;
+/// The bills of `file`: every problem with its line, or the file cannot be read.
+fn read_bills(file: &std::path::Path) -> anyhow::Result<Vec<bills::Bill>> {
+    let text = std::fs::read_to_string(file).map_err(|error| InputError {
+        path: file.to_owned(),
+        error,
+    })?;
+    Ok(bills::parse_bills(&text)?)
+}
+
+async fn import_bills(
+    settings: Settings,
+    store: Store,
+    file: &std::path::Path,
+    bills: Vec<bills::Bill>,
+) -> anyhow::Result<()> {
     // Bills are compared with prices, which are all in one currency.
     let problems: Vec<BillProblem> = bills
         .iter()
@@ -763,10 +799,10 @@ async fn run_calibrate(
     } else {
         print!("{}", report.to_text());
     }
-    match report.errors.as_slice() {
-        [] => Ok(()),
-        [one] => bail!("cannot fit {}: {}", one.target, one.error),
-        many => bail!(
+    let message = match report.errors.as_slice() {
+        [] => return Ok(()),
+        [one] => format!("cannot fit {}: {}", one.target, one.error),
+        many => format!(
             "cannot fit {} targets:\n{}",
             many.len(),
             many.iter()
@@ -774,7 +810,9 @@ async fn run_calibrate(
                 .collect::<Vec<_>>()
                 .join("\n")
         ),
-    }
+    };
+    // The bills do not hold what a fit needs: input data, not a failure of costwatch.
+    Err(Failure::new(ExitClass::Data, message).into())
 }
 
 async fn run_rerate(

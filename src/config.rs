@@ -13,6 +13,12 @@ use serde::Deserialize;
 use crate::domain::{exact_decimal, fraction, Coefficient, HardwareName, ModelName, Money, UnitPrice};
 use crate::secret::Secret;
 
+mod duration;
+mod shape;
+// Every `with = "humantime_serde"` below reads through our own module, which refuses month
+// units (`"1M"` is a month in humantime, almost always a typo for `"1m"`); see `duration`.
+use duration as humantime_serde;
+
 /// The environment prefix; keys below it are separated by `__`, e.g. `COSTWATCH__KAFKA__BROKERS`.
 pub const ENV_PREFIX: &str = "COSTWATCH";
 
@@ -69,10 +75,10 @@ pub struct RetentionSettings {
     #[serde(default = "defaults::hourly_retention", with = "humantime_serde")]
     pub hourly: Duration,
     /// Daily roll-ups (`usage_daily`, one partition per UTC year); unset: kept forever.
-    #[serde(default, with = "humantime_serde")]
+    #[serde(default, with = "humantime_serde::option")]
     pub daily: Option<Duration>,
     /// Rejected messages (`rejected_events`); formerly `ingest.rejected_retention`.
-    #[serde(default, with = "humantime_serde")]
+    #[serde(default, with = "humantime_serde::option")]
     pub rejected: Option<Duration>,
 }
 
@@ -267,7 +273,7 @@ pub struct IngestSettings {
     pub max_rejected_payload_bytes: usize,
     /// The old name of `retention.rejected`, still read; [`Settings::rejected_retention`] is
     /// the one in force.
-    #[serde(default, with = "humantime_serde")]
+    #[serde(default, with = "humantime_serde::option")]
     pub rejected_retention: Option<Duration>,
     /// A partition whose stored offset has not moved for this long (or for twice
     /// `flush_interval`, if that is longer) while it has messages to read is reported stalled
@@ -343,7 +349,7 @@ impl TryFrom<String> for Deployment {
         match s.as_str() {
             "cloud" => Ok(Deployment::Cloud),
             "edge" => Ok(Deployment::Edge),
-            other => Err(format!("deployment must be \"cloud\" or \"edge\", got {other:?}")),
+            other => Err(format!("must be \"cloud\" or \"edge\", got {other:?}")),
         }
     }
 }
@@ -356,7 +362,7 @@ impl TryFrom<String> for Period {
     fn try_from(s: String) -> Result<Self, String> {
         Period::ALL.into_iter().find(|p| p.as_str() == s).ok_or_else(|| {
             let names: Vec<&str> = Period::ALL.iter().map(|p| p.as_str()).collect();
-            format!("period must be one of {}, got {s:?}", names.join(", "))
+            format!("must be one of {}, got {s:?}", names.join(", "))
         })
     }
 }
@@ -755,7 +761,7 @@ impl TryFrom<String> for LogFormat {
         match s.as_str() {
             "text" => Ok(LogFormat::Text),
             "json" => Ok(LogFormat::Json),
-            other => Err(format!("log.format must be \"text\" or \"json\", got {other:?}")),
+            other => Err(format!("must be \"text\" or \"json\", got {other:?}")),
         }
     }
 }
@@ -1164,9 +1170,13 @@ pub fn is_sensitive_property(name: &str) -> bool {
 /// Why settings could not be used. Every problem is listed, each with its key.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
-    /// The file cannot be read or does not fit the settings' shape.
+    /// The file does not parse (TOML syntax). Not a `#[source]`: the message already holds it,
+    /// and `{:#}` would print it twice.
     #[error("cannot read configuration: {0}")]
-    Load(#[from] config::ConfigError),
+    Load(config::ConfigError),
+    /// The configuration file given does not exist or cannot be read.
+    #[error("cannot read configuration file {}: {}", .0.display(), .1)]
+    Unreadable(PathBuf, std::io::Error),
     /// The settings are readable but break rules; every problem with its key.
     #[error("invalid configuration:\n{}", .0.iter().map(|p| format!("  - {p}")).collect::<Vec<_>>().join("\n"))]
     Invalid(Vec<String>),
@@ -1186,6 +1196,12 @@ fn layered(path: Option<&Path>) -> config::ConfigBuilder<config::builder::Defaul
     )
 }
 
+impl From<config::ConfigError> for ConfigError {
+    fn from(error: config::ConfigError) -> Self {
+        ConfigError::Load(error)
+    }
+}
+
 impl Settings {
     /// Loads `path` (if given), then `COSTWATCH__*` environment variables on top, then validates.
     pub fn load(path: Option<&Path>) -> Result<Self, ConfigError> {
@@ -1201,16 +1217,48 @@ impl Settings {
     /// them, for a caller that checks more (librdkafka's verdict) and reports it all at once.
     /// Fails only when the file cannot be read or parsed at all.
     pub fn load_with_problems(path: Option<&Path>) -> Result<(Self, Vec<String>), ConfigError> {
-        let mut settings: Settings = layered(path).build()?.try_deserialize()?;
+        if let Some(path) = path {
+            std::fs::File::open(path).map_err(|e| ConfigError::Unreadable(path.to_owned(), e))?;
+        }
         // Variables that are not Unicode are no costwatch settings; std::env::vars would panic.
         let env = std::env::vars_os().filter_map(|(k, v)| Some((k.into_string().ok()?, v.into_string().ok()?)));
+        let (settings, problems) = Self::from_config(layered(path).build()?, env)?;
+        // Before anything can print: librdkafka's and sqlx's texts are scrubbed from now on.
+        crate::secret::register(&settings.secrets());
+        Ok((settings, problems))
+    }
+
+    /// Reads settings from a built configuration: every problem of its shape (missing keys,
+    /// wrong types, unknown keys and values, each once with its key), and when there is none,
+    /// the secrets from files and `env` and every [`Settings::validate`] problem beside the
+    /// settings. With shape problems it fails, listing them with the validation problems that
+    /// do not merely echo them.
+    pub fn from_config(
+        built: config::Config,
+        env: impl IntoIterator<Item = (String, String)>,
+    ) -> Result<(Self, Vec<String>), ConfigError> {
+        let shaped = shape::read::<Settings>(built.try_deserialize()?);
+        let Some(mut settings) = shaped.value else {
+            return Err(ConfigError::Invalid(shaped.problems));
+        };
         let mut problems = settings.resolve_secrets(env);
         if let Err(ConfigError::Invalid(more)) = settings.validate() {
             problems.extend(more);
         }
-        // Before anything can print: librdkafka's and sqlx's texts are scrubbed from now on.
-        crate::secret::register(&settings.secrets());
-        Ok((settings, problems))
+        if shaped.problems.is_empty() {
+            return Ok((settings, problems));
+        }
+        // The settings were read from a patched tree: keep only what is wrong elsewhere.
+        let echoes = |problem: &String| {
+            shaped.set_aside.iter().any(|key| {
+                problem
+                    .strip_prefix(key.as_str())
+                    .is_some_and(|rest| rest.starts_with(['.', '[', ':']))
+            })
+        };
+        let mut all = shaped.problems;
+        all.extend(problems.into_iter().filter(|p| !echoes(p)));
+        Err(ConfigError::Invalid(all))
     }
 
     /// Checks what types alone cannot, collecting every problem instead of stopping at the first.
@@ -1220,10 +1268,7 @@ impl Settings {
         self.database.validate(&mut problems);
         self.windows.validate(&mut problems);
         self.ingest.validate(&mut problems);
-        problems.require(
-            self.ingest.max_event_age > self.windows.allowed_lateness,
-            "ingest.max_event_age: must be longer than windows.allowed_lateness",
-        );
+        self.check_horizons(&mut problems);
         self.pricing.validate(&mut problems);
         self.http.validate(&mut problems);
         self.metrics.validate(&mut problems);
@@ -1240,6 +1285,34 @@ impl Settings {
             );
         }
         problems.into_result()
+    }
+}
+
+impl Settings {
+    /// Durations that only make sense in one order, named with both keys and values: the
+    /// mistakes a month-for-minute typo or a copied value make.
+    fn check_horizons(&self, p: &mut Problems) {
+        let show = |d: Duration| humantime::format_duration(d).to_string();
+        let (age, lateness) = (self.ingest.max_event_age, self.windows.allowed_lateness);
+        p.require(
+            age > lateness,
+            format!(
+                "ingest.max_event_age: {} must be longer than windows.allowed_lateness ({})",
+                show(age),
+                show(lateness)
+            ),
+        );
+        // Events older than max_event_age are rejected before dedup looks at them, so ids kept
+        // longer than that only cost memory (a month of ids, for "1M").
+        let horizon = self.ingest.dedup_horizon;
+        p.require(
+            horizon <= age,
+            format!(
+                "ingest.dedup_horizon: {} is longer than ingest.max_event_age ({}); older events are rejected anyway, so make it at most that",
+                show(horizon),
+                show(age)
+            ),
+        );
     }
 }
 
@@ -1625,13 +1698,19 @@ mod tests {
         k2 = "0.8"
     "#;
 
+    /// Reads and validates like `Settings::load`, without secrets (tests resolve those).
     fn parse(toml: &str) -> Result<Settings, ConfigError> {
-        let settings: Settings = config::Config::builder()
+        let built = config::Config::builder()
             .add_source(config::File::from_str(toml, config::FileFormat::Toml))
-            .build()?
-            .try_deserialize()?;
-        settings.validate()?;
-        Ok(settings)
+            .build()?;
+        let shaped = shape::read::<Settings>(built.try_deserialize()?);
+        match shaped.value {
+            Some(settings) if shaped.problems.is_empty() => {
+                settings.validate()?;
+                Ok(settings)
+            }
+            _ => Err(ConfigError::Invalid(shaped.problems)),
+        }
     }
 
     #[test]
@@ -1758,7 +1837,7 @@ mod tests {
 
         let err = parse(&tagged.replace("\"edge\"", "\"moon\"")).unwrap_err().to_string();
         assert!(
-            err.contains("deployment must be \"cloud\" or \"edge\", got \"moon\""),
+            err.contains("pricing.hardware[0].deployment: must be \"cloud\" or \"edge\", got \"moon\""),
             "{err}"
         );
         let err = parse(&format!("{EXAMPLE}\n[calibration]\nreload_interval = \"1ms\"\n"))
@@ -1779,7 +1858,7 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(
-            err.contains(r#"log.format must be "text" or "json", got "xml""#),
+            err.contains(r#"log.format: must be "text" or "json", got "xml""#),
             "{err}"
         );
     }
@@ -1909,9 +1988,31 @@ mod tests {
     }
 
     #[test]
+    fn a_missing_section_and_a_missing_key_are_each_named_once() {
+        let bad = EXAMPLE
+            .replace(
+                "[database]\n        url = \"postgres://postgres@127.0.0.1:5432/costwatch\"\n",
+                "",
+            )
+            .replace("topic = \"inference-usage\"\n", "")
+            .replace("k1 = \"0.5\"", "k1 = \"half\"");
+        let err = parse(&bad).unwrap_err().to_string();
+        assert_eq!(
+            err,
+            "invalid configuration:\n  \
+             - database: missing; this key is required\n  \
+             - kafka.topic: missing; this key is required\n  \
+             - pricing.coefficients[0].k1: \"half\" is not a decimal number"
+        );
+    }
+
+    #[test]
     fn unknown_keys_are_refused() {
         let bad = EXAMPLE.replace("group_id = \"costwatch\"", "group_id = \"costwatch\"\ngroup = \"x\"");
         let err = parse(&bad).unwrap_err().to_string();
-        assert!(err.contains("unknown field `group`"), "{err}");
+        assert!(
+            err.contains("kafka.group: unknown key, expected one of `brokers`"),
+            "{err}"
+        );
     }
 }

@@ -12,6 +12,7 @@ use crate::alerting;
 use crate::calibration;
 use crate::calibration::recommend;
 use crate::config::Settings;
+use crate::exit::{ExitClass, Failure};
 use crate::history;
 use crate::http::{self, AppState};
 use crate::ingest::aggregate::{millis, IngestRules};
@@ -92,7 +93,11 @@ fn permanent(failure: ConnectFailure, error: StoreError) -> anyhow::Error {
     while let Some(next) = cause.source() {
         cause = next;
     }
-    anyhow::anyhow!("PostgreSQL: {failure}; not retried: {cause}")
+    Failure::new(
+        ExitClass::Unavailable,
+        format!("PostgreSQL: {failure}; not retried: {cause}"),
+    )
+    .into()
 }
 
 /// Runs until `cancel` fires, then drains: flush, store offsets, leave the group, stop serving.

@@ -395,6 +395,12 @@ pub struct Estimate {
     pub cost: CostBreakdown,
     /// The currency of the price book; `None` with explicit prices and no configuration loaded.
     pub currency: Option<String>,
+    /// True when k1 or k2 is the assumed 1: not given, and nothing configured or calibrated
+    /// for the pair (the rule every flush prices by). Which ones: [`Estimate::assumed`].
+    pub coefficients_assumed: bool,
+    /// Which of k1 and k2 are assumed, for the text output.
+    #[serde(skip)]
+    pub assumed: (bool, bool),
 }
 
 /// Why an estimate could not be made; each message says what to pass instead.
@@ -426,13 +432,15 @@ pub enum EstimateError {
 impl EstimateRequest {
     /// Resolves the rates (explicit, or from `book`) and prices the request.
     pub fn price(&self, book: Option<&PriceBook>) -> Result<Estimate, EstimateError> {
-        let (mut rates, currency) = match (&self.model, &self.hardware, self.compute_price, self.storage_price) {
+        // The third value: whether k1 and k2 are the assumed 1 and 1 unless given.
+        let (mut rates, currency, unit) = match (&self.model, &self.hardware, self.compute_price, self.storage_price) {
             (Some(model), Some(hardware), None, None) => {
                 let book = book.ok_or(EstimateError::NoPriceBook)?;
-                let rates = book
-                    .rates(model, hardware, Utc::now())
+                let priced = book
+                    .priced(model, hardware, Utc::now())
                     .ok_or_else(|| EstimateError::Unpriced(hardware.clone()))?;
-                (rates, Some(book.currency().to_owned()))
+                let unit = priced.source == CoefficientSource::Unit;
+                (priced.rates, Some(book.currency().to_owned()), unit)
             }
             (None, None, Some(compute_price), Some(storage_price)) => (
                 Rates {
@@ -442,6 +450,7 @@ impl EstimateRequest {
                     k2: Coefficient::ONE,
                 },
                 book.map(|b| b.currency().to_owned()),
+                true,
             ),
             (Some(_), None, _, _) | (None, Some(_), _, _) => return Err(EstimateError::HalfPair),
             (None, None, Some(_), None) | (None, None, None, Some(_)) => return Err(EstimateError::HalfPrices),
@@ -466,12 +475,15 @@ impl EstimateRequest {
             }
         }
         let cost = rates.price(self.compute, self.storage)?;
+        let assumed = (unit && self.k1.is_none(), unit && self.k2.is_none());
         Ok(Estimate {
             compute: self.compute,
             storage: self.storage,
             rates,
             cost,
             currency,
+            coefficients_assumed: assumed.0 || assumed.1,
+            assumed,
         })
     }
 }
@@ -621,8 +633,31 @@ mod estimate_tests {
         .unwrap();
         let e = r.price(None).unwrap();
         assert_eq!(e.cost.total_cost.to_string(), "130");
+        assert!(!e.coefficients_assumed);
         let err = serde_json::from_str::<EstimateRequest>(r#"{"compute": 0.1, "storage": 1}"#).unwrap_err();
         assert!(err.to_string().contains("write 0.1 as a string"), "{err}");
+    }
+
+    #[test]
+    fn coefficients_neither_given_configured_nor_calibrated_are_assumed_and_say_so() {
+        use crate::test_support::{book, coefficient, hardware_price};
+        let book = book(
+            vec![hardware_price("a100", "0.1", "0.2", None)],
+            vec![coefficient("m", "a100", "0.5", "0.8")],
+        );
+        let request = |json: &str| serde_json::from_str::<EstimateRequest>(json).unwrap();
+        let known = request(r#"{"compute": 1000, "storage": 500, "model": "m", "hardware": "a100"}"#);
+        let e = known.price(Some(&book)).unwrap();
+        assert_eq!(
+            (e.cost.total_cost.to_string(), e.coefficients_assumed),
+            ("130".into(), false)
+        );
+        let unknown = request(r#"{"compute": 1000, "storage": 500, "model": "other", "hardware": "a100"}"#);
+        let e = unknown.price(Some(&book)).unwrap();
+        assert_eq!((e.cost.total_cost.to_string(), e.assumed), ("200".into(), (true, true)));
+        assert_eq!(serde_json::to_value(&e).unwrap()["coefficients_assumed"], true);
+        let half = request(r#"{"compute": 1, "storage": 1, "compute_price": "1", "storage_price": "1", "k1": "2"}"#);
+        assert_eq!(half.price(None).unwrap().assumed, (false, true));
     }
 
     #[test]

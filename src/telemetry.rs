@@ -33,7 +33,7 @@ pub struct WindowUsage<'a> {
     /// The row's event labels; those named in `metrics.label_dimensions` become metric labels.
     pub labels: &'a BTreeMap<String, String>,
 }
-use crate::pricing::PriceBook;
+use crate::pricing::{CoefficientSource, PriceBook};
 
 /// Messages of a flush by outcome, for `costwatch_events_total`.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -68,6 +68,9 @@ pub const COMPUTE_UNITS_TOTAL: &str = "costwatch_compute_units_total";
 pub const STORAGE_UNITS_TOTAL: &str = "costwatch_storage_units_total";
 /// Exact counter, labels `model`, `hardware`, `component`, `currency`: money accounted, the same sums as `usage_costs`.
 pub const COST_TOTAL: &str = "costwatch_cost_total";
+/// The part of [`COST_TOTAL`] priced with the assumed k1 = k2 = 1 (nothing configured or
+/// calibrated for the pair), with the same labels.
+pub const ASSUMED_COST_TOTAL: &str = "costwatch_assumed_cost_total";
 /// Counter, labels `model`, `hardware`: accepted events on hardware without a price.
 pub const UNPRICED_EVENTS_TOTAL: &str = "costwatch_unpriced_events_total";
 /// Histogram, seconds: time to write one flush.
@@ -360,7 +363,7 @@ pub fn flush_committed<'a>(
         pair.extend(inner.cap.dimensions(w.labels));
         inner.add(COMPUTE_UNITS_TOTAL, pair.clone(), w.compute.value());
         inner.add(STORAGE_UNITS_TOTAL, pair.clone(), w.storage.value());
-        let Some(rates) = prices.rates(w.model, w.hardware, w.start) else {
+        let Some(priced) = prices.priced(w.model, w.hardware, w.start) else {
             let labels: Vec<metrics::Label> = pair
                 .into_iter()
                 .map(|(k, v)| metrics::Label::new(k.into_owned(), v))
@@ -369,13 +372,17 @@ pub fn flush_committed<'a>(
             continue;
         };
         // Overflow is impossible for validated quantities; skip rather than panic if it happens.
-        let Ok(cost) = rates.price(w.compute, w.storage) else {
+        let Ok(cost) = priced.rates.price(w.compute, w.storage) else {
             continue;
         };
+        let assumed = priced.source == CoefficientSource::Unit;
         for (component, amount) in [("compute", cost.compute_cost), ("storage", cost.storage_cost)] {
             let mut labels = pair.clone();
             labels.push(("component".into(), component.to_owned()));
             labels.push(("currency".into(), prices.currency().to_owned()));
+            if assumed {
+                inner.add(ASSUMED_COST_TOTAL, labels.clone(), amount.value());
+            }
             inner.add(COST_TOTAL, labels, amount.value());
         }
     }
@@ -492,12 +499,16 @@ pub fn set_label_caps(max_models: usize, max_hardware: usize) {
     inner.cap.max_hardware = max_hardware;
 }
 
-const LEDGER_HELP: [(&str, &str); 3] = [
+const LEDGER_HELP: [(&str, &str); 4] = [
     (COMPUTE_UNITS_TOTAL, "Compute units (T) accounted"),
     (STORAGE_UNITS_TOTAL, "Storage units (S) accounted"),
     (
         COST_TOTAL,
         "Money accounted, by component (compute, storage); exact decimal sums of usage_costs",
+    ),
+    (
+        ASSUMED_COST_TOTAL,
+        "The part of costwatch_cost_total priced with the assumed k1 = k2 = 1 (nothing configured or calibrated)",
     ),
 ];
 

@@ -121,7 +121,7 @@ pub fn recommend(
 fn recommend_one(book: &PriceBook, usage: &ModelUsage, at: DateTime<Utc>) -> Result<Recommendation, PricingError> {
     let mut targets = Vec::new();
     let mut skipped = Vec::new();
-    for (hardware, pricing) in book.hardware_targets() {
+    for (hardware, pricing) in book.hardware_targets(at) {
         let Some((k1, k2, source)) = book.known_coefficients(&usage.model, hardware, at) else {
             skipped.push(Skipped {
                 hardware: hardware.clone(),

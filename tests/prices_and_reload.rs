@@ -205,7 +205,7 @@ fn budget(amount: &str) -> String {
     format!(
         r#"
 [alerting]
-evaluation_interval = "500ms"
+evaluation_interval = "1s"
 
 [[budgets]]
 name = "team"

@@ -517,6 +517,8 @@ fn reload(
     let ignored: Vec<String> = current.restart_needed(&new).into_iter().map(str::to_owned).collect();
     let applied = current.reloaded(new);
     prices.update(|book| book.with_settings(&applied.pricing));
+    // Issue 18's usage profiles, once they exist, are swapped here too (and taken by
+    // `Settings::reloaded`), so that new windows derive T and S with the reloaded ones.
     let caps = &applied.metrics;
     telemetry::set_label_caps(caps.max_models, caps.max_hardware, caps.max_label_values);
     for section in &ignored {

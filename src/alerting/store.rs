@@ -90,6 +90,20 @@ fn bind_scope<'q>(
         .bind(&p.split_by)
 }
 
+/// One split's spend over each range, from a row of `observe_budget`'s query.
+fn observed_spend(row: &sqlx::postgres::PgRow) -> Observed {
+    let m = |name: &str| Money(row.get::<Decimal, _>(name));
+    Observed {
+        period_spend: m("period"),
+        short_spend: m("short"),
+        long_spend: m("long"),
+        drift_recent_spend: m("recent"),
+        drift_baseline_spend: m("baseline"),
+        unpriced: Vec::new(),
+        split: split_of(row),
+    }
+}
+
 fn split_of(row: &sqlx::postgres::PgRow) -> Vec<String> {
     let values: Vec<Option<String>> = row.get("split");
     values.into_iter().map(Option::unwrap_or_default).collect()
@@ -149,20 +163,8 @@ impl Store {
         }
         let mut observed: BTreeMap<Vec<String>, Observed> = rows
             .iter()
-            .map(|row| {
-                let m = |name: &str| Money(row.get::<Decimal, _>(name));
-                let split = split_of(row);
-                let seen = Observed {
-                    period_spend: m("period"),
-                    short_spend: m("short"),
-                    long_spend: m("long"),
-                    drift_recent_spend: m("recent"),
-                    drift_baseline_spend: m("baseline"),
-                    unpriced: Vec::new(),
-                    split: split.clone(),
-                };
-                (split, seen)
-            })
+            .map(observed_spend)
+            .map(|seen| (seen.split.clone(), seen))
             .collect();
         if budget.split_by.is_empty() {
             observed.entry(Vec::new()).or_default();

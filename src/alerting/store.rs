@@ -29,11 +29,6 @@ const MAX_UNPRICED_PAIRS: i64 = 100;
 /// Row cost, NULL when unpriced: the same expression the `usage_costs` view sums.
 const ROW_COST: &str = "compute * compute_price * k1 + storage * storage_price * k2";
 
-/// The relation budget spend is read from. Every condition on it below names only columns
-/// `window_usage` has (`window_start`, `model`, `hardware`, `labels`, `events`, the rates,
-/// `currency`), so a roll-up with the same columns can stand in for it.
-const SPEND_SOURCE: &str = "window_usage";
-
 /// The most splits one budget evaluates (the highest spenders this period first); past it a
 /// split's spend is not watched, which `observe_budget` logs.
 pub const MAX_SPLITS: i64 = 1000;
@@ -119,30 +114,41 @@ impl Store {
         currency: &str,
         ranges: &Ranges,
     ) -> Result<Vec<Observed>, StoreError> {
-        let (from, to) = ranges.span();
         let scope = ScopeParams::of(budget);
         let pair = |r: Option<(DateTime<Utc>, DateTime<Utc>)>| (r.map(|r| r.0), r.map(|r| r.1));
         let (recent_from, recent_to) = pair(ranges.drift_recent);
         let (base_from, base_to) = pair(ranges.drift_baseline);
-        // Splits are kept when they have usage this period; a budget without splits always is.
+        // Each range from the tiers that cover it (usage_between: daily roll-ups for its whole
+        // days, hourly ones for whole hours, raw windows for the rest), one arm per range so
+        // that each is planned with its own bounds. Splits are kept when they have usage this
+        // period; a budget without splits always is.
+        // $1..$10 the ranges, $11 the currency, $12..$16 the scope, $17 the limit.
+        let (split, in_scope) = (split_expr(16), scope_condition(12));
+        let arm = |range: usize| {
+            let (from, to) = (2 * range + 1, 2 * range + 2);
+            format!(
+                "SELECT {range} AS range, {ROW_COST} AS cost, {split} AS split FROM usage_between(${from}, ${to})
+                 WHERE currency = $11 AND {in_scope}"
+            )
+        };
         let sql = format!(
             "SELECT split,
-               COALESCE(sum(cost) FILTER (WHERE window_start >= $3 AND window_start < $4), 0) AS period,
-               COALESCE(sum(cost) FILTER (WHERE window_start >= $5 AND window_start < $6), 0) AS short,
-               COALESCE(sum(cost) FILTER (WHERE window_start >= $7 AND window_start < $8), 0) AS long,
-               COALESCE(sum(cost) FILTER (WHERE window_start >= $9 AND window_start < $10), 0) AS recent,
-               COALESCE(sum(cost) FILTER (WHERE window_start >= $11 AND window_start < $12), 0) AS baseline
-             FROM (SELECT window_start, {ROW_COST} AS cost, {split} AS split FROM {SPEND_SOURCE}
-                   WHERE window_start >= $1 AND window_start < $2 AND currency = $13 AND {scope}) w
+               COALESCE(sum(cost) FILTER (WHERE range = 0), 0) AS period,
+               COALESCE(sum(cost) FILTER (WHERE range = 1), 0) AS short,
+               COALESCE(sum(cost) FILTER (WHERE range = 2), 0) AS long,
+               COALESCE(sum(cost) FILTER (WHERE range = 3), 0) AS recent,
+               COALESCE(sum(cost) FILTER (WHERE range = 4), 0) AS baseline
+             FROM ({} UNION ALL {} UNION ALL {} UNION ALL {} UNION ALL {}) w
              GROUP BY split
-             HAVING cardinality($18::text[]) = 0 OR bool_or(window_start >= $3 AND window_start < $4)
-             ORDER BY period DESC, split LIMIT $19",
-            split = split_expr(18),
-            scope = scope_condition(14),
+             HAVING cardinality($16::text[]) = 0 OR bool_or(range = 0)
+             ORDER BY period DESC, split LIMIT $17",
+            arm(0),
+            arm(1),
+            arm(2),
+            arm(3),
+            arm(4),
         );
         let query = sqlx::query(&sql)
-            .bind(from)
-            .bind(to)
             .bind(ranges.period.0)
             .bind(ranges.period.1)
             .bind(ranges.short.0)
@@ -189,9 +195,8 @@ impl Store {
     ) -> Result<Vec<(Vec<String>, UnpricedUsage)>, StoreError> {
         let sql = format!(
             "SELECT split, model, hardware, sum(events)::int8 AS events
-             FROM (SELECT {split} AS split, model, hardware, events FROM {SPEND_SOURCE}
-                   WHERE window_start >= $1 AND window_start < $2
-                     AND (compute_price IS NULL OR storage_price IS NULL) AND {scope}) w
+             FROM (SELECT {split} AS split, model, hardware, events FROM usage_between($1, $2)
+                   WHERE (compute_price IS NULL OR storage_price IS NULL) AND {scope}) w
              GROUP BY split, model, hardware ORDER BY split, model, hardware LIMIT $8",
             split = split_expr(7),
             scope = scope_condition(3),

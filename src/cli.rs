@@ -367,11 +367,15 @@ pub fn main() -> ExitCode {
                 // still drains and exits 0 instead of killing the process.
                 let cancel = CancellationToken::new();
                 shutdown::listen_for_signals(cancel.clone());
+                let reload = daemon::ReloadSource {
+                    path: cli.config.clone(),
+                    hangups: shutdown::hangups(),
+                };
                 let (settings, warnings) = load_checked(cli.config.as_deref())?;
                 for warning in warnings {
                     tracing::warn!(%warning, "configuration");
                 }
-                run(settings, cancel).await
+                run(settings, reload, cancel).await
             })
         }),
         // The file is read and checked before the database is opened, so that a missing or
@@ -480,7 +484,7 @@ fn check_config(path: Option<&std::path::Path>) -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn run(settings: Settings, cancel: CancellationToken) -> anyhow::Result<()> {
+async fn run(settings: Settings, reload: daemon::ReloadSource, cancel: CancellationToken) -> anyhow::Result<()> {
     // Buckets make the flush duration a real histogram (quantiles aggregate across instances);
     // without them the exporter renders a summary.
     let handle = metrics_exporter_prometheus::PrometheusBuilder::new()
@@ -504,7 +508,7 @@ async fn run(settings: Settings, cancel: CancellationToken) -> anyhow::Result<()
             upkeep.run_upkeep();
         }
     });
-    let result = daemon::run(settings, Some(handle), cancel).await;
+    let result = daemon::run(settings, reload, Some(handle), cancel).await;
     match &result {
         Ok(()) => info!("stopped cleanly"),
         Err(e) => error!(error = %format!("{e:#}"), "stopped on error"),
@@ -850,7 +854,7 @@ async fn show_budgets(settings: Settings, store: Store, json: bool) -> anyhow::R
         let pct = (s.utilization * Decimal::from(100)).round_dp(1).normalize();
         println!(
             "{}: {} of {} {} ({pct}%) this {} period, {} to {}; state {}",
-            s.name,
+            alerting::budget::status_subject(s),
             s.spend,
             s.amount,
             s.currency,

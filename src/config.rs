@@ -328,6 +328,11 @@ pub struct HardwarePrice {
     /// Where the target runs, shown by `recommend`; untagged when absent.
     #[serde(default)]
     pub deployment: Option<Deployment>,
+    /// From when this entry prices the hardware (RFC 3339): a window is priced by the entry in
+    /// force at its start, the one with the latest `effective_from` not after it. Absent means
+    /// since forever; before a hardware's earliest entry its usage is unpriced.
+    #[serde(default)]
+    pub effective_from: Option<chrono::DateTime<chrono::Utc>>,
 }
 
 /// Where a hardware target runs: a cloud provider's machines or devices at the edge.
@@ -462,7 +467,8 @@ pub struct MetricsSettings {
     /// multiplies the series.
     #[serde(default)]
     pub label_dimensions: Vec<String>,
-    /// Distinct values each of `label_dimensions` keeps in metrics; the rest are `other`.
+    /// Distinct values each of `label_dimensions` keeps in metrics (and, per budget, the splits
+    /// of a `split_by` budget in its gauges); the rest are `other`.
     #[serde(default = "defaults::max_label_values")]
     pub max_label_values: usize,
 }
@@ -591,9 +597,14 @@ pub struct BudgetSettings {
     /// In `pricing.currency`, as a string so it stays exact.
     #[serde(deserialize_with = "exact_decimal")]
     pub amount: Money,
-    /// Globs (`*`, `?`) on model and hardware; omitted means everything.
+    /// Globs (`*`, `?`) on model, hardware and label values; omitted means everything.
     #[serde(default, rename = "match")]
     pub scope: ScopeSettings,
+    /// Label names: the budget is evaluated separately for every combination of their values
+    /// seen this period, each with its own spend, state and alerts (per-team budgets without
+    /// listing the teams). Usage without one of these labels is in no split.
+    #[serde(default)]
+    pub split_by: Vec<String>,
     /// Fractions of `amount`; each one alerts once per period when spend reaches it.
     #[serde(default = "defaults::thresholds", deserialize_with = "fractions")]
     pub thresholds: Vec<Decimal>,
@@ -656,7 +667,7 @@ impl Period {
     }
 }
 
-/// Which usage a budget counts: globs (`*`, `?`) on model and hardware.
+/// Which usage a budget counts: globs (`*`, `?`) on model, hardware and label values.
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ScopeSettings {
@@ -666,7 +677,23 @@ pub struct ScopeSettings {
     /// A glob on hardware names; omitted means every target.
     #[serde(default)]
     pub hardware: Option<String>,
+    /// Per label name, a glob its value must match (`{ tenant = "search-*" }`); usage without
+    /// the label does not match, whatever the glob.
+    #[serde(default)]
+    pub labels: BTreeMap<String, String>,
 }
+
+/// Label names a budget's `split_by` cannot use: its alerts already carry labels of these names.
+pub const RESERVED_SPLIT_LABELS: [&str; 8] = [
+    "alertname",
+    "budget",
+    "kind",
+    "severity",
+    "threshold",
+    "period",
+    "model",
+    "hardware",
+];
 
 /// `factor`: how many times the baseline rate the recent rate must be to alert.
 #[derive(Debug, Clone, Deserialize)]
@@ -1316,6 +1343,60 @@ impl Settings {
     }
 }
 
+/// What a configuration reload does with each section: `pricing`, `budgets`, `alerting` and
+/// `metrics` apply to all new work at once; the others hold connections, listeners or running
+/// loops and wait for a restart.
+impl Settings {
+    /// The sections of `new` that differ from `self` but take effect only after a restart.
+    /// Compared by their printed form plus the secrets it hides, so a changed password counts.
+    pub fn restart_needed(&self, new: &Settings) -> Vec<&'static str> {
+        let differs = |a: &dyn fmt::Debug, b: &dyn fmt::Debug| format!("{a:?}") != format!("{b:?}");
+        let mut sections = Vec::new();
+        let mut check = |name: &'static str, changed: bool| {
+            if changed {
+                sections.push(name);
+            }
+        };
+        check("kafka", differs(&self.kafka, &new.kafka));
+        let password = |d: &DatabaseSettings| d.password.as_ref().map(|p| p.expose().to_owned());
+        check(
+            "database",
+            differs(&self.database, &new.database)
+                || self.database.url != new.database.url
+                || password(&self.database) != password(&new.database),
+        );
+        check("http.listen", self.http.listen != new.http.listen);
+        let (h, n) = (&self.http, &new.http);
+        check(
+            "http",
+            h.api_token != n.api_token
+                || h.api_token_file != n.api_token_file
+                || h.protect_metrics != n.protect_metrics
+                || h.header_read_timeout != n.header_read_timeout
+                || h.request_timeout != n.request_timeout,
+        );
+        check("windows", differs(&self.windows, &new.windows));
+        check("ingest", differs(&self.ingest, &new.ingest));
+        check("calibration", differs(&self.calibration, &new.calibration));
+        check("recommendations", differs(&self.recommendations, &new.recommendations));
+        check("log", differs(&self.log, &new.log));
+        sections
+    }
+
+    /// `self` with the sections a reload applies taken from `new`; every other section stays
+    /// as the running daemon uses it until a restart. (Issue 18's usage profiles, once they
+    /// exist, belong to the applied sections too.)
+    pub fn reloaded(&self, new: Settings) -> Settings {
+        Settings {
+            pricing: new.pricing,
+            budgets: new.budgets,
+            alerting: new.alerting,
+            metrics: new.metrics,
+            ..self.clone()
+        }
+    }
+}
+
 /// Every problem found in a configuration, each with its key.
 #[derive(Debug, Default)]
 pub struct Problems(Vec<String>);
@@ -1414,10 +1495,26 @@ impl PricingSettings {
         );
         let mut seen_hw = HashSet::new();
         for (i, hw) in self.hardware.iter().enumerate() {
-            p.require(
-                seen_hw.insert(&hw.name),
-                format!("pricing.hardware[{i}].name: {:?} is priced twice", hw.name.as_str()),
-            );
+            // Several entries per hardware are its price history; two for the same instant
+            // would leave the price at that instant to the order of the file.
+            let first = seen_hw.insert((&hw.name, hw.effective_from));
+            match hw.effective_from {
+                None => p.require(
+                    first,
+                    format!(
+                        "pricing.hardware[{i}].name: {:?} is priced twice without effective_from",
+                        hw.name.as_str()
+                    ),
+                ),
+                Some(from) => p.require(
+                    first,
+                    format!(
+                        "pricing.hardware[{i}].effective_from: {:?} has two entries effective from {}",
+                        hw.name.as_str(),
+                        from.to_rfc3339_opts(chrono::SecondsFormat::AutoSi, true)
+                    ),
+                ),
+            }
             p.require(
                 hw.compute_price.0 >= Decimal::ZERO,
                 format!("pricing.hardware[{i}].compute_price: must not be negative"),
@@ -1611,6 +1708,32 @@ impl WebhookSettings {
 }
 
 impl BudgetSettings {
+    /// Split labels become alert and metric label names, so they must be valid Prometheus label
+    /// names and must not shadow a label every budget alert already has.
+    fn validate_split_by(&self, key: &str, p: &mut Problems) {
+        let mut seen = HashSet::new();
+        for name in &self.split_by {
+            let valid = name.len() <= 128
+                && name.chars().next().is_some_and(|c| c.is_ascii_alphabetic() || c == '_')
+                && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_')
+                && !name.starts_with("__");
+            p.require(
+                valid,
+                format!("{key}.split_by: {name:?} is not a label name (letters, digits and '_', not starting with a digit or '__')"),
+            );
+            p.require(
+                !RESERVED_SPLIT_LABELS.contains(&name.as_str()),
+                format!("{key}.split_by: {name:?} is a label every budget alert already has; rename the label or split by another"),
+            );
+            p.require(seen.insert(name), format!("{key}.split_by: {name:?} is listed twice"));
+        }
+    }
+
+    /// The budget's split labels and their values for one split, in `split_by` order.
+    pub fn split_labels(&self, values: &[String]) -> BTreeMap<String, String> {
+        self.split_by.iter().cloned().zip(values.iter().cloned()).collect()
+    }
+
     fn validate(&self, key: &str, p: &mut Problems) {
         p.require(
             !self.name.trim().is_empty()
@@ -1649,6 +1772,13 @@ impl BudgetSettings {
                 );
             }
         }
+        for (name, glob) in &self.scope.labels {
+            p.require(
+                !name.is_empty() && name.len() <= 128 && !glob.is_empty() && glob.len() <= 128,
+                format!("{key}.match.labels.{name}: label names and globs must be 1-128 characters"),
+            );
+        }
+        self.validate_split_by(key, p);
         if let Some(d) = &self.drift {
             p.require(
                 d.factor > Decimal::ONE,
@@ -1821,6 +1951,108 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(float.contains("write 5000.5 as a string"), "{float}");
+    }
+
+    #[test]
+    fn hardware_prices_have_effective_dates_and_one_entry_per_instant() {
+        let history = format!(
+            "{EXAMPLE}{}",
+            r#"
+            [[pricing.hardware]]
+            name = "a100-80g"
+            compute_price = "0.08"
+            storage_price = "0.2"
+            effective_from = "2026-11-01T00:00:00+01:00"
+
+            [[pricing.hardware]]
+            name = "a100-80g"
+            compute_price = "0.07"
+            storage_price = "0.2"
+            effective_from = 2026-12-01T00:00:00Z
+            "#
+        );
+        let s = parse(&history).unwrap();
+        let from: Vec<_> = s.pricing.hardware.iter().map(|h| h.effective_from).collect();
+        assert_eq!(
+            from,
+            vec![
+                None,
+                Some("2026-10-31T23:00:00Z".parse().unwrap()),
+                Some("2026-12-01T00:00:00Z".parse().unwrap())
+            ]
+        );
+
+        let twice = history.replace("2026-12-01T00:00:00Z", "2026-10-31T23:00:00Z");
+        let err = parse(&twice).unwrap_err().to_string();
+        assert!(
+            err.contains(
+                "pricing.hardware[2].effective_from: \"a100-80g\" has two entries effective from 2026-10-31T23:00:00Z"
+            ),
+            "{err}"
+        );
+        let undated_twice = history.replace("effective_from = \"2026-11-01T00:00:00+01:00\"", "");
+        let err = parse(&undated_twice).unwrap_err().to_string();
+        assert!(
+            err.contains("pricing.hardware[1].name: \"a100-80g\" is priced twice without effective_from"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn budgets_match_labels_and_split_by_label_names() {
+        let budget = |extra: &str| {
+            format!("{EXAMPLE}\n[[budgets]]\nname = \"per-team\"\nperiod = \"monthly\"\namount = \"100\"\n{extra}\n")
+        };
+        let s = parse(&budget(
+            r#"match = { model = "qwen2-*", labels = { tenant = "search-*", env = "prod" } }
+               split_by = ["tenant"]"#,
+        ))
+        .unwrap();
+        let b = &s.budgets[0];
+        assert_eq!(b.scope.labels["tenant"], "search-*");
+        assert_eq!(b.scope.labels["env"], "prod");
+        assert_eq!(b.split_by, vec!["tenant".to_owned()]);
+        assert_eq!(
+            b.split_labels(&["search-a".to_owned()]),
+            BTreeMap::from([("tenant".to_owned(), "search-a".to_owned())])
+        );
+
+        let err = parse(&budget(r#"split_by = ["tenant", "kind", "9x", "tenant"]"#))
+            .unwrap_err()
+            .to_string();
+        for want in [
+            "budgets[0].split_by: \"kind\" is a label every budget alert already has; rename the label or split by another",
+            "budgets[0].split_by: \"9x\" is not a label name (letters, digits and '_', not starting with a digit or '__')",
+            "budgets[0].split_by: \"tenant\" is listed twice",
+        ] {
+            assert!(err.contains(want), "{want} in {err}");
+        }
+        let err = parse(&budget(r#"match = { labels = { tenant = "" } }"#))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("budgets[0].match.labels.tenant: label names and globs must be 1-128 characters"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn a_reload_applies_pricing_budgets_alerting_and_metrics_and_names_the_rest() {
+        let old = parse(EXAMPLE).unwrap();
+        let changed = EXAMPLE
+            .replace("compute_price = \"0.1\"", "compute_price = \"0.3\"")
+            .replace("group_id = \"costwatch\"", "group_id = \"other\"")
+            .replace("size = \"1m\"", "size = \"2m\"")
+            + "\n[metrics]\nmax_models = 7\n[http]\nlisten = \"127.0.0.1:9999\"\n";
+        let new = parse(&changed).unwrap();
+        assert_eq!(old.restart_needed(&new), vec!["kafka", "http.listen", "windows"]);
+        let applied = old.reloaded(new);
+        assert_eq!(applied.pricing.hardware[0].compute_price.to_string(), "0.3");
+        assert_eq!(applied.metrics.max_models, 7);
+        assert_eq!(applied.kafka.group_id, "costwatch", "kept until restart");
+        assert_eq!(applied.windows.size, Duration::from_secs(60));
+        assert_eq!(applied.http.listen, old.http.listen);
+        assert!(old.restart_needed(&parse(EXAMPLE).unwrap()).is_empty());
     }
 
     #[test]

@@ -56,7 +56,18 @@ pub struct AppState {
     pub protect_metrics: bool,
     /// How long to wait on clients and on handlers.
     pub timeouts: Timeouts,
+    /// Asks the daemon to re-read its configuration file (`POST /-/reload`); `None`: no
+    /// daemon to ask, and the route answers 503.
+    pub reload: Option<ReloadTrigger>,
 }
+
+/// The answer to a reload request: the keys that changed but wait for a restart, or why the
+/// new configuration was refused (nothing changed then).
+pub type ReloadOutcome = Result<Vec<String>, String>;
+
+/// Where `POST /-/reload` sends its request; the daemon answers on the enclosed channel once
+/// the reload is applied or refused.
+pub type ReloadTrigger = tokio::sync::mpsc::Sender<tokio::sync::oneshot::Sender<ReloadOutcome>>;
 
 /// How long the listener waits on a client (`http.header_read_timeout`) and on itself
 /// (`http.request_timeout`).
@@ -93,10 +104,14 @@ pub fn router(state: AppState) -> Router {
         .route("/recommendations", get(recommendations))
         .route("/budgets", get(budgets))
         .route("/alerts", get(alerts))
-        .route_layer(token)
+        .route_layer(token.clone())
         .route("/openapi.json", get(openapi));
+    // Prometheus's lifecycle endpoint path; it changes what the daemon does, so it needs the
+    // token whenever the API does.
+    let admin = Router::new().route("/-/reload", post(reload)).route_layer(token);
     Router::new()
         .merge(metrics_route)
+        .merge(admin)
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(readyz))
         .nest("/api/v1", api)
@@ -262,6 +277,27 @@ async fn time_limit(State(state): State<AppState>, request: Request, next: Next)
 /// Compares without an early exit, so response time does not reveal a token's prefix.
 fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
     a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+/// `POST /-/reload`: re-reads the configuration file as SIGHUP does. 200 with the keys ignored
+/// until a restart, or 500 with the reason the file was refused (nothing changed then).
+async fn reload(State(state): State<AppState>) -> Response {
+    let Some(trigger) = &state.reload else {
+        return ApiError::Unavailable.into_response();
+    };
+    let (reply, answer) = tokio::sync::oneshot::channel();
+    if trigger.send(reply).await.is_err() {
+        return ApiError::Unavailable.into_response();
+    }
+    match answer.await {
+        Ok(Ok(ignored)) => Json(json!({ "status": "success", "ignored_until_restart": ignored })).into_response(),
+        Ok(Err(error)) => (
+            StatusCode::INTERNAL_SERVER_ERROR,
+            Json(json!({ "status": "error", "error": error })),
+        )
+            .into_response(),
+        Err(_) => ApiError::Unavailable.into_response(),
+    }
 }
 
 async fn metrics(State(state): State<AppState>) -> Response {

@@ -132,6 +132,10 @@ pub const NOTIFICATIONS_TOTAL: &str = "costwatch_alert_notifications_total";
 pub const DELIVERIES_PENDING: &str = "costwatch_alert_deliveries_pending";
 /// Gauge, always 1, labels `version`, `revision`, `rustc`: which build runs.
 pub const BUILD_INFO: &str = "costwatch_build_info";
+/// 1 when the last configuration reload (or the start) succeeded, 0 when it failed.
+pub const CONFIG_RELOAD_SUCCESSFUL: &str = "costwatch_config_last_reload_successful";
+/// When the configuration was last loaded successfully (the start, or a reload).
+pub const CONFIG_RELOAD_SUCCESS_TIME: &str = "costwatch_config_last_reload_success_timestamp_seconds";
 
 /// Sets up `tracing` output on stderr in `format`; `RUST_LOG` overrides the default level
 /// (`info`).
@@ -220,6 +224,14 @@ pub fn describe_metrics() {
         DELIVERIES_PENDING,
         "Alert notifications not yet accepted by their receiver (leader only)"
     );
+    describe_gauge!(
+        CONFIG_RELOAD_SUCCESSFUL,
+        "1 when the last configuration reload (SIGHUP, POST /-/reload) or the start succeeded, 0 when it failed"
+    );
+    describe_gauge!(
+        CONFIG_RELOAD_SUCCESS_TIME,
+        "When the configuration was last loaded successfully (the start or a reload)"
+    );
     describe_counter!(UNPRICED_EVENTS_TOTAL, "Accepted events on hardware without a price");
     describe_histogram!(FLUSH_DURATION, Unit::Seconds, "Time to write one flush to PostgreSQL");
     describe_gauge!(LAST_FLUSH, Unit::Seconds, "Unix time of the last successful flush");
@@ -292,18 +304,88 @@ pub fn describe_metrics() {
     );
 }
 
-/// Exports a budget's standing. Prometheus values are floats; the exact figures are in
-/// `/api/v1/budgets`.
-pub fn budget_status(name: &str, amount: Money, spend: Money, utilization: Decimal, forecast: Option<Money>) {
-    use rust_decimal::prelude::ToPrimitive;
-    let name = name.to_owned();
-    let f = |d: Decimal| d.to_f64().unwrap_or(f64::NAN);
-    gauge!(BUDGET_AMOUNT, "budget" => name.clone()).set(f(amount.value()));
-    gauge!(BUDGET_SPEND, "budget" => name.clone()).set(f(spend.value()));
-    gauge!(BUDGET_UTILIZATION, "budget" => name.clone()).set(f(utilization));
-    if let Some(forecast) = forecast {
-        gauge!(BUDGET_FORECAST, "budget" => name).set(f(forecast.value()));
+/// Records a configuration load, as Prometheus does: whether the last one worked and, if it
+/// did, when. The start counts as a successful load.
+pub fn config_reloaded(ok: bool) {
+    gauge!(CONFIG_RELOAD_SUCCESSFUL).set(if ok { 1.0 } else { 0.0 });
+    if ok {
+        gauge!(CONFIG_RELOAD_SUCCESS_TIME).set(chrono::Utc::now().timestamp_millis() as f64 / 1000.0);
     }
+}
+
+/// One budget status's gauge values: a budget, or one split of a budget with `split_by`.
+pub struct BudgetGauges<'a> {
+    /// The budget's name: the `budget` label.
+    pub name: &'a str,
+    /// The split's labels (`tenant` = `search-a`), each a gauge label; empty without `split_by`.
+    pub split: &'a BTreeMap<String, String>,
+    /// The budget's amount per period.
+    pub amount: Money,
+    /// Priced spend this period.
+    pub spend: Money,
+    /// The projected end-of-period spend, when the budget forecasts.
+    pub forecast: Option<Money>,
+}
+
+/// Exports each budget's standing. Splits keep their own label values up to
+/// `metrics.max_label_values` per budget (the first seen keep them); the rest are summed into
+/// one series whose split labels read `other` (its utilization is their spend over their
+/// amounts). Prometheus values are floats; the exact figures are in `/api/v1/budgets`.
+pub fn budget_statuses<'a>(statuses: impl IntoIterator<Item = BudgetGauges<'a>>) {
+    // Per label set: amount, spend and forecast, summed over the splits it stands for.
+    type Sums = (Decimal, Decimal, Option<Decimal>);
+    let mut series: BTreeMap<Vec<(String, String)>, Sums> = BTreeMap::new();
+    {
+        let mut caps = budget_caps().lock().unwrap_or_else(|p| p.into_inner());
+        let max = caps.max;
+        for s in statuses {
+            let values: Vec<String> = s.split.values().cloned().collect();
+            let admitted = caps.seen.entry(s.name.to_owned()).or_default();
+            let own = admitted.contains(&values) || admitted.len() < max && admitted.insert(values);
+            let mut labels = vec![("budget".to_owned(), s.name.to_owned())];
+            for (name, value) in s.split {
+                let value = if own { value.clone() } else { OTHER.to_owned() };
+                labels.push((name.clone(), value));
+            }
+            // Every split of a budget forecasts or none does, so a sum is all or nothing.
+            let sums = series.entry(labels).or_default();
+            sums.0 += s.amount.value();
+            sums.1 += s.spend.value();
+            sums.2 = s.forecast.map(|f| sums.2.unwrap_or_default() + f.value());
+        }
+    }
+    use rust_decimal::prelude::ToPrimitive;
+    let f = |d: Decimal| d.to_f64().unwrap_or(f64::NAN);
+    for (labels, (amount, spend, forecast)) in series {
+        let labels: Vec<metrics::Label> = labels.into_iter().map(|(k, v)| metrics::Label::new(k, v)).collect();
+        gauge!(BUDGET_AMOUNT, labels.clone()).set(f(amount));
+        gauge!(BUDGET_SPEND, labels.clone()).set(f(spend));
+        let utilization = if amount.is_zero() {
+            Decimal::ZERO
+        } else {
+            spend / amount
+        };
+        gauge!(BUDGET_UTILIZATION, labels.clone()).set(f(utilization));
+        if let Some(forecast) = forecast {
+            gauge!(BUDGET_FORECAST, labels).set(f(forecast));
+        }
+    }
+}
+
+/// The split values that have their own budget gauge labels, per budget.
+struct BudgetCaps {
+    max: usize,
+    seen: std::collections::HashMap<String, HashSet<Vec<String>>>,
+}
+
+fn budget_caps() -> &'static Mutex<BudgetCaps> {
+    static CAPS: OnceLock<Mutex<BudgetCaps>> = OnceLock::new();
+    CAPS.get_or_init(|| {
+        Mutex::new(BudgetCaps {
+            max: 100,
+            seen: std::collections::HashMap::new(),
+        })
+    })
 }
 
 /// Starts `costwatch_rejected_events_total` at zero for every reason code, so that dashboards
@@ -492,11 +574,15 @@ pub fn set_label_dimensions(names: &[String], max_values: usize) {
     inner.cap.max_label_values = max_values;
 }
 
-/// Sets the label cardinality caps (call once at startup, before the first flush).
-pub fn set_label_caps(max_models: usize, max_hardware: usize) {
+/// Sets the label cardinality caps: at startup, before the first flush, and again on a
+/// configuration reload. A lower cap keeps the names already admitted (a series never changes
+/// its labels) and sends only new names to `other`.
+pub fn set_label_caps(max_models: usize, max_hardware: usize, max_label_values: usize) {
     let mut inner = ledger().inner.lock().unwrap_or_else(|p| p.into_inner());
     inner.cap.max_models = max_models;
     inner.cap.max_hardware = max_hardware;
+    drop(inner);
+    budget_caps().lock().unwrap_or_else(|p| p.into_inner()).max = max_label_values;
 }
 
 const LEDGER_HELP: [(&str, &str); 4] = [

@@ -605,6 +605,7 @@ async fn a_new_version_prices_new_windows_live_and_rerate_reprices_old_ones_exac
         UnitPrice(dec("0.1")),
         UnitPrice(dec("0.2")),
         "USD",
+        None,
     )
     .to_string();
     assert_eq!(

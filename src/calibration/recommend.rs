@@ -111,7 +111,7 @@ pub fn recommend(
 
 fn recommend_one(book: &PriceBook, usage: &ModelUsage, at: DateTime<Utc>) -> Result<Recommendation, PricingError> {
     let mut targets = Vec::new();
-    for (hardware, pricing) in book.hardware_targets() {
+    for (hardware, pricing) in book.hardware_targets(at) {
         // Every target in hardware_targets has prices, so it is priced.
         let Some(priced) = book.priced(&usage.model, hardware, at) else {
             continue;

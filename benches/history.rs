@@ -24,6 +24,10 @@ use costwatch::usage::LabelFilter;
 use sqlx::{Executor, PgPool};
 
 struct Args {
+    /// Timed runs of each "before" query (reading 35 days of raw windows takes tens of seconds).
+    before_runs: usize,
+    /// Keep the database of an earlier run with the same sizes instead of filling it again.
+    reuse: bool,
     days: i64,
     raw_days: i64,
     keys: i64,
@@ -37,6 +41,8 @@ fn args() -> Args {
         raw_days: 35,
         keys: 200,
         runs: 20,
+        before_runs: 3,
+        reuse: false,
         url: std::env::var("COSTWATCH_BENCH_DATABASE_URL")
             .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/costwatch_bench_history".into()),
     };
@@ -49,6 +55,12 @@ fn args() -> Args {
             "--raw-days" => a.raw_days = value().expect("--raw-days N"),
             "--keys" => a.keys = value().expect("--keys K"),
             "--runs" => a.runs = value().expect("--runs N") as usize,
+            "--before-runs" => a.before_runs = value().expect("--before-runs N") as usize,
+            "--reuse" => {
+                a.reuse = true;
+                i += 1;
+                continue;
+            }
             _ => {
                 i += 1;
                 continue;
@@ -172,12 +184,16 @@ fn dashboard_queries(from: DateTime<Utc>, to: DateTime<Utc>, before: bool) -> Ve
     queries
         .into_iter()
         .map(|q| {
-            let q = q.replace("$__timeFilter(window_start)", &range).replace(
-                "$__timeGroupAlias(window_start, $__interval)",
-                "date_trunc('hour', window_start) AS time",
-            );
+            let q = q
+                .replace("$__timeFilter(window_start)", &range)
+                .replace(
+                    "$__timeGroupAlias(window_start, $__interval)",
+                    "date_trunc('hour', window_start) AS time",
+                )
+                .replace("$tenant", "'__all'");
             if before {
                 q.replace("usage_costs_hourly", "usage_costs")
+                    .replace("usage_costs_by_labels_hourly", "usage_costs_by_labels")
             } else {
                 q
             }
@@ -273,24 +289,35 @@ async fn main() {
     let name = a.url.rsplit('/').next().unwrap().to_owned();
     let admin = format!("{}/postgres", &a.url[..a.url.rfind('/').unwrap()]);
     let admin_pool = PgPool::connect(&admin).await.unwrap();
-    admin_pool
-        .execute(format!("DROP DATABASE IF EXISTS \"{name}\" WITH (FORCE)").as_str())
+    let exists: bool = sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM pg_database WHERE datname = $1)")
+        .bind(&name)
+        .fetch_one(&admin_pool)
         .await
         .unwrap();
-    admin_pool
-        .execute(format!("CREATE DATABASE \"{name}\"").as_str())
-        .await
-        .unwrap();
+    let reuse = a.reuse && exists;
+    eprintln!("database {name}: {}", if reuse { "reused" } else { "filled anew" });
+    if !reuse {
+        admin_pool
+            .execute(format!("DROP DATABASE IF EXISTS \"{name}\" WITH (FORCE)").as_str())
+            .await
+            .unwrap();
+        admin_pool
+            .execute(format!("CREATE DATABASE \"{name}\"").as_str())
+            .await
+            .unwrap();
+    }
     let store = Store::connect_lazy(&a.url, 4).unwrap();
     store.migrate().await.unwrap();
     let pool = store.pool().clone();
     let now = Utc::now();
     let today = now.duration_trunc(Span::days(1)).unwrap();
-    fill(&pool, &store, &a, today).await;
+    if !reuse {
+        fill(&pool, &store, &a, today).await;
+    }
 
     println!(
-        "# history benchmark: {} days of roll-ups, {} of raw windows, {} keys, {} runs per query",
-        a.days, a.raw_days, a.keys, a.runs
+        "# history benchmark: {} days of roll-ups, {} of raw windows, {} keys, {} runs per query ({} before)",
+        a.days, a.raw_days, a.keys, a.runs, a.before_runs
     );
     for table in ["window_usage", "usage_hourly", "usage_daily"] {
         let (rows, bytes): (i64, i64) = sqlx::query_as(&format!(
@@ -305,10 +332,12 @@ async fn main() {
     }
     let mut report = Vec::new();
     let settings = budget_settings(&a.url);
-    for before in [true, false] {
+    // After first: its numbers are the ones the targets are about.
+    for before in [false, true] {
         let label = if before { "before" } else { "after" };
+        let runs = if before { a.before_runs } else { a.runs };
         for (i, sql) in dashboard_queries(now - Span::days(30), now, before).iter().enumerate() {
-            let (p50, p95) = timed(a.runs, || async {
+            let (p50, p95) = timed(runs, || async {
                 sqlx::query(sql).fetch_all(&pool).await.unwrap();
             })
             .await;
@@ -321,7 +350,7 @@ async fn main() {
             ("365d", 365, CostStep::Day),
         ] {
             let from = now - Span::days(days);
-            let (p50, p95) = timed(a.runs, || async {
+            let (p50, p95) = timed(runs, || async {
                 if before {
                     before_cost_table(&pool, from, now, step.as_str()).await;
                 } else {
@@ -341,7 +370,7 @@ async fn main() {
             println!("{label} api_costs_{span} p50_ms={p50:.1} p95_ms={p95:.1}");
             report.push((label, format!("q{span}"), p95));
         }
-        let (p50, p95) = timed(a.runs, || async {
+        let (p50, p95) = timed(runs, || async {
             if before {
                 let month =
                     costwatch::alerting::budget::period_bounds(costwatch::config::Period::Monthly, chrono_tz::UTC, now);

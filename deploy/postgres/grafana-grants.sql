@@ -13,5 +13,6 @@
 \set ON_ERROR_STOP on
 
 GRANT USAGE ON SCHEMA public TO :"grafana";
-GRANT SELECT ON usage_costs, usage_costs_hourly, usage_costs_daily, usage_costs_by_labels, rejected_events,
+GRANT SELECT ON usage_costs, usage_costs_hourly, usage_costs_daily, usage_costs_by_labels,
+    usage_costs_by_labels_hourly, rejected_events,
     budget_alert TO :"grafana";

@@ -13,6 +13,9 @@ use serde::Deserialize;
 use crate::domain::{exact_decimal, fraction, Coefficient, HardwareName, ModelName, Money, UnitPrice};
 use crate::secret::Secret;
 
+pub mod sources;
+pub use sources::{SourceFormat, SourceSettings, TimestampFormat, UsageProfileSettings, NATIVE_SOURCE};
+
 /// The environment prefix; keys below it are separated by `__`, e.g. `COSTWATCH__KAFKA__BROKERS`.
 pub const ENV_PREFIX: &str = "COSTWATCH";
 
@@ -53,6 +56,13 @@ pub struct Settings {
     /// `[log]`: the log format.
     #[serde(default)]
     pub log: LogSettings,
+    /// `[[sources]]`: the topics usage is read from and their formats; without any, `[kafka]
+    /// topic` is the one source, in costwatch's own format.
+    #[serde(default)]
+    pub sources: Vec<SourceSettings>,
+    /// `[[usage_profiles]]`: how token counts become T and S, per (model, hardware) glob pair.
+    #[serde(default)]
+    pub usage_profiles: Vec<UsageProfileSettings>,
 }
 
 /// `[kafka]`: where usage events come from.
@@ -61,7 +71,9 @@ pub struct Settings {
 pub struct KafkaSettings {
     /// Bootstrap servers, comma separated: `host:port[,host:port]`.
     pub brokers: String,
-    /// The topic inference servers publish usage events to.
+    /// The topic inference servers publish usage events to; with `[[sources]]` it may be left
+    /// out (each source names its topic).
+    #[serde(default)]
     pub topic: String,
     /// The consumer group; every costwatch instance of one deployment uses the same id.
     pub group_id: String,
@@ -1113,7 +1125,7 @@ impl Settings {
     /// Checks what types alone cannot, collecting every problem instead of stopping at the first.
     pub fn validate(&self) -> Result<(), ConfigError> {
         let mut problems = Problems::default();
-        self.kafka.validate(&mut problems);
+        self.kafka.validate(!self.sources.is_empty(), &mut problems);
         self.database.validate(&mut problems);
         self.windows.validate(&mut problems);
         self.ingest.validate(&mut problems);
@@ -1127,6 +1139,8 @@ impl Settings {
         self.calibration.validate(&mut problems);
         self.recommendations.validate(&mut problems);
         self.alerting.validate(&mut problems);
+        sources::validate_sources(&self.sources, &mut problems);
+        sources::validate_profiles(&self.usage_profiles, &mut problems);
         let mut names = HashSet::new();
         for (i, b) in self.budgets.iter().enumerate() {
             b.validate(&format!("budgets[{i}]"), &mut problems);
@@ -1161,9 +1175,13 @@ impl Problems {
 }
 
 impl KafkaSettings {
-    fn validate(&self, p: &mut Problems) {
+    fn validate(&self, has_sources: bool, p: &mut Problems) {
         p.require(!self.brokers.trim().is_empty(), "kafka.brokers: must not be empty");
-        p.require(!self.topic.trim().is_empty(), "kafka.topic: must not be empty");
+        // With `[[sources]]`, the topics are theirs and `kafka.topic` is not read.
+        p.require(
+            !self.topic.trim().is_empty() || has_sources,
+            "kafka.topic: must not be empty",
+        );
         p.require(!self.group_id.trim().is_empty(), "kafka.group_id: must not be empty");
         p.require(
             self.session_timeout >= Duration::from_secs(1),

@@ -17,7 +17,9 @@ use crate::ingest::aggregate::{millis, IngestRules};
 use crate::ingest::consumer::{self, Backoff, FlushLimits, Pipeline, PipelineSettings};
 use crate::ingest::event::Limits;
 use crate::ingest::health::Health;
+use crate::ingest::source::Source;
 use crate::ingest::window::WindowSize;
+use crate::pricing::profiles::UsageProfiles;
 use crate::pricing::{LivePrices, PriceBook};
 use crate::store::{self, ConnectFailure, Store, StoreError};
 use crate::telemetry;
@@ -159,33 +161,39 @@ pub async fn run(
         alerting::run(settings.clone(), store.clone(), board, cancel.clone()),
     );
 
-    let pipeline = Arc::new(Pipeline::new(
-        pipeline_settings(&settings),
-        store,
-        prices,
-        health,
-        cancel.clone(),
-    ));
-    let consumer = match consumer::build_consumer(&settings.kafka, pipeline.clone()) {
-        Ok(consumer) => consumer,
-        Err(error) => {
-            cancel.cancel();
-            tasks.wait().await?;
-            return Err(error).context("cannot create the Kafka consumer");
-        }
-    };
-    tasks.spawn("the consumer", async move {
-        tokio::task::spawn_blocking(move || consumer::consume(consumer, pipeline))
-            .await
-            .map_err(|e| anyhow::anyhow!("the consumer thread panicked: {e}"))?
-    });
+    // One consumer per source: each reads one topic in one format, into the same group.
+    let profiles = UsageProfiles::new(&settings.usage_profiles);
+    for source in settings.effective_sources() {
+        let source = Arc::new(Source::new(&source, profiles.clone()));
+        let pipeline = Arc::new(Pipeline::new(
+            pipeline_settings(&settings, source),
+            store.clone(),
+            prices.clone(),
+            health.member(),
+            cancel.clone(),
+        ));
+        let consumer = match consumer::build_consumer(&settings.kafka, pipeline.clone()) {
+            Ok(consumer) => consumer,
+            Err(error) => {
+                cancel.cancel();
+                tasks.wait().await?;
+                return Err(error).context("cannot create the Kafka consumer");
+            }
+        };
+        tasks.spawn("the consumer", async move {
+            tokio::task::spawn_blocking(move || consumer::consume(consumer, pipeline))
+                .await
+                .map_err(|e| anyhow::anyhow!("the consumer thread panicked: {e}"))?
+        });
+    }
     tasks.wait().await
 }
 
 /// What the ingest pipeline is told by the configuration.
-fn pipeline_settings(settings: &Settings) -> PipelineSettings {
+fn pipeline_settings(settings: &Settings, source: Arc<Source>) -> PipelineSettings {
     PipelineSettings {
-        topic: settings.kafka.topic.clone(),
+        topic: source.topic.clone(),
+        source,
         owner: instance_name(),
         rules: ingest_rules(settings),
         start_from: settings.kafka.start_from,

@@ -44,6 +44,9 @@ pub struct OutcomeCounts {
     pub duplicate: u64,
     /// Messages refused (kept in `rejected_events`).
     pub rejected: u64,
+    /// Parts of messages without usage, skipped (OTLP spans without GenAI usage, CloudEvents
+    /// of other types).
+    pub skipped: u64,
 }
 
 impl OutcomeCounts {
@@ -53,6 +56,7 @@ impl OutcomeCounts {
         self.late += o.late;
         self.duplicate += o.duplicate;
         self.rejected += o.rejected;
+        self.skipped += o.skipped;
     }
 }
 
@@ -161,7 +165,7 @@ pub fn describe_metrics() {
         "rustc" => env!("COSTWATCH_RUSTC_VERSION"),
     )
     .set(1.0);
-    for outcome in ["accepted", "late", "duplicate", "rejected"] {
+    for outcome in ["accepted", "late", "duplicate", "rejected", "skipped"] {
         counter!(EVENTS_TOTAL, "outcome" => outcome).increment(0);
     }
     for class in [ErrorClass::Transient, ErrorClass::Permanent] {
@@ -179,7 +183,7 @@ pub fn describe_metrics() {
     }
     describe_counter!(
         EVENTS_TOTAL,
-        "Messages consumed, by outcome: accepted, late (accepted, behind the watermark), duplicate, rejected"
+        "Messages consumed, by outcome: accepted, late (accepted, behind the watermark), duplicate, rejected, skipped (no usage in it: non-GenAI spans, CloudEvents of other types)"
     );
     describe_counter!(REJECTED_TOTAL, "Rejected messages by reason code");
     describe_gauge!(
@@ -330,6 +334,7 @@ pub fn flush_committed<'a>(
     counter!(EVENTS_TOTAL, "outcome" => "late").increment(c.late);
     counter!(EVENTS_TOTAL, "outcome" => "duplicate").increment(c.duplicate);
     counter!(EVENTS_TOTAL, "outcome" => "rejected").increment(c.rejected);
+    counter!(EVENTS_TOTAL, "outcome" => "skipped").increment(c.skipped);
     for (code, n) in rejected_by_code {
         counter!(REJECTED_TOTAL, "reason" => code).increment(n);
     }

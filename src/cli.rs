@@ -278,6 +278,11 @@ pub struct LoadgenArgs {
     /// Write the exact expected totals (JSON) to this file.
     #[arg(long)]
     pub expected: Option<PathBuf>,
+    /// The message format: costwatch (default), openai, cloudevents, otlp_json, otlp_proto or
+    /// json; all but costwatch carry tokens (see the README's "Sources and formats" for the
+    /// `[[sources]]` entry that reads each).
+    #[arg(long, default_value = "costwatch", value_parser = |s: &str| crate::config::SourceFormat::try_from(s.to_owned()))]
+    pub format: crate::config::SourceFormat,
 }
 
 /// Parses the command line and runs the command: one match arm per command, so the dispatch
@@ -538,7 +543,13 @@ async fn run_loadgen(config: Option<&std::path::Path>, args: &LoadgenArgs) -> an
         span: args.span,
         end: args.end.unwrap_or_else(Utc::now),
     };
-    let (messages, expected) = loadgen::generate(&spec);
+    if args.hostile > 0.0 && args.format != crate::config::SourceFormat::Costwatch {
+        bail!(
+            "--hostile is for the costwatch format; use --malformed with --format {}",
+            args.format.as_str()
+        );
+    }
+    let (messages, expected) = loadgen::generate_in(&spec, args.format);
     loadgen::ensure_topic_with(&brokers, &topic, args.partitions, &properties).await?;
     let rate = args.rate;
     tokio::task::spawn_blocking(move || loadgen::send_with(&brokers, &topic, &messages, rate, &properties)).await??;

@@ -10,7 +10,7 @@ import sys
 SRC = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "src")
 LAYERS = [
     ("base", ["domain", "config", "secret"]),
-    ("core", ["pricing", "error_class", "telemetry", "store", "kafka", "faults", "shutdown"]),
+    ("core", ["pricing", "error_class", "telemetry", "store", "history", "kafka", "faults", "shutdown"]),
     ("feature", ["ingest", "alerting", "calibration", "usage"]),
     ("top", ["http", "daemon", "cli", "loadgen", "lib", "main", "test_support"]),
 ]

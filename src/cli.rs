@@ -71,6 +71,17 @@ pub enum Command {
     /// Costs from PostgreSQL: totals over a range, by model and hardware, per step; the same
     /// numbers as `GET /api/v1/costs`.
     Costs(CostsArgs),
+    /// Drop history partitions past `[retention]` (and rejected messages past
+    /// `retention.rejected`) now, printing what was dropped; the daemon does this hourly.
+    Retention(RetentionArgs),
+}
+
+/// The arguments of `costwatch retention`.
+#[derive(Debug, Args)]
+pub struct RetentionArgs {
+    /// Print what would be dropped, drop nothing.
+    #[arg(long)]
+    pub dry_run: bool,
 }
 
 /// The arguments of `costwatch costs`.
@@ -85,8 +96,8 @@ pub struct CostsArgs {
     /// Group by these, comma separated: `model`, `hardware` (default: one total).
     #[arg(long, value_delimiter = ',', value_parser = ["model", "hardware"])]
     pub by: Vec<String>,
-    /// One row per bucket of this width (UTC): `window`, `hour` or `day` (default: none).
-    #[arg(long, value_parser = ["window", "hour", "day"])]
+    /// One row per bucket of this width (UTC): `window`, `hour`, `day` or `month` (default: none).
+    #[arg(long, value_parser = ["window", "hour", "day", "month"])]
     pub step: Option<String>,
     /// `table` (default), `csv` or `json`; decimals stay exact in every format.
     #[arg(long, value_parser = ["table", "csv", "json"], default_value = "table")]
@@ -349,6 +360,9 @@ pub fn main() -> ExitCode {
             with_store(cli.config.as_deref(), |settings, store| {
                 show_costs(settings, store, from, to, args)
             })
+        }),
+        Command::Retention(ref args) => with_store(cli.config.as_deref(), |settings, store| {
+            run_retention(settings, store, args.dry_run)
         }),
         Command::Recommend(ref args) => time_range(args.from.as_deref(), args.to.as_deref()).and_then(|(from, to)| {
             with_store(cli.config.as_deref(), |settings, store| {
@@ -636,6 +650,34 @@ where
         store.migrate().await.context("cannot prepare the database schema")?;
         command(settings, store).await
     })
+}
+
+/// `costwatch retention`: one retention run now, as the daemon's hourly one (history partitions,
+/// then rejected messages).
+async fn run_retention(settings: Settings, store: Store, dry_run: bool) -> anyhow::Result<()> {
+    let now = Utc::now();
+    let policy = daemon::retention_policy(&settings);
+    let Some(outcome) = crate::history::retention::run(&store, &policy, now, dry_run)
+        .await
+        .context("cannot apply history retention")?
+    else {
+        bail!("another costwatch instance is running retention right now; try again in a minute");
+    };
+    print!("{}", outcome.to_text(dry_run));
+    let keep = chrono::Duration::from_std(settings.rejected_retention()).unwrap_or(chrono::Duration::MAX);
+    if let Some(before) = now.checked_sub_signed(keep) {
+        let shown = show_instant(before);
+        if dry_run {
+            let n = crate::usage::store::rejected_before(store.pool(), before)
+                .await
+                .context("cannot count rejected messages")?;
+            println!("would delete {n} rejected messages received before {shown}");
+        } else {
+            let n = store.prune_rejected(before).await?.unwrap_or(0);
+            println!("deleted {n} rejected messages received before {shown}");
+        }
+    }
+    Ok(())
 }
 
 /// The configured price book with every stored coefficient version: what the daemon prices with.

@@ -56,6 +56,9 @@ pub struct Settings {
     /// `[log]`: the log format.
     #[serde(default)]
     pub log: LogSettings,
+    /// `[retention]`: how long each tier of history and rejected messages are kept.
+    #[serde(default)]
+    pub retention: RetentionSettings,
     /// `[[sources]]`: the topics usage is read from and their formats; without any, `[kafka]
     /// topic` is the one source, in costwatch's own format.
     #[serde(default)]
@@ -63,6 +66,85 @@ pub struct Settings {
     /// `[[usage_profiles]]`: how token counts become T and S, per (model, hardware) glob pair.
     #[serde(default)]
     pub usage_profiles: Vec<UsageProfileSettings>,
+}
+
+/// `[retention]`: how long history is kept, per tier; whole partitions are dropped hourly.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RetentionSettings {
+    /// Raw minute windows (`window_usage`, one partition per UTC day).
+    #[serde(default = "defaults::windows_retention", with = "humantime_serde")]
+    pub windows: Duration,
+    /// Hourly roll-ups (`usage_hourly`, one partition per UTC month).
+    #[serde(default = "defaults::hourly_retention", with = "humantime_serde")]
+    pub hourly: Duration,
+    /// Daily roll-ups (`usage_daily`, one partition per UTC year); unset: kept forever.
+    #[serde(default, with = "humantime_serde")]
+    pub daily: Option<Duration>,
+    /// Rejected messages (`rejected_events`); formerly `ingest.rejected_retention`.
+    #[serde(default, with = "humantime_serde")]
+    pub rejected: Option<Duration>,
+}
+
+impl Default for RetentionSettings {
+    fn default() -> Self {
+        Self {
+            windows: defaults::windows_retention(),
+            hourly: defaults::hourly_retention(),
+            daily: None,
+            rejected: None,
+        }
+    }
+}
+
+impl Settings {
+    /// How long rejected messages are kept: `retention.rejected`, else its old name
+    /// `ingest.rejected_retention`, else 14 days.
+    pub fn rejected_retention(&self) -> Duration {
+        self.retention
+            .rejected
+            .or(self.ingest.rejected_retention)
+            .unwrap_or_else(defaults::rejected_retention)
+    }
+
+    fn validate_retention(&self, p: &mut Problems) {
+        let r = &self.retention;
+        let day = Duration::from_secs(24 * 60 * 60);
+        if let (Some(new), Some(old)) = (r.rejected, self.ingest.rejected_retention) {
+            p.require(
+                new == old,
+                format!(
+                    "retention.rejected ({}) and its old name ingest.rejected_retention ({}) disagree: \
+                     keep retention.rejected only",
+                    humantime::format_duration(new),
+                    humantime::format_duration(old)
+                ),
+            );
+        }
+        p.require(
+            self.rejected_retention() >= Duration::from_secs(60 * 60),
+            "retention.rejected: must be at least 1h",
+        );
+        // Raw days are what late events and `rerate` still change: keep them while events for
+        // them are accepted.
+        let lateness = self.ingest.max_event_age + self.windows.allowed_lateness;
+        p.require(
+            r.windows >= day && r.windows > lateness,
+            format!(
+                "retention.windows: must be at least 1d and longer than ingest.max_event_age plus \
+                 windows.allowed_lateness ({}), got {}",
+                humantime::format_duration(lateness),
+                humantime::format_duration(r.windows)
+            ),
+        );
+        p.require(
+            r.hourly >= r.windows,
+            "retention.hourly: must be at least retention.windows (older hours would be answered by nothing finer than a day)",
+        );
+        if let Some(daily) = r.daily {
+            p.require(daily >= r.hourly, "retention.daily: must be at least retention.hourly");
+        }
+    }
 }
 
 /// `[kafka]`: where usage events come from.
@@ -195,9 +277,10 @@ pub struct IngestSettings {
     /// full size and SHA-256).
     #[serde(default = "defaults::max_rejected_payload_bytes")]
     pub max_rejected_payload_bytes: usize,
-    /// Rejected messages older than this are deleted (by one instance at a time, hourly).
-    #[serde(default = "defaults::rejected_retention", with = "humantime_serde")]
-    pub rejected_retention: Duration,
+    /// The old name of `retention.rejected`, still read; [`Settings::rejected_retention`] is
+    /// the one in force.
+    #[serde(default, with = "humantime_serde")]
+    pub rejected_retention: Option<Duration>,
     /// A partition whose stored offset has not moved for this long (or for twice
     /// `flush_interval`, if that is longer) while it has messages to read is reported stalled
     /// (`/readyz`, `costwatch_partition_stalled`).
@@ -216,7 +299,7 @@ impl Default for IngestSettings {
             max_pending_events: defaults::max_pending_events(),
             max_pending_bytes: defaults::max_pending_bytes(),
             max_rejected_payload_bytes: defaults::max_rejected_payload_bytes(),
-            rejected_retention: defaults::rejected_retention(),
+            rejected_retention: None,
             stall_after: defaults::stall_after(),
         }
     }
@@ -765,6 +848,12 @@ mod defaults {
     pub fn rejected_retention() -> Duration {
         Duration::from_secs(14 * 24 * 60 * 60)
     }
+    pub fn windows_retention() -> Duration {
+        Duration::from_secs(35 * 24 * 60 * 60)
+    }
+    pub fn hourly_retention() -> Duration {
+        Duration::from_secs(400 * 24 * 60 * 60)
+    }
     pub fn stall_after() -> Duration {
         Duration::from_secs(2 * 60)
     }
@@ -1139,6 +1228,7 @@ impl Settings {
         self.calibration.validate(&mut problems);
         self.recommendations.validate(&mut problems);
         self.alerting.validate(&mut problems);
+        self.validate_retention(&mut problems);
         sources::validate_sources(&self.sources, &mut problems);
         sources::validate_profiles(&self.usage_profiles, &mut problems);
         let mut names = HashSet::new();
@@ -1238,10 +1328,6 @@ impl IngestSettings {
         p.require(
             (64..=1024 * 1024).contains(&self.max_rejected_payload_bytes),
             "ingest.max_rejected_payload_bytes: must be between 64 and 1048576",
-        );
-        p.require(
-            self.rejected_retention >= Duration::from_secs(60 * 60),
-            "ingest.rejected_retention: must be at least 1h",
         );
         p.require(
             self.stall_after >= Duration::from_secs(1),

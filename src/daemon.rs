@@ -12,6 +12,7 @@ use crate::alerting;
 use crate::calibration;
 use crate::calibration::recommend;
 use crate::config::Settings;
+use crate::history;
 use crate::http::{self, AppState};
 use crate::ingest::aggregate::{millis, IngestRules};
 use crate::ingest::consumer::{self, Backoff, FlushLimits, Pipeline, PipelineSettings};
@@ -150,9 +151,10 @@ pub async fn run(
             return Err(error);
         }
     }
-    tokio::spawn(prune_rejected(
+    tokio::spawn(retention(
         store.clone(),
-        settings.ingest.rejected_retention,
+        retention_policy(&settings),
+        settings.rejected_retention(),
         cancel.clone(),
     ));
     let settings = Arc::new(settings);
@@ -349,19 +351,55 @@ async fn reload_coefficients(
     }
 }
 
-/// Deletes rejected messages older than `ingest.rejected_retention`, at start and then hourly.
-/// Every instance tries; one at a time gets the job ([`Store::prune_rejected`]).
-async fn prune_rejected(store: Store, retention: std::time::Duration, cancel: CancellationToken) {
+/// `[retention]` as the history module takes it.
+pub fn retention_policy(settings: &Settings) -> history::retention::Policy {
+    history::retention::Policy {
+        windows: settings.retention.windows,
+        hourly: settings.retention.hourly,
+        daily: settings.retention.daily,
+    }
+}
+
+/// At start and then hourly: creates the history partitions of the week ahead, drops those past
+/// `[retention]`, and deletes rejected messages older than `retention.rejected`. Every instance
+/// tries; one at a time gets each job (advisory locks).
+async fn retention(
+    store: Store,
+    policy: history::retention::Policy,
+    rejected: std::time::Duration,
+    cancel: CancellationToken,
+) {
     let mut tick = tokio::time::interval(PRUNE_EVERY);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let retention = chrono::Duration::from_std(retention).unwrap_or(chrono::Duration::MAX);
+    let rejected = chrono::Duration::from_std(rejected).unwrap_or(chrono::Duration::MAX);
     loop {
         tokio::select! {
             _ = cancel.cancelled() => return,
             _ = tick.tick() => {}
         }
+        let now = chrono::Utc::now();
+        if let Err(error) = history::partitions::ensure_ahead(&store, now, PARTITIONS_AHEAD_DAYS).await {
+            warn!(%error, "cannot create the history partitions ahead; the flush creates them on demand");
+        }
+        match history::retention::run(&store, &policy, now, false).await {
+            Ok(Some(outcome)) => {
+                let dropped: Vec<_> = outcome
+                    .dropped
+                    .iter()
+                    .map(|(p, rows)| (p.name.clone(), p.table, *rows))
+                    .collect();
+                let kept: Vec<_> = outcome
+                    .kept
+                    .iter()
+                    .map(|(p, why)| (p.name.clone(), why.clone()))
+                    .collect();
+                telemetry::retention_ran(&dropped, &kept);
+            }
+            Ok(None) => {}
+            Err(error) => warn!(%error, "cannot apply history retention; trying again in an hour"),
+        }
         // A retention longer than the calendar can count back keeps everything.
-        let Some(before) = chrono::Utc::now().checked_sub_signed(retention) else {
+        let Some(before) = now.checked_sub_signed(rejected) else {
             continue;
         };
         match store.prune_rejected(before).await {
@@ -372,7 +410,10 @@ async fn prune_rejected(store: Store, retention: std::time::Duration, cancel: Ca
     }
 }
 
-/// How often rejected messages past their retention are deleted.
+/// How many days of history partitions exist ahead of today.
+const PARTITIONS_AHEAD_DAYS: i64 = 7;
+
+/// How often retention runs.
 const PRUNE_EVERY: std::time::Duration = std::time::Duration::from_secs(60 * 60);
 
 /// Recomputes `costwatch_potential_savings` over the last `savings_window`.

@@ -21,6 +21,7 @@ pub mod daemon;
 pub mod domain;
 pub mod error_class;
 pub mod faults;
+pub mod history;
 pub mod http;
 pub mod ingest;
 pub mod kafka;

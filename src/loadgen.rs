@@ -100,6 +100,7 @@ pub struct PairTotal {
 }
 
 /// One message to send, with its key.
+#[derive(Debug, Clone)]
 pub struct Message {
     /// The Kafka key: the event id, so copies land in the same partition as the original.
     pub key: String,

@@ -37,6 +37,9 @@ pub enum StoreError {
          CREATE DATABASE <name> ENCODING 'UTF8' TEMPLATE template0"
     )]
     Encoding(String),
+    /// The roll-ups' unique keys need `NULLS NOT DISTINCT` (PostgreSQL 15).
+    #[error("PostgreSQL {} is too old: costwatch needs PostgreSQL 15 or newer", server_version(*.0))]
+    ServerVersion(i32),
     /// Any other error from PostgreSQL or the connection to it.
     #[error("PostgreSQL error: {0}")]
     Database(#[from] sqlx::Error),
@@ -195,6 +198,14 @@ pub fn check_url(url: &str) -> (Vec<String>, Vec<String>) {
     (problems, warnings)
 }
 
+/// `server_version_num` of PostgreSQL 15.0, the oldest that costwatch's schema runs on.
+pub const MIN_SERVER_VERSION: i32 = 150_000;
+
+/// `150004` as `15.4`.
+fn server_version(num: i32) -> String {
+    format!("{}.{}", num / 10_000, num % 10_000)
+}
+
 /// The `application_name` of every costwatch connection.
 pub const APPLICATION_NAME: &str = "costwatch";
 
@@ -204,6 +215,9 @@ static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
 #[derive(Clone, Debug)]
 pub struct Store {
     pool: PgPool,
+    /// UTC days (days since the Unix epoch) whose history partitions this process knows to
+    /// exist (see `crate::history::partitions`); shared by the clones.
+    known_days: std::sync::Arc<std::sync::Mutex<std::collections::HashSet<i64>>>,
 }
 
 impl Store {
@@ -218,12 +232,20 @@ impl Store {
             .max_connections(max_connections)
             .acquire_timeout(Duration::from_secs(5))
             .connect_lazy_with(options);
-        Self { pool }
+        Self {
+            pool,
+            known_days: Default::default(),
+        }
     }
 
     /// The pool, for the features' own SQL.
     pub fn pool(&self) -> &PgPool {
         &self.pool
+    }
+
+    /// The days whose history partitions are known to exist, for `crate::history::partitions`.
+    pub fn known_days(&self) -> &std::sync::Mutex<std::collections::HashSet<i64>> {
+        &self.known_days
     }
 
     /// Creates the database named in `url` when it does not exist yet (needs CREATEDB; a failure
@@ -267,7 +289,22 @@ impl Store {
         if encoding != "UTF8" {
             return Err(StoreError::Encoding(encoding));
         }
+        let version: i32 = sqlx::query_scalar("SELECT current_setting('server_version_num')::int4")
+            .fetch_one(&self.pool)
+            .await?;
+        if version < MIN_SERVER_VERSION {
+            return Err(StoreError::ServerVersion(version));
+        }
         MIGRATOR.run(&self.pool).await?;
+        // Partitions for yesterday to a week ahead, so that a fresh schema takes today's
+        // windows at once (the flush creates any other day's on demand).
+        sqlx::query(
+            "SELECT costwatch_ensure_partition(t, d)
+             FROM unnest(ARRAY['window_usage', 'usage_hourly', 'usage_daily']) t,
+                  generate_series(now() - interval '24 hours', now() + interval '168 hours', interval '24 hours') d",
+        )
+        .execute(&self.pool)
+        .await?;
         Ok(())
     }
 

@@ -80,7 +80,14 @@ pub const LAST_FLUSH: &str = "costwatch_last_flush_timestamp_seconds";
 pub const FLUSH_ERRORS_TOTAL: &str = "costwatch_flush_errors_total";
 /// Gauge, label `partition`: 1 while the partition is stalled (see `ingest.stall_after`).
 pub const PARTITION_STALLED: &str = "costwatch_partition_stalled";
-/// Counter: rejected messages deleted after `ingest.rejected_retention`.
+/// Counter: history partitions dropped by retention, by `table`.
+pub const PARTITIONS_DROPPED_TOTAL: &str = "costwatch_history_partitions_dropped_total";
+/// Counter: history partitions past retention kept because the next tier did not hold exactly
+/// what they held (never expected; see the log).
+pub const PARTITIONS_KEPT_TOTAL: &str = "costwatch_history_partitions_kept_total";
+/// Gauge: when retention last ran to the end (Unix seconds).
+pub const RETENTION_LAST_RUN: &str = "costwatch_retention_last_run_timestamp_seconds";
+/// Counter: rejected messages deleted after `retention.rejected`.
 pub const REJECTED_PRUNED_TOTAL: &str = "costwatch_rejected_pruned_total";
 /// Counter: partitions whose flush was fenced because another instance claimed them.
 pub const FENCED_TOTAL: &str = "costwatch_fenced_partitions_total";
@@ -226,8 +233,17 @@ pub fn describe_metrics() {
     );
     describe_counter!(
         REJECTED_PRUNED_TOTAL,
-        "Rejected messages deleted after ingest.rejected_retention"
+        "Rejected messages deleted after retention.rejected"
     );
+    describe_counter!(
+        PARTITIONS_DROPPED_TOTAL,
+        "History partitions dropped by retention, by table (window_usage, usage_hourly, usage_daily)"
+    );
+    describe_counter!(
+        PARTITIONS_KEPT_TOTAL,
+        "History partitions past retention kept because the next tier did not hold exactly what they held"
+    );
+    describe_gauge!(RETENTION_LAST_RUN, "When retention last ran to the end (Unix seconds)");
     describe_counter!(
         FENCED_TOTAL,
         "Partitions whose flush was refused because another instance claimed them"
@@ -531,8 +547,21 @@ pub fn partition_stalled(partition: i32, stalled: bool) {
 pub fn rejected_pruned(n: u64, before: chrono::DateTime<chrono::Utc>) {
     counter!(REJECTED_PRUNED_TOTAL).increment(n);
     if n > 0 {
-        tracing::info!(deleted = n, %before, "pruned rejected messages past ingest.rejected_retention");
+        tracing::info!(deleted = n, %before, "pruned rejected messages past retention.rejected");
     }
+}
+
+/// A retention run finished: history partitions dropped and kept.
+pub fn retention_ran(dropped: &[(String, &'static str, i64)], kept: &[(String, String)]) {
+    for (name, table, rows) in dropped {
+        counter!(PARTITIONS_DROPPED_TOTAL, "table" => *table).increment(1);
+        tracing::info!(partition = %name, table, rows, "dropped history partition past its retention");
+    }
+    for (name, reason) in kept {
+        counter!(PARTITIONS_KEPT_TOTAL).increment(1);
+        tracing::error!(partition = %name, %reason, "history partition past its retention kept");
+    }
+    gauge!(RETENTION_LAST_RUN).set(chrono::Utc::now().timestamp() as f64);
 }
 
 /// Claiming assigned partitions in PostgreSQL failed; retried after `retry_in`.

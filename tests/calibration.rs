@@ -71,9 +71,17 @@ async fn insert_usage(
     storage_price: &str,
 ) {
     sqlx::query(
-        "INSERT INTO window_usage (window_start, window_end, finalizes_at, model, hardware, events, compute, storage,
-                                   compute_price, storage_price, k1, k2, currency)
-         VALUES ($1, $1 + interval '1 minute', $1 + interval '6 minutes', $2, $3, 1, $4, $5, $6, $7, 1, 1, 'USD')",
+        "SELECT costwatch_ensure_partition(t, $1) FROM unnest(ARRAY['window_usage', 'usage_hourly', 'usage_daily']) t",
+    )
+    .bind(window_start)
+    .execute(pool)
+    .await
+    .unwrap();
+    sqlx::query(
+        "INSERT INTO window_usage (window_start, window_end, finalizes_at, topic, source, model, hardware, events,
+                                   compute, storage, compute_price, storage_price, k1, k2, currency)
+         VALUES ($1, $1 + interval '1 minute', $1 + interval '6 minutes', 'usage', 'usage', $2, $3, 1, $4, $5, $6, $7,
+                 1, 1, 'USD')",
     )
     .bind(window_start)
     .bind(model)
@@ -85,6 +93,9 @@ async fn insert_usage(
     .execute(pool)
     .await
     .unwrap();
+    // Written by hand, so the roll-ups are rebuilt as a repair would.
+    let day = window_start.timestamp_millis().div_euclid(costwatch::history::DAY_MS);
+    costwatch::history::rollup::rebuild_days(pool, &[day]).await.unwrap();
 }
 
 fn write_file(world: &World, name: &str, text: &str) -> String {

@@ -190,8 +190,15 @@ async fn a_window_row_postgresql_refuses_is_isolated_and_everything_else_commits
     assert_eq!(refused.get::<String, _>("reason_code"), "unstorable");
     assert_eq!(refused.get::<i64, _>("kafka_offset"), 1, "named by its first message");
     let message: String = refused.get("reason_message");
+    // The relation PostgreSQL names is the day's partition (window_usage_dYYYYMMDD).
     assert!(
-        message.starts_with("PostgreSQL refused the window row of 2 events from this offset on: new row for relation \"window_usage\" violates check constraint \"no_poison\""),
+        message.starts_with(
+            "PostgreSQL refused the window row of 2 events from this offset on: new row for relation \"window_usage_d"
+        ),
+        "{message}"
+    );
+    assert!(
+        message.contains("\" violates check constraint \"no_poison\""),
         "{message}"
     );
     assert!(message.ends_with("(SQLSTATE 23514)"), "{message}");
@@ -526,7 +533,7 @@ async fn rejected_messages_past_their_retention_are_pruned_by_one_instance() {
     assert!(metrics.contains("costwatch_rejected_pruned_total 2\n"), "{metrics}");
     assert!(daemon
         .log_text()
-        .contains("pruned rejected messages past ingest.rejected_retention"));
+        .contains("pruned rejected messages past retention.rejected"));
     assert!(daemon.terminate(WAIT).success());
 }
 

@@ -36,25 +36,27 @@ impl Store {
         currency: &str,
         ranges: &Ranges,
     ) -> Result<Observed, StoreError> {
-        let (from, to) = ranges.span();
         let model = like_pattern(budget.scope.model.as_deref());
         let hardware = like_pattern(budget.scope.hardware.as_deref());
         let split = |r: Option<(DateTime<Utc>, DateTime<Utc>)>| (r.map(|r| r.0), r.map(|r| r.1));
         let (recent_from, recent_to) = split(ranges.drift_recent);
         let (base_from, base_to) = split(ranges.drift_baseline);
+        // Each range from the tiers that cover it (usage_between): a month of spend reads
+        // daily roll-ups for its whole days, hourly ones for whole hours, raw windows for the rest.
+        let spend = |from: u8, to: u8| {
+            format!(
+                "(SELECT COALESCE(sum({ROW_COST}), 0) FROM usage_between(${from}, ${to})
+                  WHERE model LIKE $11 ESCAPE '\\' AND hardware LIKE $12 ESCAPE '\\' AND currency = $13)"
+            )
+        };
         let row = sqlx::query(&format!(
-            "SELECT
-               COALESCE(sum(cost) FILTER (WHERE window_start >= $3 AND window_start < $4), 0) AS period,
-               COALESCE(sum(cost) FILTER (WHERE window_start >= $5 AND window_start < $6), 0) AS short,
-               COALESCE(sum(cost) FILTER (WHERE window_start >= $7 AND window_start < $8), 0) AS long,
-               COALESCE(sum(cost) FILTER (WHERE window_start >= $9 AND window_start < $10), 0) AS recent,
-               COALESCE(sum(cost) FILTER (WHERE window_start >= $11 AND window_start < $12), 0) AS baseline
-             FROM (SELECT window_start, {ROW_COST} AS cost FROM window_usage
-                   WHERE window_start >= $1 AND window_start < $2
-                     AND model LIKE $13 ESCAPE '\\' AND hardware LIKE $14 ESCAPE '\\' AND currency = $15) w"
+            "SELECT {} AS period, {} AS short, {} AS long, {} AS recent, {} AS baseline",
+            spend(1, 2),
+            spend(3, 4),
+            spend(5, 6),
+            spend(7, 8),
+            spend(9, 10)
         ))
-        .bind(from)
-        .bind(to)
         .bind(ranges.period.0)
         .bind(ranges.period.1)
         .bind(ranges.short.0)
@@ -72,9 +74,8 @@ impl Store {
         .await?;
         let unpriced = if budget.unpriced {
             sqlx::query(
-                "SELECT model, hardware, sum(events)::int8 AS events FROM window_usage
-                 WHERE window_start >= $1 AND window_start < $2
-                   AND (compute_price IS NULL OR storage_price IS NULL)
+                "SELECT model, hardware, sum(events)::int8 AS events FROM usage_between($1, $2)
+                 WHERE (compute_price IS NULL OR storage_price IS NULL)
                    AND model LIKE $3 ESCAPE '\\' AND hardware LIKE $4 ESCAPE '\\'
                  GROUP BY model, hardware ORDER BY model, hardware LIMIT $5",
             )

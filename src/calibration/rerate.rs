@@ -15,7 +15,8 @@ use sqlx::PgPool;
 use crate::calibration::store;
 pub use crate::calibration::store::{Repriced, StoredRow};
 use crate::domain::{HardwareName, ModelName, Money};
-use crate::pricing::{PriceBook, PricingError, Rates};
+use crate::history::{day_of_ms, rollup};
+use crate::pricing::{CoefficientSource, PriceBook, PricingError, Rates};
 
 /// The difference re-rating made for one (model, hardware) pair.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -81,6 +82,15 @@ pub enum RerateError {
     Database(#[from] sqlx::Error),
 }
 
+impl From<crate::store::StoreError> for RerateError {
+    fn from(e: crate::store::StoreError) -> Self {
+        match e {
+            crate::store::StoreError::Database(e) => RerateError::Database(e),
+            other => RerateError::Database(sqlx::Error::Protocol(other.to_string())),
+        }
+    }
+}
+
 /// The pairs seen so far, by (model, hardware), before their differences are taken.
 pub type PairTotals = BTreeMap<(String, String), PairDifference>;
 
@@ -115,9 +125,11 @@ pub fn reprice(book: &PriceBook, rows: &[StoredRow], pairs: &mut PairTotals) -> 
         let before = cost(row.rates)?;
         let after = cost(new_rates)?;
         // Rates compare as numbers (0.50 is 0.5), so a row priced the same is left alone.
+        let assumed = priced.is_some_and(|p| p.source == CoefficientSource::Unit);
         let changed = new_rates != row.rates
             || new_version != row.coefficient_version
             || new_price_id != row.price_id
+            || assumed != row.stored.identity.coefficients_assumed
             || row.currency != book.currency();
         if changed {
             changes.push(Repriced {
@@ -125,6 +137,7 @@ pub fn reprice(book: &PriceBook, rows: &[StoredRow], pairs: &mut PairTotals) -> 
                 rates: new_rates,
                 coefficient_version: new_version,
                 price_id: new_price_id,
+                coefficients_assumed: assumed,
             });
         }
         let pair = pairs
@@ -225,9 +238,12 @@ async fn rerate_slice(
     pairs: &mut PairTotals,
 ) -> Result<(), RerateError> {
     let mut tx = pool.begin().await?;
-    // A flush adding to one of these rows waits for our COMMIT. Should the two lock orders
-    // cross, PostgreSQL aborts one as a deadlock: the flush retries by itself, and rerate
-    // reports the error and can simply be run again.
+    // The slice's days first, as every flush takes them: a flush into these rows waits for our
+    // COMMIT, and the roll-up deltas see the rows as they are.
+    let last_ms = to.timestamp_millis() - 1;
+    let days: Vec<i64> =
+        (day_of_ms(from.timestamp_millis())..=day_of_ms(last_ms.max(from.timestamp_millis()))).collect();
+    rollup::lock_days(&mut tx, &days).await?;
     let rows = store::lock_windows(&mut tx, from, to).await?;
     let changes = reprice(book, &rows, pairs)?;
     if dry_run || changes.is_empty() {
@@ -310,6 +326,12 @@ mod tests {
         let price_id = book
             .hardware(&HardwareName::parse(hardware).unwrap())
             .map(|p| p.price_id.to_string());
+        let rates = rates.map(|(cp, sp, k1, k2)| Rates {
+            compute_price: UnitPrice(d(cp)),
+            storage_price: UnitPrice(d(sp)),
+            k1: Coefficient(d(k1)),
+            k2: Coefficient(d(k2)),
+        });
         StoredRow {
             window_start: t("2026-01-01T00:00:00Z"),
             model: "m".into(),
@@ -317,15 +339,36 @@ mod tests {
             labels: "{}".into(),
             compute: ComputeUnits(d("1000")),
             storage: StorageUnits(d("500")),
-            rates: rates.map(|(cp, sp, k1, k2)| Rates {
-                compute_price: UnitPrice(d(cp)),
-                storage_price: UnitPrice(d(sp)),
-                k1: Coefficient(d(k1)),
-                k2: Coefficient(d(k2)),
-            }),
+            rates,
             coefficient_version: None,
-            price_id,
+            price_id: price_id.clone(),
             currency: "USD".into(),
+            stored: crate::calibration::store::StoredContent {
+                key: rollup::RowKey {
+                    window_start: t("2026-01-01T00:00:00Z"),
+                    topic: "usage".into(),
+                    source: "usage".into(),
+                    model: "m".into(),
+                    hardware: hardware.into(),
+                    labels: "{}".into(),
+                    usage_from_tokens: false,
+                },
+                sums: rollup::Sums {
+                    events: 1,
+                    compute: d("1000"),
+                    storage: d("500"),
+                    ..rollup::Sums::default()
+                },
+                identity: rollup::Identity {
+                    profile: None,
+                    currency: "USD".into(),
+                    price_id,
+                    coefficient_version: None,
+                    rates,
+                    coefficients_assumed: false,
+                },
+                finalizes_at: t("2026-01-01T00:02:00Z"),
+            },
         }
     }
 

@@ -8,7 +8,9 @@ use sqlx::{PgPool, Row};
 use crate::calibration::bills::{bill_key, Bill};
 use crate::calibration::recommend::ModelUsage;
 use crate::domain::{Coefficient, ComputeUnits, HardwareName, ModelName, Money, StorageUnits, UnitPrice};
+use crate::history::rollup;
 use crate::pricing::{CoefficientVersion, Rates};
+use crate::store::StoreError;
 
 /// One stored window row, as far as pricing goes.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -33,6 +35,21 @@ pub struct StoredRow {
     pub price_id: Option<String>,
     /// The currency the row's prices are in (`pricing.currency` when it was written).
     pub currency: String,
+    /// The row's whole key, its content and identity, for the roll-up deltas of re-pricing it.
+    pub stored: StoredContent,
+}
+
+/// What the roll-ups need of a stored row: its key, sums and identity.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StoredContent {
+    /// The row's key.
+    pub key: rollup::RowKey,
+    /// Its sums.
+    pub sums: rollup::Sums,
+    /// How it is priced now.
+    pub identity: rollup::Identity,
+    /// Its `finalizes_at`.
+    pub finalizes_at: DateTime<Utc>,
 }
 
 /// A row whose rates change.
@@ -46,6 +63,8 @@ pub struct Repriced {
     pub coefficient_version: Option<i64>,
     /// The price entry of the new rates, as hex; `None` when unpriced.
     pub price_id: Option<String>,
+    /// The new rates' coefficients are the assumed k1 = k2 = 1.
+    pub coefficients_assumed: bool,
 }
 
 /// What an import did, bill by bill.
@@ -141,9 +160,8 @@ pub async fn billed_usage(
                 COALESCE(sum(w.compute) FILTER (WHERE w.compute_price IS NULL), 0) AS unpriced_compute,
                 COALESCE(sum(w.storage) FILTER (WHERE w.storage_price IS NULL), 0) AS unpriced_storage
          FROM bill b
-         LEFT JOIN window_usage w
+         LEFT JOIN LATERAL usage_between(b.period_start, b.period_end) w
                 ON w.hardware = b.hardware AND (b.model IS NULL OR w.model = b.model)
-               AND w.window_start >= b.period_start AND w.window_start < b.period_end
          WHERE ($1::timestamptz IS NULL OR b.period_start >= $1)
            AND ($2::timestamptz IS NULL OR b.period_end <= $2)
          GROUP BY b.id
@@ -283,10 +301,11 @@ pub async fn usage_by_model(
 ) -> Result<Vec<ModelUsage>, sqlx::Error> {
     let rows = sqlx::query(
         "SELECT model, sum(compute) AS compute, sum(storage) AS storage,
-                CASE WHEN bool_and(total_cost IS NOT NULL) THEN sum(total_cost) END AS actual_cost,
-                COALESCE(sum(events) FILTER (WHERE total_cost IS NULL), 0)::int8 AS unpriced_events
-         FROM usage_costs
-         WHERE window_start >= $1 AND window_start < $2
+                CASE WHEN bool_and(compute_price IS NOT NULL AND storage_price IS NOT NULL)
+                     THEN sum(compute * compute_price * k1 + storage * storage_price * k2) END AS actual_cost,
+                COALESCE(sum(events) FILTER (WHERE compute_price IS NULL OR storage_price IS NULL), 0)::int8
+                    AS unpriced_events
+         FROM usage_between($1, $2)
          GROUP BY model ORDER BY model",
     )
     .bind(from)
@@ -316,11 +335,12 @@ pub async fn lock_windows(
     to: DateTime<Utc>,
 ) -> Result<Vec<StoredRow>, sqlx::Error> {
     Ok(sqlx::query(
-        "SELECT window_start, model, hardware, labels::text AS labels, compute, storage,
-                compute_price, storage_price, k1, k2, coefficient_version, price_id, currency
+        "SELECT window_start, topic, source, model, hardware, labels::text AS labels, usage_from_tokens, profile,
+                events, late_events, compute, storage, input_tokens, output_tokens, compute_price, storage_price,
+                k1, k2, coefficients_assumed, coefficient_version, price_id, currency, finalizes_at
          FROM window_usage
          WHERE window_start >= $1 AND window_start < $2
-         ORDER BY window_start, model, hardware, labels
+         ORDER BY model, hardware, labels, topic, source, usage_from_tokens, window_start
          FOR UPDATE",
     )
     .bind(from)
@@ -332,44 +352,70 @@ pub async fn lock_windows(
     .collect())
 }
 
-/// Writes the new rates of the `changes` among `rows` (read by [`lock_windows`]).
+/// Writes the new rates of the `changes` among `rows` (read by [`lock_windows`]), and moves
+/// each changed row's content to its new identity in the roll-ups. Call with the rows' days
+/// locked ([`rollup::lock_days`]).
 pub async fn update_rates(
     tx: &mut sqlx::Transaction<'_, sqlx::Postgres>,
     rows: &[StoredRow],
     changes: &[Repriced],
     currency: &str,
-) -> Result<(), sqlx::Error> {
+) -> Result<(), StoreError> {
     let rate = |pick: fn(&Rates) -> Decimal| -> Vec<Option<Decimal>> {
         changes.iter().map(|c| c.rates.as_ref().map(pick)).collect()
     };
+    let key = |c: &Repriced| &rows[c.row].stored.key;
     sqlx::query(
         "UPDATE window_usage AS w
-            SET compute_price = u.cp, storage_price = u.sp, k1 = u.k1, k2 = u.k2,
-                coefficient_version = u.cv, price_id = u.pi, currency = $11, updated_at = now()
-         FROM UNNEST($1::timestamptz[], $2::text[], $3::text[], $4::text[], $5::numeric[], $6::numeric[],
-                     $7::numeric[], $8::numeric[], $9::int8[], $10::text[])
-              AS u(s, m, h, l, cp, sp, k1, k2, cv, pi)
-         WHERE w.window_start = u.s AND w.model = u.m AND w.hardware = u.h AND w.labels = u.l::jsonb",
+            SET compute_price = u.cp, storage_price = u.sp, k1 = u.k1, k2 = u.k2, coefficient_version = u.cv,
+                price_id = u.pi, coefficients_assumed = u.ass, currency = $15, updated_at = now()
+         FROM UNNEST($1::timestamptz[], $2::text[], $3::text[], $4::text[], $5::text[], $6::text[], $7::bool[],
+                     $8::numeric[], $9::numeric[], $10::numeric[], $11::numeric[], $12::int8[], $13::text[],
+                     $14::bool[])
+              AS u(s, t, src, m, h, l, uft, cp, sp, k1, k2, cv, pi, ass)
+         WHERE w.window_start = u.s AND w.topic = u.t AND w.source = u.src AND w.model = u.m AND w.hardware = u.h
+           AND w.labels = u.l::jsonb AND w.usage_from_tokens = u.uft",
     )
-    .bind(changes.iter().map(|c| rows[c.row].window_start).collect::<Vec<_>>())
-    .bind(changes.iter().map(|c| rows[c.row].model.as_str()).collect::<Vec<_>>())
-    .bind(
-        changes
-            .iter()
-            .map(|c| rows[c.row].hardware.as_str())
-            .collect::<Vec<_>>(),
-    )
-    .bind(changes.iter().map(|c| rows[c.row].labels.as_str()).collect::<Vec<_>>())
+    .bind(changes.iter().map(|c| key(c).window_start).collect::<Vec<_>>())
+    .bind(changes.iter().map(|c| key(c).topic.as_str()).collect::<Vec<_>>())
+    .bind(changes.iter().map(|c| key(c).source.as_str()).collect::<Vec<_>>())
+    .bind(changes.iter().map(|c| key(c).model.as_str()).collect::<Vec<_>>())
+    .bind(changes.iter().map(|c| key(c).hardware.as_str()).collect::<Vec<_>>())
+    .bind(changes.iter().map(|c| key(c).labels.as_str()).collect::<Vec<_>>())
+    .bind(changes.iter().map(|c| key(c).usage_from_tokens).collect::<Vec<_>>())
     .bind(rate(|r| r.compute_price.value()))
     .bind(rate(|r| r.storage_price.value()))
     .bind(rate(|r| r.k1.value()))
     .bind(rate(|r| r.k2.value()))
     .bind(changes.iter().map(|c| c.coefficient_version).collect::<Vec<_>>())
     .bind(changes.iter().map(|c| c.price_id.as_deref()).collect::<Vec<_>>())
+    .bind(changes.iter().map(|c| c.coefficients_assumed).collect::<Vec<_>>())
     .bind(currency)
     .execute(&mut **tx)
     .await?;
-    Ok(())
+    let deltas: Vec<rollup::Delta> = changes
+        .iter()
+        .flat_map(|c| {
+            let stored = &rows[c.row].stored;
+            let new = rollup::Identity {
+                profile: stored.identity.profile.clone(),
+                currency: currency.to_owned(),
+                price_id: c.price_id.clone(),
+                coefficient_version: c.coefficient_version,
+                rates: c.rates,
+                coefficients_assumed: c.coefficients_assumed,
+            };
+            let nothing_added = rollup::Sums::default();
+            rollup::row_change(
+                &stored.key,
+                Some((&stored.identity, &stored.sums)),
+                &nothing_added,
+                &new,
+                stored.finalizes_at,
+            )
+        })
+        .collect();
+    rollup::apply(tx, &deltas).await
 }
 
 fn stored_row(r: &sqlx::postgres::PgRow) -> StoredRow {
@@ -386,7 +432,22 @@ fn stored_row(r: &sqlx::postgres::PgRow) -> StoredRow {
         }),
         _ => None,
     };
+    let stored = StoredContent {
+        key: rollup::RowKey {
+            window_start: r.get("window_start"),
+            topic: r.get("topic"),
+            source: r.get("source"),
+            model: r.get("model"),
+            hardware: r.get("hardware"),
+            labels: r.get("labels"),
+            usage_from_tokens: r.get("usage_from_tokens"),
+        },
+        sums: rollup::Sums::from_row(r),
+        identity: rollup::Identity::from_row(r),
+        finalizes_at: r.get("finalizes_at"),
+    };
     StoredRow {
+        stored,
         window_start: r.get("window_start"),
         model: r.get("model"),
         hardware: r.get("hardware"),

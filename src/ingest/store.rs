@@ -7,10 +7,11 @@ use rust_decimal::Decimal;
 use sqlx::Row;
 
 use crate::faults::{self, FaultPoint};
+use crate::history::{self, partitions, rollup};
 use crate::ingest::aggregate::{Claim, FlushBatch, IngestRules, RejectedMessage, SeenIds};
 use crate::ingest::event::{RejectCode, Rejection};
 use crate::ingest::window::{from_millis, WindowKey, WindowSize, WindowSums};
-use crate::pricing::PriceBook;
+use crate::pricing::{CoefficientSource, PriceBook, Rates};
 use crate::store::{database_message, Store, StoreError};
 
 /// How the window rows are stamped when written.
@@ -188,6 +189,31 @@ impl Store {
         prices: &PriceBook,
         layout: WindowLayout,
     ) -> Result<WriteOutcome, StoreError> {
+        let mut days: Vec<i64> = windows.iter().map(|(k, _)| history::day_of_ms(k.start_ms)).collect();
+        days.sort_unstable();
+        days.dedup();
+        partitions::ensure_days(self, &days).await?;
+        match self.write_once(topic, batch, windows, &days, prices, layout).await {
+            // Another instance's retention dropped a partition this process thought was there:
+            // make sure of them again and write once more.
+            Err(e) if partitions::is_missing_partition(&e) => {
+                partitions::forget(self);
+                partitions::ensure_days(self, &days).await?;
+                self.write_once(topic, batch, windows, &days, prices, layout).await
+            }
+            outcome => outcome,
+        }
+    }
+
+    async fn write_once(
+        &self,
+        topic: &str,
+        batch: &FlushBatch,
+        windows: &[(&WindowKey, WindowSums)],
+        days: &[i64],
+        prices: &PriceBook,
+        layout: WindowLayout,
+    ) -> Result<WriteOutcome, StoreError> {
         let mut tx = self.pool().begin().await?;
 
         // A stalled flush (a lock, a slow disk) must fail and be retried rather than block the
@@ -197,6 +223,9 @@ impl Store {
             .await?;
 
         self.advance_progress(&mut tx, topic, batch).await?;
+        // Every writer of a day's rows holds the day's lock until it commits: the roll-up
+        // deltas below rely on the rows' old content staying what they read.
+        rollup::lock_days(&mut tx, days).await?;
 
         // In statements of bounded size: one statement for a 30,000-row flush held about 35 MB
         // of encoded arguments at once (the argument buffer and sqlx's copy of it in the Bind
@@ -208,10 +237,10 @@ impl Store {
         for round in rounds(windows) {
             for chunk in round.chunks(WINDOW_ROWS_PER_STATEMENT) {
                 if batch.isolate {
-                    unstorable.extend(isolate_windows(&mut tx, windows, chunk, prices, layout).await?);
+                    unstorable.extend(isolate_windows(&mut tx, topic, windows, chunk, prices, layout).await?);
                 } else {
                     let rows: Vec<_> = chunk.iter().map(|&i| &windows[i]).collect();
-                    write_windows(&mut tx, &rows, prices, layout).await?;
+                    write_windows(&mut tx, topic, &rows, prices, layout).await?;
                 }
             }
         }
@@ -373,6 +402,7 @@ fn rounds(windows: &[(&WindowKey, WindowSums)]) -> Vec<Vec<usize>> {
 /// retried as usual).
 async fn isolate_windows(
     tx: &mut sqlx::Transaction<'_, sqlx::Postgres>,
+    topic: &str,
     windows: &[(&WindowKey, WindowSums)],
     positions: &[usize],
     prices: &PriceBook,
@@ -384,7 +414,7 @@ async fn isolate_windows(
     while let Some(group) = groups.pop() {
         let rows: Vec<_> = group.iter().map(|&i| &windows[i]).collect();
         sqlx::query("SAVEPOINT costwatch_isolate").execute(&mut **tx).await?;
-        let written = write_windows(tx, &rows, prices, layout).await;
+        let written = write_windows(tx, topic, &rows, prices, layout).await;
         match settle_savepoint(tx, written).await? {
             None => {}
             Some(message) if group.len() == 1 => refused.push((group[0], message)),
@@ -541,96 +571,178 @@ fn unstorable_window((key, sums): &(&WindowKey, WindowSums), message: &str, layo
 /// Window rows per INSERT statement of a flush (see [`Store::write`]).
 const WINDOW_ROWS_PER_STATEMENT: usize = 4096;
 
-/// One upsert statement for `windows`. Long only because it builds one column array per
-/// bound parameter (seventeen) for a single `UNNEST`: one statement per chunk is what keeps a
-/// flush fast, and splitting the column building would only pass the arrays around.
+/// One upsert statement for `windows`, with the roll-up deltas it implies (see
+/// [`crate::history::rollup`]): the rows' old content is read first, under the days' locks the
+/// flush holds, so that a row priced anew moves its whole content to the new price in the
+/// roll-ups too.
 async fn write_windows(
     tx: &mut sqlx::Transaction<'_, sqlx::Postgres>,
+    topic: &str,
     windows: &[&(&WindowKey, WindowSums)],
     prices: &PriceBook,
     layout: WindowLayout,
 ) -> Result<(), StoreError> {
-    let n = windows.len();
-    let mut starts = Vec::with_capacity(n);
-    let mut ends = Vec::with_capacity(n);
-    let mut finals = Vec::with_capacity(n);
-    let mut models = Vec::with_capacity(n);
-    let mut hardware = Vec::with_capacity(n);
-    let mut labels = Vec::with_capacity(n);
-    let mut events = Vec::with_capacity(n);
-    let mut late = Vec::with_capacity(n);
-    let mut compute = Vec::with_capacity(n);
-    let mut storage = Vec::with_capacity(n);
-    let mut compute_price: Vec<Option<Decimal>> = Vec::with_capacity(n);
-    let mut storage_price: Vec<Option<Decimal>> = Vec::with_capacity(n);
-    let mut k1: Vec<Option<Decimal>> = Vec::with_capacity(n);
-    let mut k2: Vec<Option<Decimal>> = Vec::with_capacity(n);
-    let mut versions: Vec<Option<i64>> = Vec::with_capacity(n);
-    let mut price_ids: Vec<Option<String>> = Vec::with_capacity(n);
-    for &&(key, sums) in windows {
+    let rows: Vec<NewRow> = windows
+        .iter()
+        .map(|&&(key, sums)| NewRow::of(topic, key, sums, prices, layout))
+        .collect();
+    let old = read_rows(tx, &rows).await?;
+    upsert_windows(tx, &rows).await?;
+    let deltas: Vec<rollup::Delta> = rows
+        .iter()
+        .zip(&old)
+        .flat_map(|(row, old)| {
+            let old = old.as_ref().map(|(identity, sums)| (identity, sums));
+            rollup::row_change(&row.key, old, &row.sums, &row.identity, row.finalizes_at)
+        })
+        .collect();
+    rollup::apply(tx, &deltas).await
+}
+
+/// A window row as this flush writes it: its key, what it adds, and its identity now.
+struct NewRow {
+    key: rollup::RowKey,
+    end: DateTime<Utc>,
+    finalizes_at: DateTime<Utc>,
+    sums: rollup::Sums,
+    identity: rollup::Identity,
+}
+
+impl NewRow {
+    fn of(topic: &str, key: &WindowKey, sums: WindowSums, prices: &PriceBook, layout: WindowLayout) -> Self {
         let end_ms = key.start_ms + layout.size.millis();
-        starts.push(from_millis(key.start_ms));
-        ends.push(from_millis(end_ms));
-        finals.push(from_millis(end_ms + layout.allowed_lateness_ms));
-        models.push(key.model.as_str());
-        hardware.push(key.hardware.as_str());
-        // BTreeMap serializes with sorted keys, so one label set always has one text form.
-        labels.push(serde_json::to_string(&key.labels).unwrap_or_else(|_| "{}".into()));
-        events.push(sums.events);
-        late.push(sums.late_events);
-        compute.push(sums.compute.value());
-        storage.push(sums.storage.value());
         // Coefficients in force at the window's start, as `rerate` would choose them, so that
         // a live-priced row and a re-rated one agree.
         let priced = prices.priced(&key.model, &key.hardware, from_millis(key.start_ms));
-        let rates = priced.map(|p| p.rates);
-        compute_price.push(rates.map(|r| r.compute_price.value()));
-        storage_price.push(rates.map(|r| r.storage_price.value()));
-        k1.push(rates.map(|r| r.k1.value()));
-        k2.push(rates.map(|r| r.k2.value()));
-        versions.push(priced.and_then(|p| p.source.version()));
-        price_ids.push(priced.map(|p| p.price_id.to_string()));
+        NewRow {
+            key: rollup::RowKey {
+                window_start: from_millis(key.start_ms),
+                topic: topic.to_owned(),
+                source: topic.to_owned(),
+                model: key.model.as_str().to_owned(),
+                hardware: key.hardware.as_str().to_owned(),
+                // BTreeMap serializes with sorted keys, so one label set always has one text form.
+                labels: serde_json::to_string(&key.labels).unwrap_or_else(|_| "{}".into()),
+                usage_from_tokens: false,
+            },
+            end: from_millis(end_ms),
+            finalizes_at: from_millis(end_ms + layout.allowed_lateness_ms),
+            sums: rollup::Sums {
+                events: sums.events,
+                late_events: sums.late_events,
+                compute: sums.compute.value(),
+                storage: sums.storage.value(),
+                ..rollup::Sums::default()
+            },
+            identity: rollup::Identity {
+                profile: None,
+                currency: prices.currency().to_owned(),
+                price_id: priced.map(|p| p.price_id.to_string()),
+                coefficient_version: priced.and_then(|p| p.source.version()),
+                rates: priced.map(|p| p.rates),
+                coefficients_assumed: priced.is_some_and(|p| p.source == CoefficientSource::Unit),
+            },
+        }
     }
-    sqlx::query(
-        "INSERT INTO window_usage AS w (window_start, window_end, finalizes_at, model, hardware, labels,
-                events, late_events, compute, storage, compute_price, storage_price, k1, k2, currency,
-                coefficient_version, price_id)
-         SELECT s, e, f, m, h, l::jsonb, ev, le, c, st, cp, sp, a, b, $15, cv, pi
-         FROM UNNEST($1::timestamptz[], $2::timestamptz[], $3::timestamptz[], $4::text[], $5::text[], $6::text[],
-                     $7::int8[], $8::int8[], $9::numeric[], $10::numeric[], $11::numeric[], $12::numeric[],
-                     $13::numeric[], $14::numeric[], $16::int8[], $17::text[])
-              AS t(s, e, f, m, h, l, ev, le, c, st, cp, sp, a, b, cv, pi)
-         ON CONFLICT (window_start, model, hardware, labels) DO UPDATE SET
-             events = w.events + excluded.events,
-             late_events = w.late_events + excluded.late_events,
-             compute = w.compute + excluded.compute,
-             storage = w.storage + excluded.storage,
-             compute_price = excluded.compute_price,
-             storage_price = excluded.storage_price,
-             k1 = excluded.k1,
-             k2 = excluded.k2,
-             currency = excluded.currency,
-             coefficient_version = excluded.coefficient_version,
-             price_id = excluded.price_id,
-             updated_at = now()",
+}
+
+/// The key columns of `rows`, bound as `$1` to `$7` in the order of `window_usage`'s key.
+fn bind_keys<'q>(
+    query: sqlx::query::Query<'q, sqlx::Postgres, sqlx::postgres::PgArguments>,
+    rows: &'q [NewRow],
+) -> sqlx::query::Query<'q, sqlx::Postgres, sqlx::postgres::PgArguments> {
+    query
+        .bind(rows.iter().map(|r| r.key.model.as_str()).collect::<Vec<_>>())
+        .bind(rows.iter().map(|r| r.key.hardware.as_str()).collect::<Vec<_>>())
+        .bind(rows.iter().map(|r| r.key.labels.as_str()).collect::<Vec<_>>())
+        .bind(rows.iter().map(|r| r.key.topic.as_str()).collect::<Vec<_>>())
+        .bind(rows.iter().map(|r| r.key.source.as_str()).collect::<Vec<_>>())
+        .bind(rows.iter().map(|r| r.key.usage_from_tokens).collect::<Vec<_>>())
+        .bind(rows.iter().map(|r| r.key.window_start).collect::<Vec<_>>())
+}
+
+/// The stored content and identity of each of `rows` (in order; `None`: not stored yet).
+async fn read_rows(
+    tx: &mut sqlx::Transaction<'_, sqlx::Postgres>,
+    rows: &[NewRow],
+) -> Result<Vec<Option<(rollup::Identity, rollup::Sums)>>, StoreError> {
+    let found = bind_keys(
+        sqlx::query(
+            "SELECT k.i, w.profile, w.currency, w.price_id, w.coefficient_version, w.compute_price, w.storage_price,
+                    w.k1, w.k2, w.coefficients_assumed, w.events, w.late_events, w.compute, w.storage,
+                    w.input_tokens, w.output_tokens
+             FROM UNNEST($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::bool[], $7::timestamptz[])
+                  WITH ORDINALITY AS k(m, h, l, t, s, uft, ws, i)
+             JOIN window_usage w ON w.model = k.m AND w.hardware = k.h AND w.labels = k.l::jsonb AND w.topic = k.t
+                                AND w.source = k.s AND w.usage_from_tokens = k.uft AND w.window_start = k.ws",
+        ),
+        rows,
     )
-    .bind(&starts)
-    .bind(&ends)
-    .bind(&finals)
-    .bind(&models)
-    .bind(&hardware)
-    .bind(&labels)
-    .bind(&events)
-    .bind(&late)
-    .bind(&compute)
-    .bind(&storage)
-    .bind(&compute_price)
-    .bind(&storage_price)
-    .bind(&k1)
-    .bind(&k2)
-    .bind(prices.currency())
-    .bind(&versions)
-    .bind(&price_ids)
+    .fetch_all(&mut **tx)
+    .await?;
+    let mut old = vec![None; rows.len()];
+    for r in &found {
+        let i: i64 = r.get("i");
+        old[(i - 1) as usize] = Some((rollup::Identity::from_row(r), rollup::Sums::from_row(r)));
+    }
+    Ok(old)
+}
+
+/// The upsert of `rows` into `window_usage`: sums added, identity replaced.
+async fn upsert_windows(tx: &mut sqlx::Transaction<'_, sqlx::Postgres>, rows: &[NewRow]) -> Result<(), StoreError> {
+    let rate = |pick: fn(&Rates) -> Decimal| -> Vec<Option<Decimal>> {
+        rows.iter().map(|r| r.identity.rates.as_ref().map(pick)).collect()
+    };
+    let sum = |pick: fn(&rollup::Sums) -> Decimal| -> Vec<Decimal> { rows.iter().map(|r| pick(&r.sums)).collect() };
+    bind_keys(
+        sqlx::query(
+            "INSERT INTO window_usage AS w (model, hardware, labels, topic, source, usage_from_tokens, window_start,
+                    window_end, finalizes_at, events, late_events, compute, storage, input_tokens, output_tokens,
+                    profile, currency, price_id, coefficient_version, compute_price, storage_price, k1, k2,
+                    coefficients_assumed)
+             SELECT m, h, l::jsonb, t, s, uft, ws, e, f, ev, le, c, st, it, ot, prof, cur, pid, cv, cp, sp, a, b, ass
+             FROM UNNEST($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::bool[], $7::timestamptz[],
+                         $8::timestamptz[], $9::timestamptz[], $10::int8[], $11::int8[], $12::numeric[],
+                         $13::numeric[], $14::numeric[], $15::numeric[], $16::text[], $17::text[], $18::text[],
+                         $19::int8[], $20::numeric[], $21::numeric[], $22::numeric[], $23::numeric[], $24::bool[])
+                  AS t(m, h, l, t, s, uft, ws, e, f, ev, le, c, st, it, ot, prof, cur, pid, cv, cp, sp, a, b, ass)
+             ON CONFLICT (model, hardware, labels, topic, source, usage_from_tokens, window_start) DO UPDATE SET
+                 events = w.events + excluded.events,
+                 late_events = w.late_events + excluded.late_events,
+                 compute = w.compute + excluded.compute,
+                 storage = w.storage + excluded.storage,
+                 input_tokens = w.input_tokens + excluded.input_tokens,
+                 output_tokens = w.output_tokens + excluded.output_tokens,
+                 profile = excluded.profile,
+                 currency = excluded.currency,
+                 price_id = excluded.price_id,
+                 coefficient_version = excluded.coefficient_version,
+                 compute_price = excluded.compute_price,
+                 storage_price = excluded.storage_price,
+                 k1 = excluded.k1,
+                 k2 = excluded.k2,
+                 coefficients_assumed = excluded.coefficients_assumed,
+                 updated_at = now()",
+        ),
+        rows,
+    )
+    .bind(rows.iter().map(|r| r.end).collect::<Vec<_>>())
+    .bind(rows.iter().map(|r| r.finalizes_at).collect::<Vec<_>>())
+    .bind(rows.iter().map(|r| r.sums.events).collect::<Vec<_>>())
+    .bind(rows.iter().map(|r| r.sums.late_events).collect::<Vec<_>>())
+    .bind(sum(|s| s.compute))
+    .bind(sum(|s| s.storage))
+    .bind(sum(|s| s.input_tokens))
+    .bind(sum(|s| s.output_tokens))
+    .bind(rows.iter().map(|r| r.identity.profile.as_deref()).collect::<Vec<_>>())
+    .bind(rows.iter().map(|r| r.identity.currency.as_str()).collect::<Vec<_>>())
+    .bind(rows.iter().map(|r| r.identity.price_id.as_deref()).collect::<Vec<_>>())
+    .bind(rows.iter().map(|r| r.identity.coefficient_version).collect::<Vec<_>>())
+    .bind(rate(|r| r.compute_price.value()))
+    .bind(rate(|r| r.storage_price.value()))
+    .bind(rate(|r| r.k1.value()))
+    .bind(rate(|r| r.k2.value()))
+    .bind(rows.iter().map(|r| r.identity.coefficients_assumed).collect::<Vec<_>>())
     .execute(&mut **tx)
     .await?;
     Ok(())

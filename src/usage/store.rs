@@ -15,12 +15,14 @@ pub enum CostStep {
     Hour,
     /// UTC days.
     Day,
+    /// UTC calendar months.
+    Month,
 }
 
 impl CostStep {
     /// Parses `window`, `hour` or `day`.
     pub fn parse(name: &str) -> Option<Self> {
-        [CostStep::Window, CostStep::Hour, CostStep::Day]
+        [CostStep::Window, CostStep::Hour, CostStep::Day, CostStep::Month]
             .into_iter()
             .find(|s| s.as_str() == name)
     }
@@ -31,6 +33,17 @@ impl CostStep {
             CostStep::Window => 60,
             CostStep::Hour => 3600,
             CostStep::Day => 86_400,
+            CostStep::Month => 30 * 86_400,
+        }
+    }
+
+    /// The finest tier a bucket of this width can be answered from (`usage_between`'s third
+    /// argument): a bucket never splits a roll-up row.
+    pub fn finest_tier(step: Option<Self>) -> &'static str {
+        match step {
+            Some(CostStep::Window) => "window",
+            Some(CostStep::Hour) => "hour",
+            Some(CostStep::Day | CostStep::Month) | None => "day",
         }
     }
 
@@ -40,6 +53,7 @@ impl CostStep {
             CostStep::Window => "window",
             CostStep::Hour => "hour",
             CostStep::Day => "day",
+            CostStep::Month => "month",
         }
     }
 }
@@ -147,6 +161,14 @@ pub async fn newest_rejected(pool: &PgPool, limit: i64, text_chars: i32) -> Resu
         .collect())
 }
 
+/// How many rejected messages were received before `before` (what retention would delete).
+pub async fn rejected_before(pool: &PgPool, before: DateTime<Utc>) -> Result<i64, sqlx::Error> {
+    sqlx::query_scalar("SELECT count(*) FROM rejected_event WHERE received_at < $1")
+        .bind(before)
+        .fetch_one(pool)
+        .await
+}
+
 /// What a cost table can be grouped by.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Dimension {
@@ -211,11 +233,16 @@ impl CostRow {
 
 /// The cost table of `query`, ordered by bucket and group: the numbers `/api/v1/costs` and
 /// `costwatch costs` answer. The SQL is built from fixed column names only ([`Dimension`]).
+///
+/// Rows come from `usage_between`, so each part of the range is read from the coarsest tier
+/// that covers it and the step allows; the totals are the same whichever tier answers. A row
+/// without a price is in the quantities and in `unpriced_events`, never in a cost.
 pub async fn cost_table(pool: &PgPool, query: &CostQuery<'_>) -> Result<Vec<CostRow>, sqlx::Error> {
     let bucket = match query.step {
         Some(_) => "CASE WHEN $5 = 'window' THEN window_start ELSE date_trunc($5, window_start, 'UTC') END",
         None => "NULL::timestamptz",
     };
+    let finest = CostStep::finest_tier(query.step);
     let columns: Vec<&str> = query.by.iter().map(|d| d.column()).collect();
     let group_select: String = columns.iter().map(|c| format!(", {c}")).collect();
     let mut group_by = vec!["1".to_owned()];
@@ -223,12 +250,14 @@ pub async fn cost_table(pool: &PgPool, query: &CostQuery<'_>) -> Result<Vec<Cost
     let sql = format!(
         "SELECT {bucket} AS bucket{group_select},
                 sum(events)::int8 AS events, sum(compute) AS compute, sum(storage) AS storage,
-                COALESCE(sum(compute_cost), 0) AS compute_cost, COALESCE(sum(storage_cost), 0) AS storage_cost,
-                COALESCE(sum(total_cost), 0) AS total_cost,
-                COALESCE(sum(events) FILTER (WHERE total_cost IS NULL), 0)::int8 AS unpriced_events
-         FROM usage_costs
-         WHERE window_start >= $1 AND window_start < $2
-           AND ($3::text IS NULL OR model = $3) AND ($4::text IS NULL OR hardware = $4)
+                COALESCE(sum(compute * compute_price * k1) FILTER (WHERE priced), 0) AS compute_cost,
+                COALESCE(sum(storage * storage_price * k2) FILTER (WHERE priced), 0) AS storage_cost,
+                COALESCE(sum(compute * compute_price * k1 + storage * storage_price * k2) FILTER (WHERE priced), 0)
+                    AS total_cost,
+                COALESCE(sum(events) FILTER (WHERE NOT priced), 0)::int8 AS unpriced_events
+         FROM (SELECT *, compute_price IS NOT NULL AND storage_price IS NOT NULL AS priced
+               FROM usage_between($1, $2, '{finest}')) u
+         WHERE ($3::text IS NULL OR model = $3) AND ($4::text IS NULL OR hardware = $4)
          GROUP BY {g} ORDER BY {g}",
         g = group_by.join(", ")
     );

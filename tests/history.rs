@@ -1,0 +1,543 @@
+//! History at scale against the real PostgreSQL and broker: the hourly and daily roll-ups equal
+//! the raw windows to the last digit (late events, a kill -9, `rerate`), retention drops whole
+//! partitions and the totals over the dropped range still come from the roll-ups, the upgrade
+//! from the unpartitioned schema keeps every row, and a backfill topic leaves the live topic's
+//! `final` alone.
+
+mod common;
+
+use std::path::Path;
+use std::process::{Command, Output};
+use std::time::Duration;
+
+use chrono::{DateTime, Duration as Span, DurationRound, SecondsFormat, Utc};
+use common::{dec, http, raw, World};
+use costwatch::loadgen::Message;
+use rust_decimal::Decimal;
+use serde_json::Value;
+use sqlx::{PgPool, Row};
+
+const WAIT: Duration = Duration::from_secs(120);
+
+fn costwatch(config: &Path, args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_costwatch"))
+        .args(args)
+        .arg("--config")
+        .arg(config)
+        .env_remove("COSTWATCH_CONFIG")
+        .output()
+        .expect("cannot run costwatch")
+}
+
+fn text(bytes: &[u8]) -> String {
+    String::from_utf8_lossy(bytes).into_owned()
+}
+
+fn rfc3339(t: DateTime<Utc>) -> String {
+    t.to_rfc3339_opts(SecondsFormat::Millis, true)
+}
+
+/// Event `i` of a spread of events over the `hours` hours before `now`: three models, a priced
+/// and an unpriced hardware target, two tenants, and amounts with fractional digits.
+fn spread_event(i: usize, now: DateTime<Utc>, hours: i64) -> Message {
+    let minutes = hours * 60;
+    let at = now - Span::minutes(1 + (i as i64 * 37) % minutes) - Span::seconds((i % 50) as i64);
+    let model = ["model-0", "model-1", "qwen2-7b-instruct"][i % 3];
+    let hardware = if i % 7 == 0 {
+        "unpriced-gpu"
+    } else {
+        ["hw-0", "a100-80g"][i % 2]
+    };
+    let tenant = ["search", "ads"][i % 2];
+    raw(
+        &format!("e{i}"),
+        format!(
+            r#"{{"event_id":"e{i}","timestamp":"{}","model":"{model}","hardware":"{hardware}","compute":{}.{},"storage":0.{:03},"labels":{{"tenant":"{tenant}"}}}}"#,
+            rfc3339(at),
+            i % 13,
+            i % 10,
+            i % 1000
+        ),
+    )
+}
+
+/// Per (bucket, model, hardware, labels): events, ΣT, ΣS, Σ tokens and cost, from the raw
+/// windows summed into `unit` buckets and from the roll-up table, as text rows, each side's
+/// rows the other lacks. Empty when the tiers agree exactly.
+async fn tier_differences(pool: &PgPool, unit: &str, rollup: &str) -> Vec<String> {
+    let totals = "sum(events)::int8 AS events, sum(compute) AS compute, sum(storage) AS storage,
+                  sum(input_tokens + output_tokens) AS tokens,
+                  sum(compute * compute_price * k1 + storage * storage_price * k2) AS cost,
+                  count(*) FILTER (WHERE compute_price IS NULL) > 0 AS unpriced";
+    let sql = format!(
+        "WITH raw AS (SELECT date_trunc('{unit}', window_start, 'UTC') AS b, model, hardware, labels, {totals}
+                      FROM window_usage GROUP BY 1, 2, 3, 4),
+              tier AS (SELECT bucket_start AS b, model, hardware, labels, {totals}
+                       FROM {rollup} GROUP BY 1, 2, 3, 4)
+         SELECT 'raw only: ' || (SELECT row_to_json(x)::text FROM (SELECT * FROM raw EXCEPT SELECT * FROM tier) x LIMIT 1)
+         UNION ALL
+         SELECT 'roll-up only: ' || (SELECT row_to_json(x)::text FROM (SELECT * FROM tier EXCEPT SELECT * FROM raw) x LIMIT 1)"
+    );
+    sqlx::query_scalar::<_, Option<String>>(&sql)
+        .fetch_all(pool)
+        .await
+        .unwrap()
+        .into_iter()
+        .flatten()
+        .collect()
+}
+
+async fn assert_tiers_equal(pool: &PgPool, context: &str) {
+    let raw_rows: i64 = sqlx::query_scalar("SELECT count(*) FROM window_usage")
+        .fetch_one(pool)
+        .await
+        .unwrap();
+    assert!(raw_rows > 0, "{context}: no raw rows");
+    for (unit, table) in [("hour", "usage_hourly"), ("day", "usage_daily")] {
+        let differences = tier_differences(pool, unit, table).await;
+        assert!(
+            differences.is_empty(),
+            "{context}: {table} differs from the raw windows: {differences:?}"
+        );
+    }
+}
+
+/// (events, ΣT, ΣS, priced cost, unpriced events) over windows starting in [from, to), straight
+/// from the raw windows.
+async fn raw_totals(pool: &PgPool, from: DateTime<Utc>, to: DateTime<Utc>) -> (i64, Decimal, Decimal, Decimal, i64) {
+    let r = sqlx::query(
+        "SELECT COALESCE(sum(events), 0)::int8 AS events, COALESCE(sum(compute), 0) AS compute,
+                COALESCE(sum(storage), 0) AS storage,
+                COALESCE(sum(compute * compute_price * k1 + storage * storage_price * k2), 0) AS cost,
+                COALESCE(sum(events) FILTER (WHERE compute_price IS NULL), 0)::int8 AS unpriced
+         FROM window_usage WHERE window_start >= $1 AND window_start < $2",
+    )
+    .bind(from)
+    .bind(to)
+    .fetch_one(pool)
+    .await
+    .unwrap();
+    (
+        r.get("events"),
+        r.get("compute"),
+        r.get("storage"),
+        r.get("cost"),
+        r.get("unpriced"),
+    )
+}
+
+/// The same five numbers from `GET /api/v1/costs` over [from, to) at `step`.
+async fn api_totals(
+    addr: &str,
+    from: DateTime<Utc>,
+    to: DateTime<Utc>,
+    step: &str,
+) -> (i64, Decimal, Decimal, Decimal, i64) {
+    let path = format!("/api/v1/costs?from={}&to={}&step={step}", rfc3339(from), rfc3339(to));
+    let (status, body) = http(addr, "GET", &path, None, None).await;
+    assert_eq!(status, 200, "{body}");
+    let v: Value = serde_json::from_str(&body).unwrap();
+    let total = &v["totals"];
+    let d = |k: &str| dec(total[k].as_str().unwrap_or_else(|| panic!("{k} in {body}")));
+    (
+        total["events"].as_i64().unwrap(),
+        d("compute"),
+        d("storage"),
+        d("total_cost"),
+        total["unpriced_events"].as_i64().unwrap(),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn roll_ups_equal_the_raw_windows_across_late_events_a_kill_and_rerate() {
+    let world = World::new(3).await;
+    let config =
+        world.config("\n[ingest]\nflush_interval = \"200ms\"\nmax_event_age = \"4d\"\ndedup_horizon = \"4d\"\n");
+    let now = Utc::now();
+    // Three days and a bit: four UTC days, 70-odd hours, so every tier answers some of it.
+    let events: Vec<Message> = (0..900).map(|i| spread_event(i, now, 75)).collect();
+    let mut daemon = world.start(&config);
+    // Newest first, then the older ones: most of the second half is late.
+    let (first, second) = events.split_at(450);
+    world.produce(first.iter().rev().cloned().collect()).await;
+    world.wait_drained(450, WAIT).await;
+    daemon.kill9();
+    let mut daemon = world.start(&config);
+    // Duplicates of the first half, then the second half.
+    world.produce(first[..100].to_vec()).await;
+    world.produce(second.to_vec()).await;
+    world.wait_drained(1000, WAIT).await;
+    assert_tiers_equal(&world.pool, "after a kill -9 and late events").await;
+
+    let addr = daemon.http_addr().await;
+    let (from, to) = (now - Span::hours(80), now + Span::minutes(1));
+    let truth = raw_totals(&world.pool, from, to).await;
+    assert_eq!(truth.0, 900, "every event once");
+    assert!(truth.4 > 0, "some usage is unpriced");
+    for step in ["window", "hour", "day", "month"] {
+        assert_eq!(api_totals(&addr, from, to, step).await, truth, "step={step}");
+    }
+    // A range cut inside hours at both ends reads all three tiers.
+    let (from, to) = (now - Span::minutes(3000 + 17), now - Span::minutes(43));
+    assert_eq!(
+        api_totals(&addr, from, to, "day").await,
+        raw_totals(&world.pool, from, to).await
+    );
+    daemon.terminate(WAIT);
+
+    // A new price for hw-0 and a price for the unpriced hardware, then rerate over everything.
+    let repriced = world.config(
+        r#"
+[ingest]
+max_event_age = "4d"
+
+[pricing]
+currency = "USD"
+
+[[pricing.hardware]]
+name = "a100-80g"
+compute_price = "0.1"
+storage_price = "0.2"
+
+[[pricing.hardware]]
+name = "hw-0"
+compute_price = "0.0005"
+storage_price = "0.00003"
+
+[[pricing.hardware]]
+name = "unpriced-gpu"
+compute_price = "0.7"
+storage_price = "0.01"
+"#,
+    );
+    let day = Span::days(1);
+    let (from, to) = (
+        (now - Span::hours(80)).duration_trunc(day).unwrap(),
+        (now + day).duration_trunc(day).unwrap(),
+    );
+    let out = costwatch(&repriced, &["rerate", "--from", &rfc3339(from), "--to", &rfc3339(to)]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert_tiers_equal(&world.pool, "after rerate").await;
+    let after = raw_totals(&world.pool, from, to).await;
+    assert_eq!(after.4, 0, "nothing is unpriced after rerate");
+    assert_ne!(after.3, truth.3, "rerate changed the cost");
+    // The API (daily and hourly roll-ups) agrees with the re-rated raw windows.
+    let daemon = world.start(&repriced);
+    let addr = daemon.http_addr().await;
+    assert_eq!(api_totals(&addr, from, to, "day").await, after);
+}
+
+/// The names of the partitions of `table`.
+async fn partition_names(pool: &PgPool, table: &str) -> Vec<String> {
+    sqlx::query_scalar(
+        "SELECT c.relname::text FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid
+         JOIN pg_class p ON p.oid = i.inhparent WHERE p.relname = $1 ORDER BY 1",
+    )
+    .bind(table)
+    .fetch_all(pool)
+    .await
+    .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn retention_drops_whole_old_days_and_the_roll_ups_still_answer_for_them() {
+    let world = World::new(1).await;
+    // A backfill-style instance takes events up to 10 days old.
+    let ingest = world.config("\n[ingest]\nflush_interval = \"200ms\"\nmax_event_age = \"10d\"\n");
+    let now = Utc::now();
+    let events: Vec<Message> = (0..300).map(|i| spread_event(i, now, 24 * 8)).collect();
+    let daemon = world.start(&ingest);
+    world.produce(events).await;
+    world.wait_drained(300, WAIT).await;
+    drop(daemon);
+    assert_tiers_equal(&world.pool, "before retention").await;
+    let day = Span::days(1);
+    let (from, to) = (
+        (now - Span::days(9)).duration_trunc(day).unwrap(),
+        now + Span::minutes(1),
+    );
+    let truth = raw_totals(&world.pool, from, to).await;
+    assert_eq!(truth.0, 300);
+
+    // Keep 3 days of raw windows (the live instance's max_event_age is 1 day).
+    let short = world.config("\n[ingest]\nmax_event_age = \"1d\"\n\n[retention]\nwindows = \"3d\"\n");
+    let cutoff = now - Span::days(3);
+    let due: Vec<String> = partition_names(&world.pool, "window_usage")
+        .await
+        .into_iter()
+        .filter(|name| {
+            let day = chrono::NaiveDate::parse_from_str(&name["window_usage_d".len()..], "%Y%m%d").unwrap();
+            day.succ_opt().unwrap().and_hms_opt(0, 0, 0).unwrap().and_utc() <= cutoff
+        })
+        .collect();
+    assert!(due.len() >= 4, "old days: {due:?}");
+
+    // A tampered roll-up day is kept, with the reason; the others would go.
+    sqlx::query("UPDATE usage_hourly SET events = events + 1 WHERE ctid = (SELECT ctid FROM usage_hourly WHERE bucket_start >= $1 AND bucket_start < $1 + interval '1 day' LIMIT 1)")
+        .bind(chrono::NaiveDate::parse_from_str(&due[0]["window_usage_d".len()..], "%Y%m%d").unwrap().and_hms_opt(0, 0, 0).unwrap().and_utc())
+        .execute(&world.pool)
+        .await
+        .unwrap();
+    let dry = costwatch(&short, &["retention", "--dry-run"]);
+    assert!(dry.status.success(), "{}", text(&dry.stderr));
+    let dry_text = text(&dry.stdout);
+    assert!(
+        dry_text.contains(&format!(
+            "kept {}: usage_hourly does not hold exactly what {} holds",
+            due[0], due[0]
+        )),
+        "{dry_text}"
+    );
+    for name in &due[1..] {
+        assert!(dry_text.contains(&format!("would drop {name} (")), "{name}: {dry_text}");
+    }
+    assert!(
+        partition_names(&world.pool, "window_usage").await.contains(&due[1]),
+        "a dry run drops nothing"
+    );
+
+    // Repaired (rebuilt from the raw day), then everything due goes.
+    let tampered_day = chrono::NaiveDate::parse_from_str(&due[0]["window_usage_d".len()..], "%Y%m%d")
+        .unwrap()
+        .and_hms_opt(0, 0, 0)
+        .unwrap()
+        .and_utc()
+        .timestamp_millis()
+        .div_euclid(costwatch::history::DAY_MS);
+    costwatch::history::rollup::rebuild_days(&world.pool, &[tampered_day])
+        .await
+        .unwrap();
+    let out = costwatch(&short, &["retention"]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let out_text = text(&out.stdout);
+    let left = partition_names(&world.pool, "window_usage").await;
+    for name in &due {
+        assert!(out_text.contains(&format!("dropped {name} (")), "{name}: {out_text}");
+        assert!(!left.contains(name), "{name} is still there: {left:?}");
+    }
+    assert!(
+        out_text.contains("deleted 0 rejected messages received before"),
+        "{out_text}"
+    );
+
+    // The API's totals over the whole range, dropped days included, are unchanged: the
+    // roll-ups answer for the days whose raw windows are gone.
+    let daemon = world.start(&short);
+    let addr = daemon.http_addr().await;
+    assert_eq!(api_totals(&addr, from, to, "day").await, truth);
+    assert_eq!(api_totals(&addr, from, to, "hour").await, truth);
+    // At window resolution only the raw days are left to answer.
+    let recent = now - Span::days(6);
+    let (raw_events, ..) = api_totals(&addr, recent, to, "window").await;
+    let (all_events, ..) = api_totals(&addr, recent, to, "day").await;
+    assert!(raw_events < all_events, "{raw_events} < {all_events}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_upgrade_from_the_unpartitioned_schema_keeps_every_row() {
+    let world = World::new(1).await;
+    let mut migrator = sqlx::migrate::Migrator::new(Path::new("migrations")).await.unwrap();
+    migrator.migrations =
+        std::borrow::Cow::Owned(migrator.migrations.iter().filter(|m| m.version <= 5).cloned().collect());
+    migrator.run(&world.pool).await.unwrap();
+    // Old rows: labels, a calibrated version, configured and assumed coefficients, unpriced.
+    sqlx::query(
+        "INSERT INTO coefficient_version (model, hardware, k1, k2, effective_from, periods, max_residual)
+         VALUES ('m', 'h100', 0.5, 0.8, '2026-01-01', 3, 0)",
+    )
+    .execute(&world.pool)
+    .await
+    .unwrap();
+    sqlx::query(
+        "INSERT INTO partition_progress (topic, partition, next_offset, watermark, epoch, owner)
+         VALUES ('usage', 0, 5000, '2026-11-29 23:59:00+00', 1, 'old')",
+    )
+    .execute(&world.pool)
+    .await
+    .unwrap();
+    sqlx::query(
+        "INSERT INTO window_usage (window_start, window_end, model, hardware, labels, events, late_events, compute,
+                                   storage, compute_price, storage_price, k1, k2, currency, finalizes_at,
+                                   coefficient_version, price_id)
+         SELECT t, t + interval '1 minute', 'm' || (i % 3), CASE WHEN i % 5 = 0 THEN 'cpu' ELSE 'h100' END,
+                jsonb_build_object('tenant', 't' || (i % 2)), i, i % 4, i * 1.125, i * 0.0625,
+                CASE WHEN i % 5 = 0 THEN NULL ELSE 0.1 END, CASE WHEN i % 5 = 0 THEN NULL ELSE 0.2 END,
+                CASE WHEN i % 5 = 0 THEN NULL WHEN i % 3 = 0 THEN 0.5 ELSE 1 END,
+                CASE WHEN i % 5 = 0 THEN NULL WHEN i % 3 = 0 THEN 0.8 ELSE 1 END, 'USD', t + interval '6 minutes',
+                CASE WHEN i % 3 = 0 AND i % 5 <> 0 THEN (SELECT max(id) FROM coefficient_version) END,
+                CASE WHEN i % 5 = 0 THEN NULL ELSE 'p' END
+         FROM generate_series('2026-11-27 21:07+00'::timestamptz, '2026-11-29 02:13+00', interval '7 minutes')
+              WITH ORDINALITY g(t, i)",
+    )
+    .execute(&world.pool)
+    .await
+    .unwrap();
+    let snapshot = "SELECT window_start, model, hardware, labels::text, events, late_events, compute, storage,
+                           compute_price, storage_price, k1, k2, currency, finalizes_at, coefficient_version, price_id
+                    FROM window_usage ORDER BY window_start, model, hardware, labels";
+    let fingerprint = |rows: Vec<sqlx::postgres::PgRow>| -> Vec<String> {
+        rows.iter()
+            .map(|r| {
+                format!(
+                    "{:?}",
+                    (
+                        r.get::<DateTime<Utc>, _>(0),
+                        r.get::<String, _>(1),
+                        r.get::<String, _>(2),
+                        r.get::<String, _>(3),
+                        r.get::<i64, _>(4),
+                        r.get::<i64, _>(5),
+                        r.get::<Decimal, _>(6),
+                        r.get::<Decimal, _>(7),
+                        (
+                            r.get::<Option<Decimal>, _>(8),
+                            r.get::<Option<Decimal>, _>(9),
+                            r.get::<Option<Decimal>, _>(10),
+                            r.get::<Option<Decimal>, _>(11),
+                            r.get::<String, _>(12),
+                            r.get::<DateTime<Utc>, _>(13),
+                            r.get::<Option<i64>, _>(14),
+                            r.get::<Option<String>, _>(15),
+                        ),
+                    )
+                )
+            })
+            .collect()
+    };
+    let before = fingerprint(sqlx::query(snapshot).fetch_all(&world.pool).await.unwrap());
+    let costs_before: Vec<String> = sqlx::query_scalar(
+        "SELECT row_to_json(u)::text FROM (SELECT window_start, model, hardware, events, compute, storage, compute_cost,
+                storage_cost, total_cost, final FROM usage_costs ORDER BY 1, 2, 3) u",
+    )
+    .fetch_all(&world.pool)
+    .await
+    .unwrap();
+    assert!(before.len() > 200, "{}", before.len());
+
+    let store = costwatch::store::Store::connect_lazy(&world.db_url, 2).unwrap();
+    store.migrate().await.unwrap();
+
+    assert_eq!(
+        fingerprint(sqlx::query(snapshot).fetch_all(&world.pool).await.unwrap()),
+        before
+    );
+    let costs_after: Vec<String> = sqlx::query_scalar(
+        "SELECT row_to_json(u)::text FROM (SELECT window_start, model, hardware, events, compute, storage, compute_cost,
+                storage_cost, total_cost, final FROM usage_costs ORDER BY 1, 2, 3) u",
+    )
+    .fetch_all(&world.pool)
+    .await
+    .unwrap();
+    assert_eq!(costs_after, costs_before);
+    // The one topic consumed so far owns the old rows; rows priced at 1 and 1 without a
+    // version are marked as assumed.
+    let (topics, assumed): (Vec<String>, i64) = (
+        sqlx::query_scalar("SELECT DISTINCT topic FROM window_usage")
+            .fetch_all(&world.pool)
+            .await
+            .unwrap(),
+        sqlx::query_scalar("SELECT count(*) FROM window_usage WHERE coefficients_assumed")
+            .fetch_one(&world.pool)
+            .await
+            .unwrap(),
+    );
+    assert_eq!(topics, ["usage"]);
+    let expected_assumed: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM window_usage WHERE k1 = 1 AND k2 = 1 AND coefficient_version IS NULL")
+            .fetch_one(&world.pool)
+            .await
+            .unwrap();
+    assert_eq!(assumed, expected_assumed);
+    assert!(assumed > 0);
+    assert_tiers_equal(&world.pool, "after the upgrade").await;
+    assert_eq!(
+        partition_names(&world.pool, "window_usage").await[..3],
+        [
+            "window_usage_d20261127",
+            "window_usage_d20261128",
+            "window_usage_d20261129"
+        ]
+    );
+}
+
+/// `final` of every window of `topic`'s rows, as the usage_costs view reports it.
+async fn finals_of(pool: &PgPool, topic: &str) -> Vec<bool> {
+    sqlx::query_scalar(
+        "SELECT u.final FROM usage_costs u
+         WHERE EXISTS (SELECT 1 FROM window_usage w WHERE w.topic = $1 AND w.window_start = u.window_start
+                       AND w.model = u.model AND w.hardware = u.hardware)
+         ORDER BY u.window_start",
+    )
+    .bind(topic)
+    .fetch_all(pool)
+    .await
+    .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_backfill_topic_leaves_the_live_topics_final_alone() {
+    let world = World::new(1).await;
+    let now = Utc::now();
+    let event = |id: &str, at: DateTime<Utc>| {
+        raw(
+            id,
+            format!(
+                r#"{{"event_id":"{id}","timestamp":"{}","model":"model-0","hardware":"hw-0","compute":2,"storage":1}}"#,
+                rfc3339(at)
+            ),
+        )
+    };
+    // Live: windows 20 and 15 minutes old, and one now that moves the watermark past them.
+    let live = world.config("");
+    let live_daemon = world.start(&live);
+    world
+        .produce(vec![
+            event("l1", now - Span::minutes(20)),
+            event("l2", now - Span::minutes(15)),
+            event("l3", now),
+        ])
+        .await;
+    world.wait_drained(3, WAIT).await;
+    assert_eq!(finals_of(&world.pool, &world.topic).await, [true, true, false]);
+
+    // Backfill: its own topic and group, a raised max_event_age, the same database.
+    let backfill_topic = format!("{}-backfill", world.topic);
+    costwatch::loadgen::ensure_topic(&world.brokers, &backfill_topic, 1)
+        .await
+        .unwrap();
+    let backfill =
+        std::fs::read_to_string(world.config("\n[ingest]\nflush_interval = \"200ms\"\nmax_event_age = \"30d\"\n"))
+            .unwrap()
+            .replace(
+                &format!("topic = \"{}\"", world.topic),
+                &format!("topic = \"{backfill_topic}\""),
+            )
+            .replace(
+                &format!("group_id = \"{}-group\"", world.topic),
+                &format!("group_id = \"{backfill_topic}-group\""),
+            );
+    let backfill_path = world.dir.path().join("backfill.toml");
+    std::fs::write(&backfill_path, backfill).unwrap();
+    let backfill_daemon = world.start(&backfill_path);
+    let (brokers, topic) = (world.brokers.clone(), backfill_topic.clone());
+    let old = vec![event("b1", now - Span::days(10)), event("b2", now - Span::days(9))];
+    tokio::task::spawn_blocking(move || costwatch::loadgen::send(&brokers, &topic, &old, 0))
+        .await
+        .unwrap()
+        .unwrap();
+    let started = std::time::Instant::now();
+    while finals_of(&world.pool, &backfill_topic).await.len() < 2 {
+        assert!(started.elapsed() < WAIT, "the backfill was not stored");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    // The backfill's own watermark (9 days ago) makes its older window final and its newest
+    // not yet; the live topic's windows are as final as before.
+    assert_eq!(finals_of(&world.pool, &backfill_topic).await, [true, false]);
+    assert_eq!(finals_of(&world.pool, &world.topic).await, [true, true, false]);
+    let total: i64 = sqlx::query_scalar("SELECT sum(events)::int8 FROM usage_costs")
+        .fetch_one(&world.pool)
+        .await
+        .unwrap();
+    assert_eq!(total, 5);
+    drop((live_daemon, backfill_daemon));
+}

@@ -755,7 +755,8 @@ async fn run_rerate(
     args: &RerateArgs,
 ) -> anyhow::Result<()> {
     let book = current_book(&settings, &store).await?;
-    let report = rerate::rerate(store.pool(), &book, from, to, args.dry_run).await?;
+    let profiles = crate::pricing::profiles::UsageProfiles::new(&settings.usage_profiles);
+    let report = rerate::rerate(store.pool(), &book, &profiles, from, to, args.dry_run).await?;
     if args.json {
         println!("{}", serde_json::to_string_pretty(&report)?);
     } else {

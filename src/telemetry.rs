@@ -30,6 +30,8 @@ pub struct WindowUsage<'a> {
     pub compute: ComputeUnits,
     /// ΣS of the row.
     pub storage: StorageUnits,
+    /// False for tokens no usage profile turned into T and S: unpriced whatever the hardware.
+    pub priceable: bool,
 }
 use crate::pricing::PriceBook;
 
@@ -219,7 +221,10 @@ pub fn describe_metrics() {
         DELIVERIES_PENDING,
         "Alert notifications not yet accepted by their receiver (leader only)"
     );
-    describe_counter!(UNPRICED_EVENTS_TOTAL, "Accepted events on hardware without a price");
+    describe_counter!(
+        UNPRICED_EVENTS_TOTAL,
+        "Accepted events on hardware without a price, or with tokens no usage profile prices"
+    );
     describe_histogram!(FLUSH_DURATION, Unit::Seconds, "Time to write one flush to PostgreSQL");
     describe_gauge!(LAST_FLUSH, Unit::Seconds, "Unix time of the last successful flush");
     describe_counter!(
@@ -362,7 +367,11 @@ pub fn flush_committed<'a>(
         let pair = vec![("model", model.clone()), ("hardware", hardware.clone())];
         inner.add(COMPUTE_UNITS_TOTAL, pair.clone(), w.compute.value());
         inner.add(STORAGE_UNITS_TOTAL, pair.clone(), w.storage.value());
-        let Some(rates) = prices.rates(w.model, w.hardware, w.start) else {
+        let rates = w
+            .priceable
+            .then(|| prices.rates(w.model, w.hardware, w.start))
+            .flatten();
+        let Some(rates) = rates else {
             counter!(UNPRICED_EVENTS_TOTAL, "model" => model, "hardware" => hardware).increment(w.events as u64);
             continue;
         };

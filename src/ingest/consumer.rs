@@ -256,6 +256,7 @@ impl Pipeline {
         }
         let store = self.store.clone();
         let topic = self.topic.clone();
+        let source = self.source.name.clone();
         let layout = self.layout;
         let prices = self.prices.current();
         let started = Instant::now();
@@ -268,7 +269,7 @@ impl Pipeline {
         let write = move || {
             // Merged once, here, off the consumer thread; the metrics of the flush reuse it.
             let windows = batch.windows();
-            let result = runtime.block_on(store.write(&topic, &batch, &windows, &prices, layout));
+            let result = runtime.block_on(store.write(&topic, &source, &batch, &windows, &prices, layout));
             if let Ok(outcome) = &result {
                 // Right after COMMIT, as when the consumer thread wrote itself: the counters
                 // trail the database by as little as they did then.
@@ -438,6 +439,7 @@ fn report_committed(
         events: sums.events,
         compute: sums.compute,
         storage: sums.storage,
+        priceable: !key.usage_from_tokens || key.profile.is_some(),
     });
     telemetry::flush_committed(counts, by_code, usage, prices, started.elapsed());
     let agg = lock(aggregator);

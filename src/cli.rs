@@ -566,6 +566,7 @@ async fn run_loadgen(config: Option<&std::path::Path>, args: &LoadgenArgs) -> an
     let (messages, expected) = loadgen::generate_in(&spec, args.format);
     loadgen::ensure_topic_with(&brokers, &topic, args.partitions, &properties).await?;
     let rate = args.rate;
+    let topic_name = topic.clone();
     tokio::task::spawn_blocking(move || loadgen::send_with(&brokers, &topic, &messages, rate, &properties)).await??;
     if let Some(path) = &args.expected {
         std::fs::write(path, serde_json::to_string_pretty(&expected)?)
@@ -575,6 +576,13 @@ async fn run_loadgen(config: Option<&std::path::Path>, args: &LoadgenArgs) -> an
         "sent {} messages: {} events, {} duplicates, {} malformed, {} stamped late",
         expected.messages, expected.accepted, expected.duplicates, expected.rejected, expected.late_sent
     );
+    if args.format != crate::config::SourceFormat::Costwatch {
+        let name = args.format.as_str().replace('_', "-");
+        println!(
+            "read them with:\n{}",
+            loadgen::formats::source_toml(args.format, &name, &topic_name)
+        );
+    }
     Ok(())
 }
 

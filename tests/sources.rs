@@ -430,3 +430,80 @@ storage_per_token = "0.00001"
         (dec("0.27"), dec("0.0165"), Some("gpt-4o"))
     );
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn loadgen_loads_in_every_mapped_format_are_counted_exactly() {
+    use costwatch::config::SourceFormat;
+    use costwatch::loadgen::{formats, LoadSpec};
+    let world = World::new(1).await;
+    let mut sources = String::new();
+    let mut loads = Vec::new();
+    for (i, format) in SourceFormat::ALL
+        .into_iter()
+        .filter(|f| *f != SourceFormat::Costwatch)
+        .enumerate()
+    {
+        let topic = topic(&world, format.as_str());
+        loadgen::ensure_topic(&world.brokers, &topic, 3).await.unwrap();
+        let spec = LoadSpec {
+            count: 1_500,
+            seed: 180 + i as u64,
+            models: 3,
+            hardware: 2,
+            rate: 0,
+            duplicates: 0.05,
+            late: 0.02,
+            malformed: 0.03,
+            hostile: 0.0,
+            late_by: Duration::from_secs(600),
+            span: Duration::from_secs(600),
+            end: chrono::Utc::now(),
+        };
+        let (messages, expected) = loadgen::generate_in(&spec, format);
+        let brokers = world.brokers.clone();
+        let to = topic.clone();
+        tokio::task::spawn_blocking(move || loadgen::send(&brokers, &to, &messages, 0))
+            .await
+            .unwrap()
+            .unwrap();
+        let name = format.as_str().replace('_', "-");
+        sources.push_str(&formats::source_toml(format, &name, &topic));
+        loads.push((name, expected));
+    }
+    // T = input + 2 x output, S = (input + output) / 2, for every pair.
+    let config = world.config(&format!(
+        "{sources}\n[[usage_profiles]]\nmodel = \"*\"\nhardware = \"*\"\ncompute_per_input_token = \"1\"\n\
+         compute_per_output_token = \"2\"\nstorage_per_token = \"0.5\"\n"
+    ));
+    let mut daemon = world.start(&config);
+    let messages: u64 = loads.iter().map(|(_, e)| e.messages).sum();
+    world.wait_consumed(messages as i64, WAIT_DRAINED).await;
+    let got = totals(&world).await;
+    for (source, expected) in &loads {
+        for t in &expected.totals {
+            let want = Total {
+                events: t.events as i64,
+                input_tokens: t.input_tokens,
+                output_tokens: t.output_tokens,
+                compute: (t.input_tokens + t.output_tokens * dec("2")).normalize(),
+                storage: ((t.input_tokens + t.output_tokens) * dec("0.5")).normalize(),
+                from_tokens: true,
+                profile: Some("*@*".into()),
+                cost: None,
+            };
+            let key = (source.clone(), t.model.clone(), t.hardware.clone());
+            let got = got.get(&key).map(|g| Total {
+                cost: None,
+                ..g.clone()
+            });
+            assert_eq!(got, Some(want), "{key:?}");
+        }
+        let rejected: i64 = sqlx::query_scalar("SELECT count(*) FROM rejected_event WHERE source = $1")
+            .bind(source)
+            .fetch_one(&world.pool)
+            .await
+            .unwrap();
+        assert_eq!(rejected, expected.rejected as i64, "{source}: rejections");
+    }
+    assert!(daemon.terminate(WAIT).success());
+}

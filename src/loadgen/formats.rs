@@ -199,3 +199,39 @@ pub fn source(format: SourceFormat, name: &str, topic: &str) -> SourceSettings {
         timestamp_format: (format == SourceFormat::Json).then_some(TimestampFormat::UnixMs),
     }
 }
+
+/// [`source`] as the TOML `[[sources]]` entry to paste into a configuration.
+pub fn source_toml(format: SourceFormat, name: &str, topic: &str) -> String {
+    let s = source(format, name, topic);
+    let quoted = |v: &str| serde_json::to_string(v).expect("a string serializes");
+    let mut out = format!(
+        "[[sources]]\nname = {}\ntopic = {}\nformat = {}\n",
+        quoted(&s.name),
+        quoted(&s.topic),
+        quoted(format.as_str())
+    );
+    for (key, value) in [
+        ("hardware_pointer", &s.hardware_pointer),
+        ("hardware_attribute", &s.hardware_attribute),
+    ] {
+        if let Some(v) = value {
+            out.push_str(&format!("{key} = {}\n", quoted(v)));
+        }
+    }
+    if let Some(types) = &s.types {
+        let types: Vec<String> = types.iter().map(|t| quoted(t)).collect();
+        out.push_str(&format!("types = [{}]\n", types.join(", ")));
+    }
+    if s.timestamp_format.is_some() {
+        out.push_str("timestamp_format = \"unix_ms\"\n");
+    }
+    for (table, map) in [("pointers", &s.pointers), ("labels", &s.labels)] {
+        if !map.is_empty() {
+            out.push_str(&format!("[sources.{table}]\n"));
+            for (k, v) in map {
+                out.push_str(&format!("{k} = {}\n", quoted(v)));
+            }
+        }
+    }
+    out
+}

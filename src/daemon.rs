@@ -168,10 +168,10 @@ pub async fn run(
     for source in settings.effective_sources() {
         let source = Arc::new(Source::new(&source, profiles.clone()));
         let pipeline = Arc::new(Pipeline::new(
-            pipeline_settings(&settings, source),
+            pipeline_settings(&settings, source.clone()),
             store.clone(),
             prices.clone(),
-            health.member(),
+            health.member(&source.topic),
             cancel.clone(),
         ));
         let consumer = match consumer::build_consumer(&settings.kafka, pipeline.clone()) {

@@ -80,7 +80,7 @@ pub const FLUSH_DURATION: &str = "costwatch_flush_duration_seconds";
 pub const LAST_FLUSH: &str = "costwatch_last_flush_timestamp_seconds";
 /// Counter, label `class` (`transient`, `permanent`): failed flushes.
 pub const FLUSH_ERRORS_TOTAL: &str = "costwatch_flush_errors_total";
-/// Gauge, label `partition`: 1 while the partition is stalled (see `ingest.stall_after`).
+/// Gauge, labels `topic`, `partition`: 1 while the partition is stalled (see `ingest.stall_after`).
 pub const PARTITION_STALLED: &str = "costwatch_partition_stalled";
 /// Counter: history partitions dropped by retention, by `table`.
 pub const PARTITIONS_DROPPED_TOTAL: &str = "costwatch_history_partitions_dropped_total";
@@ -105,7 +105,7 @@ pub const START_REWINDS_TOTAL: &str = "costwatch_start_rewinds_total";
 pub const WATERMARK: &str = "costwatch_watermark_timestamp_seconds";
 /// Gauge, seconds: wall clock minus that watermark.
 pub const WATERMARK_DELAY: &str = "costwatch_watermark_delay_seconds";
-/// Gauge, label `partition`: messages between the stored offset and the log end.
+/// Gauge, labels `topic`, `partition`: messages between the stored offset and the log end.
 pub const CONSUMER_LAG: &str = "costwatch_consumer_lag";
 /// Counter: PostgreSQL errors of flushes and partition claims.
 pub const DATABASE_ERRORS_TOTAL: &str = "costwatch_database_errors_total";
@@ -540,15 +540,20 @@ pub fn flush_refused_for_good(error: &dyn std::fmt::Display) {
 }
 
 /// A partition became stalled, or moves again.
-pub fn partition_stalled(partition: i32, stalled: bool) {
-    gauge!(PARTITION_STALLED, "partition" => partition.to_string()).set(if stalled { 1.0 } else { 0.0 });
+pub fn partition_stalled(topic: &str, partition: i32, stalled: bool) {
+    gauge!(PARTITION_STALLED, "topic" => topic.to_owned(), "partition" => partition.to_string()).set(if stalled {
+        1.0
+    } else {
+        0.0
+    });
     if stalled {
         tracing::warn!(
+            topic,
             partition,
             "partition stalled: its stored offset has not moved although it has messages to read"
         );
     } else {
-        tracing::info!(partition, "partition no longer stalled");
+        tracing::info!(topic, partition, "partition no longer stalled");
     }
 }
 
@@ -580,8 +585,8 @@ pub fn claim_failed(error: &dyn std::fmt::Display, partitions: &[i32], retry_in:
 }
 
 /// Lag of one owned partition: log end minus the next offset to count.
-pub fn partition_lag(partition: i32, lag: i64) {
-    gauge!(CONSUMER_LAG, "partition" => partition.to_string()).set(lag.max(0) as f64);
+pub fn partition_lag(topic: &str, partition: i32, lag: i64) {
+    gauge!(CONSUMER_LAG, "topic" => topic.to_owned(), "partition" => partition.to_string()).set(lag.max(0) as f64);
 }
 
 /// Another instance claimed these partitions: their unflushed work is dropped (the new owner

@@ -503,7 +503,7 @@ impl ClientContext for KafkaContext {
                 .map(|p| p.hi_offset)
                 .filter(|&end| end >= 0);
             if let Some(end) = log_end {
-                telemetry::partition_lag(partition, end - next.unwrap_or(0));
+                telemetry::partition_lag(&self.pipeline.topic, partition, end - next.unwrap_or(0));
             }
             watched.push((partition, stored, log_end));
         }

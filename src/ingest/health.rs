@@ -26,6 +26,8 @@ pub struct Health {
     /// broker connection up again (every 5 s). Not known down until librdkafka says so.
     broker_down: AtomicBool,
     stall_after: Duration,
+    /// The topic whose partitions this consumer watches (the `topic` label of its gauges).
+    topic: String,
     partitions: Mutex<BTreeMap<i32, Watch>>,
     /// One per consumer when there are several sources ([`Health::member`]); what `/readyz`
     /// reads is then all of them together.
@@ -49,6 +51,7 @@ impl Health {
             joined: AtomicBool::new(false),
             broker_down: AtomicBool::new(false),
             stall_after,
+            topic: String::new(),
             partitions: Mutex::new(BTreeMap::new()),
             members: Mutex::new(Vec::new()),
         }
@@ -56,8 +59,11 @@ impl Health {
 
     /// The health of one more consumer (one per source topic), reported as part of this one:
     /// ready only while every member is, with their partitions together.
-    pub fn member(&self) -> Arc<Health> {
-        let member = Arc::new(Health::new(self.stall_after));
+    pub fn member(&self, topic: &str) -> Arc<Health> {
+        let member = Arc::new(Health {
+            topic: topic.to_owned(),
+            ..Health::new(self.stall_after)
+        });
         lock(&self.members).push(member.clone());
         member
     }
@@ -135,7 +141,7 @@ impl Health {
         watched.retain(|p, w| {
             let owned = positions.iter().any(|(q, ..)| q == p);
             if !owned && w.stalled {
-                telemetry::partition_stalled(*p, false);
+                telemetry::partition_stalled(&self.topic, *p, false);
             }
             owned
         });
@@ -158,7 +164,7 @@ impl Health {
                 .behind_since
                 .is_some_and(|since| now.duration_since(since) >= self.stall_after);
             if stalled != watch.stalled {
-                telemetry::partition_stalled(partition, stalled);
+                telemetry::partition_stalled(&self.topic, partition, stalled);
                 watch.stalled = stalled;
             }
         }
@@ -185,7 +191,7 @@ mod tests {
     #[test]
     fn several_consumers_are_ready_only_together() {
         let health = Health::new(Duration::from_secs(120));
-        let (a, b) = (health.member(), health.member());
+        let (a, b) = (health.member("a"), health.member("b"));
         a.joined();
         a.polled();
         a.set_assigned(2);

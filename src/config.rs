@@ -14,7 +14,7 @@ use crate::domain::{exact_decimal, fraction, Coefficient, HardwareName, ModelNam
 use crate::secret::Secret;
 
 pub mod sources;
-pub use sources::{SourceFormat, SourceSettings, TimestampFormat, UsageProfileSettings, NATIVE_SOURCE};
+pub use sources::{SourceFormat, SourceSettings, TimestampFormat, UsageProfileSettings};
 
 /// The environment prefix; keys below it are separated by `__`, e.g. `COSTWATCH__KAFKA__BROKERS`.
 pub const ENV_PREFIX: &str = "COSTWATCH";

@@ -9,9 +9,6 @@ use serde::Deserialize;
 use super::Problems;
 use crate::domain::exact_decimal;
 
-/// The name of the one source `[kafka] topic` stands for when no `[[sources]]` are configured.
-pub const NATIVE_SOURCE: &str = "native";
-
 /// One topic costwatch reads usage from, and how its messages are read.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -431,13 +428,14 @@ pub(super) fn validate_profiles(profiles: &[UsageProfileSettings], p: &mut Probl
 
 impl super::Settings {
     /// The sources to read: `[[sources]]`, or else `[kafka] topic` as the one source in
-    /// costwatch's own format, named [`NATIVE_SOURCE`].
+    /// costwatch's own format, named after the topic (as migration 0006 named the rows written
+    /// before sources existed, so that an upgrade does not split a stream in two).
     pub fn effective_sources(&self) -> Vec<SourceSettings> {
         if !self.sources.is_empty() {
             return self.sources.clone();
         }
         vec![SourceSettings {
-            name: NATIVE_SOURCE.to_owned(),
+            name: self.kafka.topic.clone(),
             topic: self.kafka.topic.clone(),
             format: SourceFormat::Costwatch,
             hardware: None,
@@ -564,7 +562,7 @@ mod tests {
         assert_eq!(sources.len(), 1);
         assert_eq!(
             (sources[0].name.as_str(), sources[0].topic.as_str(), sources[0].format),
-            (NATIVE_SOURCE, "usage", SourceFormat::Costwatch)
+            ("usage", "usage", SourceFormat::Costwatch)
         );
     }
 

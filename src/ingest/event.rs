@@ -462,33 +462,14 @@ pub(crate) fn quantity_or_text(field: &str, raw: &RawValue) -> Result<Decimal, R
     }
 }
 
-/// Checks a name (`event_id`, `model`, `hardware`) as the costwatch format does.
-pub(crate) fn checked_name<'a>(field: &str, value: Cow<'a, str>) -> Result<Cow<'a, str>, Rejection> {
-    name(field, value)
-}
-
-/// Checks a timestamp against the future-skew and age limits.
-pub(crate) fn checked_time(
-    text: &str,
-    ts: DateTime<Utc>,
-    limits: &Limits,
-    now: DateTime<Utc>,
-) -> Result<DateTime<Utc>, Rejection> {
-    time_in_range(text, ts, limits, now)
-}
-
-/// Parses an RFC 3339 timestamp and checks it against the limits.
-pub(crate) fn rfc3339(text: &str, limits: &Limits, now: DateTime<Utc>) -> Result<DateTime<Utc>, Rejection> {
-    timestamp(text, limits, now)
-}
-
 /// Checks a label set (count, bytes, lengths, NUL) as the costwatch format does; sorts it by key.
 pub(crate) fn checked_labels(mut raw: RawLabels<'_>) -> Result<RawLabels<'_>, Rejection> {
     raw.sort_by(|a, b| a.0.cmp(&b.0));
     labels(Some(raw))
 }
 
-fn name<'a>(field: &str, value: Cow<'a, str>) -> Result<Cow<'a, str>, Rejection> {
+/// Checks a name (`event_id`, `model`, `hardware`): not empty, no NUL, at most 128 characters.
+pub(crate) fn name<'a>(field: &str, value: Cow<'a, str>) -> Result<Cow<'a, str>, Rejection> {
     check_name(&value).map(|()| value).map_err(|e| {
         let code = match e {
             NameError::Empty | NameError::Nul => RejectCode::InvalidField,
@@ -606,7 +587,8 @@ fn exact_quantity(text: &str) -> Result<Decimal, QuantityProblem> {
     Ok(value)
 }
 
-fn timestamp(text: &str, limits: &Limits, now: DateTime<Utc>) -> Result<DateTime<Utc>, Rejection> {
+/// Parses an RFC 3339 timestamp and checks it against the limits.
+pub(crate) fn timestamp(text: &str, limits: &Limits, now: DateTime<Utc>) -> Result<DateTime<Utc>, Rejection> {
     let ts = DateTime::parse_from_rfc3339(text)
         .map_err(|e| {
             Rejection::new(
@@ -618,7 +600,8 @@ fn timestamp(text: &str, limits: &Limits, now: DateTime<Utc>) -> Result<DateTime
     time_in_range(text, ts, limits, now)
 }
 
-fn time_in_range(
+/// Checks a timestamp (written as `text`) against the future-skew and age limits.
+pub(crate) fn time_in_range(
     text: &str,
     ts: DateTime<Utc>,
     limits: &Limits,

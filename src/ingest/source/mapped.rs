@@ -142,14 +142,14 @@ impl Mapping {
         now: DateTime<Utc>,
     ) -> Result<UsageEventRef<'a>, Rejection> {
         let field = |name: &str, p: &Pointer| pointer::required(root, name, p);
-        let event_id = event::checked_name(
+        let event_id = event::name(
             "event_id",
             pointer::text("event_id", field("event_id", &self.event_id)?)?,
         )?;
-        let model = event::checked_name("model", pointer::text("model", field("model", &self.model)?)?)?;
+        let model = event::name("model", pointer::text("model", field("model", &self.model)?)?)?;
         let hardware = match &self.hardware {
             Hardware::Static(h) => Cow::Owned(h.clone()),
-            Hardware::At(p) => event::checked_name("hardware", pointer::text("hardware", field("hardware", p)?)?)?,
+            Hardware::At(p) => event::name("hardware", pointer::text("hardware", field("hardware", p)?)?)?,
         };
         let timestamp = pointer::timestamp(field("timestamp", &self.timestamp)?, self.timestamp_format, limits, now)?;
         let quantity = |name: &str, p: &Option<Pointer>| -> Result<Option<rust_decimal::Decimal>, Rejection> {

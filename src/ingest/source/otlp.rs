@@ -158,7 +158,7 @@ impl Mapping {
         }
         let end = i64::try_from(*end_unix_nano)
             .map_err(|_| Rejection::new(RejectCode::InvalidTimestamp, "endTimeUnixNano is out of range"))?;
-        let timestamp = event::checked_time(&end.to_string(), DateTime::from_timestamp_nanos(end), limits, now)?;
+        let timestamp = event::time_in_range(&end.to_string(), DateTime::from_timestamp_nanos(end), limits, now)?;
         let mut labels = RawLabels::new();
         for (name, attr) in &self.labels {
             if let Some(v) = span.text(attr) {
@@ -166,10 +166,10 @@ impl Mapping {
             }
         }
         Ok(UsageEventRef {
-            event_id: event::checked_name("event_id", Cow::Owned(format!("{trace_id}{span_id}")))?,
+            event_id: event::name("event_id", Cow::Owned(format!("{trace_id}{span_id}")))?,
             timestamp,
-            model: event::checked_name("model", Cow::Owned(model))?,
-            hardware: event::checked_name("hardware", Cow::Owned(hardware))?,
+            model: event::name("model", Cow::Owned(model))?,
+            hardware: event::name("hardware", Cow::Owned(hardware))?,
             compute: ComputeUnits::default(),
             storage: StorageUnits::default(),
             labels: event::checked_labels(labels)?,

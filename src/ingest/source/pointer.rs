@@ -153,7 +153,7 @@ pub fn timestamp(
 ) -> Result<DateTime<Utc>, Rejection> {
     if format == TimestampFormat::Rfc3339 {
         let text = text("timestamp", raw)?;
-        return event::rfc3339(&text, limits, now);
+        return event::timestamp(&text, limits, now);
     }
     let invalid = |why: &str| {
         Rejection::new(
@@ -178,7 +178,7 @@ pub fn timestamp(
         .and_then(|n| i64::try_from(n).ok())
         .ok_or_else(|| invalid("is out of range"))?;
     let ts = DateTime::from_timestamp_nanos(nanos);
-    event::checked_time(raw.get(), ts, limits, now)
+    event::time_in_range(raw.get(), ts, limits, now)
 }
 
 #[cfg(test)]

@@ -298,7 +298,7 @@ fn expected() -> BTreeMap<(String, String, String), Total> {
 /// Rejected messages per source, with their reasons in offset order per topic.
 async fn rejections(world: &World) -> BTreeMap<String, Vec<String>> {
     let mut by_source: BTreeMap<String, Vec<String>> = BTreeMap::new();
-    for r in sqlx::query("SELECT source, reason_code FROM rejected_event ORDER BY source, partition, kafka_offset")
+    for r in sqlx::query("SELECT source, reason_code FROM rejected_events ORDER BY source, partition, kafka_offset")
         .fetch_all(&world.pool)
         .await
         .unwrap()
@@ -498,7 +498,7 @@ async fn loadgen_loads_in_every_mapped_format_are_counted_exactly() {
             });
             assert_eq!(got, Some(want), "{key:?}");
         }
-        let rejected: i64 = sqlx::query_scalar("SELECT count(*) FROM rejected_event WHERE source = $1")
+        let rejected: i64 = sqlx::query_scalar("SELECT count(*) FROM rejected_events WHERE source = $1")
             .bind(source)
             .fetch_one(&world.pool)
             .await

@@ -20,6 +20,7 @@ use std::time::{Duration, Instant};
 use chrono::{DateTime, Duration as Span, DurationRound, Utc};
 use costwatch::store::Store;
 use costwatch::usage::store::{cost_table, CostQuery, CostStep};
+use costwatch::usage::LabelFilter;
 use sqlx::{Executor, PgPool};
 
 struct Args {
@@ -330,6 +331,7 @@ async fn main() {
                         step: Some(step),
                         model: None,
                         hardware: None,
+                        labels: &LabelFilter::default(),
                         by: &[],
                     };
                     cost_table(&pool, &q).await.unwrap();

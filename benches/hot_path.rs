@@ -133,6 +133,7 @@ fn price_book() -> PriceBook {
                 compute_price: UnitPrice(Decimal::from_str("0.00025").unwrap()),
                 storage_price: UnitPrice(Decimal::from_str("0.00002").unwrap()),
                 deployment: None,
+                effective_from: None,
             })
             .collect(),
         coefficients: Vec::new(),

@@ -12,4 +12,4 @@ cd "$(dirname "$0")/.."
 export PATH="$HOME/.cargo/bin:$PATH"
 scripts/postgres.sh >/dev/null
 mkdir -p target
-cargo bench --bench history -- "$@" | tee target/bench-history.txt
+cargo bench --profile "${BENCH_PROFILE:-bench}" --bench history -- "$@" | tee target/bench-history.txt

@@ -12,7 +12,7 @@ LAYERS = [
     ("base", ["domain", "config", "secret"]),
     ("core", ["pricing", "error_class", "telemetry", "store", "history", "kafka", "faults", "shutdown"]),
     ("feature", ["ingest", "alerting", "calibration", "usage"]),
-    ("top", ["http", "daemon", "cli", "loadgen", "lib", "main", "test_support"]),
+    ("top", ["http", "daemon", "cli", "exit", "loadgen", "lib", "main", "test_support"]),
 ]
 RANK = {m: i for i, (_, ms) in enumerate(LAYERS) for m in ms}
 

@@ -1,11 +1,12 @@
 //! The command line: `run`, `migrate`, `check-config`, `estimate`, `loadgen`, the calibration
-//! commands `bills import`, `calibrate`, `rerate` and `recommend`, and `budgets` and `alerts`.
+//! commands `bills import`, `calibrate`, `rerate` and `recommend`, `budgets` and `alerts`, and
+//! the history commands `costs`, `report` and `retention`.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
-use anyhow::{bail, Context};
+use anyhow::Context;
 use chrono::{DateTime, Utc};
 use clap::{Args, Parser, Subcommand};
 use rust_decimal::Decimal;
@@ -17,14 +18,12 @@ use crate::calibration::run::CalibrationRequest;
 use crate::calibration::{self, recommend, rerate};
 use crate::config::{ConfigError, Settings};
 use crate::domain::{Coefficient, ComputeUnits, HardwareName, ModelName, StorageUnits, UnitPrice};
+use crate::exit::{ExitClass, Failure, InputError, UsageError};
 use crate::ingest::consumer;
 use crate::ingest::event::parse_decimal;
 use crate::pricing::{EstimateRequest, PriceBook};
 use crate::store::Store;
 use crate::{alerting, daemon, kafka, loadgen, secret, shutdown, store, telemetry};
-
-/// Exit code for invalid configuration or usage (EX_USAGE), before anything starts.
-const EXIT_CONFIG: u8 = 64;
 
 /// The command line: a global `--config` and one command.
 #[derive(Debug, Parser)]
@@ -68,9 +67,12 @@ pub enum Command {
     Budgets(JsonArgs),
     /// Budget alerts as recorded in PostgreSQL, newest first.
     Alerts(AlertsArgs),
-    /// Costs from PostgreSQL: totals over a range, by model and hardware, per step; the same
-    /// numbers as `GET /api/v1/costs`.
+    /// Costs from PostgreSQL: totals over a range, by model, hardware or labels, per step; the
+    /// same numbers as `GET /api/v1/costs`.
     Costs(CostsArgs),
+    /// Chargeback: per tenant (or any labels, model, hardware) events, usage, each cost and the
+    /// unpriced usage over a range or a calendar month; the same numbers as `GET /api/v1/report`.
+    Report(ReportArgs),
     /// Drop history partitions past `[retention]` (and rejected messages past
     /// `retention.rejected`) now, printing what was dropped; the daemon does this hourly.
     Retention(RetentionArgs),
@@ -93,12 +95,44 @@ pub struct CostsArgs {
     /// Windows starting before this, RFC 3339 (default: now).
     #[arg(long)]
     pub to: Option<String>,
-    /// Group by these, comma separated: `model`, `hardware` (default: one total).
-    #[arg(long, value_delimiter = ',', value_parser = ["model", "hardware"])]
+    /// Group by these, comma separated: `model`, `hardware`, `source` or a label name such as
+    /// `tenant` (`label.model` for a label named like a column); default: one total.
+    #[arg(long, value_delimiter = ',')]
     pub by: Vec<String>,
+    /// Only usage carrying this label value, `name=value`; repeat to require several.
+    #[arg(long = "label", value_name = "NAME=VALUE")]
+    pub labels: Vec<String>,
     /// One row per bucket of this width (UTC): `window`, `hour`, `day` or `month` (default: none).
     #[arg(long, value_parser = ["window", "hour", "day", "month"])]
     pub step: Option<String>,
+    /// `table` (default), `csv` or `json`; decimals stay exact in every format.
+    #[arg(long, value_parser = ["table", "csv", "json"], default_value = "table")]
+    pub format: String,
+}
+
+/// The arguments of `costwatch report`: a range is `--month` or `--from` and `--to`.
+#[derive(Debug, Args)]
+#[command(group(clap::ArgGroup::new("range").required(true).args(["month", "from"])))]
+pub struct ReportArgs {
+    /// Windows starting at or after this, RFC 3339 or a date (UTC midnight); with `--to`.
+    #[arg(long, requires = "to", conflicts_with = "month")]
+    pub from: Option<String>,
+    /// Windows starting before this, RFC 3339 or a date (UTC midnight); with `--from`.
+    #[arg(long, requires = "from", conflicts_with = "month")]
+    pub to: Option<String>,
+    /// A calendar month, `YYYY-MM`, from its first midnight to the next month's in `--tz`.
+    #[arg(long)]
+    pub month: Option<String>,
+    /// The time zone of `--month` (IANA name, e.g. `Europe/Berlin`).
+    #[arg(long, default_value = "UTC")]
+    pub tz: chrono_tz::Tz,
+    /// One row per value of these, comma separated: a label name such as `tenant`, `model`,
+    /// `hardware`, `source` (default: `tenant`).
+    #[arg(long, value_delimiter = ',', default_value = "tenant")]
+    pub by: Vec<String>,
+    /// Only usage carrying this label value, `name=value`; repeat to require several.
+    #[arg(long = "label", value_name = "NAME=VALUE")]
+    pub labels: Vec<String>,
     /// `table` (default), `csv` or `json`; decimals stay exact in every format.
     #[arg(long, value_parser = ["table", "csv", "json"], default_value = "table")]
     pub format: String,
@@ -199,11 +233,6 @@ fn non_negative(s: &str) -> Result<Decimal, String> {
     Ok(value)
 }
 
-/// A bad argument: reported like a configuration error, with exit code 64.
-#[derive(Debug, thiserror::Error)]
-#[error("{0}")]
-pub struct UsageError(String);
-
 /// The arguments of `costwatch estimate`.
 #[derive(Debug, Args)]
 pub struct EstimateArgs {
@@ -297,9 +326,20 @@ pub struct LoadgenArgs {
 }
 
 /// Parses the command line and runs the command: one match arm per command, so the dispatch
-/// reads as a table, then one place that maps errors to exit codes.
+/// reads as a table; [`ExitClass::of`] maps its error to the exit code.
 pub fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => {
+            // --help and --version print to stdout and succeed; anything else is a usage error.
+            let _ = e.print();
+            return if e.use_stderr() {
+                ExitCode::from(ExitClass::Usage.code())
+            } else {
+                ExitCode::SUCCESS
+            };
+        }
+    };
     let log_format = crate::config::LogSettings::peek(cli.config.as_deref()).format;
     telemetry::init_logging(log_format);
     let result = match cli.command {
@@ -317,7 +357,12 @@ pub fn main() -> ExitCode {
                         println!("database schema is up to date");
                         Ok(())
                     }
-                    None => bail!("stopped by a signal before the schema could be migrated"),
+                    // Only an unreachable database keeps `migrate` waiting for a signal.
+                    None => Err(Failure::new(
+                        ExitClass::Unavailable,
+                        "stopped by a signal before the schema could be migrated",
+                    )
+                    .into()),
                 }
             })
         }),
@@ -327,15 +372,23 @@ pub fn main() -> ExitCode {
                 // still drains and exits 0 instead of killing the process.
                 let cancel = CancellationToken::new();
                 shutdown::listen_for_signals(cancel.clone());
+                let reload = daemon::ReloadSource {
+                    path: cli.config.clone(),
+                    hangups: shutdown::hangups(),
+                };
                 let (settings, warnings) = load_checked(cli.config.as_deref())?;
                 for warning in warnings {
                     tracing::warn!(%warning, "configuration");
                 }
-                run(settings, cancel).await
+                run(settings, reload, cancel).await
             })
         }),
-        Command::Bills(BillsCommand::Import { ref file }) => with_store(cli.config.as_deref(), |settings, store| {
-            import_bills(settings, store, file)
+        // The file is read and checked before the database is opened, so that a missing or
+        // broken file is reported as such even when PostgreSQL is away.
+        Command::Bills(BillsCommand::Import { ref file }) => read_bills(file).and_then(|bills| {
+            with_store(cli.config.as_deref(), |settings, store| {
+                import_bills(settings, store, file, bills)
+            })
         }),
         // Arguments are checked before the database is opened, so that a typo is reported as
         // such even when PostgreSQL is away.
@@ -356,9 +409,14 @@ pub fn main() -> ExitCode {
         Command::Alerts(ref args) => with_store(cli.config.as_deref(), |_, store| {
             show_alerts(store, &args.state, args.limit, args.json)
         }),
-        Command::Costs(ref args) => time_range(args.from.as_deref(), args.to.as_deref()).and_then(|(from, to)| {
+        Command::Costs(ref args) => costs_request(args).and_then(|request| {
             with_store(cli.config.as_deref(), |settings, store| {
-                show_costs(settings, store, from, to, args)
+                show_cost_table(settings, store, request)
+            })
+        }),
+        Command::Report(ref args) => report_request(args).and_then(|request| {
+            with_store(cli.config.as_deref(), |settings, store| {
+                show_cost_table(settings, store, request)
             })
         }),
         Command::Retention(ref args) => with_store(cli.config.as_deref(), |settings, store| {
@@ -373,10 +431,7 @@ pub fn main() -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            let usage = e.downcast_ref::<ConfigError>().is_some()
-                || e.downcast_ref::<UsageError>().is_some()
-                || e.downcast_ref::<BillsError>().is_some();
-            let code = if usage { EXIT_CONFIG } else { 1 };
+            let code = ExitClass::of(&e).code();
             // Errors from librdkafka and sqlx may quote a configured value.
             let text = format!("{e:#}");
             let message = secret::scrub(&text);
@@ -434,7 +489,7 @@ fn check_config(path: Option<&std::path::Path>) -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn run(settings: Settings, cancel: CancellationToken) -> anyhow::Result<()> {
+async fn run(settings: Settings, reload: daemon::ReloadSource, cancel: CancellationToken) -> anyhow::Result<()> {
     // Buckets make the flush duration a real histogram (quantiles aggregate across instances);
     // without them the exporter renders a summary.
     let handle = metrics_exporter_prometheus::PrometheusBuilder::new()
@@ -458,7 +513,7 @@ async fn run(settings: Settings, cancel: CancellationToken) -> anyhow::Result<()
             upkeep.run_upkeep();
         }
     });
-    let result = daemon::run(settings, Some(handle), cancel).await;
+    let result = daemon::run(settings, reload, Some(handle), cancel).await;
     match &result {
         Ok(()) => info!("stopped cleanly"),
         Err(e) => error!(error = %format!("{e:#}"), "stopped on error"),
@@ -470,7 +525,12 @@ fn estimate(config: Option<&std::path::Path>, args: &EstimateArgs) -> anyhow::Re
     let uses_book = args.model.is_some();
     let book = match (uses_book, config) {
         (true, Some(path)) => Some(PriceBook::from_settings(&load(Some(path))?.pricing)),
-        (true, None) => bail!("--model/--hardware read the price book: pass --config FILE (or set COSTWATCH_CONFIG)"),
+        (true, None) => {
+            return Err(UsageError(
+                "--model/--hardware read the price book: pass --config FILE (or set COSTWATCH_CONFIG)".into(),
+            )
+            .into())
+        }
         (false, _) => None,
     };
     let request = EstimateRequest {
@@ -485,13 +545,13 @@ fn estimate(config: Option<&std::path::Path>, args: &EstimateArgs) -> anyhow::Re
             .as_deref()
             .map(ModelName::parse)
             .transpose()
-            .context("--model")?,
+            .map_err(|e| UsageError(format!("--model: {e}")))?,
         hardware: args
             .hardware
             .as_deref()
             .map(HardwareName::parse)
             .transpose()
-            .context("--hardware")?,
+            .map_err(|e| UsageError(format!("--hardware: {e}")))?,
     };
     let e = request.price(book.as_ref())?;
     if args.json {
@@ -508,6 +568,15 @@ fn estimate(config: Option<&std::path::Path>, args: &EstimateArgs) -> anyhow::Re
             c.storage_cost, r.storage_price, r.k2, e.storage
         );
         println!("total    {}{unit}", c.total_cost);
+        let assumed = match e.assumed {
+            (true, true) => "k1 = k2 = 1",
+            (true, false) => "k1 = 1",
+            (false, true) => "k2 = 1",
+            (false, false) => "",
+        };
+        if !assumed.is_empty() {
+            println!("assumed  {assumed}: not given, configured or calibrated for this pair (--k1, --k2 set them)");
+        }
     }
     Ok(())
 }
@@ -540,7 +609,7 @@ async fn run_loadgen(config: Option<&std::path::Path>, args: &LoadgenArgs) -> an
         ("--hostile", args.hostile),
     ] {
         if !(0.0..1.0).contains(&share) {
-            bail!("{name} is a share of messages between 0 and 1, got {share}");
+            return Err(UsageError(format!("{name} is a share of messages between 0 and 1, got {share}")).into());
         }
     }
     let spec = loadgen::LoadSpec {
@@ -558,10 +627,11 @@ async fn run_loadgen(config: Option<&std::path::Path>, args: &LoadgenArgs) -> an
         end: args.end.unwrap_or_else(Utc::now),
     };
     if args.hostile > 0.0 && args.format != crate::config::SourceFormat::Costwatch {
-        bail!(
+        return Err(UsageError(format!(
             "--hostile is for the costwatch format; use --malformed with --format {}",
             args.format.as_str()
-        );
+        ))
+        .into());
     }
     let (messages, expected) = loadgen::generate_in(&spec, args.format);
     loadgen::ensure_topic_with(&brokers, &topic, args.partitions, &properties).await?;
@@ -669,7 +739,7 @@ async fn run_retention(settings: Settings, store: Store, dry_run: bool) -> anyho
         .await
         .context("cannot apply history retention")?
     else {
-        bail!("another costwatch instance is running retention right now; try again in a minute");
+        anyhow::bail!("another costwatch instance is running retention right now; try again in a minute");
     };
     print!("{}", outcome.to_text(dry_run));
     let keep = chrono::Duration::from_std(settings.rejected_retention()).unwrap_or(chrono::Duration::MAX);
@@ -696,9 +766,21 @@ async fn current_book(settings: &Settings, store: &Store) -> anyhow::Result<Pric
     Ok(PriceBook::from_settings(&settings.pricing).with_versions(versions))
 }
 
-async fn import_bills(settings: Settings, store: Store, file: &std::path::Path) -> anyhow::Result<()> {
-    let text = std::fs::read_to_string(file).with_context(|| format!("cannot read {}", file.display()))?;
-    let bills = bills::parse_bills(&text)?;
+/// The bills of `file`: every problem with its line, or the file cannot be read.
+fn read_bills(file: &std::path::Path) -> anyhow::Result<Vec<bills::Bill>> {
+    let text = std::fs::read_to_string(file).map_err(|error| InputError {
+        path: file.to_owned(),
+        error,
+    })?;
+    Ok(bills::parse_bills(&text)?)
+}
+
+async fn import_bills(
+    settings: Settings,
+    store: Store,
+    file: &std::path::Path,
+    bills: Vec<bills::Bill>,
+) -> anyhow::Result<()> {
     // Bills are compared with prices, which are all in one currency.
     let problems: Vec<BillProblem> = bills
         .iter()
@@ -741,10 +823,10 @@ async fn run_calibrate(
     } else {
         print!("{}", report.to_text());
     }
-    match report.errors.as_slice() {
-        [] => Ok(()),
-        [one] => bail!("cannot fit {}: {}", one.target, one.error),
-        many => bail!(
+    let message = match report.errors.as_slice() {
+        [] => return Ok(()),
+        [one] => format!("cannot fit {}: {}", one.target, one.error),
+        many => format!(
             "cannot fit {} targets:\n{}",
             many.len(),
             many.iter()
@@ -752,7 +834,9 @@ async fn run_calibrate(
                 .collect::<Vec<_>>()
                 .join("\n")
         ),
-    }
+    };
+    // The bills do not hold what a fit needs: input data, not a failure of costwatch.
+    Err(Failure::new(ExitClass::Data, message).into())
 }
 
 async fn run_rerate(
@@ -791,7 +875,7 @@ async fn show_budgets(settings: Settings, store: Store, json: bool) -> anyhow::R
         let pct = (s.utilization * Decimal::from(100)).round_dp(1).normalize();
         println!(
             "{}: {} of {} {} ({pct}%) this {} period, {} to {}; state {}",
-            s.name,
+            alerting::budget::status_subject(s),
             s.spend,
             s.amount,
             s.currency,
@@ -827,142 +911,129 @@ async fn show_budgets(settings: Settings, store: Store, json: bool) -> anyhow::R
     Ok(())
 }
 
-/// `costwatch costs`: the cost table, and a total that equals `/api/v1/costs`' for the range.
-async fn show_costs(
-    settings: Settings,
-    store: Store,
-    from: Option<DateTime<Utc>>,
-    to: Option<DateTime<Utc>>,
-    args: &CostsArgs,
-) -> anyhow::Result<()> {
-    use crate::usage::{self, CostRow, CostStep, Dimension};
+/// What `costwatch costs` and `costwatch report` print: one cost table, checked before the
+/// database is opened.
+#[derive(Debug)]
+struct TableRequest {
+    from: DateTime<Utc>,
+    to: DateTime<Utc>,
+    step: Option<crate::usage::CostStep>,
+    by: Vec<crate::usage::Dimension>,
+    labels: crate::usage::LabelFilter,
+    format: String,
+    /// The report's month and time zone, echoed in its JSON.
+    month: Option<(String, chrono_tz::Tz)>,
+}
+
+/// `--by` and `--label` as a group-by list and label filters.
+fn dimensions_and_labels(
+    by: &[String],
+    labels: &[String],
+) -> Result<(Vec<crate::usage::Dimension>, crate::usage::LabelFilter), UsageError> {
+    use crate::usage::{Dimension, LabelFilter};
+    let usage = |e: crate::usage::QueryError| UsageError(e.to_string());
+    let dimensions = Dimension::parse_list(by.iter().map(String::as_str)).map_err(usage)?;
+    let mut filter = LabelFilter::default();
+    for label in labels {
+        let (name, value) = label
+            .split_once('=')
+            .ok_or_else(|| UsageError(format!("--label {label:?} must be name=value, e.g. tenant=search")))?;
+        filter.insert(name, value).map_err(usage)?;
+    }
+    Ok((dimensions, filter))
+}
+
+fn costs_request(args: &CostsArgs) -> anyhow::Result<TableRequest> {
+    let (from, to) = time_range(args.from.as_deref(), args.to.as_deref())?;
     let to = to.unwrap_or_else(Utc::now);
     let from = from.unwrap_or(to - chrono::Duration::hours(24));
     check_order(Some(from), Some(to))?;
-    let by: Vec<Dimension> = args.by.iter().filter_map(|b| Dimension::parse(b)).collect();
-    let step = args.step.as_deref().and_then(CostStep::parse);
-    let query = usage::CostQuery {
+    let (by, labels) = dimensions_and_labels(&args.by, &args.labels)?;
+    Ok(TableRequest {
         from,
         to,
-        step,
+        step: args.step.as_deref().and_then(crate::usage::CostStep::parse),
+        by,
+        labels,
+        format: args.format.clone(),
+        month: None,
+    })
+}
+
+fn report_request(args: &ReportArgs) -> anyhow::Result<TableRequest> {
+    let (by, labels) = dimensions_and_labels(&args.by, &args.labels)?;
+    let (from, to) = match &args.month {
+        Some(month) => {
+            let parsed = crate::usage::Month::parse(month).map_err(|e| UsageError(format!("--{e}")))?;
+            alerting::budget::period_bounds(crate::config::Period::Monthly, args.tz, parsed.inside())
+        }
+        None => {
+            let (from, to) = time_range(args.from.as_deref(), args.to.as_deref())?;
+            (from.expect("clap requires --from"), to.expect("clap requires --to"))
+        }
+    };
+    Ok(TableRequest {
+        from,
+        to,
+        step: None,
+        by,
+        labels,
+        format: args.format.clone(),
+        month: args.month.clone().map(|m| (m, args.tz)),
+    })
+}
+
+/// `costwatch costs` and `costwatch report`: the cost table, and a total that equals
+/// `/api/v1/costs`' for the range.
+async fn show_cost_table(settings: Settings, store: Store, request: TableRequest) -> anyhow::Result<()> {
+    use crate::usage::{self, render, CostRow};
+    let query = usage::CostQuery {
+        from: request.from,
+        to: request.to,
+        step: request.step,
         model: None,
         hardware: None,
-        by: &by,
+        labels: &request.labels,
+        by: &request.by,
     };
     let rows = usage::store::cost_table(store.pool(), &query)
         .await
         .context("cannot read costs from PostgreSQL")?;
     let total = CostRow::total(&rows);
-    let names: Vec<&str> = by.iter().map(|d| d.column()).collect();
+    let names: Vec<String> = request.by.iter().map(|d| d.name()).collect();
     let currency = settings.pricing.currency.as_str();
-    match args.format.as_str() {
+    let with_start = request.step.is_some();
+    match request.format.as_str() {
         "json" => {
-            let document = serde_json::json!({
-                "from": from,
-                "to": to,
-                "step": step.map(CostStep::as_str),
-                "by": names,
-                "currency": currency,
-                "rows": rows.iter().map(|r| cost_json(r, &names)).collect::<Vec<_>>(),
-                "totals": cost_json(&total, &names),
-            });
+            let scope = render::TableScope {
+                from: request.from,
+                to: request.to,
+                step: request.step,
+                names: &names,
+                labels: &request.labels,
+                currency,
+            };
+            let mut document = render::table_json(&scope, &rows, &total);
+            if let Some((month, tz)) = &request.month {
+                document["month"] = serde_json::json!(month);
+                document["tz"] = serde_json::json!(tz.name());
+            }
             println!("{}", serde_json::to_string_pretty(&document)?);
         }
-        "csv" => {
-            // The total is left out: a CSV reader sums the rows itself.
-            for line in cost_lines(&rows, &names, step.is_some()) {
-                println!("{}", line.iter().map(|f| csv_field(f)).collect::<Vec<_>>().join(","));
-            }
-        }
+        "csv" => print!("{}", render::cost_csv(&rows, &names, with_start)),
         _ => {
-            let mut table = cost_lines(&rows, &names, step.is_some());
-            let mut last = vec![format!("total ({currency})")];
-            last.resize(table[0].len() - COST_FIGURES.len(), String::new());
-            last.extend(cost_figures(&total));
-            table.push(last);
-            let widths: Vec<usize> = (0..table[0].len())
-                .map(|i| table.iter().map(|l| l[i].chars().count()).max().unwrap_or(0))
-                .collect();
-            for line in &table {
-                let cells: Vec<String> = line.iter().zip(&widths).map(|(c, w)| format!("{c:<w$}")).collect();
-                println!("{}", cells.join("  ").trim_end());
+            print!("{}", render::cost_text(&rows, &total, &names, with_start, currency));
+            if total.unpriced_events > 0 {
+                println!(
+                    "unpriced: {} events (compute {}, storage {}) have no price and are in no cost",
+                    total.unpriced_events,
+                    total.unpriced_compute.normalize(),
+                    total.unpriced_storage.normalize()
+                );
             }
         }
     }
     Ok(())
-}
-
-/// The figures of a cost row, in every format's order.
-const COST_FIGURES: [&str; 7] = [
-    "events",
-    "compute",
-    "storage",
-    "compute_cost",
-    "storage_cost",
-    "total_cost",
-    "unpriced_events",
-];
-
-/// A row's figures as text, in [`COST_FIGURES`] order; decimals exact, without trailing zeros.
-fn cost_figures(r: &crate::usage::CostRow) -> Vec<String> {
-    let n = |d: Decimal| d.normalize().to_string();
-    let t = &r.totals;
-    vec![
-        r.events.to_string(),
-        n(t.compute),
-        n(t.storage),
-        n(t.compute_cost),
-        n(t.storage_cost),
-        n(t.total_cost),
-        r.unpriced_events.to_string(),
-    ]
-}
-
-/// A row as a JSON object: its bucket, its group (named by `names`) and its figures, the
-/// counts as numbers and the decimals as strings.
-fn cost_json(r: &crate::usage::CostRow, names: &[&str]) -> serde_json::Value {
-    let mut v = serde_json::json!({});
-    for (name, figure) in COST_FIGURES.iter().zip(cost_figures(r)) {
-        v[*name] = match *name {
-            "events" => serde_json::json!(r.events),
-            "unpriced_events" => serde_json::json!(r.unpriced_events),
-            _ => serde_json::json!(figure),
-        };
-    }
-    if let Some(start) = r.start {
-        v["start"] = serde_json::json!(start);
-    }
-    for (name, value) in names.iter().zip(&r.group) {
-        v[*name] = serde_json::json!(value);
-    }
-    v
-}
-
-/// The header and one line per row, for the table and the CSV.
-fn cost_lines(rows: &[crate::usage::CostRow], names: &[&str], with_start: bool) -> Vec<Vec<String>> {
-    let mut header: Vec<String> = Vec::new();
-    if with_start {
-        header.push("start".into());
-    }
-    header.extend(names.iter().map(|s| s.to_string()));
-    header.extend(COST_FIGURES.map(String::from));
-    let mut lines = vec![header];
-    for r in rows {
-        let mut line: Vec<String> = r.start.map(show_instant).into_iter().collect();
-        line.extend(r.group.iter().cloned());
-        line.extend(cost_figures(r));
-        lines.push(line);
-    }
-    lines
-}
-
-/// One CSV field, quoted when it must be (RFC 4180).
-fn csv_field(field: &str) -> String {
-    if field.contains([',', '"', '\n', '\r']) {
-        format!("\"{}\"", field.replace('"', "\"\""))
-    } else {
-        field.to_owned()
-    }
 }
 
 async fn show_alerts(store: Store, state: &str, limit: i64, json: bool) -> anyhow::Result<()> {

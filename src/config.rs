@@ -15,6 +15,11 @@ use crate::secret::Secret;
 
 pub mod sources;
 pub use sources::{SourceFormat, SourceSettings, TimestampFormat, UsageProfileSettings};
+mod duration;
+mod shape;
+// Every `with = "humantime_serde"` below reads through our own module, which refuses month
+// units (`"1M"` is a month in humantime, almost always a typo for `"1m"`); see `duration`.
+use duration as humantime_serde;
 
 /// The environment prefix; keys below it are separated by `__`, e.g. `COSTWATCH__KAFKA__BROKERS`.
 pub const ENV_PREFIX: &str = "COSTWATCH";
@@ -79,10 +84,10 @@ pub struct RetentionSettings {
     #[serde(default = "defaults::hourly_retention", with = "humantime_serde")]
     pub hourly: Duration,
     /// Daily roll-ups (`usage_daily`, one partition per UTC year); unset: kept forever.
-    #[serde(default, with = "humantime_serde")]
+    #[serde(default, with = "humantime_serde::option")]
     pub daily: Option<Duration>,
     /// Rejected messages (`rejected_events`); formerly `ingest.rejected_retention`.
-    #[serde(default, with = "humantime_serde")]
+    #[serde(default, with = "humantime_serde::option")]
     pub rejected: Option<Duration>,
 }
 
@@ -279,7 +284,7 @@ pub struct IngestSettings {
     pub max_rejected_payload_bytes: usize,
     /// The old name of `retention.rejected`, still read; [`Settings::rejected_retention`] is
     /// the one in force.
-    #[serde(default, with = "humantime_serde")]
+    #[serde(default, with = "humantime_serde::option")]
     pub rejected_retention: Option<Duration>,
     /// A partition whose stored offset has not moved for this long (or for twice
     /// `flush_interval`, if that is longer) while it has messages to read is reported stalled
@@ -334,6 +339,11 @@ pub struct HardwarePrice {
     /// Where the target runs, shown by `recommend`; untagged when absent.
     #[serde(default)]
     pub deployment: Option<Deployment>,
+    /// From when this entry prices the hardware (RFC 3339): a window is priced by the entry in
+    /// force at its start, the one with the latest `effective_from` not after it. Absent means
+    /// since forever; before a hardware's earliest entry its usage is unpriced.
+    #[serde(default)]
+    pub effective_from: Option<chrono::DateTime<chrono::Utc>>,
 }
 
 /// Where a hardware target runs: a cloud provider's machines or devices at the edge.
@@ -355,7 +365,7 @@ impl TryFrom<String> for Deployment {
         match s.as_str() {
             "cloud" => Ok(Deployment::Cloud),
             "edge" => Ok(Deployment::Edge),
-            other => Err(format!("deployment must be \"cloud\" or \"edge\", got {other:?}")),
+            other => Err(format!("must be \"cloud\" or \"edge\", got {other:?}")),
         }
     }
 }
@@ -368,7 +378,7 @@ impl TryFrom<String> for Period {
     fn try_from(s: String) -> Result<Self, String> {
         Period::ALL.into_iter().find(|p| p.as_str() == s).ok_or_else(|| {
             let names: Vec<&str> = Period::ALL.iter().map(|p| p.as_str()).collect();
-            format!("period must be one of {}, got {s:?}", names.join(", "))
+            format!("must be one of {}, got {s:?}", names.join(", "))
         })
     }
 }
@@ -462,6 +472,16 @@ pub struct MetricsSettings {
     /// Distinct hardware targets that get their own label value; the rest are `other`.
     #[serde(default = "defaults::max_hardware")]
     pub max_hardware: usize,
+    /// Event labels added to the usage and cost counters (`costwatch_cost_total`,
+    /// `costwatch_compute_units_total`, `costwatch_storage_units_total`,
+    /// `costwatch_unpriced_events_total`), e.g. `["tenant"]`. None by default: every label
+    /// multiplies the series.
+    #[serde(default)]
+    pub label_dimensions: Vec<String>,
+    /// Distinct values each of `label_dimensions` keeps in metrics (and, per budget, the splits
+    /// of a `split_by` budget in its gauges); the rest are `other`.
+    #[serde(default = "defaults::max_label_values")]
+    pub max_label_values: usize,
 }
 
 impl Default for MetricsSettings {
@@ -469,6 +489,8 @@ impl Default for MetricsSettings {
         Self {
             max_models: defaults::max_models(),
             max_hardware: defaults::max_hardware(),
+            label_dimensions: Vec::new(),
+            max_label_values: defaults::max_label_values(),
         }
     }
 }
@@ -586,9 +608,14 @@ pub struct BudgetSettings {
     /// In `pricing.currency`, as a string so it stays exact.
     #[serde(deserialize_with = "exact_decimal")]
     pub amount: Money,
-    /// Globs (`*`, `?`) on model and hardware; omitted means everything.
+    /// Globs (`*`, `?`) on model, hardware and label values; omitted means everything.
     #[serde(default, rename = "match")]
     pub scope: ScopeSettings,
+    /// Label names: the budget is evaluated separately for every combination of their values
+    /// seen this period, each with its own spend, state and alerts (per-team budgets without
+    /// listing the teams). Usage without one of these labels is in no split.
+    #[serde(default)]
+    pub split_by: Vec<String>,
     /// Fractions of `amount`; each one alerts once per period when spend reaches it.
     #[serde(default = "defaults::thresholds", deserialize_with = "fractions")]
     pub thresholds: Vec<Decimal>,
@@ -651,7 +678,7 @@ impl Period {
     }
 }
 
-/// Which usage a budget counts: globs (`*`, `?`) on model and hardware.
+/// Which usage a budget counts: globs (`*`, `?`) on model, hardware and label values.
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ScopeSettings {
@@ -661,7 +688,23 @@ pub struct ScopeSettings {
     /// A glob on hardware names; omitted means every target.
     #[serde(default)]
     pub hardware: Option<String>,
+    /// Per label name, a glob its value must match (`{ tenant = "search-*" }`); usage without
+    /// the label does not match, whatever the glob.
+    #[serde(default)]
+    pub labels: BTreeMap<String, String>,
 }
+
+/// Label names a budget's `split_by` cannot use: its alerts already carry labels of these names.
+pub const RESERVED_SPLIT_LABELS: [&str; 8] = [
+    "alertname",
+    "budget",
+    "kind",
+    "severity",
+    "threshold",
+    "period",
+    "model",
+    "hardware",
+];
 
 /// `factor`: how many times the baseline rate the recent rate must be to alert.
 #[derive(Debug, Clone, Deserialize)]
@@ -756,7 +799,7 @@ impl TryFrom<String> for LogFormat {
         match s.as_str() {
             "text" => Ok(LogFormat::Text),
             "json" => Ok(LogFormat::Json),
-            other => Err(format!("log.format must be \"text\" or \"json\", got {other:?}")),
+            other => Err(format!("must be \"text\" or \"json\", got {other:?}")),
         }
     }
 }
@@ -861,6 +904,9 @@ mod defaults {
         100
     }
     pub fn max_hardware() -> usize {
+        50
+    }
+    pub fn max_label_values() -> usize {
         50
     }
     pub fn reload_interval() -> Duration {
@@ -1162,9 +1208,13 @@ pub fn is_sensitive_property(name: &str) -> bool {
 /// Why settings could not be used. Every problem is listed, each with its key.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
-    /// The file cannot be read or does not fit the settings' shape.
+    /// The file does not parse (TOML syntax). Not a `#[source]`: the message already holds it,
+    /// and `{:#}` would print it twice.
     #[error("cannot read configuration: {0}")]
-    Load(#[from] config::ConfigError),
+    Load(config::ConfigError),
+    /// The configuration file given does not exist or cannot be read.
+    #[error("cannot read configuration file {}: {}", .0.display(), .1)]
+    Unreadable(PathBuf, std::io::Error),
     /// The settings are readable but break rules; every problem with its key.
     #[error("invalid configuration:\n{}", .0.iter().map(|p| format!("  - {p}")).collect::<Vec<_>>().join("\n"))]
     Invalid(Vec<String>),
@@ -1184,6 +1234,12 @@ fn layered(path: Option<&Path>) -> config::ConfigBuilder<config::builder::Defaul
     )
 }
 
+impl From<config::ConfigError> for ConfigError {
+    fn from(error: config::ConfigError) -> Self {
+        ConfigError::Load(error)
+    }
+}
+
 impl Settings {
     /// Loads `path` (if given), then `COSTWATCH__*` environment variables on top, then validates.
     pub fn load(path: Option<&Path>) -> Result<Self, ConfigError> {
@@ -1199,16 +1255,48 @@ impl Settings {
     /// them, for a caller that checks more (librdkafka's verdict) and reports it all at once.
     /// Fails only when the file cannot be read or parsed at all.
     pub fn load_with_problems(path: Option<&Path>) -> Result<(Self, Vec<String>), ConfigError> {
-        let mut settings: Settings = layered(path).build()?.try_deserialize()?;
+        if let Some(path) = path {
+            std::fs::File::open(path).map_err(|e| ConfigError::Unreadable(path.to_owned(), e))?;
+        }
         // Variables that are not Unicode are no costwatch settings; std::env::vars would panic.
         let env = std::env::vars_os().filter_map(|(k, v)| Some((k.into_string().ok()?, v.into_string().ok()?)));
+        let (settings, problems) = Self::from_config(layered(path).build()?, env)?;
+        // Before anything can print: librdkafka's and sqlx's texts are scrubbed from now on.
+        crate::secret::register(&settings.secrets());
+        Ok((settings, problems))
+    }
+
+    /// Reads settings from a built configuration: every problem of its shape (missing keys,
+    /// wrong types, unknown keys and values, each once with its key), and when there is none,
+    /// the secrets from files and `env` and every [`Settings::validate`] problem beside the
+    /// settings. With shape problems it fails, listing them with the validation problems that
+    /// do not merely echo them.
+    pub fn from_config(
+        built: config::Config,
+        env: impl IntoIterator<Item = (String, String)>,
+    ) -> Result<(Self, Vec<String>), ConfigError> {
+        let shaped = shape::read::<Settings>(built.try_deserialize()?);
+        let Some(mut settings) = shaped.value else {
+            return Err(ConfigError::Invalid(shaped.problems));
+        };
         let mut problems = settings.resolve_secrets(env);
         if let Err(ConfigError::Invalid(more)) = settings.validate() {
             problems.extend(more);
         }
-        // Before anything can print: librdkafka's and sqlx's texts are scrubbed from now on.
-        crate::secret::register(&settings.secrets());
-        Ok((settings, problems))
+        if shaped.problems.is_empty() {
+            return Ok((settings, problems));
+        }
+        // The settings were read from a patched tree: keep only what is wrong elsewhere.
+        let echoes = |problem: &String| {
+            shaped.set_aside.iter().any(|key| {
+                problem
+                    .strip_prefix(key.as_str())
+                    .is_some_and(|rest| rest.starts_with(['.', '[', ':']))
+            })
+        };
+        let mut all = shaped.problems;
+        all.extend(problems.into_iter().filter(|p| !echoes(p)));
+        Err(ConfigError::Invalid(all))
     }
 
     /// Checks what types alone cannot, collecting every problem instead of stopping at the first.
@@ -1218,10 +1306,7 @@ impl Settings {
         self.database.validate(&mut problems);
         self.windows.validate(&mut problems);
         self.ingest.validate(&mut problems);
-        problems.require(
-            self.ingest.max_event_age > self.windows.allowed_lateness,
-            "ingest.max_event_age: must be longer than windows.allowed_lateness",
-        );
+        self.check_horizons(&mut problems);
         self.pricing.validate(&mut problems);
         self.http.validate(&mut problems);
         self.metrics.validate(&mut problems);
@@ -1240,6 +1325,88 @@ impl Settings {
             );
         }
         problems.into_result()
+    }
+}
+
+impl Settings {
+    /// Durations that only make sense in one order, named with both keys and values: the
+    /// mistakes a month-for-minute typo or a copied value make.
+    fn check_horizons(&self, p: &mut Problems) {
+        let show = |d: Duration| humantime::format_duration(d).to_string();
+        let (age, lateness) = (self.ingest.max_event_age, self.windows.allowed_lateness);
+        p.require(
+            age > lateness,
+            format!(
+                "ingest.max_event_age: {} must be longer than windows.allowed_lateness ({})",
+                show(age),
+                show(lateness)
+            ),
+        );
+        // Events older than max_event_age are rejected before dedup looks at them, so ids kept
+        // longer than that only cost memory (a month of ids, for "1M").
+        let horizon = self.ingest.dedup_horizon;
+        p.require(
+            horizon <= age,
+            format!(
+                "ingest.dedup_horizon: {} is longer than ingest.max_event_age ({}); older events are rejected anyway, so make it at most that",
+                show(horizon),
+                show(age)
+            ),
+        );
+    }
+}
+
+/// What a configuration reload does with each section: `pricing`, `budgets`, `alerting` and
+/// `metrics` apply to all new work at once; the others hold connections, listeners or running
+/// loops and wait for a restart.
+impl Settings {
+    /// The sections of `new` that differ from `self` but take effect only after a restart.
+    /// Compared by their printed form plus the secrets it hides, so a changed password counts.
+    pub fn restart_needed(&self, new: &Settings) -> Vec<&'static str> {
+        let differs = |a: &dyn fmt::Debug, b: &dyn fmt::Debug| format!("{a:?}") != format!("{b:?}");
+        let mut sections = Vec::new();
+        let mut check = |name: &'static str, changed: bool| {
+            if changed {
+                sections.push(name);
+            }
+        };
+        check("kafka", differs(&self.kafka, &new.kafka));
+        let password = |d: &DatabaseSettings| d.password.as_ref().map(|p| p.expose().to_owned());
+        check(
+            "database",
+            differs(&self.database, &new.database)
+                || self.database.url != new.database.url
+                || password(&self.database) != password(&new.database),
+        );
+        check("http.listen", self.http.listen != new.http.listen);
+        let (h, n) = (&self.http, &new.http);
+        check(
+            "http",
+            h.api_token != n.api_token
+                || h.api_token_file != n.api_token_file
+                || h.protect_metrics != n.protect_metrics
+                || h.header_read_timeout != n.header_read_timeout
+                || h.request_timeout != n.request_timeout,
+        );
+        check("windows", differs(&self.windows, &new.windows));
+        check("ingest", differs(&self.ingest, &new.ingest));
+        check("calibration", differs(&self.calibration, &new.calibration));
+        check("recommendations", differs(&self.recommendations, &new.recommendations));
+        check("log", differs(&self.log, &new.log));
+        sections
+    }
+
+    /// `self` with the sections a reload applies taken from `new`; every other section stays
+    /// as the running daemon uses it until a restart. (Issue 18's usage profiles, once they
+    /// exist, belong to the applied sections too.)
+    pub fn reloaded(&self, new: Settings) -> Settings {
+        Settings {
+            pricing: new.pricing,
+            budgets: new.budgets,
+            alerting: new.alerting,
+            metrics: new.metrics,
+            ..self.clone()
+        }
     }
 }
 
@@ -1270,7 +1437,7 @@ impl KafkaSettings {
         // With `[[sources]]`, the topics are theirs and `kafka.topic` is not read.
         p.require(
             !self.topic.trim().is_empty() || has_sources,
-            "kafka.topic: must not be empty",
+            "kafka.topic: missing or empty; name the usage topic, or configure [[sources]]",
         );
         p.require(!self.group_id.trim().is_empty(), "kafka.group_id: must not be empty");
         p.require(
@@ -1345,10 +1512,26 @@ impl PricingSettings {
         );
         let mut seen_hw = HashSet::new();
         for (i, hw) in self.hardware.iter().enumerate() {
-            p.require(
-                seen_hw.insert(&hw.name),
-                format!("pricing.hardware[{i}].name: {:?} is priced twice", hw.name.as_str()),
-            );
+            // Several entries per hardware are its price history; two for the same instant
+            // would leave the price at that instant to the order of the file.
+            let first = seen_hw.insert((&hw.name, hw.effective_from));
+            match hw.effective_from {
+                None => p.require(
+                    first,
+                    format!(
+                        "pricing.hardware[{i}].name: {:?} is priced twice without effective_from",
+                        hw.name.as_str()
+                    ),
+                ),
+                Some(from) => p.require(
+                    first,
+                    format!(
+                        "pricing.hardware[{i}].effective_from: {:?} has two entries effective from {}",
+                        hw.name.as_str(),
+                        from.to_rfc3339_opts(chrono::SecondsFormat::AutoSi, true)
+                    ),
+                ),
+            }
             p.require(
                 hw.compute_price.0 >= Decimal::ZERO,
                 format!("pricing.hardware[{i}].compute_price: must not be negative"),
@@ -1411,8 +1594,40 @@ impl MetricsSettings {
     fn validate(&self, p: &mut Problems) {
         p.require(self.max_models >= 1, "metrics.max_models: must be at least 1");
         p.require(self.max_hardware >= 1, "metrics.max_hardware: must be at least 1");
+        p.require(
+            self.max_label_values >= 1,
+            "metrics.max_label_values: must be at least 1",
+        );
+        for (i, name) in self.label_dimensions.iter().enumerate() {
+            let key = format!("metrics.label_dimensions[{i}]");
+            let mut chars = name.chars();
+            let well_formed = chars.next().is_some_and(|c| c.is_ascii_alphabetic() || c == '_')
+                && chars.all(|c| c.is_ascii_alphanumeric() || c == '_')
+                && !name.starts_with("__");
+            p.require(
+                well_formed,
+                format!(
+                    "{key}: {name:?} is not a Prometheus label name ([a-zA-Z_][a-zA-Z0-9_]*, not starting with __)"
+                ),
+            );
+            p.require(
+                !METRIC_LABELS_TAKEN.contains(&name.as_str()),
+                format!(
+                    "{key}: {name:?} is a label costwatch or Prometheus already sets ({}); pick another name",
+                    METRIC_LABELS_TAKEN.join(", ")
+                ),
+            );
+            p.require(
+                !self.label_dimensions[..i].contains(name),
+                format!("{key}: {name:?} is listed twice"),
+            );
+        }
     }
 }
+
+/// Labels the cost counters already carry, or Prometheus adds to every series: an event label
+/// of the same name cannot be a metrics dimension.
+const METRIC_LABELS_TAKEN: [&str; 6] = ["model", "hardware", "component", "currency", "job", "instance"];
 
 impl CalibrationSettings {
     fn validate(&self, p: &mut Problems) {
@@ -1510,6 +1725,32 @@ impl WebhookSettings {
 }
 
 impl BudgetSettings {
+    /// Split labels become alert and metric label names, so they must be valid Prometheus label
+    /// names and must not shadow a label every budget alert already has.
+    fn validate_split_by(&self, key: &str, p: &mut Problems) {
+        let mut seen = HashSet::new();
+        for name in &self.split_by {
+            let valid = name.len() <= 128
+                && name.chars().next().is_some_and(|c| c.is_ascii_alphabetic() || c == '_')
+                && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_')
+                && !name.starts_with("__");
+            p.require(
+                valid,
+                format!("{key}.split_by: {name:?} is not a label name (letters, digits and '_', not starting with a digit or '__')"),
+            );
+            p.require(
+                !RESERVED_SPLIT_LABELS.contains(&name.as_str()),
+                format!("{key}.split_by: {name:?} is a label every budget alert already has; rename the label or split by another"),
+            );
+            p.require(seen.insert(name), format!("{key}.split_by: {name:?} is listed twice"));
+        }
+    }
+
+    /// The budget's split labels and their values for one split, in `split_by` order.
+    pub fn split_labels(&self, values: &[String]) -> BTreeMap<String, String> {
+        self.split_by.iter().cloned().zip(values.iter().cloned()).collect()
+    }
+
     fn validate(&self, key: &str, p: &mut Problems) {
         p.require(
             !self.name.trim().is_empty()
@@ -1548,6 +1789,13 @@ impl BudgetSettings {
                 );
             }
         }
+        for (name, glob) in &self.scope.labels {
+            p.require(
+                !name.is_empty() && name.len() <= 128 && !glob.is_empty() && glob.len() <= 128,
+                format!("{key}.match.labels.{name}: label names and globs must be 1-128 characters"),
+            );
+        }
+        self.validate_split_by(key, p);
         if let Some(d) = &self.drift {
             p.require(
                 d.factor > Decimal::ONE,
@@ -1597,13 +1845,19 @@ mod tests {
         k2 = "0.8"
     "#;
 
+    /// Reads and validates like `Settings::load`, without secrets (tests resolve those).
     fn parse(toml: &str) -> Result<Settings, ConfigError> {
-        let settings: Settings = config::Config::builder()
+        let built = config::Config::builder()
             .add_source(config::File::from_str(toml, config::FileFormat::Toml))
-            .build()?
-            .try_deserialize()?;
-        settings.validate()?;
-        Ok(settings)
+            .build()?;
+        let shaped = shape::read::<Settings>(built.try_deserialize()?);
+        match shaped.value {
+            Some(settings) if shaped.problems.is_empty() => {
+                settings.validate()?;
+                Ok(settings)
+            }
+            _ => Err(ConfigError::Invalid(shaped.problems)),
+        }
     }
 
     #[test]
@@ -1632,6 +1886,27 @@ mod tests {
             err.contains("pricing.coefficients[0].k1: must not be negative"),
             "{err}"
         );
+    }
+
+    #[test]
+    fn label_dimensions_must_be_free_prometheus_label_names() {
+        let good = format!("{EXAMPLE}\n[metrics]\nlabel_dimensions = [\"tenant\", \"team_2\"]\n");
+        let s = parse(&good).unwrap();
+        assert_eq!(s.metrics.label_dimensions, ["tenant", "team_2"]);
+        assert_eq!(s.metrics.max_label_values, 50);
+        let bad = format!(
+            "{EXAMPLE}\n[metrics]\nlabel_dimensions = [\"tenant\", \"model\", \"2x\", \"__x\", \"tenant\"]\nmax_label_values = 0\n"
+        );
+        let err = parse(&bad).unwrap_err().to_string();
+        for problem in [
+            "metrics.max_label_values: must be at least 1",
+            "metrics.label_dimensions[1]: \"model\" is a label costwatch or Prometheus already sets (model, hardware, component, currency, job, instance); pick another name",
+            "metrics.label_dimensions[2]: \"2x\" is not a Prometheus label name ([a-zA-Z_][a-zA-Z0-9_]*, not starting with __)",
+            "metrics.label_dimensions[3]: \"__x\" is not a Prometheus label name",
+            "metrics.label_dimensions[4]: \"tenant\" is listed twice",
+        ] {
+            assert!(err.contains(problem), "{problem}\n{err}");
+        }
     }
 
     #[test]
@@ -1696,6 +1971,108 @@ mod tests {
     }
 
     #[test]
+    fn hardware_prices_have_effective_dates_and_one_entry_per_instant() {
+        let history = format!(
+            "{EXAMPLE}{}",
+            r#"
+            [[pricing.hardware]]
+            name = "a100-80g"
+            compute_price = "0.08"
+            storage_price = "0.2"
+            effective_from = "2026-11-01T00:00:00+01:00"
+
+            [[pricing.hardware]]
+            name = "a100-80g"
+            compute_price = "0.07"
+            storage_price = "0.2"
+            effective_from = 2026-12-01T00:00:00Z
+            "#
+        );
+        let s = parse(&history).unwrap();
+        let from: Vec<_> = s.pricing.hardware.iter().map(|h| h.effective_from).collect();
+        assert_eq!(
+            from,
+            vec![
+                None,
+                Some("2026-10-31T23:00:00Z".parse().unwrap()),
+                Some("2026-12-01T00:00:00Z".parse().unwrap())
+            ]
+        );
+
+        let twice = history.replace("2026-12-01T00:00:00Z", "2026-10-31T23:00:00Z");
+        let err = parse(&twice).unwrap_err().to_string();
+        assert!(
+            err.contains(
+                "pricing.hardware[2].effective_from: \"a100-80g\" has two entries effective from 2026-10-31T23:00:00Z"
+            ),
+            "{err}"
+        );
+        let undated_twice = history.replace("effective_from = \"2026-11-01T00:00:00+01:00\"", "");
+        let err = parse(&undated_twice).unwrap_err().to_string();
+        assert!(
+            err.contains("pricing.hardware[1].name: \"a100-80g\" is priced twice without effective_from"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn budgets_match_labels_and_split_by_label_names() {
+        let budget = |extra: &str| {
+            format!("{EXAMPLE}\n[[budgets]]\nname = \"per-team\"\nperiod = \"monthly\"\namount = \"100\"\n{extra}\n")
+        };
+        let s = parse(&budget(
+            r#"match = { model = "qwen2-*", labels = { tenant = "search-*", env = "prod" } }
+               split_by = ["tenant"]"#,
+        ))
+        .unwrap();
+        let b = &s.budgets[0];
+        assert_eq!(b.scope.labels["tenant"], "search-*");
+        assert_eq!(b.scope.labels["env"], "prod");
+        assert_eq!(b.split_by, vec!["tenant".to_owned()]);
+        assert_eq!(
+            b.split_labels(&["search-a".to_owned()]),
+            BTreeMap::from([("tenant".to_owned(), "search-a".to_owned())])
+        );
+
+        let err = parse(&budget(r#"split_by = ["tenant", "kind", "9x", "tenant"]"#))
+            .unwrap_err()
+            .to_string();
+        for want in [
+            "budgets[0].split_by: \"kind\" is a label every budget alert already has; rename the label or split by another",
+            "budgets[0].split_by: \"9x\" is not a label name (letters, digits and '_', not starting with a digit or '__')",
+            "budgets[0].split_by: \"tenant\" is listed twice",
+        ] {
+            assert!(err.contains(want), "{want} in {err}");
+        }
+        let err = parse(&budget(r#"match = { labels = { tenant = "" } }"#))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("budgets[0].match.labels.tenant: label names and globs must be 1-128 characters"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn a_reload_applies_pricing_budgets_alerting_and_metrics_and_names_the_rest() {
+        let old = parse(EXAMPLE).unwrap();
+        let changed = EXAMPLE
+            .replace("compute_price = \"0.1\"", "compute_price = \"0.3\"")
+            .replace("group_id = \"costwatch\"", "group_id = \"other\"")
+            .replace("size = \"1m\"", "size = \"2m\"")
+            + "\n[metrics]\nmax_models = 7\n[http]\nlisten = \"127.0.0.1:9999\"\n";
+        let new = parse(&changed).unwrap();
+        assert_eq!(old.restart_needed(&new), vec!["kafka", "http.listen", "windows"]);
+        let applied = old.reloaded(new);
+        assert_eq!(applied.pricing.hardware[0].compute_price.to_string(), "0.3");
+        assert_eq!(applied.metrics.max_models, 7);
+        assert_eq!(applied.kafka.group_id, "costwatch", "kept until restart");
+        assert_eq!(applied.windows.size, Duration::from_secs(60));
+        assert_eq!(applied.http.listen, old.http.listen);
+        assert!(old.restart_needed(&parse(EXAMPLE).unwrap()).is_empty());
+    }
+
+    #[test]
     fn hardware_may_carry_a_deployment_tag_and_calibration_has_defaults() {
         let tagged = EXAMPLE.replace(
             "storage_price = \"0.2\"",
@@ -1709,7 +2086,7 @@ mod tests {
 
         let err = parse(&tagged.replace("\"edge\"", "\"moon\"")).unwrap_err().to_string();
         assert!(
-            err.contains("deployment must be \"cloud\" or \"edge\", got \"moon\""),
+            err.contains("pricing.hardware[0].deployment: must be \"cloud\" or \"edge\", got \"moon\""),
             "{err}"
         );
         let err = parse(&format!("{EXAMPLE}\n[calibration]\nreload_interval = \"1ms\"\n"))
@@ -1730,7 +2107,7 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(
-            err.contains(r#"log.format must be "text" or "json", got "xml""#),
+            err.contains(r#"log.format: must be "text" or "json", got "xml""#),
             "{err}"
         );
     }
@@ -1860,9 +2237,31 @@ mod tests {
     }
 
     #[test]
+    fn a_missing_section_and_a_missing_key_are_each_named_once() {
+        let bad = EXAMPLE
+            .replace(
+                "[database]\n        url = \"postgres://postgres@127.0.0.1:5432/costwatch\"\n",
+                "",
+            )
+            .replace("group_id = \"costwatch\"\n", "")
+            .replace("k1 = \"0.5\"", "k1 = \"half\"");
+        let err = parse(&bad).unwrap_err().to_string();
+        assert_eq!(
+            err,
+            "invalid configuration:\n  \
+             - database: missing; this key is required\n  \
+             - kafka.group_id: missing; this key is required\n  \
+             - pricing.coefficients[0].k1: \"half\" is not a decimal number"
+        );
+    }
+
+    #[test]
     fn unknown_keys_are_refused() {
         let bad = EXAMPLE.replace("group_id = \"costwatch\"", "group_id = \"costwatch\"\ngroup = \"x\"");
         let err = parse(&bad).unwrap_err().to_string();
-        assert!(err.contains("unknown field `group`"), "{err}");
+        assert!(
+            err.contains("kafka.group: unknown key, expected one of `brokers`"),
+            "{err}"
+        );
     }
 }

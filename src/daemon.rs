@@ -1,10 +1,13 @@
 //! `costwatch run`: wires settings, PostgreSQL, the metrics endpoint and the Kafka consumer
 //! together, and drains them on shutdown.
 
+use std::path::PathBuf;
 use std::sync::Arc;
 
 use anyhow::Context;
 use metrics_exporter_prometheus::PrometheusHandle;
+use tokio::signal::unix::Signal;
+use tokio::sync::{mpsc, oneshot, watch};
 use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
 
@@ -12,8 +15,9 @@ use crate::alerting;
 use crate::calibration;
 use crate::calibration::recommend;
 use crate::config::Settings;
+use crate::exit::{ExitClass, Failure};
 use crate::history;
-use crate::http::{self, AppState};
+use crate::http::{self, AppState, ReloadOutcome};
 use crate::ingest::aggregate::{millis, IngestRules};
 use crate::ingest::consumer::{self, Backoff, FlushLimits, Pipeline, PipelineSettings};
 use crate::ingest::event::Limits;
@@ -94,7 +98,11 @@ fn permanent(failure: ConnectFailure, error: StoreError) -> anyhow::Error {
     while let Some(next) = cause.source() {
         cause = next;
     }
-    anyhow::anyhow!("PostgreSQL: {failure}; not retried: {cause}")
+    Failure::new(
+        ExitClass::Unavailable,
+        format!("PostgreSQL: {failure}; not retried: {cause}"),
+    )
+    .into()
 }
 
 /// Runs until `cancel` fires, then drains: flush, store offsets, leave the group, stop serving.
@@ -102,6 +110,7 @@ fn permanent(failure: ConnectFailure, error: StoreError) -> anyhow::Error {
 /// is why it stays one function.
 pub async fn run(
     settings: Settings,
+    reload: ReloadSource,
     metrics: Option<PrometheusHandle>,
     cancel: CancellationToken,
 ) -> anyhow::Result<()> {
@@ -109,14 +118,21 @@ pub async fn run(
     let listener = http::bind(&settings.http.listen).await?;
     let options = store::connect_options(&settings.database.url, settings.database.password.as_ref())?;
     let store = Store::connect_lazy_with(options.clone(), settings.database.max_connections);
-    telemetry::set_label_caps(settings.metrics.max_models, settings.metrics.max_hardware);
+    telemetry::set_label_caps(
+        settings.metrics.max_models,
+        settings.metrics.max_hardware,
+        settings.metrics.max_label_values,
+    );
+    telemetry::set_label_dimensions(&settings.metrics.label_dimensions, settings.metrics.max_label_values);
     // Configured prices until the calibrated versions are loaded (before the first flush).
-    let configured = PriceBook::from_settings(&settings.pricing);
-    let prices = LivePrices::new(configured.clone());
+    let prices = LivePrices::new(PriceBook::from_settings(&settings.pricing));
     // Offsets move once per flush at best: a long flush interval is not a stall.
     let stall_after = settings.ingest.stall_after.max(settings.ingest.flush_interval * 2);
     let health = Arc::new(Health::new(stall_after));
     let board = alerting::SharedBoard::default();
+    let (live, live_settings) = watch::channel(Arc::new(settings.clone()));
+    let (reload_requests, requests) = mpsc::channel(4);
+    tokio::spawn(serve_reloads(reload, live, prices.clone(), requests, cancel.clone()));
     let app = AppState {
         store: store.clone(),
         prices: prices.clone(),
@@ -127,6 +143,7 @@ pub async fn run(
         budgets: board.clone(),
         protect_metrics: settings.http.protect_metrics,
         timeouts: http::Timeouts::from_settings(&settings.http),
+        reload: Some(reload_requests),
     };
     // Serving starts at once: `/healthz` answers while the database is still being waited
     // for, and `/readyz` says what is missing.
@@ -140,7 +157,7 @@ pub async fn run(
         info!("database schema is up to date");
         // Calibrated versions are loaded before the first flush, so that no window is priced
         // with configured coefficients while a version in force exists.
-        Ok(start_pricing(&settings, &store, configured, &prices, &cancel).await)
+        Ok(start_pricing(&settings, &store, &prices, &cancel).await)
     };
     match started.await {
         Ok(true) => {}
@@ -160,7 +177,7 @@ pub async fn run(
     let settings = Arc::new(settings);
     tasks.spawn(
         "the budget evaluator",
-        alerting::run(settings.clone(), store.clone(), board, cancel.clone()),
+        alerting::run(live_settings, store.clone(), board, cancel.clone()),
     );
 
     // One consumer per source: each reads one topic in one format, into the same group.
@@ -210,20 +227,12 @@ fn pipeline_settings(settings: &Settings, source: Arc<Source>) -> PipelineSettin
 /// Loads every calibrated version into `prices` before the first flush (so that no window is
 /// priced with configured coefficients while a version in force exists), then keeps it current
 /// and the potential-savings gauge fresh in the background. False when shutdown began first.
-async fn start_pricing(
-    settings: &Settings,
-    store: &Store,
-    configured: PriceBook,
-    prices: &LivePrices,
-    cancel: &CancellationToken,
-) -> bool {
-    let Some(book) = load_book(store, &configured, cancel).await else {
+async fn start_pricing(settings: &Settings, store: &Store, prices: &LivePrices, cancel: &CancellationToken) -> bool {
+    if !load_book(store, prices, cancel).await {
         return false;
-    };
-    prices.replace(book);
+    }
     tokio::spawn(reload_coefficients(
         store.clone(),
-        configured,
         prices.clone(),
         settings.calibration.reload_interval,
         cancel.clone(),
@@ -286,22 +295,24 @@ impl Supervisor {
     }
 }
 
-/// The configured book with every stored version, retrying while PostgreSQL is away; `None`
-/// when shutdown began first.
-async fn load_book(store: &Store, configured: &PriceBook, cancel: &CancellationToken) -> Option<PriceBook> {
+/// Puts every stored version into `prices`, retrying while PostgreSQL is away; false when
+/// shutdown began first.
+async fn load_book(store: &Store, prices: &LivePrices, cancel: &CancellationToken) -> bool {
     let mut backoff = Backoff::new();
     loop {
         match calibration::store::load_versions(store.pool()).await {
             Ok(versions) => {
-                let book = configured.clone().with_versions(versions);
+                // Onto the book in force, which a reload may already have changed.
+                prices.update(|book| book.clone().with_versions(versions));
+                let book = prices.current();
                 telemetry::coefficients_loaded(book.newest_version(), book.version_count(), false);
-                return Some(book);
+                return true;
             }
             Err(error) => {
                 let wait = backoff.next_wait();
                 error!(%error, retry_in = ?wait, "cannot load coefficient versions, retrying");
                 tokio::select! {
-                    _ = cancel.cancelled() => return None,
+                    _ = cancel.cancelled() => return false,
                     _ = tokio::time::sleep(wait) => {}
                 }
             }
@@ -311,13 +322,7 @@ async fn load_book(store: &Store, configured: &PriceBook, cancel: &CancellationT
 
 /// Polls `coefficient_version` and swaps the pipeline's price book when it changed, so that
 /// a version stored by `costwatch calibrate` prices the next flush without a restart.
-async fn reload_coefficients(
-    store: Store,
-    configured: PriceBook,
-    prices: LivePrices,
-    every: std::time::Duration,
-    cancel: CancellationToken,
-) {
+async fn reload_coefficients(store: Store, prices: LivePrices, every: std::time::Duration, cancel: CancellationToken) {
     let mut tick = tokio::time::interval(every);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let current = prices.current();
@@ -339,11 +344,11 @@ async fn reload_coefficients(
         }
         match calibration::store::load_versions(store.pool()).await {
             Ok(versions) => {
-                let book = configured.clone().with_versions(versions);
+                // Swapped before it is reported, so that whoever sees the metric sees the book.
+                prices.update(|book| book.clone().with_versions(versions));
+                let book = prices.current();
                 let (newest, count) = (book.newest_version(), book.version_count());
                 known = (newest, count as i64);
-                // Swapped before it is reported, so that whoever sees the metric sees the book.
-                prices.replace(book);
                 telemetry::coefficients_loaded(newest, count, true);
             }
             Err(error) => warn!(%error, "cannot load coefficient versions; pricing with the loaded ones"),
@@ -453,6 +458,99 @@ async fn refresh_savings(
             Err(error) => warn!(%error, "cannot price recommendations for potential savings"),
         }
     }
+}
+
+/// Where `costwatch run` re-reads its configuration from, and the SIGHUPs that ask it to.
+pub struct ReloadSource {
+    /// The configuration file (`--config`); `None`: the environment alone, read again too.
+    pub path: Option<PathBuf>,
+    /// SIGHUP, registered when the process starts (until then its default action ends the
+    /// process); `None` when it could not be, and only `POST /-/reload` reloads.
+    pub hangups: Option<Signal>,
+}
+
+/// Serves reloads, from SIGHUP and from `POST /-/reload`, one at a time until `cancel` fires.
+async fn serve_reloads(
+    source: ReloadSource,
+    live: watch::Sender<Arc<Settings>>,
+    prices: LivePrices,
+    mut requests: mpsc::Receiver<oneshot::Sender<ReloadOutcome>>,
+    cancel: CancellationToken,
+) {
+    let ReloadSource { path, mut hangups } = source;
+    telemetry::config_reloaded(true);
+    loop {
+        let hangup = async {
+            match hangups.as_mut() {
+                Some(signal) => signal.recv().await,
+                None => std::future::pending().await,
+            }
+        };
+        let reply = tokio::select! {
+            _ = cancel.cancelled() => return,
+            Some(()) = hangup => None,
+            Some(reply) = requests.recv() => Some(reply),
+        };
+        let outcome = reload(
+            path.as_deref(),
+            &live,
+            &prices,
+            if reply.is_some() { "http" } else { "SIGHUP" },
+        );
+        if let Some(reply) = reply {
+            let _ = reply.send(outcome);
+        }
+    }
+}
+
+/// Reads the configuration again and applies what a reload applies (see
+/// [`Settings::reloaded`]): prices to the next flush, budgets and receivers to the next
+/// evaluation, label caps to the next metrics. A file that does not load or validate changes
+/// nothing; the running configuration stays whole.
+fn reload(
+    path: Option<&std::path::Path>,
+    live: &watch::Sender<Arc<Settings>>,
+    prices: &LivePrices,
+    trigger: &'static str,
+) -> ReloadOutcome {
+    let checked = Settings::load(path).map_err(|e| format!("{e:#}")).and_then(|new| {
+        match alerting::notify::Notifier::new(&new.alerting) {
+            Ok(_) => Ok(new),
+            Err(e) => Err(format!("alerting: {e}")),
+        }
+    });
+    let new = match checked {
+        Ok(new) => new,
+        Err(error) => {
+            error!(trigger, %error, "configuration reload failed; the running configuration is unchanged");
+            telemetry::config_reloaded(false);
+            return Err(error);
+        }
+    };
+    let current = live.borrow().clone();
+    let ignored: Vec<String> = current.restart_needed(&new).into_iter().map(str::to_owned).collect();
+    let applied = current.reloaded(new);
+    prices.update(|book| book.with_settings(&applied.pricing));
+    // Issue 18's usage profiles, once they exist, are swapped here too (and taken by
+    // `Settings::reloaded`), so that new windows derive T and S with the reloaded ones.
+    let caps = &applied.metrics;
+    telemetry::set_label_caps(caps.max_models, caps.max_hardware, caps.max_label_values);
+    // Setting the dimensions forgets which values kept their names: only when they changed.
+    if current.metrics.label_dimensions != caps.label_dimensions {
+        telemetry::set_label_dimensions(&caps.label_dimensions, caps.max_label_values);
+    }
+    for section in &ignored {
+        warn!(trigger, section, "changed in the configuration, ignored until restart");
+    }
+    info!(
+        trigger,
+        budgets = applied.budgets.len(),
+        priced_hardware = applied.pricing.hardware.len(),
+        "configuration reloaded: pricing, budgets, alerting and metrics caps apply to new work"
+    );
+    live.send_replace(Arc::new(applied));
+    telemetry::config_reloaded(true);
+    Ok(ignored)
 }
 
 /// `host-pid`: unique among live instances, readable in `partition_progress.owner`.

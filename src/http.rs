@@ -17,8 +17,7 @@ use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::server::graceful::GracefulShutdown;
 use hyper_util::service::TowerToHyperService;
 use metrics_exporter_prometheus::PrometheusHandle;
-use rust_decimal::Decimal;
-use serde::{Deserialize, Serialize};
+use serde::Deserialize;
 use serde_json::json;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
@@ -30,7 +29,8 @@ use crate::ingest::health::Health;
 use crate::pricing::{EstimateError, EstimateRequest, LivePrices};
 use crate::store::Store;
 use crate::telemetry;
-use crate::usage::{self, CostQuery, CostRow, CostStep};
+use crate::usage::query::LABEL_PREFIX;
+use crate::usage::{self, render, CostQuery, CostRow, CostStep, Dimension, LabelFilter, Month};
 
 /// How long shutdown lets requests in flight finish before their connections are dropped.
 const DRAIN_CONNECTIONS: Duration = Duration::from_secs(5);
@@ -56,7 +56,18 @@ pub struct AppState {
     pub protect_metrics: bool,
     /// How long to wait on clients and on handlers.
     pub timeouts: Timeouts,
+    /// Asks the daemon to re-read its configuration file (`POST /-/reload`); `None`: no
+    /// daemon to ask, and the route answers 503.
+    pub reload: Option<ReloadTrigger>,
 }
+
+/// The answer to a reload request: the keys that changed but wait for a restart, or why the
+/// new configuration was refused (nothing changed then).
+pub type ReloadOutcome = Result<Vec<String>, String>;
+
+/// Where `POST /-/reload` sends its request; the daemon answers on the enclosed channel once
+/// the reload is applied or refused.
+pub type ReloadTrigger = tokio::sync::mpsc::Sender<tokio::sync::oneshot::Sender<ReloadOutcome>>;
 
 /// How long the listener waits on a client (`http.header_read_timeout`) and on itself
 /// (`http.request_timeout`).
@@ -87,15 +98,20 @@ pub fn router(state: AppState) -> Router {
     }
     let api = Router::new()
         .route("/costs", get(costs))
+        .route("/report", get(report))
         .route("/estimate", post(estimate))
         .route("/rejected", get(rejected))
         .route("/recommendations", get(recommendations))
         .route("/budgets", get(budgets))
         .route("/alerts", get(alerts))
-        .route_layer(token)
+        .route_layer(token.clone())
         .route("/openapi.json", get(openapi));
+    // Prometheus's lifecycle endpoint path; it changes what the daemon does, so it needs the
+    // token whenever the API does.
+    let admin = Router::new().route("/-/reload", post(reload)).route_layer(token);
     Router::new()
         .merge(metrics_route)
+        .merge(admin)
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(readyz))
         .nest("/api/v1", api)
@@ -263,6 +279,27 @@ fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
     a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
+/// `POST /-/reload`: re-reads the configuration file as SIGHUP does. 200 with the keys ignored
+/// until a restart, or 500 with the reason the file was refused (nothing changed then).
+async fn reload(State(state): State<AppState>) -> Response {
+    let Some(trigger) = &state.reload else {
+        return ApiError::Unavailable.into_response();
+    };
+    let (reply, answer) = tokio::sync::oneshot::channel();
+    if trigger.send(reply).await.is_err() {
+        return ApiError::Unavailable.into_response();
+    }
+    match answer.await {
+        Ok(Ok(ignored)) => Json(json!({ "status": "success", "ignored_until_restart": ignored })).into_response(),
+        Ok(Err(error)) => (
+            StatusCode::INTERNAL_SERVER_ERROR,
+            Json(json!({ "status": "error", "error": error })),
+        )
+            .into_response(),
+        Err(_) => ApiError::Unavailable.into_response(),
+    }
+}
+
 async fn metrics(State(state): State<AppState>) -> Response {
     let mut body = state.metrics.as_ref().map(|h| h.render()).unwrap_or_default();
     body.push_str(&telemetry::render_ledger());
@@ -331,6 +368,36 @@ fn back_from(to: DateTime<Utc>, span: chrono::Duration) -> DateTime<Utc> {
     to.checked_sub_signed(span).map_or(earliest, |from| from.max(earliest))
 }
 
+/// A query string as pairs, in order and with repeats: `label.<name>` keys are not fixed field
+/// names, so they are taken out before the rest is read as a struct.
+type QueryPairs = Result<Query<Vec<(String, String)>>, QueryRejection>;
+
+/// Takes the `label.<name>=<value>` filters out of `pairs` and reads the rest as `T` (whose
+/// `deny_unknown_fields` still names a mistyped parameter).
+fn labelled_query<T: serde::de::DeserializeOwned>(pairs: QueryPairs) -> Result<(T, LabelFilter), ApiError> {
+    let Query(pairs) = pairs?;
+    let mut labels = LabelFilter::default();
+    let mut rest = Vec::with_capacity(pairs.len());
+    for (key, value) in pairs {
+        match key.strip_prefix(LABEL_PREFIX) {
+            Some(name) => labels
+                .insert(name, &value)
+                .map_err(|e| ApiError::BadRequest(e.to_string()))?,
+            None => rest.push((key, value)),
+        }
+    }
+    let encoded = serde_urlencoded::to_string(&rest).map_err(|e| ApiError::BadRequest(e.to_string()))?;
+    let typed = serde_urlencoded::from_str(&encoded)
+        .map_err(|e| ApiError::BadRequest(format!("Failed to deserialize query string: {e}")))?;
+    Ok((typed, labels))
+}
+
+/// A comma-separated group-by list.
+fn dimensions(list: Option<&str>) -> Result<Vec<Dimension>, ApiError> {
+    let Some(list) = list else { return Ok(Vec::new()) };
+    Dimension::parse_list(list.split(',')).map_err(|e| ApiError::BadRequest(e.to_string()))
+}
+
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct CostsQuery {
@@ -339,30 +406,14 @@ struct CostsQuery {
     model: Option<String>,
     hardware: Option<String>,
     step: Option<CostStep>,
-}
-
-#[derive(Debug, Default, Serialize)]
-struct CostPoint {
-    #[serde(skip_serializing_if = "Option::is_none")]
-    start: Option<DateTime<Utc>>,
-    events: i64,
-    compute: String,
-    storage: String,
-    compute_cost: String,
-    storage_cost: String,
-    total_cost: String,
-    /// Events on unpriced hardware: their usage is in `compute`/`storage`, their cost nowhere.
-    unpriced_events: i64,
+    group_by: Option<String>,
 }
 
 /// Most points one response may hold; a longer range needs a coarser step.
 const MAX_POINTS: i64 = 10_000;
 
-async fn costs(
-    State(state): State<AppState>,
-    query: Result<Query<CostsQuery>, QueryRejection>,
-) -> Result<Response, ApiError> {
-    let Query(q) = query?;
+async fn costs(State(state): State<AppState>, query: QueryPairs) -> Result<Response, ApiError> {
+    let (q, labels) = labelled_query::<CostsQuery>(query)?;
     let to = supported("to", q.to)?.unwrap_or_else(Utc::now);
     let from = match supported("from", q.from)? {
         Some(from) => from,
@@ -376,6 +427,7 @@ async fn costs(
             return Err(ApiError::BadRequest(format!("{name} must not contain NUL characters")));
         }
     }
+    let by = dimensions(q.group_by.as_deref())?;
     let cost_step = q.step.unwrap_or(CostStep::Hour);
     // Windows are at least a second wide; counting them as a minute (the default) allows about
     // a week at step=window.
@@ -384,43 +436,103 @@ async fn costs(
             "the range from {from} to {to} has more than {MAX_POINTS} points at this step; use a coarser step or a shorter range"
         )));
     }
-    let query = CostQuery {
+    let mut query = CostQuery {
         from,
         to,
         step: Some(cost_step),
         model: q.model.as_deref(),
         hardware: q.hardware.as_deref(),
+        labels: &labels,
         by: &[],
     };
     let buckets = usage::store::cost_table(state.store.pool(), &query).await?;
-
-    let total = CostRow::total(&buckets);
-    let series: Vec<CostPoint> = buckets.iter().map(point).collect();
-    Ok(Json(json!({
+    let mut document = json!({
         "from": from,
         "to": to,
         "step": cost_step.as_str(),
         "model": q.model,
         "hardware": q.hardware,
+        "labels": labels.to_json(),
         "currency": state.prices.current().currency(),
-        "totals": point(&total),
-        "series": series,
-    }))
-    .into_response())
+        "totals": render::cost_json(&CostRow::total(&buckets), &[]),
+        "series": buckets.iter().map(|b| render::cost_json(b, &[])).collect::<Vec<_>>(),
+    });
+    if !by.is_empty() {
+        // Totals per group over the whole range; they add up to `totals`.
+        query.step = None;
+        query.by = &by;
+        let groups = usage::store::cost_table(state.store.pool(), &query).await?;
+        let names: Vec<String> = by.iter().map(Dimension::name).collect();
+        document["group_by"] = json!(names);
+        document["groups"] = groups.iter().map(|g| render::cost_json(g, &names)).collect();
+    }
+    Ok(Json(document).into_response())
 }
 
-fn point(row: &CostRow) -> CostPoint {
-    let s = |d: Decimal| d.normalize().to_string();
-    CostPoint {
-        start: row.start,
-        events: row.events,
-        compute: s(row.totals.compute),
-        storage: s(row.totals.storage),
-        compute_cost: s(row.totals.compute_cost),
-        storage_cost: s(row.totals.storage_cost),
-        total_cost: s(row.totals.total_cost),
-        unpriced_events: row.unpriced_events,
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ReportQuery {
+    from: Option<DateTime<Utc>>,
+    to: Option<DateTime<Utc>>,
+    month: Option<String>,
+    tz: Option<chrono_tz::Tz>,
+    by: Option<String>,
+}
+
+/// The range of a report: a calendar month in a time zone, or `from` and `to`.
+fn report_range(q: &ReportQuery) -> Result<(DateTime<Utc>, DateTime<Utc>), ApiError> {
+    let tz = q.tz.unwrap_or(chrono_tz::UTC);
+    let (from, to) = match (&q.month, supported("from", q.from)?, supported("to", q.to)?) {
+        (Some(month), None, None) => {
+            let month = Month::parse(month).map_err(|e| ApiError::BadRequest(e.to_string()))?;
+            crate::alerting::budget::period_bounds(crate::config::Period::Monthly, tz, month.inside())
+        }
+        (None, Some(from), Some(to)) => (from, to),
+        (Some(_), _, _) => {
+            return Err(ApiError::BadRequest(
+                "give either month or from and to, not both".into(),
+            ))
+        }
+        (None, _, _) => return Err(ApiError::BadRequest("give month, or both from and to".into())),
+    };
+    if from >= to {
+        return Err(ApiError::BadRequest(format!("from ({from}) must be before to ({to})")));
     }
+    Ok((from, to))
+}
+
+/// Chargeback: one row per group (by default per tenant) over a range or calendar month, with
+/// the unpriced usage of each group beside its costs; the totals equal `/api/v1/costs`'.
+async fn report(State(state): State<AppState>, query: QueryPairs) -> Result<Response, ApiError> {
+    let (q, labels) = labelled_query::<ReportQuery>(query)?;
+    let (from, to) = report_range(&q)?;
+    let by = dimensions(Some(q.by.as_deref().unwrap_or("tenant")))?;
+    let query = CostQuery {
+        from,
+        to,
+        step: None,
+        model: None,
+        hardware: None,
+        labels: &labels,
+        by: &by,
+    };
+    let rows = usage::store::cost_table(state.store.pool(), &query).await?;
+    let names: Vec<String> = by.iter().map(Dimension::name).collect();
+    let book = state.prices.current();
+    let scope = render::TableScope {
+        from,
+        to,
+        step: None,
+        names: &names,
+        labels: &labels,
+        currency: book.currency(),
+    };
+    let mut document = render::table_json(&scope, &rows, &CostRow::total(&rows));
+    if let Some(month) = &q.month {
+        document["month"] = json!(month);
+        document["tz"] = json!(q.tz.unwrap_or(chrono_tz::UTC).name());
+    }
+    Ok(Json(document).into_response())
 }
 
 async fn estimate(
@@ -607,6 +719,7 @@ mod tests {
         assert_eq!(doc["openapi"], "3.0.3");
         for path in [
             "/api/v1/costs",
+            "/api/v1/report",
             "/api/v1/estimate",
             "/api/v1/rejected",
             "/api/v1/recommendations",

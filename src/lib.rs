@@ -6,7 +6,7 @@
 //! (connections, migrations, the flush transaction) sit on them. The features use those:
 //! [`ingest`] (Kafka to window sums), [`alerting`] (budgets and alerts), [`calibration`]
 //! (bills, fits, re-rating, recommendations) and [`usage`] (reading the priced history back). At the top, [`http`] (metrics, probes, the API),
-//! [`daemon`] (wiring for `costwatch run`), [`cli`], [`loadgen`] (synthetic load),
+//! [`daemon`] (wiring for `costwatch run`), [`cli`], [`exit`] (exit codes), [`loadgen`] (synthetic load),
 //! [`shutdown`] (signals) and [`faults`] (fault injection for the fault suite).
 //! Connections: [`kafka`] (the librdkafka client configuration, checked without connecting)
 //! and [`secret`] (values never printed).
@@ -20,6 +20,7 @@ pub mod config;
 pub mod daemon;
 pub mod domain;
 pub mod error_class;
+pub mod exit;
 pub mod faults;
 pub mod history;
 pub mod http;

@@ -9,7 +9,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use anyhow::{bail, Context};
+use anyhow::Context;
 use chrono::{DateTime, Utc};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
@@ -24,6 +24,7 @@ use serde::Serialize;
 use tracing::info;
 
 use crate::config::SourceFormat;
+use crate::exit::{ExitClass, Failure};
 
 /// What to generate.
 #[derive(Debug, Clone)]
@@ -450,7 +451,9 @@ pub async fn ensure_topic_with(
     for result in results {
         match result {
             Ok(_) | Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => {}
-            Err((name, code)) => bail!("cannot create topic {name}: {code}"),
+            Err((name, code)) => {
+                return Err(Failure::new(ExitClass::Unavailable, format!("cannot create topic {name}: {code}")).into())
+            }
         }
     }
     Ok(())
@@ -536,10 +539,11 @@ pub fn send_with(
         .context("not every message was delivered within 60s")?;
     let failed = failed.load(Ordering::Relaxed);
     if failed > 0 {
-        bail!(
+        let message = format!(
             "{failed} of {} messages were not acknowledged by the broker",
             messages.len()
         );
+        return Err(Failure::new(ExitClass::Unavailable, message).into());
     }
     info!(messages = messages.len(), took = ?started.elapsed(), "sent");
     Ok(())

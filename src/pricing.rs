@@ -70,17 +70,30 @@ impl Rates {
     }
 }
 
-/// A stable identifier of one configured price entry (hardware, C_C, C_S, currency): stored
-/// with every window row so that a row says which prices priced it, and `rerate` can tell rows
-/// priced under an older price list. FNV-1a of the entry's canonical text, so it is the same
-/// across restarts, hosts and Rust releases (std's hasher promises none of that).
+/// A stable identifier of one configured price entry (hardware, C_C, C_S, currency, and
+/// `effective_from` when the entry has one): stored with every window row so that a row says
+/// which entry priced it, and `rerate` can tell rows priced under an older price list. FNV-1a of
+/// the entry's canonical text, so it is the same across restarts, hosts and Rust releases
+/// (std's hasher promises none of that). An entry without `effective_from` keeps the id it had
+/// before effective dates existed, so existing rows still name it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct PriceId(u64);
 
 impl PriceId {
-    /// The id of the price entry of `hardware` with these prices, in `currency`.
-    pub fn of(hardware: &HardwareName, compute_price: UnitPrice, storage_price: UnitPrice, currency: &str) -> Self {
-        let canonical = format!("{hardware}\0{compute_price}\0{storage_price}\0{currency}");
+    /// The id of the price entry of `hardware` with these prices, in `currency`, in force from
+    /// `effective_from` (`None`: since forever).
+    pub fn of(
+        hardware: &HardwareName,
+        compute_price: UnitPrice,
+        storage_price: UnitPrice,
+        currency: &str,
+        effective_from: Option<DateTime<Utc>>,
+    ) -> Self {
+        let mut canonical = format!("{hardware}\0{compute_price}\0{storage_price}\0{currency}");
+        if let Some(from) = effective_from {
+            canonical.push('\0');
+            canonical.push_str(&from.to_rfc3339_opts(chrono::SecondsFormat::AutoSi, true));
+        }
         let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
         for byte in canonical.bytes() {
             hash ^= u64::from(byte);
@@ -168,6 +181,8 @@ pub struct HardwarePricing {
     pub deployment: Option<Deployment>,
     /// The entry's stable id (see [`PriceId`]).
     pub price_id: PriceId,
+    /// From when the entry is in force; `None`: since forever.
+    pub effective_from: Option<DateTime<Utc>>,
 }
 
 /// Prices per hardware target and coefficients per (model, hardware): the configuration, plus
@@ -182,10 +197,14 @@ pub struct HardwarePricing {
 ///
 /// "Newest" is the latest stored, not the latest `effective_from`: a recalibration dated back
 /// replaces earlier versions from its effective time on.
+///
+/// C_C and C_S of a hardware at `t` come from its `pricing.hardware` entry with the latest
+/// `effective_from` not after `t` (an entry without one is in force since forever).
 #[derive(Debug, Clone, Default)]
 pub struct PriceBook {
     currency: String,
-    hardware: HashMap<HardwareName, HardwarePricing>,
+    /// Per hardware, its price entries, latest `effective_from` first (`None` last).
+    hardware: HashMap<HardwareName, Vec<HardwarePricing>>,
     coefficients: HashMap<(ModelName, HardwareName), (Coefficient, Coefficient)>,
     /// Per (model or `None` for the hardware default, hardware), highest id first.
     versions: HashMap<(Option<ModelName>, HardwareName), Vec<CoefficientVersion>>,
@@ -195,19 +214,27 @@ pub struct PriceBook {
 impl PriceBook {
     /// Builds the book from validated settings, without calibrated versions.
     pub fn from_settings(settings: &PricingSettings) -> Self {
-        let hardware = settings
-            .hardware
-            .iter()
-            .map(|h| {
-                let entry = HardwarePricing {
-                    compute_price: h.compute_price,
-                    storage_price: h.storage_price,
-                    deployment: h.deployment,
-                    price_id: PriceId::of(&h.name, h.compute_price, h.storage_price, &settings.currency),
-                };
-                (h.name.clone(), entry)
-            })
-            .collect();
+        let mut hardware: HashMap<HardwareName, Vec<HardwarePricing>> = HashMap::new();
+        for h in &settings.hardware {
+            let entry = HardwarePricing {
+                compute_price: h.compute_price,
+                storage_price: h.storage_price,
+                deployment: h.deployment,
+                price_id: PriceId::of(
+                    &h.name,
+                    h.compute_price,
+                    h.storage_price,
+                    &settings.currency,
+                    h.effective_from,
+                ),
+                effective_from: h.effective_from,
+            };
+            hardware.entry(h.name.clone()).or_default().push(entry);
+        }
+        for entries in hardware.values_mut() {
+            // `None` sorts before any `Some`, so reversed it comes last: the fallback.
+            entries.sort_by_key(|e| std::cmp::Reverse(e.effective_from));
+        }
         let coefficients = settings
             .coefficients
             .iter()
@@ -220,6 +247,15 @@ impl PriceBook {
             versions: HashMap::new(),
             newest_version: None,
         }
+    }
+
+    /// The same book with the prices and configured coefficients of `settings`, keeping its
+    /// calibrated versions: what a configuration reload swaps in.
+    pub fn with_settings(&self, settings: &PricingSettings) -> Self {
+        let mut book = Self::from_settings(settings);
+        book.versions = self.versions.clone();
+        book.newest_version = self.newest_version;
+        book
     }
 
     /// The same book with `versions` (all stored versions, in any order) as its calibrated
@@ -254,22 +290,30 @@ impl PriceBook {
         &self.currency
     }
 
-    /// The priced hardware targets, by name.
-    pub fn hardware_targets(&self) -> Vec<(&HardwareName, &HardwarePricing)> {
-        let mut targets: Vec<_> = self.hardware.iter().collect();
+    /// The hardware targets with a price in force at `at`, by name, each with that price.
+    pub fn hardware_targets(&self, at: DateTime<Utc>) -> Vec<(&HardwareName, &HardwarePricing)> {
+        let mut targets: Vec<_> = self
+            .hardware
+            .keys()
+            .filter_map(|name| Some((name, self.hardware(name, at)?)))
+            .collect();
         targets.sort_unstable_by(|a, b| a.0.cmp(b.0));
         targets
     }
 
-    /// The prices of `hardware`; `None` when it has none (its usage is unpriced).
-    pub fn hardware(&self, hardware: &HardwareName) -> Option<&HardwarePricing> {
-        self.hardware.get(hardware)
+    /// The price entry of `hardware` in force at `at`; `None` when it has none then (its usage
+    /// is unpriced).
+    pub fn hardware(&self, hardware: &HardwareName, at: DateTime<Utc>) -> Option<&HardwarePricing> {
+        self.hardware
+            .get(hardware)?
+            .iter()
+            .find(|e| e.effective_from.is_none_or(|from| from <= at))
     }
 
     /// The rates of a pair for a window starting at `at`, or `None` when the hardware has no
     /// price (the pair is *unpriced*).
     pub fn priced(&self, model: &ModelName, hardware: &HardwareName, at: DateTime<Utc>) -> Option<Priced> {
-        let pricing = self.hardware.get(hardware)?;
+        let pricing = self.hardware(hardware, at)?;
         let (k1, k2, source) = self.known_coefficients(model, hardware, at).unwrap_or((
             Coefficient::ONE,
             Coefficient::ONE,
@@ -349,6 +393,13 @@ impl LivePrices {
     pub fn replace(&self, book: PriceBook) {
         *self.0.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(book);
     }
+
+    /// Swaps in the book `change` makes of the current one, holding the lock throughout, so
+    /// that a configuration reload and a coefficient reload never undo each other.
+    pub fn update(&self, change: impl FnOnce(&PriceBook) -> PriceBook) {
+        let mut book = self.0.write().unwrap_or_else(|p| p.into_inner());
+        *book = Arc::new(change(&book));
+    }
 }
 
 /// What to price in an estimate: explicit prices, or a (model, hardware) from the price book;
@@ -397,6 +448,12 @@ pub struct Estimate {
     pub cost: CostBreakdown,
     /// The currency of the price book; `None` with explicit prices and no configuration loaded.
     pub currency: Option<String>,
+    /// True when k1 or k2 is the assumed 1: not given, and nothing configured or calibrated
+    /// for the pair (the rule every flush prices by). Which ones: [`Estimate::assumed`].
+    pub coefficients_assumed: bool,
+    /// Which of k1 and k2 are assumed, for the text output.
+    #[serde(skip)]
+    pub assumed: (bool, bool),
 }
 
 /// Why an estimate could not be made; each message says what to pass instead.
@@ -428,13 +485,15 @@ pub enum EstimateError {
 impl EstimateRequest {
     /// Resolves the rates (explicit, or from `book`) and prices the request.
     pub fn price(&self, book: Option<&PriceBook>) -> Result<Estimate, EstimateError> {
-        let (mut rates, currency) = match (&self.model, &self.hardware, self.compute_price, self.storage_price) {
+        // The third value: whether k1 and k2 are the assumed 1 and 1 unless given.
+        let (mut rates, currency, unit) = match (&self.model, &self.hardware, self.compute_price, self.storage_price) {
             (Some(model), Some(hardware), None, None) => {
                 let book = book.ok_or(EstimateError::NoPriceBook)?;
-                let rates = book
-                    .rates(model, hardware, Utc::now())
+                let priced = book
+                    .priced(model, hardware, Utc::now())
                     .ok_or_else(|| EstimateError::Unpriced(hardware.clone()))?;
-                (rates, Some(book.currency().to_owned()))
+                let unit = priced.source == CoefficientSource::Unit;
+                (priced.rates, Some(book.currency().to_owned()), unit)
             }
             (None, None, Some(compute_price), Some(storage_price)) => (
                 Rates {
@@ -444,6 +503,7 @@ impl EstimateRequest {
                     k2: Coefficient::ONE,
                 },
                 book.map(|b| b.currency().to_owned()),
+                true,
             ),
             (Some(_), None, _, _) | (None, Some(_), _, _) => return Err(EstimateError::HalfPair),
             (None, None, Some(_), None) | (None, None, None, Some(_)) => return Err(EstimateError::HalfPrices),
@@ -468,12 +528,15 @@ impl EstimateRequest {
             }
         }
         let cost = rates.price(self.compute, self.storage)?;
+        let assumed = (unit && self.k1.is_none(), unit && self.k2.is_none());
         Ok(Estimate {
             compute: self.compute,
             storage: self.storage,
             rates,
             cost,
             currency,
+            coefficients_assumed: assumed.0 || assumed.1,
+            assumed,
         })
     }
 }
@@ -481,6 +544,7 @@ impl EstimateRequest {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::config::HardwarePrice;
     use crate::test_support::{book, coefficient, d, hardware_price, t};
 
     #[test]
@@ -569,8 +633,15 @@ mod tests {
     #[test]
     fn a_price_id_names_the_price_entry_and_is_stable() {
         let book = configured_book();
-        let a100 = book.hardware(&HardwareName::parse("a100").unwrap()).unwrap().price_id;
-        let h100 = book.hardware(&HardwareName::parse("h100").unwrap()).unwrap().price_id;
+        let now = t("2026-01-01T00:00:00Z");
+        let a100 = book
+            .hardware(&HardwareName::parse("a100").unwrap(), now)
+            .unwrap()
+            .price_id;
+        let h100 = book
+            .hardware(&HardwareName::parse("h100").unwrap(), now)
+            .unwrap()
+            .price_id;
         assert_ne!(a100, h100);
         // Pinned: a row written today must carry the same id as one written by the next release.
         assert_eq!(
@@ -578,7 +649,8 @@ mod tests {
                 &HardwareName::parse("a100").unwrap(),
                 UnitPrice(d("0.1")),
                 UnitPrice(d("0.2")),
-                "USD"
+                "USD",
+                None
             )
             .to_string()
             .len(),
@@ -589,11 +661,73 @@ mod tests {
                 &HardwareName::parse("a100").unwrap(),
                 UnitPrice(d("0.10")),
                 UnitPrice(d("0.2")),
-                "USD"
+                "USD",
+                None
             ),
             a100,
             "0.10 and 0.1 are one price"
         );
+    }
+
+    #[test]
+    fn each_window_is_priced_by_the_entry_in_force_at_its_start() {
+        let entry = |cc: &str, from: Option<&str>| HardwarePrice {
+            effective_from: from.map(t),
+            ..hardware_price("a100", cc, "0.2", None)
+        };
+        // Listed out of order on purpose: the order of the file does not matter.
+        let book = book(
+            vec![
+                entry("0.3", Some("2026-11-01T00:00:00Z")),
+                entry("0.1", None),
+                entry("0.2", Some("2026-10-01T00:00:00Z")),
+            ],
+            vec![],
+        );
+        let (m, a100) = (ModelName::parse("m").unwrap(), HardwareName::parse("a100").unwrap());
+        let price_at = |at: &str| {
+            book.rates(&m, &a100, t(at))
+                .unwrap()
+                .compute_price
+                .0
+                .normalize()
+                .to_string()
+        };
+        assert_eq!(price_at("2020-01-01T00:00:00Z"), "0.1");
+        assert_eq!(price_at("2026-09-30T23:59:59.999Z"), "0.1");
+        assert_eq!(
+            price_at("2026-10-01T00:00:00Z"),
+            "0.2",
+            "the boundary belongs to the new entry"
+        );
+        assert_eq!(price_at("2026-10-31T23:59:59Z"), "0.2");
+        assert_eq!(price_at("2026-11-01T00:00:00Z"), "0.3");
+        let id = |at: &str| book.priced(&m, &a100, t(at)).unwrap().price_id;
+        assert_ne!(id("2026-10-01T00:00:00Z"), id("2026-11-01T00:00:00Z"));
+        assert_ne!(id("2026-09-01T00:00:00Z"), id("2026-10-01T00:00:00Z"));
+        // The same prices from another date are another entry.
+        let hw = HardwareName::parse("a100").unwrap();
+        assert_ne!(
+            PriceId::of(&hw, UnitPrice(d("0.1")), UnitPrice(d("0.2")), "USD", None),
+            PriceId::of(
+                &hw,
+                UnitPrice(d("0.1")),
+                UnitPrice(d("0.2")),
+                "USD",
+                Some(t("2026-10-01T00:00:00Z"))
+            )
+        );
+
+        // Without an entry since forever, the hardware is unpriced before its first one.
+        let later = book_of_one(entry("0.2", Some("2026-10-01T00:00:00Z")));
+        assert!(later.rates(&m, &a100, t("2026-09-30T23:59:59Z")).is_none());
+        assert!(later.rates(&m, &a100, t("2026-10-01T00:00:00Z")).is_some());
+        assert_eq!(later.hardware_targets(t("2026-09-01T00:00:00Z")).len(), 0);
+        assert_eq!(later.hardware_targets(t("2026-10-01T00:00:00Z")).len(), 1);
+    }
+
+    fn book_of_one(entry: HardwarePrice) -> PriceBook {
+        book(vec![entry], vec![])
     }
 
     #[test]
@@ -623,8 +757,31 @@ mod estimate_tests {
         .unwrap();
         let e = r.price(None).unwrap();
         assert_eq!(e.cost.total_cost.to_string(), "130");
+        assert!(!e.coefficients_assumed);
         let err = serde_json::from_str::<EstimateRequest>(r#"{"compute": 0.1, "storage": 1}"#).unwrap_err();
         assert!(err.to_string().contains("write 0.1 as a string"), "{err}");
+    }
+
+    #[test]
+    fn coefficients_neither_given_configured_nor_calibrated_are_assumed_and_say_so() {
+        use crate::test_support::{book, coefficient, hardware_price};
+        let book = book(
+            vec![hardware_price("a100", "0.1", "0.2", None)],
+            vec![coefficient("m", "a100", "0.5", "0.8")],
+        );
+        let request = |json: &str| serde_json::from_str::<EstimateRequest>(json).unwrap();
+        let known = request(r#"{"compute": 1000, "storage": 500, "model": "m", "hardware": "a100"}"#);
+        let e = known.price(Some(&book)).unwrap();
+        assert_eq!(
+            (e.cost.total_cost.to_string(), e.coefficients_assumed),
+            ("130".into(), false)
+        );
+        let unknown = request(r#"{"compute": 1000, "storage": 500, "model": "other", "hardware": "a100"}"#);
+        let e = unknown.price(Some(&book)).unwrap();
+        assert_eq!((e.cost.total_cost.to_string(), e.assumed), ("200".into(), (true, true)));
+        assert_eq!(serde_json::to_value(&e).unwrap()["coefficients_assumed"], true);
+        let half = request(r#"{"compute": 1, "storage": 1, "compute_price": "1", "storage_price": "1", "k1": "2"}"#);
+        assert_eq!(half.price(None).unwrap().assumed, (false, true));
     }
 
     #[test]

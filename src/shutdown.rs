@@ -1,5 +1,5 @@
-//! Shutdown: the first SIGTERM or Ctrl-C starts a graceful drain through one
-//! [`CancellationToken`]; a second one exits at once.
+//! Signals: the first SIGTERM or Ctrl-C starts a graceful drain through one
+//! [`CancellationToken`]; a second one exits at once. SIGHUP asks for a configuration reload.
 
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
@@ -29,4 +29,16 @@ pub fn listen_for_signals(token: CancellationToken) {
         warn!("second signal: exiting without draining; unflushed usage is recounted on restart");
         std::process::exit(130);
     });
+}
+
+/// SIGHUP, registered now: from here on it asks for a configuration reload instead of ending
+/// the process (its default action). `None` when the handler cannot be installed.
+pub fn hangups() -> Option<tokio::signal::unix::Signal> {
+    match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) {
+        Ok(signal) => Some(signal),
+        Err(error) => {
+            warn!(%error, "cannot install the SIGHUP handler; reload with POST /-/reload instead");
+            None
+        }
+    }
 }

@@ -32,8 +32,10 @@ pub struct WindowUsage<'a> {
     pub storage: StorageUnits,
     /// False for tokens no usage profile turned into T and S: unpriced whatever the hardware.
     pub priceable: bool,
+    /// The row's event labels; those named in `metrics.label_dimensions` become metric labels.
+    pub labels: &'a BTreeMap<String, String>,
 }
-use crate::pricing::PriceBook;
+use crate::pricing::{CoefficientSource, PriceBook};
 
 /// Messages of a flush by outcome, for `costwatch_events_total`.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -72,6 +74,9 @@ pub const COMPUTE_UNITS_TOTAL: &str = "costwatch_compute_units_total";
 pub const STORAGE_UNITS_TOTAL: &str = "costwatch_storage_units_total";
 /// Exact counter, labels `model`, `hardware`, `component`, `currency`: money accounted, the same sums as `usage_costs`.
 pub const COST_TOTAL: &str = "costwatch_cost_total";
+/// The part of [`COST_TOTAL`] priced with the assumed k1 = k2 = 1 (nothing configured or
+/// calibrated for the pair), with the same labels.
+pub const ASSUMED_COST_TOTAL: &str = "costwatch_assumed_cost_total";
 /// Counter, labels `model`, `hardware`: accepted events on hardware without a price.
 pub const UNPRICED_EVENTS_TOTAL: &str = "costwatch_unpriced_events_total";
 /// Histogram, seconds: time to write one flush.
@@ -133,6 +138,10 @@ pub const NOTIFICATIONS_TOTAL: &str = "costwatch_alert_notifications_total";
 pub const DELIVERIES_PENDING: &str = "costwatch_alert_deliveries_pending";
 /// Gauge, always 1, labels `version`, `revision`, `rustc`: which build runs.
 pub const BUILD_INFO: &str = "costwatch_build_info";
+/// 1 when the last configuration reload (or the start) succeeded, 0 when it failed.
+pub const CONFIG_RELOAD_SUCCESSFUL: &str = "costwatch_config_last_reload_successful";
+/// When the configuration was last loaded successfully (the start, or a reload).
+pub const CONFIG_RELOAD_SUCCESS_TIME: &str = "costwatch_config_last_reload_success_timestamp_seconds";
 
 /// Sets up `tracing` output on stderr in `format`; `RUST_LOG` overrides the default level
 /// (`info`).
@@ -221,6 +230,14 @@ pub fn describe_metrics() {
         DELIVERIES_PENDING,
         "Alert notifications not yet accepted by their receiver (leader only)"
     );
+    describe_gauge!(
+        CONFIG_RELOAD_SUCCESSFUL,
+        "1 when the last configuration reload (SIGHUP, POST /-/reload) or the start succeeded, 0 when it failed"
+    );
+    describe_gauge!(
+        CONFIG_RELOAD_SUCCESS_TIME,
+        "When the configuration was last loaded successfully (the start or a reload)"
+    );
     describe_counter!(
         UNPRICED_EVENTS_TOTAL,
         "Accepted events on hardware without a price, or with tokens no usage profile prices"
@@ -296,18 +313,88 @@ pub fn describe_metrics() {
     );
 }
 
-/// Exports a budget's standing. Prometheus values are floats; the exact figures are in
-/// `/api/v1/budgets`.
-pub fn budget_status(name: &str, amount: Money, spend: Money, utilization: Decimal, forecast: Option<Money>) {
-    use rust_decimal::prelude::ToPrimitive;
-    let name = name.to_owned();
-    let f = |d: Decimal| d.to_f64().unwrap_or(f64::NAN);
-    gauge!(BUDGET_AMOUNT, "budget" => name.clone()).set(f(amount.value()));
-    gauge!(BUDGET_SPEND, "budget" => name.clone()).set(f(spend.value()));
-    gauge!(BUDGET_UTILIZATION, "budget" => name.clone()).set(f(utilization));
-    if let Some(forecast) = forecast {
-        gauge!(BUDGET_FORECAST, "budget" => name).set(f(forecast.value()));
+/// Records a configuration load, as Prometheus does: whether the last one worked and, if it
+/// did, when. The start counts as a successful load.
+pub fn config_reloaded(ok: bool) {
+    gauge!(CONFIG_RELOAD_SUCCESSFUL).set(if ok { 1.0 } else { 0.0 });
+    if ok {
+        gauge!(CONFIG_RELOAD_SUCCESS_TIME).set(chrono::Utc::now().timestamp_millis() as f64 / 1000.0);
     }
+}
+
+/// One budget status's gauge values: a budget, or one split of a budget with `split_by`.
+pub struct BudgetGauges<'a> {
+    /// The budget's name: the `budget` label.
+    pub name: &'a str,
+    /// The split's labels (`tenant` = `search-a`), each a gauge label; empty without `split_by`.
+    pub split: &'a BTreeMap<String, String>,
+    /// The budget's amount per period.
+    pub amount: Money,
+    /// Priced spend this period.
+    pub spend: Money,
+    /// The projected end-of-period spend, when the budget forecasts.
+    pub forecast: Option<Money>,
+}
+
+/// Exports each budget's standing. Splits keep their own label values up to
+/// `metrics.max_label_values` per budget (the first seen keep them); the rest are summed into
+/// one series whose split labels read `other` (its utilization is their spend over their
+/// amounts). Prometheus values are floats; the exact figures are in `/api/v1/budgets`.
+pub fn budget_statuses<'a>(statuses: impl IntoIterator<Item = BudgetGauges<'a>>) {
+    // Per label set: amount, spend and forecast, summed over the splits it stands for.
+    type Sums = (Decimal, Decimal, Option<Decimal>);
+    let mut series: BTreeMap<Vec<(String, String)>, Sums> = BTreeMap::new();
+    {
+        let mut caps = budget_caps().lock().unwrap_or_else(|p| p.into_inner());
+        let max = caps.max;
+        for s in statuses {
+            let values: Vec<String> = s.split.values().cloned().collect();
+            let admitted = caps.seen.entry(s.name.to_owned()).or_default();
+            let own = admitted.contains(&values) || admitted.len() < max && admitted.insert(values);
+            let mut labels = vec![("budget".to_owned(), s.name.to_owned())];
+            for (name, value) in s.split {
+                let value = if own { value.clone() } else { OTHER.to_owned() };
+                labels.push((name.clone(), value));
+            }
+            // Every split of a budget forecasts or none does, so a sum is all or nothing.
+            let sums = series.entry(labels).or_default();
+            sums.0 += s.amount.value();
+            sums.1 += s.spend.value();
+            sums.2 = s.forecast.map(|f| sums.2.unwrap_or_default() + f.value());
+        }
+    }
+    use rust_decimal::prelude::ToPrimitive;
+    let f = |d: Decimal| d.to_f64().unwrap_or(f64::NAN);
+    for (labels, (amount, spend, forecast)) in series {
+        let labels: Vec<metrics::Label> = labels.into_iter().map(|(k, v)| metrics::Label::new(k, v)).collect();
+        gauge!(BUDGET_AMOUNT, labels.clone()).set(f(amount));
+        gauge!(BUDGET_SPEND, labels.clone()).set(f(spend));
+        let utilization = if amount.is_zero() {
+            Decimal::ZERO
+        } else {
+            spend / amount
+        };
+        gauge!(BUDGET_UTILIZATION, labels.clone()).set(f(utilization));
+        if let Some(forecast) = forecast {
+            gauge!(BUDGET_FORECAST, labels).set(f(forecast));
+        }
+    }
+}
+
+/// The split values that have their own budget gauge labels, per budget.
+struct BudgetCaps {
+    max: usize,
+    seen: std::collections::HashMap<String, HashSet<Vec<String>>>,
+}
+
+fn budget_caps() -> &'static Mutex<BudgetCaps> {
+    static CAPS: OnceLock<Mutex<BudgetCaps>> = OnceLock::new();
+    CAPS.get_or_init(|| {
+        Mutex::new(BudgetCaps {
+            max: 100,
+            seen: std::collections::HashMap::new(),
+        })
+    })
 }
 
 /// Starts `costwatch_rejected_events_total` at zero for every reason code, so that dashboards
@@ -364,25 +451,34 @@ pub fn flush_committed<'a>(
     for w in windows {
         let model = inner.cap.model(w.model.as_str());
         let hardware = inner.cap.hardware(w.hardware.as_str());
-        let pair = vec![("model", model.clone()), ("hardware", hardware.clone())];
+        let mut pair: Labels = vec![("model".into(), model), ("hardware".into(), hardware)];
+        pair.extend(inner.cap.dimensions(w.labels));
         inner.add(COMPUTE_UNITS_TOTAL, pair.clone(), w.compute.value());
         inner.add(STORAGE_UNITS_TOTAL, pair.clone(), w.storage.value());
-        let rates = w
+        let Some(priced) = w
             .priceable
-            .then(|| prices.rates(w.model, w.hardware, w.start))
-            .flatten();
-        let Some(rates) = rates else {
-            counter!(UNPRICED_EVENTS_TOTAL, "model" => model, "hardware" => hardware).increment(w.events as u64);
+            .then(|| prices.priced(w.model, w.hardware, w.start))
+            .flatten()
+        else {
+            let labels: Vec<metrics::Label> = pair
+                .into_iter()
+                .map(|(k, v)| metrics::Label::new(k.into_owned(), v))
+                .collect();
+            counter!(UNPRICED_EVENTS_TOTAL, labels).increment(w.events as u64);
             continue;
         };
         // Overflow is impossible for validated quantities; skip rather than panic if it happens.
-        let Ok(cost) = rates.price(w.compute, w.storage) else {
+        let Ok(cost) = priced.rates.price(w.compute, w.storage) else {
             continue;
         };
+        let assumed = priced.source == CoefficientSource::Unit;
         for (component, amount) in [("compute", cost.compute_cost), ("storage", cost.storage_cost)] {
             let mut labels = pair.clone();
-            labels.push(("component", component.to_owned()));
-            labels.push(("currency", prices.currency().to_owned()));
+            labels.push(("component".into(), component.to_owned()));
+            labels.push(("currency".into(), prices.currency().to_owned()));
+            if assumed {
+                inner.add(ASSUMED_COST_TOTAL, labels.clone(), amount.value());
+            }
             inner.add(COST_TOTAL, labels, amount.value());
         }
     }
@@ -391,7 +487,9 @@ pub fn flush_committed<'a>(
     gauge!(LAST_FLUSH).set(chrono::Utc::now().timestamp_millis() as f64 / 1000.0);
 }
 
-type Labels = Vec<(&'static str, String)>;
+/// A series' labels, in order: model, hardware, the label dimensions a row has, then component
+/// and currency. Names are owned when they come from `metrics.label_dimensions`.
+type Labels = Vec<(std::borrow::Cow<'static, str>, String)>;
 
 /// Exact decimal counters, rendered by us: the `metrics` crate's counters are integers, and
 /// money must not drift through float addition.
@@ -422,9 +520,25 @@ struct LabelCap {
     max_hardware: usize,
     models: HashSet<String>,
     hardware: HashSet<String>,
+    /// `metrics.label_dimensions`, each with the values that keep their name.
+    dimensions: Vec<(String, HashSet<String>)>,
+    max_label_values: usize,
 }
 
 impl LabelCap {
+    /// The metric labels of a row's event labels: one per configured dimension the row carries
+    /// (a row without it gets none, which Prometheus reads as the empty value), capped.
+    fn dimensions(&mut self, labels: &BTreeMap<String, String>) -> Labels {
+        let max = self.max_label_values;
+        let mut out = Labels::new();
+        for (name, seen) in &mut self.dimensions {
+            if let Some(value) = labels.get(name.as_str()) {
+                out.push((name.clone().into(), Self::admit(seen, max, value)));
+            }
+        }
+        out
+    }
+
     fn model(&mut self, name: &str) -> String {
         Self::admit(&mut self.models, self.max_models, name)
     }
@@ -459,24 +573,42 @@ fn ledger() -> &'static Ledger {
                 max_hardware: 50,
                 models: HashSet::new(),
                 hardware: HashSet::new(),
+                dimensions: Vec::new(),
+                max_label_values: 50,
             },
         }),
     })
 }
 
-/// Sets the label cardinality caps (call once at startup, before the first flush).
-pub fn set_label_caps(max_models: usize, max_hardware: usize) {
+/// Sets which event labels the cost counters carry (`metrics.label_dimensions`) and how many
+/// values each keeps (`metrics.max_label_values`); call at startup, before the first flush.
+pub fn set_label_dimensions(names: &[String], max_values: usize) {
+    let mut inner = ledger().inner.lock().unwrap_or_else(|p| p.into_inner());
+    inner.cap.dimensions = names.iter().map(|n| (n.clone(), HashSet::new())).collect();
+    inner.cap.max_label_values = max_values;
+}
+
+/// Sets the label cardinality caps: at startup, before the first flush, and again on a
+/// configuration reload. A lower cap keeps the names already admitted (a series never changes
+/// its labels) and sends only new names to `other`.
+pub fn set_label_caps(max_models: usize, max_hardware: usize, max_label_values: usize) {
     let mut inner = ledger().inner.lock().unwrap_or_else(|p| p.into_inner());
     inner.cap.max_models = max_models;
     inner.cap.max_hardware = max_hardware;
+    drop(inner);
+    budget_caps().lock().unwrap_or_else(|p| p.into_inner()).max = max_label_values;
 }
 
-const LEDGER_HELP: [(&str, &str); 3] = [
+const LEDGER_HELP: [(&str, &str); 4] = [
     (COMPUTE_UNITS_TOTAL, "Compute units (T) accounted"),
     (STORAGE_UNITS_TOTAL, "Storage units (S) accounted"),
     (
         COST_TOTAL,
         "Money accounted, by component (compute, storage); exact decimal sums of usage_costs",
+    ),
+    (
+        ASSUMED_COST_TOTAL,
+        "The part of costwatch_cost_total priced with the assumed k1 = k2 = 1 (nothing configured or calibrated)",
     ),
 ];
 
@@ -682,6 +814,8 @@ mod tests {
             max_hardware: 1,
             models: HashSet::new(),
             hardware: HashSet::new(),
+            dimensions: Vec::new(),
+            max_label_values: 1,
         };
         assert_eq!(cap.model("a"), "a");
         assert_eq!(cap.model("b"), "b");
@@ -689,6 +823,40 @@ mod tests {
         assert_eq!(cap.model("a"), "a");
         assert_eq!(cap.hardware("x"), "x");
         assert_eq!(cap.hardware("y"), OTHER);
+    }
+
+    #[test]
+    fn label_dimensions_are_capped_and_absent_labels_add_none() {
+        let mut cap = LabelCap {
+            max_models: 1,
+            max_hardware: 1,
+            models: HashSet::new(),
+            hardware: HashSet::new(),
+            dimensions: vec![("tenant".into(), HashSet::new()), ("region".into(), HashSet::new())],
+            max_label_values: 2,
+        };
+        let labels = |pairs: &[(&str, &str)]| -> BTreeMap<String, String> {
+            pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
+        };
+        let shown = |l: Labels| -> Vec<(String, String)> { l.into_iter().map(|(k, v)| (k.into_owned(), v)).collect() };
+        let pair = |k: &str, v: &str| (k.to_owned(), v.to_owned());
+        assert_eq!(
+            shown(cap.dimensions(&labels(&[("tenant", "a"), ("team", "x")]))),
+            [pair("tenant", "a")]
+        );
+        assert_eq!(
+            shown(cap.dimensions(&labels(&[("tenant", "b"), ("region", "eu")]))),
+            [pair("tenant", "b"), pair("region", "eu")]
+        );
+        assert_eq!(
+            shown(cap.dimensions(&labels(&[("tenant", "c")]))),
+            [pair("tenant", OTHER)]
+        );
+        assert_eq!(
+            shown(cap.dimensions(&labels(&[("tenant", "a")]))),
+            [pair("tenant", "a")]
+        );
+        assert!(cap.dimensions(&labels(&[])).is_empty());
     }
 
     #[test]

@@ -32,6 +32,7 @@ pub fn hardware_price(name: &str, cc: &str, cs: &str, deployment: Option<Deploym
         compute_price: UnitPrice(d(cc)),
         storage_price: UnitPrice(d(cs)),
         deployment,
+        effective_from: None,
     }
 }
 

@@ -760,3 +760,140 @@ async fn transitions_queue_one_notification_each() {
         .collect();
     assert_eq!(deliveries, want);
 }
+
+/// One event of cost 130 at the current time, labelled `tenant` (none when `tenant` is empty).
+fn tenant_event(id: &str, tenant: &str) -> costwatch::loadgen::Message {
+    let labels = match tenant {
+        "" => String::new(),
+        t => format!(r#","labels":{{"tenant":"{t}","env":"prod"}}"#),
+    };
+    common::raw(
+        id,
+        format!(
+            r#"{{"event_id":"{id}","timestamp":"{}","model":"qwen2-7b-instruct","hardware":"a100-80g","compute":1000,"storage":500{labels}}}"#,
+            Utc::now().to_rfc3339()
+        ),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_split_budget_pages_once_for_the_tenant_that_crossed_and_not_for_the_others() {
+    let Scene {
+        world,
+        inbox,
+        config,
+        am: _am,
+        ..
+    } = Scene::start(
+        2,
+        true,
+        r#"
+[metrics]
+max_label_values = 1
+
+[[budgets]]
+name = "per-team"
+period = "monthly"
+amount = "300"
+match = { model = "qwen2-*", labels = { tenant = "search-*" } }
+split_by = ["tenant"]
+thresholds = [0.5]
+"#,
+    )
+    .await;
+    let mut daemon = world.start(&config);
+    let addr = daemon.http_addr().await;
+
+    // search-a: 2 x 130 = 260 (87%, past 50%); search-b: 130 (43%); ads-x is outside the glob
+    // and the unlabelled event has no tenant: neither is in any split, whatever they cost.
+    let mut events = vec![
+        tenant_event("sa0", "search-a"),
+        tenant_event("sb0", "search-b"),
+        tenant_event("none0", ""),
+    ];
+    events.extend((0..5).map(|i| tenant_event(&format!("ads{i}"), "ads-x")));
+    world.produce(events).await;
+    world.wait_consumed(8, WAIT).await;
+    wait_until("both splits", WAIT, || async {
+        budgets(&addr).await["budgets"].as_array().unwrap().len() == 2
+    })
+    .await;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert!(
+        inbox.am_alerts().is_empty() && inbox.hooks().is_empty(),
+        "nobody crossed yet"
+    );
+
+    world.produce(vec![tenant_event("sa1", "search-a")]).await;
+    wait_until("the threshold notification", WAIT, || async {
+        !inbox.am_alerts().is_empty() && !inbox.hooks().is_empty()
+    })
+    .await;
+    let status = budgets(&addr).await;
+    let splits: Vec<(Value, Value, Value)> = status["budgets"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|b| (b["split"].clone(), b["spend"].clone(), b["state"].clone()))
+        .collect();
+    assert_eq!(
+        splits,
+        vec![
+            (
+                serde_json::json!({"tenant": "search-a"}),
+                "260".into(),
+                "warning".into()
+            ),
+            (serde_json::json!({"tenant": "search-b"}), "130".into(), "ok".into()),
+        ]
+    );
+
+    let (state, labels, annotations) = inbox.am_alerts()[0].clone();
+    assert_eq!(state, "firing");
+    assert_eq!(labels["budget"], "per-team");
+    assert_eq!(labels["tenant"], "search-a");
+    assert_eq!(
+        annotations["summary"],
+        "Budget per-team (tenant=search-a) has used 86.7% of 300 USD this period (260 USD spent; threshold 50%)"
+    );
+    let hooks = inbox.hooks();
+    assert_eq!(hooks.len(), 1);
+    assert_eq!(hooks[0].1, labels);
+    assert_eq!(hooks[0].2["alert"]["labels"]["tenant"], "search-a");
+
+    // Gauges per split, within metrics.max_label_values = 1: the first split keeps its name,
+    // the other is reported as `other`.
+    let (_, metrics) = http(&addr, "GET", "/metrics", None, None).await;
+    assert!(
+        metrics.contains(r#"costwatch_budget_spend{budget="per-team",tenant="search-a"} 260"#),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains(r#"costwatch_budget_spend{budget="per-team",tenant="other"} 130"#),
+        "{metrics}"
+    );
+
+    // kill -9 while it fires: the restarted instance neither pages again nor pages search-b.
+    daemon.kill9();
+    let daemon = world.start(&config);
+    let addr = daemon.http_addr().await;
+    wait_until("the restarted instance to lead", WAIT, || async {
+        budgets(&addr).await["leader"] == true
+    })
+    .await;
+    tokio::time::sleep(Duration::from_secs(6)).await;
+    let am = inbox.am_alerts();
+    assert_eq!(am.len(), 1, "{am:?}");
+    assert_eq!(inbox.hooks().len(), 1);
+    let rows = alert_rows(&world).await;
+    assert_eq!(rows.len(), 1, "{rows:?}");
+    assert!(rows[0].0.contains("tenant=search-a"), "{rows:?}");
+    assert_eq!((rows[0].1.as_str(), rows[0].2), ("firing", 1));
+    let (globs, split_by): (Value, Vec<String>) =
+        sqlx::query_as("SELECT label_globs, split_by FROM budget WHERE name = 'per-team'")
+            .fetch_one(&world.pool)
+            .await
+            .unwrap();
+    assert_eq!(globs, serde_json::json!({"tenant": "search-*"}));
+    assert_eq!(split_by, vec!["tenant".to_owned()]);
+}

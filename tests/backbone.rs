@@ -138,7 +138,7 @@ async fn sigterm_whose_final_flush_fails_exits_non_zero_and_says_so() {
     // The final flush retries for 30 s before it gives up.
     let status = daemon.terminate(WAIT);
     let log = daemon.log_text();
-    assert_eq!(status.code(), Some(1), "{log}");
+    assert_eq!(status.code(), Some(69), "{log}");
     assert!(log.contains("giving up on the final flush"), "{log}");
     assert!(
         log.lines()

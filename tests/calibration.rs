@@ -342,7 +342,7 @@ async fn too_few_periods_is_a_clear_error_and_stores_nothing() {
     let config = world.config("");
 
     let out = costwatch(Some(&config), &["calibrate"]);
-    assert_eq!(out.status.code(), Some(1));
+    assert_eq!(out.status.code(), Some(65));
     assert_eq!(
         stderr(&out),
         "error: no bills are stored; import some with `costwatch bills import FILE`\n"
@@ -386,7 +386,7 @@ async fn too_few_periods_is_a_clear_error_and_stores_nothing() {
 
     // The pair with one bill fails; hw-1's three bills still fit, with a warning, in a dry run.
     let out = costwatch(Some(&config), &["calibrate", "--dry-run"]);
-    assert_eq!(out.status.code(), Some(1));
+    assert_eq!(out.status.code(), Some(65));
     assert_eq!(
         stderr(&out),
         "error: cannot fit qwen2-7b-instruct on a100-80g: need at least 2 bill periods to fit two coefficients, got 1\n"
@@ -403,7 +403,7 @@ async fn too_few_periods_is_a_clear_error_and_stores_nothing() {
 
     // Without --dry-run the failed target stores nothing, and only it.
     let out = costwatch(Some(&config), &["calibrate", "--json"]);
-    assert_eq!(out.status.code(), Some(1));
+    assert_eq!(out.status.code(), Some(65));
     let report: Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(
         report["errors"],
@@ -437,7 +437,7 @@ async fn bills_import_reports_every_problem_with_its_line_and_a_reimport_changes
         ),
     );
     let out = costwatch(Some(&config), &["bills", "import", &bad]);
-    assert_eq!(out.status.code(), Some(64));
+    assert_eq!(out.status.code(), Some(65));
     assert_eq!(
         stderr(&out),
         "error: invalid bills file:\n  \
@@ -455,7 +455,7 @@ async fn bills_import_reports_every_problem_with_its_line_and_a_reimport_changes
         ),
     );
     let out = costwatch(Some(&config), &["bills", "import", &euro]);
-    assert_eq!(out.status.code(), Some(64));
+    assert_eq!(out.status.code(), Some(65));
     assert_eq!(
         stderr(&out),
         "error: invalid bills file:\n  - line 3: currency \"EUR\" is not pricing.currency \"USD\"; bills must be in \
@@ -605,6 +605,7 @@ async fn a_new_version_prices_new_windows_live_and_rerate_reprices_old_ones_exac
         UnitPrice(dec("0.1")),
         UnitPrice(dec("0.2")),
         "USD",
+        None,
     )
     .to_string();
     assert_eq!(
@@ -834,23 +835,23 @@ async fn recommend_ranks_targets_cheapest_first_on_a_hand_computed_case() {
     world.wait_consumed(3, WAIT).await;
 
     // llama ran on a100: 0.08 × 1 × 1000 + 0.1 × 0.5 × 200 = 90. On jetson: 0.02 × 2 × 1000 +
-    // 0.05 × 1 × 200 = 50; on cpu: 0.01 × 6 × 1000 + 0.01 × 2 × 200 = 64. tpu has nothing
-    // known about llama. phi ran on tpu for 0.02 (k = 1, 1): only jetson's default ranks it.
-    let skipped =
-        "no coefficients for this model here and no calibrated hardware default; k1 = k2 = 1 would be a guess";
+    // 0.05 × 1 × 200 = 50; on cpu: 0.01 × 6 × 1000 + 0.01 × 2 × 200 = 64. Nothing is known
+    // about llama on tpu, so it is priced as a flush would, at the assumed k1 = k2 = 1, and
+    // marked: 0.001 × 1000 + 0.001 × 200 = 1.2. phi ran on tpu for 0.02 (assumed 1, 1 too).
+    let assumed = "assumed: nothing configured or calibrated for this model here";
     assert_eq!(
         succeed(&config, &["recommend"]),
         format!(
             "llama: T 1000, S 200, actual cost 90 USD\n  \
-             1. jetson (edge): 50 USD, saving 40 USD (44.44 %); k1 2, k2 1 (calibrated hardware default, version 1)\n  \
-             2. cpu (cloud): 64 USD, saving 26 USD (28.89 %); k1 6, k2 2 (calibrated, version 2)\n  \
-             3. a100 (cloud): 90 USD, saving 0 USD (0 %); k1 1, k2 0.5 (configured)\n  \
-             not ranked: tpu: {skipped}\n\
+             1. tpu: 1.2 USD, saving 88.8 USD (98.67 %); k1 1, k2 1 ({assumed})\n  \
+             2. jetson (edge): 50 USD, saving 40 USD (44.44 %); k1 2, k2 1 (calibrated hardware default, version 1)\n  \
+             3. cpu (cloud): 64 USD, saving 26 USD (28.89 %); k1 6, k2 2 (calibrated, version 2)\n  \
+             4. a100 (cloud): 90 USD, saving 0 USD (0 %); k1 1, k2 0.5 (configured)\n\
              phi: T 10, S 10, actual cost 0.02 USD\n  \
-             1. jetson (edge): 0.9 USD, saving -0.88 USD (-4400 %); k1 2, k2 1 (calibrated hardware default, version 1)\n  \
-             not ranked: a100: {skipped}\n  \
-             not ranked: cpu: {skipped}\n  \
-             not ranked: tpu: {skipped}\n"
+             1. tpu: 0.02 USD, saving 0 USD (0 %); k1 1, k2 1 ({assumed})\n  \
+             2. cpu (cloud): 0.2 USD, saving -0.18 USD (-900 %); k1 1, k2 1 ({assumed})\n  \
+             3. jetson (edge): 0.9 USD, saving -0.88 USD (-4400 %); k1 2, k2 1 (calibrated hardware default, version 1)\n  \
+             4. a100 (cloud): 1.8 USD, saving -1.78 USD (-8900 %); k1 1, k2 1 ({assumed})\n"
         )
     );
 
@@ -862,13 +863,21 @@ async fn recommend_ranks_targets_cheapest_first_on_a_hand_computed_case() {
     let llama = &json["models"][0];
     assert_eq!(llama["model"], "llama");
     assert_eq!(llama["actual_cost"], "90");
-    assert_eq!(llama["potential_saving"], "40");
+    assert_eq!(llama["potential_saving"], "88.8");
     assert_eq!(
         llama["targets"][0],
         serde_json::json!({
+            "hardware": "tpu", "deployment": null, "compute_price": "0.001", "storage_price": "0.001",
+            "k1": "1", "k2": "1", "coefficients": "default", "coefficients_assumed": true,
+            "coefficient_version": null, "cost": "1.2", "saving": "88.8", "saving_percent": "98.67"
+        })
+    );
+    assert_eq!(
+        llama["targets"][1],
+        serde_json::json!({
             "hardware": "jetson", "deployment": "edge", "compute_price": "0.02", "storage_price": "0.05",
-            "k1": "2", "k2": "1", "coefficients": "calibrated_hardware_default", "coefficient_version": 1,
-            "cost": "50", "saving": "40", "saving_percent": "44.44"
+            "k1": "2", "k2": "1", "coefficients": "calibrated_hardware_default", "coefficients_assumed": false,
+            "coefficient_version": 1, "cost": "50", "saving": "40", "saving_percent": "44.44"
         })
     );
     let order: Vec<&str> = llama["targets"]
@@ -877,11 +886,8 @@ async fn recommend_ranks_targets_cheapest_first_on_a_hand_computed_case() {
         .iter()
         .map(|t| t["hardware"].as_str().unwrap())
         .collect();
-    assert_eq!(order, ["jetson", "cpu", "a100"]);
-    assert_eq!(
-        llama["skipped"],
-        serde_json::json!([{"hardware": "tpu", "reason": skipped}])
-    );
+    assert_eq!(order, ["tpu", "jetson", "cpu", "a100"]);
+    assert_eq!(llama.get("skipped"), None);
     assert_eq!(json["models"][1]["potential_saving"], "0");
 
     let (status, body) = http(
@@ -899,7 +905,7 @@ async fn recommend_ranks_targets_cheapest_first_on_a_hand_computed_case() {
     );
 
     // The gauge Grafana reads: the saving of the cheapest target, never below 0.
-    wait_metric(&addr, r#"costwatch_potential_savings{model="llama"} 40"#).await;
+    wait_metric(&addr, r#"costwatch_potential_savings{model="llama"} 88.8"#).await;
     let metrics = wait_metric(&addr, r#"costwatch_potential_savings{model="phi"} 0"#).await;
     assert!(
         metrics.contains("# TYPE costwatch_potential_savings gauge"),

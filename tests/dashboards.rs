@@ -109,9 +109,12 @@ fn sql(raw: &str) -> String {
     });
     s = rewrite(&s, "__TGA(", &|c| format!("date_trunc('minute', {c}) AS time"));
     s = rewrite(&s, "__TG(", &|c| format!("date_trunc('minute', {c})"));
+    // `$tenant` is a multi-value variable whose All value is `'__all'` (used as is, unquoted by
+    // Grafana); other selections arrive as quoted, comma-separated values.
     s.replace("$__interval", "'1 minute'")
         .replace("'$model'", "'%'")
         .replace("'$hardware'", "'%'")
+        .replace("$tenant", "'__all'")
 }
 
 fn targets(dashboard: &Value, out: &mut Vec<Value>) {
@@ -280,6 +283,20 @@ forecast = true
         }
     }
     assert!(sql_count >= 1, "no SQL targets found");
+    // SQL variables (the tenant) run as the read-only role and offer the load's values.
+    for variable in dashboard["templating"]["list"].as_array().unwrap() {
+        if variable["datasource"]["type"] != "grafana-postgresql-datasource" {
+            continue;
+        }
+        let q = sql(variable["query"].as_str().unwrap());
+        let values: Vec<String> = sqlx::query_scalar(&q)
+            .fetch_all(&mut *grafana)
+            .await
+            .unwrap_or_else(|e| panic!("dashboard variable SQL failed as the read-only role: {e}\n{q}"));
+        if variable["name"] == "tenant" {
+            assert_eq!(values, ["ads", "recs", "search"], "{q}");
+        }
+    }
     sqlx::query("RESET ROLE").execute(&mut *grafana).await.unwrap();
     drop(grafana);
     for statement in [format!("DROP OWNED BY {role}"), format!("DROP ROLE {role}")] {

@@ -282,7 +282,7 @@ async fn a_database_not_in_utf8_is_refused_at_start() {
         .output()
         .unwrap();
     let stderr = String::from_utf8_lossy(&output.stderr);
-    assert_eq!(output.status.code(), Some(1), "{stderr}");
+    assert_eq!(output.status.code(), Some(69), "{stderr}");
     assert!(
         stderr.contains(
             "the database's encoding is LATIN1, costwatch needs UTF8: create the database with CREATE DATABASE <name> ENCODING 'UTF8' TEMPLATE template0"

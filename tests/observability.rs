@@ -240,12 +240,21 @@ async fn the_estimate_api_prices_explicit_rates_and_the_price_book() {
         ),
         (Some("50"), Some("80"), Some("130"))
     );
+    assert_eq!(v["coefficients_assumed"], false);
 
     let book = r#"{"compute": "1000", "storage": "500", "model": "qwen2-7b-instruct", "hardware": "a100-80g"}"#;
     let (_, body) = http(&addr, "POST", "/api/v1/estimate", None, Some(book)).await;
     let v: Value = serde_json::from_str(&body).unwrap();
     assert_eq!(v["total_cost"], "130");
     assert_eq!(v["currency"], "USD");
+    assert_eq!(v["coefficients_assumed"], false);
+    // Nothing configured or calibrated for this model there: priced at 1 and 1, as a flush
+    // would, and said so.
+    let assumed = r#"{"compute": "1000", "storage": "500", "model": "llama", "hardware": "a100-80g"}"#;
+    let (_, body) = http(&addr, "POST", "/api/v1/estimate", None, Some(assumed)).await;
+    let v: Value = serde_json::from_str(&body).unwrap();
+    assert_eq!((v["total_cost"].as_str(), v["k1"].as_str()), (Some("200"), Some("1")));
+    assert_eq!(v["coefficients_assumed"], true);
 
     let unpriced = r#"{"compute": 1, "storage": 1, "model": "m", "hardware": "tpu-v9"}"#;
     let (status, body) = http(&addr, "POST", "/api/v1/estimate", None, Some(unpriced)).await;
@@ -482,7 +491,7 @@ fn a_configuration_error_is_one_json_line_when_logs_are_json() {
             .env("COSTWATCH__LOG__FORMAT", "json")
             .output()
             .unwrap();
-        assert_eq!(out.status.code(), Some(64), "{name}");
+        assert_eq!(out.status.code(), Some(78), "{name}");
         let stderr = String::from_utf8_lossy(&out.stderr);
         let lines: Vec<Value> = stderr
             .lines()
@@ -490,7 +499,7 @@ fn a_configuration_error_is_one_json_line_when_logs_are_json() {
             .collect();
         assert_eq!(lines.len(), 1, "{name}: {stderr}");
         assert_eq!(lines[0]["level"], "ERROR", "{stderr}");
-        assert_eq!(lines[0]["exit_code"], 64, "{stderr}");
+        assert_eq!(lines[0]["exit_code"], 78, "{stderr}");
         assert!(lines[0]["error"].as_str().unwrap().contains(expect), "{name}: {stderr}");
     }
 }
@@ -830,12 +839,19 @@ async fn the_costs_command_equals_the_api_to_the_last_digit() {
     assert_eq!(json["totals"]["unpriced_events"], 1);
 
     let table = cli(&["--by", "model"]);
-    let last = table.lines().last().unwrap();
-    assert!(last.starts_with("total (USD)"), "{table}");
-    assert!(last.contains(api["totals"]["total_cost"].as_str().unwrap()), "{table}");
+    let total = table.lines().find(|l| l.starts_with("total (USD)")).unwrap();
+    assert!(total.contains(api["totals"]["total_cost"].as_str().unwrap()), "{table}");
+    // The unpriced usage is called out under the total, never folded into it.
+    assert_eq!(
+        table.lines().last().unwrap(),
+        "unpriced: 1 events (compute 10, storage 1) have no price and are in no cost",
+        "{table}"
+    );
     let csv = cli(&["--format", "csv", "--step", "hour"]);
     assert!(
-        csv.starts_with("start,events,compute,storage,compute_cost,storage_cost,total_cost,unpriced_events\n"),
+        csv.starts_with(
+            "start,events,compute,storage,compute_cost,storage_cost,total_cost,unpriced_events,unpriced_compute,unpriced_storage\n"
+        ),
         "{csv}"
     );
 }

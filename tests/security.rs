@@ -402,7 +402,7 @@ async fn a_broker_certificate_that_does_not_verify_is_a_permanent_certificate_er
     let wrong_ca = world.config(&toml_properties(&tls_properties(&pki, "other-ca.pem")));
     let mut daemon = world.start(&wrong_ca);
     let (code, log) = exits(&mut daemon, WAIT);
-    assert_eq!(code, Some(1), "{log}");
+    assert_eq!(code, Some(69), "{log}");
     assert!(log.contains("TLS certificate verification failed"), "{log}");
     assert!(log.contains("certificate verify failed"), "{log}");
 
@@ -413,7 +413,7 @@ async fn a_broker_certificate_that_does_not_verify_is_a_permanent_certificate_er
     let config = by_address.config(&toml_properties(&tls_properties(&pki, "ca.pem")));
     let mut daemon = by_address.start(&config);
     let (code, log) = exits(&mut daemon, WAIT);
-    assert_eq!(code, Some(1), "{log}");
+    assert_eq!(code, Some(69), "{log}");
     assert!(log.contains("TLS certificate verification failed"), "{log}");
 }
 
@@ -652,7 +652,7 @@ async fn postgres_over_tls_verifies_the_server_and_every_connection_uses_it() {
                 ("COSTWATCH__DATABASE__PASSWORD_FILE", password_env),
             ],
         );
-        assert_eq!(code, Some(1), "{url}: {out}");
+        assert_eq!(code, Some(69), "{url}: {out}");
         assert!(out.contains(expected), "{url}: {out}");
         assert!(
             started.elapsed() < Duration::from_secs(20),
@@ -668,7 +668,7 @@ async fn postgres_over_tls_verifies_the_server_and_every_connection_uses_it() {
         &config,
         &[("COSTWATCH__DATABASE__PASSWORD_FILE", wrong_password.to_str().unwrap())],
     );
-    assert_eq!(code, Some(1), "{out}");
+    assert_eq!(code, Some(69), "{out}");
     assert!(out.contains("authentication failed"), "{out}");
     assert!(!out.contains("not-the-password"), "{out}");
 
@@ -686,11 +686,11 @@ async fn postgres_over_tls_verifies_the_server_and_every_connection_uses_it() {
         pki.file("pgclient.pem"),
         pki.file("pgclient.key")
     );
-    for (params, want) in [(with_certificate.as_str(), Some(0)), (verified.as_str(), Some(1))] {
+    for (params, want) in [(with_certificate.as_str(), Some(0)), (verified.as_str(), Some(69))] {
         let url = pg.url("costwatch_cert", "localhost", params);
         let (code, out) = costwatch(&["migrate"], &config, &[("COSTWATCH__DATABASE__URL", &url)]);
         assert_eq!(code, want, "{url}: {out}");
-        if want == Some(1) {
+        if want == Some(69) {
             assert!(out.contains("authentication failed"), "{out}");
         }
     }
@@ -860,7 +860,7 @@ async fn no_secret_reaches_logs_metrics_api_answers_or_check_config() {
     ));
     for command in ["check-config", "run"] {
         let (code, out) = costwatch(&[command], &typo, &env);
-        assert_eq!(code, Some(64), "{command}: {out}");
+        assert_eq!(code, Some(78), "{command}: {out}");
         assert!(
             out.contains(r#"kafka.properties."sasl.passwrod": No such configuration property"#),
             "{command}: {out}"
@@ -893,7 +893,7 @@ async fn check_config_lists_every_connection_problem_without_connecting() {
         &config,
         &[("COSTWATCH_KAFKA_SASL_USERNAME", "costwatch")],
     );
-    assert_eq!(code, Some(64), "{out}");
+    assert_eq!(code, Some(78), "{out}");
     for want in [
         r#"kafka.properties."security.protocol": Invalid value "SASL_SSLX""#,
         r#"kafka.properties."sasl.passwrod": No such configuration property"#,
@@ -914,7 +914,7 @@ async fn check_config_lists_every_connection_problem_without_connecting() {
         ),
     );
     let (code, out) = costwatch(&["check-config"], &config, &[]);
-    assert_eq!(code, Some(64), "{out}");
+    assert_eq!(code, Some(78), "{out}");
     assert!(out.contains("Unsupported SASL mechanism: AWS_MSK_IAM"), "{out}");
     assert!(
         started.elapsed() < Duration::from_secs(10),
@@ -949,7 +949,7 @@ async fn migrate_stopped_before_the_schema_is_up_to_date_exits_non_zero() {
         String::from_utf8_lossy(&out.stdout),
         String::from_utf8_lossy(&out.stderr)
     );
-    assert_eq!(out.status.code(), Some(1), "{text}");
+    assert_eq!(out.status.code(), Some(69), "{text}");
     assert!(
         text.contains("stopped by a signal before the schema could be migrated"),
         "{text}"
@@ -1095,7 +1095,7 @@ async fn a_scram_login_over_tls_consumes_and_a_wrong_password_is_a_permanent_err
     let wrong = "scram-password-wrong-0b7c";
     let mut daemon = world.start_with(&config, &[("COSTWATCH_KAFKA_SASL_PASSWORD", wrong)]);
     let (code, log) = exits(&mut daemon, WAIT);
-    assert_eq!(code, Some(1), "{log}");
+    assert_eq!(code, Some(69), "{log}");
     assert!(log.contains("authentication failed"), "{log}");
     assert!(!log.contains(wrong) && !log.contains(password), "{log}");
 }

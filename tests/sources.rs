@@ -507,3 +507,58 @@ async fn loadgen_loads_in_every_mapped_format_are_counted_exactly() {
     }
     assert!(daemon.terminate(WAIT).success());
 }
+
+#[test]
+fn check_config_names_every_source_and_profile_problem_by_its_key() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("costwatch.toml");
+    std::fs::write(
+        &path,
+        r#"
+[kafka]
+brokers = "127.0.0.1:9092"
+group_id = "costwatch"
+
+[database]
+url = "postgres://postgres@127.0.0.1:5432/costwatch"
+
+[pricing]
+currency = "USD"
+
+[[sources]]
+name = "vllm"
+topic = "vllm-responses"
+format = "openai"
+[sources.pointers]
+model = "model"
+
+[[sources]]
+name = "traces"
+topic = "vllm-responses"
+format = "otlp_proto"
+hardware_pointer = "/hw"
+
+[[usage_profiles]]
+model = "*"
+hardware = "*"
+compute_per_input_token = "-1"
+compute_per_output_token = "0"
+storage_per_token = "0"
+"#,
+    )
+    .unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_costwatch"))
+        .args(["check-config", "--config", path.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(78));
+    assert_eq!(
+        String::from_utf8_lossy(&out.stderr).trim_end(),
+        "error: invalid configuration:\n  \
+         - sources[0].hardware: set exactly one of hardware, hardware_pointer, hardware_attribute\n  \
+         - sources[0].pointers.model: \"model\" is not an RFC 6901 JSON Pointer such as \"/usage/prompt_tokens\"\n  \
+         - sources[1].hardware_pointer: the otlp_proto format reads attributes; use hardware_attribute\n  \
+         - sources[1].topic: \"vllm-responses\" is read by two sources; one topic has one format\n  \
+         - usage_profiles[0].compute_per_input_token: must not be negative"
+    );
+}

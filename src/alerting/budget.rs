@@ -196,6 +196,9 @@ pub struct Observed {
     pub drift_baseline_spend: Money,
     /// Each (model, hardware) in scope with usage this period but no price.
     pub unpriced: Vec<UnpricedUsage>,
+    /// The values of the budget's `split_by` labels this observation is for, in that order;
+    /// empty for a budget without `split_by`.
+    pub split: Vec<String>,
 }
 
 /// Usage in a budget's scope that has no price this period; each is an `unpriced` alert.
@@ -214,6 +217,9 @@ pub struct UnpricedUsage {
 pub struct BudgetStatus {
     /// The budget's configured `name`.
     pub name: String,
+    /// For a budget with `split_by`, the label values this status is for (`{"tenant": "search-a"}`);
+    /// empty otherwise. Each split has its own spend, state and alerts.
+    pub split: BTreeMap<String, String>,
     /// The calendar period the budget covers (hourly, daily, weekly, monthly).
     pub period: Period,
     /// When the current period started, in UTC (the period is calendar-aligned in the budget's time zone).
@@ -339,6 +345,7 @@ pub fn evaluate(
     };
     BudgetStatus {
         name: budget.name.clone(),
+        split: budget.split_labels(&seen.split),
         period: budget.period,
         period_start: ranges.period.0,
         period_end: ranges.period.1,
@@ -386,6 +393,11 @@ impl Alerts<'_> {
         format!("{}%", (d * Decimal::from(100)).round_dp(1).normalize())
     }
 
+    /// The budget's name, with the split it is for: `search` or `per-team (tenant=search-a)`.
+    fn subject(&self) -> String {
+        status_subject(self.status)
+    }
+
     /// The labels and annotations every alert of this budget carries.
     fn common(&self, kind: AlertKind, severity: &str) -> (BTreeMap<String, String>, BTreeMap<String, String>) {
         let status = self.status;
@@ -394,6 +406,9 @@ impl Alerts<'_> {
         labels.insert("budget".to_owned(), self.budget.name.clone());
         labels.insert("kind".to_owned(), kind.as_str().to_owned());
         labels.insert("severity".to_owned(), severity.to_owned());
+        // Split labels make each split's alerts distinct (and routable) in Alertmanager;
+        // validation keeps them from overwriting the labels above.
+        labels.extend(status.split.clone());
         let mut annotations = BTreeMap::new();
         annotations.insert("spend".to_owned(), status.spend.to_string());
         annotations.insert("amount".to_owned(), status.amount.to_string());
@@ -435,7 +450,7 @@ impl Alerts<'_> {
         labels.insert("period".to_owned(), status.period_start.to_rfc3339());
         let summary = format!(
             "Budget {} has used {} of {amount} {cur} this period ({} {cur} spent; threshold {})",
-            budget.name,
+            self.subject(),
             Self::pct(status.utilization),
             status.spend,
             Self::pct(t)
@@ -457,7 +472,7 @@ impl Alerts<'_> {
         let (labels, ann) = self.common(AlertKind::Forecast, &budget.severity);
         let summary = format!(
             "Budget {} is projected to reach {forecast} {cur} by {} (budget {amount} {cur})",
-            budget.name,
+            self.subject(),
             status.period_end.to_rfc3339()
         );
         let description = format!(
@@ -482,7 +497,8 @@ impl Alerts<'_> {
         };
         let summary = format!(
             "Spend rate of budget {} jumped to {} {cur}/h, {compared}",
-            budget.name, drift.recent_per_hour
+            self.subject(),
+            drift.recent_per_hour
         );
         let description = format!(
             "The recent spend rate for {} is above {} times its trailing baseline. \
@@ -499,7 +515,10 @@ impl Alerts<'_> {
         labels.insert("hardware".to_owned(), u.hardware.clone());
         let summary = format!(
             "Budget {} cannot be trusted: {} events of {} on {} have no price this period",
-            self.budget.name, u.events, u.model, u.hardware
+            self.subject(),
+            u.events,
+            u.model,
+            u.hardware
         );
         let description = format!(
             "Hardware {} has no [[pricing.hardware]] entry, so its usage is recorded but not counted as spend. \
@@ -511,11 +530,25 @@ impl Alerts<'_> {
 }
 
 fn scope_text(budget: &BudgetSettings) -> String {
-    format!(
+    let mut text = format!(
         "models {} on hardware {}",
         budget.scope.model.as_deref().unwrap_or("*"),
         budget.scope.hardware.as_deref().unwrap_or("*")
-    )
+    );
+    for (name, glob) in &budget.scope.labels {
+        text.push_str(&format!(", label {name} {glob}"));
+    }
+    text
+}
+
+/// A status's budget name with its split, as alerts and `costwatch budgets` name it:
+/// `search` or `per-team (tenant=search-a)`.
+pub fn status_subject(status: &BudgetStatus) -> String {
+    if status.split.is_empty() {
+        return status.name.clone();
+    }
+    let split: Vec<String> = status.split.iter().map(|(k, v)| format!("{k}={v}")).collect();
+    format!("{} ({})", status.name, split.join(", "))
 }
 
 /// The identity of an alert: its labels without `severity` and `alertname` (both derived), in
@@ -543,7 +576,9 @@ mod tests {
             scope: ScopeSettings {
                 model: Some("qwen2-*".into()),
                 hardware: None,
+                labels: BTreeMap::new(),
             },
+            split_by: vec![],
             thresholds: vec![d("0.5"), d("0.8"), d("1")],
             forecast: true,
             drift: Some(DriftSettings {
@@ -742,6 +777,45 @@ mod tests {
             ..Observed::default()
         };
         assert!(!evaluate(&budget(), "USD", &r, &edge, now).drift.unwrap().firing);
+    }
+
+    #[test]
+    fn a_split_has_its_own_status_and_its_alerts_carry_the_split_labels() {
+        let now = t("2026-11-16T00:00:00Z");
+        let mut per_team = budget();
+        per_team.name = "per-team".into();
+        per_team.split_by = vec!["tenant".into()];
+        per_team.forecast = false;
+        let seen = Observed {
+            period_spend: Money(d("2600")),
+            split: vec!["search-a".into()],
+            ..Observed::default()
+        };
+        let s = evaluate(&per_team, "USD", &ranges(now), &seen, now);
+        assert_eq!(s.split, BTreeMap::from([("tenant".to_owned(), "search-a".to_owned())]));
+        assert_eq!(status_subject(&s), "per-team (tenant=search-a)");
+        let alerts = desired_alerts(&per_team, &s);
+        assert_eq!(alerts.len(), 1);
+        assert_eq!(alerts[0].labels["tenant"], "search-a");
+        assert_eq!(
+            alerts[0].key,
+            "budget=per-team,kind=threshold,period=2026-11-01T00:00:00+00:00,tenant=search-a,threshold=0.5"
+        );
+        assert_eq!(
+            alerts[0].annotations["summary"],
+            "Budget per-team (tenant=search-a) has used 52% of 5000 USD this period (2600 USD spent; threshold 50%)"
+        );
+        // Another tenant's crossing is another alert, not a repeat of this one.
+        let other = Observed {
+            split: vec!["search-b".into()],
+            ..seen
+        };
+        let b = desired_alerts(&per_team, &evaluate(&per_team, "USD", &ranges(now), &other, now));
+        assert_ne!(b[0].key, alerts[0].key);
+        assert_eq!(
+            serde_json::to_value(&s).unwrap()["split"],
+            serde_json::json!({"tenant": "search-a"})
+        );
     }
 
     #[test]

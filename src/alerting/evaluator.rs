@@ -10,6 +10,7 @@ use std::sync::{Arc, RwLock};
 use chrono::{DateTime, Utc};
 use serde::Serialize;
 use sqlx::{Connection, PgConnection};
+use tokio::sync::watch;
 use tokio::time::MissedTickBehavior;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
@@ -28,7 +29,8 @@ pub struct BudgetBoard {
     pub evaluated_at: Option<DateTime<Utc>>,
     /// Whether this instance is the one that sends alerts.
     pub leader: bool,
-    /// Each configured budget's status, in configuration order.
+    /// Each configured budget's status, in configuration order; a budget with `split_by` has
+    /// one per split seen this period (`split` says which).
     pub budgets: Vec<BudgetStatus>,
     /// Why the last evaluation failed, if it did (the statuses are then from the one before).
     pub error: Option<String>,
@@ -42,6 +44,8 @@ const DELIVERY_BATCH: i64 = 500;
 
 struct Evaluator {
     settings: Arc<Settings>,
+    /// The configuration as reloads change it; taken at the start of each evaluation.
+    live: watch::Receiver<Arc<Settings>>,
     store: Store,
     notifier: Notifier,
     receivers: Vec<String>,
@@ -66,8 +70,9 @@ struct Leader {
     session: PgConnection,
 }
 
-/// Each configured budget with its status at `now`, read from PostgreSQL. Shared by the
-/// evaluator and `costwatch budgets`.
+/// Each configured budget with its status at `now`, read from PostgreSQL: one status per
+/// split seen this period for a budget with `split_by`, one otherwise. Shared by the evaluator
+/// and `costwatch budgets`.
 pub async fn evaluate_all<'s>(
     settings: &'s Settings,
     store: &Store,
@@ -81,23 +86,28 @@ pub async fn evaluate_all<'s>(
     let mut out = Vec::with_capacity(settings.budgets.len());
     for b in &settings.budgets {
         let ranges = Ranges::new(b, windows, now);
-        let seen = store.observe_budget(b, currency, &ranges).await?;
-        out.push((b, budget::evaluate(b, currency, &ranges, &seen, now)));
+        for seen in store.observe_budget(b, currency, &ranges).await? {
+            out.push((b, budget::evaluate(b, currency, &ranges, &seen, now)));
+        }
     }
     Ok(out)
 }
 
 /// Runs until `cancel` fires; then lets go of the lock so another instance takes over at once.
+/// Each evaluation uses the configuration `live` holds then: a reload changes budgets, receivers
+/// and the evaluation interval from the next one on.
 pub async fn run(
-    settings: Arc<Settings>,
+    mut live: watch::Receiver<Arc<Settings>>,
     store: Store,
     board: SharedBoard,
     cancel: CancellationToken,
 ) -> anyhow::Result<()> {
+    let settings = live.borrow_and_update().clone();
     let notifier = Notifier::new(&settings.alerting)?;
     let receivers = notifier.webhook_names();
     let mut evaluator = Evaluator {
         settings: settings.clone(),
+        live,
         store,
         notifier,
         receivers,
@@ -110,6 +120,13 @@ pub async fn run(
         tokio::select! {
             _ = cancel.cancelled() => break,
             _ = ticks.tick() => {}
+        }
+        let interval = evaluator.settings.alerting.evaluation_interval;
+        evaluator.take_reload().await;
+        if evaluator.settings.alerting.evaluation_interval != interval {
+            ticks = tokio::time::interval(evaluator.settings.alerting.evaluation_interval);
+            ticks.set_missed_tick_behavior(MissedTickBehavior::Delay);
+            ticks.tick().await;
         }
         // A tick must not outlive shutdown by long: deliveries can wait on slow receivers.
         tokio::select! {
@@ -132,6 +149,34 @@ pub async fn run(
 }
 
 impl Evaluator {
+    /// Takes a reloaded configuration, if there is one: new receivers, and a leader records
+    /// the new budgets at once (the alerts of a removed budget resolve at this evaluation).
+    async fn take_reload(&mut self) {
+        if !self.live.has_changed().unwrap_or(false) {
+            return;
+        }
+        let settings = self.live.borrow_and_update().clone();
+        match Notifier::new(&settings.alerting) {
+            Ok(notifier) => {
+                self.receivers = notifier.webhook_names();
+                self.notifier = notifier;
+            }
+            // The reload checked this already; keep sending where we did rather than nowhere.
+            Err(error) => warn!(%error, "cannot use the reloaded alerting receivers; keeping the previous ones"),
+        }
+        self.settings = settings;
+        if let Lock::Leading(leader) = &mut self.lock {
+            let (budgets, currency) = (&self.settings.budgets, &self.settings.pricing.currency);
+            if let Err(error) = store::sync_budgets(&mut leader.session, budgets, currency).await {
+                warn!(%error, "cannot record the reloaded budgets; they are recorded when this instance next leads");
+            }
+        }
+        info!(
+            budgets = self.settings.budgets.len(),
+            "budget evaluation uses the reloaded configuration"
+        );
+    }
+
     async fn tick(&mut self) {
         let now = Utc::now();
         let evaluated = match evaluate_all(&self.settings, &self.store, now).await {
@@ -147,15 +192,13 @@ impl Evaluator {
             .flat_map(|(b, s)| budget::desired_alerts(b, s))
             .collect();
         let statuses: Vec<BudgetStatus> = evaluated.into_iter().map(|(_, s)| s).collect();
-        for status in &statuses {
-            telemetry::budget_status(
-                &status.name,
-                status.amount,
-                status.spend,
-                status.utilization,
-                status.forecast,
-            );
-        }
+        telemetry::budget_statuses(statuses.iter().map(|s| telemetry::BudgetGauges {
+            name: &s.name,
+            split: &s.split,
+            amount: s.amount,
+            spend: s.spend,
+            forecast: s.forecast,
+        }));
 
         self.ensure_leadership().await;
         let leader = matches!(self.lock, Lock::Leading(_));

@@ -5,13 +5,14 @@
 //! Every write of alert state goes through the connection that holds the advisory lock: if that
 //! session is gone, so is the lock, and the write fails instead of racing a new leader.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 
 use chrono::{DateTime, Utc};
 use rust_decimal::Decimal;
 use serde::Serialize;
 use serde_json::{json, Value};
 use sqlx::{Connection, PgConnection, Row};
+use tracing::warn;
 
 use crate::alerting::budget::{like_pattern, AlertSpec, Observed, Ranges, UnpricedUsage};
 use crate::alerting::notify::AlertmanagerAlert;
@@ -28,83 +29,194 @@ const MAX_UNPRICED_PAIRS: i64 = 100;
 /// Row cost, NULL when unpriced: the same expression the `usage_costs` view sums.
 const ROW_COST: &str = "compute * compute_price * k1 + storage * storage_price * k2";
 
+/// The most splits one budget evaluates (the highest spenders this period first); past it a
+/// split's spend is not watched, which `observe_budget` logs.
+pub const MAX_SPLITS: i64 = 1000;
+
+/// A budget's scope and split as query parameters, bound in this order by [`bind_scope`].
+struct ScopeParams {
+    model: String,
+    hardware: String,
+    label_names: Vec<String>,
+    label_patterns: Vec<String>,
+    split_by: Vec<String>,
+}
+
+impl ScopeParams {
+    fn of(budget: &BudgetSettings) -> Self {
+        Self {
+            model: like_pattern(budget.scope.model.as_deref()),
+            hardware: like_pattern(budget.scope.hardware.as_deref()),
+            label_names: budget.scope.labels.keys().cloned().collect(),
+            label_patterns: budget.scope.labels.values().map(|g| like_pattern(Some(g))).collect(),
+            split_by: budget.split_by.clone(),
+        }
+    }
+}
+
+/// The scope as SQL conditions with the parameters `$first..$first+4` ([`ScopeParams`]):
+/// model and hardware globs, every label glob matched by a present label, every split label
+/// present (usage without one is in no split).
+fn scope_condition(first: usize) -> String {
+    let (model, hardware, names, patterns, split) = (first, first + 1, first + 2, first + 3, first + 4);
+    format!(
+        "model LIKE ${model} ESCAPE '\\' AND hardware LIKE ${hardware} ESCAPE '\\'
+         AND NOT EXISTS (SELECT 1 FROM unnest(${names}::text[], ${patterns}::text[]) AS g(name, pattern)
+                         WHERE (labels->>g.name LIKE g.pattern ESCAPE '\\') IS NOT TRUE)
+         AND labels ?& ${split}::text[]"
+    )
+}
+
+/// The split a row belongs to: the values of the `split_by` labels (parameter `$split`), in
+/// that order; `{}` for a budget without `split_by`.
+fn split_expr(split: usize) -> String {
+    format!("ARRAY(SELECT labels->>s.name FROM unnest(${split}::text[]) WITH ORDINALITY AS s(name, i) ORDER BY s.i)")
+}
+
+fn bind_scope<'q>(
+    query: sqlx::query::Query<'q, sqlx::Postgres, sqlx::postgres::PgArguments>,
+    p: &'q ScopeParams,
+) -> sqlx::query::Query<'q, sqlx::Postgres, sqlx::postgres::PgArguments> {
+    query
+        .bind(&p.model)
+        .bind(&p.hardware)
+        .bind(&p.label_names)
+        .bind(&p.label_patterns)
+        .bind(&p.split_by)
+}
+
+/// One split's spend over each range, from a row of `observe_budget`'s query.
+fn observed_spend(row: &sqlx::postgres::PgRow) -> Observed {
+    let m = |name: &str| Money(row.get::<Decimal, _>(name));
+    Observed {
+        period_spend: m("period"),
+        short_spend: m("short"),
+        long_spend: m("long"),
+        drift_recent_spend: m("recent"),
+        drift_baseline_spend: m("baseline"),
+        unpriced: Vec::new(),
+        split: split_of(row),
+    }
+}
+
+fn split_of(row: &sqlx::postgres::PgRow) -> Vec<String> {
+    let values: Vec<Option<String>> = row.get("split");
+    values.into_iter().map(Option::unwrap_or_default).collect()
+}
+
 impl Store {
-    /// Reads what a budget's scope spent over each of `ranges`, and its unpriced usage.
+    /// Reads what a budget's scope spent over each of `ranges`, and its unpriced usage: one
+    /// [`Observed`] per split seen this period (ordered by split), or exactly one for a budget
+    /// without `split_by`.
     pub async fn observe_budget(
         &self,
         budget: &BudgetSettings,
         currency: &str,
         ranges: &Ranges,
-    ) -> Result<Observed, StoreError> {
-        let model = like_pattern(budget.scope.model.as_deref());
-        let hardware = like_pattern(budget.scope.hardware.as_deref());
-        let split = |r: Option<(DateTime<Utc>, DateTime<Utc>)>| (r.map(|r| r.0), r.map(|r| r.1));
-        let (recent_from, recent_to) = split(ranges.drift_recent);
-        let (base_from, base_to) = split(ranges.drift_baseline);
-        // Each range from the tiers that cover it (usage_between): a month of spend reads
-        // daily roll-ups for its whole days, hourly ones for whole hours, raw windows for the rest.
-        let spend = |from: u8, to: u8| {
+    ) -> Result<Vec<Observed>, StoreError> {
+        let scope = ScopeParams::of(budget);
+        let pair = |r: Option<(DateTime<Utc>, DateTime<Utc>)>| (r.map(|r| r.0), r.map(|r| r.1));
+        let (recent_from, recent_to) = pair(ranges.drift_recent);
+        let (base_from, base_to) = pair(ranges.drift_baseline);
+        // Each range from the tiers that cover it (usage_between: daily roll-ups for its whole
+        // days, hourly ones for whole hours, raw windows for the rest), one arm per range so
+        // that each is planned with its own bounds. Splits are kept when they have usage this
+        // period; a budget without splits always is.
+        // $1..$10 the ranges, $11 the currency, $12..$16 the scope, $17 the limit.
+        let (split, in_scope) = (split_expr(16), scope_condition(12));
+        let arm = |range: usize| {
+            let (from, to) = (2 * range + 1, 2 * range + 2);
             format!(
-                "(SELECT COALESCE(sum({ROW_COST}), 0) FROM usage_between(${from}, ${to})
-                  WHERE model LIKE $11 ESCAPE '\\' AND hardware LIKE $12 ESCAPE '\\' AND currency = $13)"
+                "SELECT {range} AS range, {ROW_COST} AS cost, {split} AS split FROM usage_between(${from}, ${to})
+                 WHERE currency = $11 AND {in_scope}"
             )
         };
-        let row = sqlx::query(&format!(
-            "SELECT {} AS period, {} AS short, {} AS long, {} AS recent, {} AS baseline",
-            spend(1, 2),
-            spend(3, 4),
-            spend(5, 6),
-            spend(7, 8),
-            spend(9, 10)
-        ))
-        .bind(ranges.period.0)
-        .bind(ranges.period.1)
-        .bind(ranges.short.0)
-        .bind(ranges.short.1)
-        .bind(ranges.long.0)
-        .bind(ranges.long.1)
-        .bind(recent_from)
-        .bind(recent_to)
-        .bind(base_from)
-        .bind(base_to)
-        .bind(&model)
-        .bind(&hardware)
-        .bind(currency)
-        .fetch_one(self.pool())
-        .await?;
-        let unpriced = if budget.unpriced {
-            sqlx::query(
-                "SELECT model, hardware, sum(events)::int8 AS events FROM usage_between($1, $2)
-                 WHERE (compute_price IS NULL OR storage_price IS NULL)
-                   AND model LIKE $3 ESCAPE '\\' AND hardware LIKE $4 ESCAPE '\\'
-                 GROUP BY model, hardware ORDER BY model, hardware LIMIT $5",
-            )
+        let sql = format!(
+            "SELECT split,
+               COALESCE(sum(cost) FILTER (WHERE range = 0), 0) AS period,
+               COALESCE(sum(cost) FILTER (WHERE range = 1), 0) AS short,
+               COALESCE(sum(cost) FILTER (WHERE range = 2), 0) AS long,
+               COALESCE(sum(cost) FILTER (WHERE range = 3), 0) AS recent,
+               COALESCE(sum(cost) FILTER (WHERE range = 4), 0) AS baseline
+             FROM ({} UNION ALL {} UNION ALL {} UNION ALL {} UNION ALL {}) w
+             GROUP BY split
+             HAVING cardinality($16::text[]) = 0 OR bool_or(range = 0)
+             ORDER BY period DESC, split LIMIT $17",
+            arm(0),
+            arm(1),
+            arm(2),
+            arm(3),
+            arm(4),
+        );
+        let query = sqlx::query(&sql)
             .bind(ranges.period.0)
             .bind(ranges.period.1)
-            .bind(&model)
-            .bind(&hardware)
+            .bind(ranges.short.0)
+            .bind(ranges.short.1)
+            .bind(ranges.long.0)
+            .bind(ranges.long.1)
+            .bind(recent_from)
+            .bind(recent_to)
+            .bind(base_from)
+            .bind(base_to)
+            .bind(currency);
+        let rows = bind_scope(query, &scope)
+            .bind(MAX_SPLITS)
+            .fetch_all(self.pool())
+            .await?;
+        if rows.len() as i64 == MAX_SPLITS {
+            warn!(budget = %budget.name, max = MAX_SPLITS, "budget has more splits than are evaluated; the smallest spenders are not watched");
+        }
+        let mut observed: BTreeMap<Vec<String>, Observed> = rows
+            .iter()
+            .map(observed_spend)
+            .map(|seen| (seen.split.clone(), seen))
+            .collect();
+        if budget.split_by.is_empty() {
+            observed.entry(Vec::new()).or_default();
+        }
+        if budget.unpriced {
+            for (split, usage) in self.unpriced_usage(&scope, ranges).await? {
+                let entry = observed.entry(split.clone()).or_insert_with(|| Observed {
+                    split,
+                    ..Observed::default()
+                });
+                entry.unpriced.push(usage);
+            }
+        }
+        Ok(observed.into_values().collect())
+    }
+
+    /// Each (split, model, hardware) in scope with usage this period but no price.
+    async fn unpriced_usage(
+        &self,
+        scope: &ScopeParams,
+        ranges: &Ranges,
+    ) -> Result<Vec<(Vec<String>, UnpricedUsage)>, StoreError> {
+        let sql = format!(
+            "SELECT split, model, hardware, sum(events)::int8 AS events
+             FROM (SELECT {split} AS split, model, hardware, events FROM usage_between($1, $2)
+                   WHERE (compute_price IS NULL OR storage_price IS NULL) AND {scope}) w
+             GROUP BY split, model, hardware ORDER BY split, model, hardware LIMIT $8",
+            split = split_expr(7),
+            scope = scope_condition(3),
+        );
+        let query = sqlx::query(&sql).bind(ranges.period.0).bind(ranges.period.1);
+        let rows = bind_scope(query, scope)
             .bind(MAX_UNPRICED_PAIRS)
             .fetch_all(self.pool())
-            .await?
-            .into_iter()
-            .map(|r| UnpricedUsage {
-                model: r.get("model"),
-                hardware: r.get("hardware"),
-                events: r.get("events"),
+            .await?;
+        Ok(rows
+            .iter()
+            .map(|r| {
+                let usage = UnpricedUsage {
+                    model: r.get("model"),
+                    hardware: r.get("hardware"),
+                    events: r.get("events"),
+                };
+                (split_of(r), usage)
             })
-            .collect()
-        } else {
-            Vec::new()
-        };
-        let m = |name: &str| Money(row.get::<Decimal, _>(name));
-        Ok(Observed {
-            period_spend: m("period"),
-            short_spend: m("short"),
-            long_spend: m("long"),
-            drift_recent_spend: m("recent"),
-            drift_baseline_spend: m("baseline"),
-            unpriced,
-        })
+            .collect())
     }
 
     /// A dedicated session for the alerting lock (outside the pool: the lock lives and dies
@@ -241,11 +353,12 @@ pub async fn sync_budgets(
     for b in budgets {
         sqlx::query(
             "INSERT INTO budget (name, period, amount, currency, model_glob, hardware_glob, thresholds, forecast,
-                                 drift, severity, time_zone, active, updated_at)
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, true, now())
+                                 drift, severity, time_zone, label_globs, split_by, active, updated_at)
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, true, now())
              ON CONFLICT (name) DO UPDATE SET
                period = excluded.period, amount = excluded.amount, currency = excluded.currency,
                model_glob = excluded.model_glob, hardware_glob = excluded.hardware_glob,
+               label_globs = excluded.label_globs, split_by = excluded.split_by,
                thresholds = excluded.thresholds, forecast = excluded.forecast, drift = excluded.drift,
                severity = excluded.severity, time_zone = excluded.time_zone, active = true, updated_at = now()",
         )
@@ -271,6 +384,8 @@ pub async fn sync_budgets(
         }))
         .bind(&b.severity)
         .bind(b.time_zone.name())
+        .bind(json!(b.scope.labels))
+        .bind(&b.split_by)
         .execute(&mut *tx)
         .await?;
     }

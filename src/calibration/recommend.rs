@@ -2,11 +2,11 @@
 //! that can price it, cheapest first, against what it actually cost; pure.
 //!
 //! This is the "min over M" of the cost model: for a model with usage ΣT, ΣS over a period,
-//! `cost(hw) = C_C(hw) × k1(model, hw) × ΣT + C_S(hw) × k2(model, hw) × ΣS`. A target is a
-//! candidate only when it has prices and coefficients that say something about this model on
-//! it: a calibrated version for the pair, a calibrated hardware default, or a configured entry.
-//! The k1 = k2 = 1 fallback says nothing about how the model runs there, so targets with only
-//! that are listed as skipped, with the reason, instead of ranked.
+//! `cost(hw) = C_C(hw) × k1(model, hw) × ΣT + C_S(hw) × k2(model, hw) × ΣS`. Every priced
+//! target is a candidate, with the coefficients a flush would price with: a calibrated version
+//! for the pair, a calibrated hardware default, a configured entry, or else k1 = k2 = 1, the
+//! one rule of the price book. A target priced with that last one is marked assumed
+//! (`coefficients_assumed`), since nothing known says how the model runs there.
 
 use chrono::{DateTime, Utc};
 use rust_decimal::Decimal;
@@ -14,7 +14,7 @@ use serde::Serialize;
 
 use crate::config::Deployment;
 use crate::domain::{Coefficient, ComputeUnits, HardwareName, ModelName, Money, StorageUnits, UnitPrice};
-use crate::pricing::{PriceBook, PricingError, Rates};
+use crate::pricing::{CoefficientSource, PriceBook, PricingError};
 
 /// Usage of one model over a range, summed over every hardware it ran on.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -47,8 +47,11 @@ pub struct TargetCost {
     pub k1: Coefficient,
     /// The storage coefficient used; see `coefficients` for where it came from.
     pub k2: Coefficient,
-    /// `calibrated`, `calibrated_hardware_default` or `configured`.
+    /// `calibrated`, `calibrated_hardware_default`, `configured` or `default` (k1 = k2 = 1).
     pub coefficients: &'static str,
+    /// True when nothing configured or calibrated is known for the model here, so that k1 and
+    /// k2 are the assumed 1 and 1 and `cost` is only as good as that assumption.
+    pub coefficients_assumed: bool,
     /// The `coefficient_version` id the coefficients come from; `None` when they are configured.
     pub coefficient_version: Option<i64>,
     /// The observed ΣT and ΣS priced here.
@@ -59,15 +62,6 @@ pub struct TargetCost {
     /// `saving` as a per cent of the actual cost, to 2 decimals; `None` when the actual cost is
     /// unknown or 0.
     pub saving_percent: Option<Decimal>,
-}
-
-/// A priced hardware target that is not a candidate for this model.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
-pub struct Skipped {
-    /// The priced target that was left out.
-    pub hardware: HardwareName,
-    /// Why it was left out (e.g. [`NO_COEFFICIENTS`]).
-    pub reason: String,
 }
 
 /// One model's ranking.
@@ -84,12 +78,10 @@ pub struct Recommendation {
     /// Events of this model on hardware without a price; their usage is in ΣT and ΣS but not in `actual_cost`.
     pub unpriced_events: i64,
     /// The saving of the cheapest target, never below 0; `None` when the actual cost is
-    /// unknown or no target is a candidate.
+    /// unknown or no target is priced.
     pub potential_saving: Option<Money>,
     /// Cheapest first; ties by hardware name.
     pub targets: Vec<TargetCost>,
-    /// Priced targets without coefficients for this model, with the reason; not ranked.
-    pub skipped: Vec<Skipped>,
 }
 
 /// The answer of `recommend --json` and `GET /api/v1/recommendations`.
@@ -105,9 +97,8 @@ pub struct Recommendations {
     pub models: Vec<Recommendation>,
 }
 
-/// The reason a priced target without coefficients for the model is not ranked.
-pub const NO_COEFFICIENTS: &str =
-    "no coefficients for this model here and no calibrated hardware default; k1 = k2 = 1 would be a guess";
+/// How the text marks a target priced with the assumed k1 = k2 = 1.
+pub const ASSUMED: &str = "assumed: nothing configured or calibrated for this model here";
 
 /// Ranks every priced target for each model, with coefficients in force at `at`.
 pub fn recommend(
@@ -120,21 +111,12 @@ pub fn recommend(
 
 fn recommend_one(book: &PriceBook, usage: &ModelUsage, at: DateTime<Utc>) -> Result<Recommendation, PricingError> {
     let mut targets = Vec::new();
-    let mut skipped = Vec::new();
-    for (hardware, pricing) in book.hardware_targets() {
-        let Some((k1, k2, source)) = book.known_coefficients(&usage.model, hardware, at) else {
-            skipped.push(Skipped {
-                hardware: hardware.clone(),
-                reason: NO_COEFFICIENTS.to_owned(),
-            });
+    for (hardware, pricing) in book.hardware_targets(at) {
+        // Every target in hardware_targets has prices, so it is priced.
+        let Some(priced) = book.priced(&usage.model, hardware, at) else {
             continue;
         };
-        let rates = Rates {
-            compute_price: pricing.compute_price,
-            storage_price: pricing.storage_price,
-            k1,
-            k2,
-        };
+        let (rates, source) = (priced.rates, priced.source);
         let cost = rates.price(usage.compute, usage.storage)?.total_cost;
         let saving = usage
             .actual_cost
@@ -151,9 +133,10 @@ fn recommend_one(book: &PriceBook, usage: &ModelUsage, at: DateTime<Utc>) -> Res
             deployment: pricing.deployment,
             compute_price: pricing.compute_price,
             storage_price: pricing.storage_price,
-            k1,
-            k2,
+            k1: rates.k1,
+            k2: rates.k2,
             coefficients: source.as_str(),
+            coefficients_assumed: source == CoefficientSource::Unit,
             coefficient_version: source.version(),
             cost,
             saving: saving.map(|s| Money(s.normalize())),
@@ -173,7 +156,6 @@ fn recommend_one(book: &PriceBook, usage: &ModelUsage, at: DateTime<Utc>) -> Res
         unpriced_events: usage.unpriced_events,
         potential_saving,
         targets,
-        skipped,
     })
 }
 
@@ -198,6 +180,7 @@ pub fn to_text(recommendations: &[Recommendation], currency: &str) -> String {
             };
             let source = match t.coefficient_version {
                 Some(v) => format!("{}, version {v}", t.coefficients.replace('_', " ")),
+                None if t.coefficients_assumed => ASSUMED.to_owned(),
                 None => t.coefficients.to_owned(),
             };
             out.push_str(&format!(
@@ -208,9 +191,6 @@ pub fn to_text(recommendations: &[Recommendation], currency: &str) -> String {
                 t.k1,
                 t.k2,
             ));
-        }
-        for s in &r.skipped {
-            out.push_str(&format!("  not ranked: {}: {}\n", s.hardware, s.reason));
         }
     }
     if recommendations.is_empty() {
@@ -232,7 +212,7 @@ mod tests {
     /// | a100 (cloud, configured) | 0.08 | 0.1 | 1 | 0.5 | 80 + 10 = 90 |
     /// | jetson (edge, hardware default version 7) | 0.02 | 0.05 | 2 | 1 | 40 + 10 = 50 |
     /// | cpu (cloud, own version 9) | 0.01 | 0.01 | 6 | 2 | 60 + 4 = 64 |
-    /// | tpu (no coefficients) | skipped | | | | |
+    /// | tpu (nothing known: k1 = k2 = 1, assumed) | 0.001 | 0.001 | 1 | 1 | 1 + 0.2 = 1.2 |
     #[test]
     fn targets_rank_cheapest_first_with_savings_against_the_actual_cost() {
         let book = book(
@@ -297,22 +277,27 @@ mod tests {
         assert_eq!(
             ranked,
             [
+                ("tpu", "1.2".into(), Some("98.8".into()), Some("98.8".into())),
                 ("jetson", "50".into(), Some("50".into()), Some("50".into())),
                 ("cpu", "64".into(), Some("36".into()), Some("36".into())),
                 ("a100", "90".into(), Some("10".into()), Some("10".into())),
             ]
         );
-        assert_eq!(r.targets[0].deployment, Some(Deployment::Edge));
-        assert_eq!(r.targets[0].coefficients, "calibrated_hardware_default");
-        assert_eq!(r.targets[1].coefficient_version, Some(9));
-        assert_eq!(r.targets[2].coefficients, "configured");
-        assert_eq!(r.potential_saving, Some(Money(d("50"))));
+        assert!(r.targets[0].coefficients_assumed);
         assert_eq!(
-            r.skipped,
-            [Skipped {
-                hardware: hw("tpu"),
-                reason: NO_COEFFICIENTS.into()
-            }]
+            (r.targets[0].coefficients, r.targets[0].k1),
+            ("default", Coefficient::ONE)
+        );
+        assert_eq!(r.targets[1].deployment, Some(Deployment::Edge));
+        assert_eq!(r.targets[1].coefficients, "calibrated_hardware_default");
+        assert_eq!(r.targets[2].coefficient_version, Some(9));
+        assert_eq!(r.targets[3].coefficients, "configured");
+        assert!(r.targets[1..].iter().all(|t| !t.coefficients_assumed));
+        assert_eq!(r.potential_saving, Some(Money(d("98.8"))));
+        let text = to_text(std::slice::from_ref(r), "USD");
+        assert!(
+            text.contains("  1. tpu: 1.2 USD, saving 98.8 USD (98.8 %); k1 1, k2 1 (assumed: nothing configured or calibrated for this model here)\n"),
+            "{text}"
         );
     }
 

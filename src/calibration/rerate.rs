@@ -365,7 +365,7 @@ mod tests {
     fn row(hardware: &str, rates: Option<(&str, &str, &str, &str)>) -> StoredRow {
         let book = book();
         let price_id = book
-            .hardware(&HardwareName::parse(hardware).unwrap())
+            .hardware(&HardwareName::parse(hardware).unwrap(), t("2026-01-01T00:00:00Z"))
             .map(|p| p.price_id.to_string());
         let rates = rates.map(|(cp, sp, k1, k2)| Rates {
             compute_price: UnitPrice(d(cp)),

@@ -214,7 +214,8 @@ fn fit_target(
             book.currency()
         ));
     }
-    let current = book.hardware(&target.hardware);
+    // Today's price stands in for usage recorded while the hardware had none.
+    let current = book.hardware(&target.hardware, Utc::now());
     let (observations, left_out) = observations(bills, current);
     if left_out {
         warnings.push(format!(

@@ -547,7 +547,10 @@ mod tests {
     #[test]
     fn without_sources_kafka_topic_is_the_one_native_source() {
         let s = parse("").unwrap_err().to_string();
-        assert!(s.contains("kafka.topic: must not be empty"), "{s}");
+        assert!(
+            s.contains("kafka.topic: missing or empty; name the usage topic, or configure [[sources]]"),
+            "{s}"
+        );
         let settings: Settings = config::Config::builder()
             .add_source(config::File::from_str(
                 &BASE.replace("[kafka]", "[kafka]\ntopic = \"usage\""),

@@ -440,6 +440,7 @@ fn report_committed(
         compute: sums.compute,
         storage: sums.storage,
         priceable: !key.usage_from_tokens || key.profile.is_some(),
+        labels: &key.labels,
     });
     telemetry::flush_committed(counts, by_code, usage, prices, started.elapsed());
     let agg = lock(aggregator);
@@ -669,7 +670,7 @@ pub fn consume(consumer: BaseConsumer<KafkaContext>, pipeline: Arc<Pipeline>) ->
     let unflushed = final_flush(&consumer, &pipeline);
     let refused = leave_group(consumer);
     if let Some(refused) = refused {
-        return Err(anyhow::anyhow!(refused));
+        return Err(BrokerRefused(refused).into());
     }
     // A shutdown that could not store everything is not a clean one: say so with the exit code.
     match unflushed {
@@ -806,6 +807,11 @@ fn leave_group(consumer: BaseConsumer<KafkaContext>) -> Option<String> {
     info!("left the consumer group");
     refused
 }
+
+/// The broker refused costwatch for good (TLS, authentication); the text says how.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct BrokerRefused(pub String);
 
 /// The drain at shutdown could not write what was pending. Nothing is lost: the offsets in
 /// PostgreSQL still point before those messages, so whoever owns the partitions next counts them.

@@ -5,6 +5,8 @@ use chrono::{DateTime, Utc};
 use rust_decimal::Decimal;
 use sqlx::{PgPool, Row};
 
+use super::query::{Dimension, LabelFilter};
+
 /// The width of one bucket of a cost series.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -58,8 +60,9 @@ impl CostStep {
     }
 }
 
-/// Which history to read: windows starting in `[from, to)`, optionally of one model and one
-/// hardware target, per bucket of `step` (if any) and per value of each of `by`.
+/// Which history to read: windows starting in `[from, to)`, optionally of one model, one
+/// hardware target and some label values, per bucket of `step` (if any) and per value of each of
+/// `by`.
 #[derive(Debug, Clone)]
 pub struct CostQuery<'a> {
     /// Windows starting at or after this.
@@ -72,6 +75,8 @@ pub struct CostQuery<'a> {
     pub model: Option<&'a str>,
     /// Only this hardware target, when set.
     pub hardware: Option<&'a str>,
+    /// Only rows carrying every one of these labels with these values.
+    pub labels: &'a LabelFilter,
     /// One row per value of each of these.
     pub by: &'a [Dimension],
 }
@@ -169,45 +174,22 @@ pub async fn rejected_before(pool: &PgPool, before: DateTime<Utc>) -> Result<i64
         .await
 }
 
-/// What a cost table can be grouped by.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Dimension {
-    /// The model's name.
-    Model,
-    /// The hardware target's name.
-    Hardware,
-}
-
-impl Dimension {
-    /// The column of `usage_costs` it groups by; also its name on the command line.
-    pub fn column(self) -> &'static str {
-        match self {
-            Dimension::Model => "model",
-            Dimension::Hardware => "hardware",
-        }
-    }
-
-    /// Parses `model` or `hardware`.
-    pub fn parse(name: &str) -> Option<Self> {
-        match name {
-            "model" => Some(Dimension::Model),
-            "hardware" => Some(Dimension::Hardware),
-            _ => None,
-        }
-    }
-}
-
 /// One row of a cost table: a bucket (when a step is asked for) and a group.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct CostRow {
     /// The bucket's start; `None` without a step (the row covers the whole range).
     pub start: Option<DateTime<Utc>>,
-    /// The group's values, in the order of the dimensions asked for.
-    pub group: Vec<String>,
+    /// The group's values, in the order of the dimensions asked for; `None` for rows without
+    /// the label grouped by.
+    pub group: Vec<Option<String>>,
     /// Accepted events (duplicates excluded).
     pub events: i64,
     /// Events on unpriced hardware: in the quantities, in no cost.
     pub unpriced_events: i64,
+    /// ΣT of the unpriced events (part of `totals.compute`, in no cost).
+    pub unpriced_compute: Decimal,
+    /// ΣS of the unpriced events (part of `totals.storage`, in no cost).
+    pub unpriced_storage: Decimal,
     /// The row's quantities and costs.
     pub totals: CostTotals,
 }
@@ -220,63 +202,96 @@ impl CostRow {
             group: Vec::new(),
             events: 0,
             unpriced_events: 0,
+            unpriced_compute: Decimal::ZERO,
+            unpriced_storage: Decimal::ZERO,
             totals: CostTotals::default(),
         };
         for r in rows {
             total.events += r.events;
             total.unpriced_events += r.unpriced_events;
+            total.unpriced_compute += r.unpriced_compute;
+            total.unpriced_storage += r.unpriced_storage;
             total.totals.add(&r.totals);
         }
         total
     }
 }
 
-/// The cost table of `query`, ordered by bucket and group: the numbers `/api/v1/costs` and
-/// `costwatch costs` answer. The SQL is built from fixed column names only ([`Dimension`]).
-///
-/// Rows come from `usage_between`, so each part of the range is read from the coarsest tier
-/// that covers it and the step allows; the totals are the same whichever tier answers. A row
-/// without a price is in the quantities and in `unpriced_events`, never in a cost.
-pub async fn cost_table(pool: &PgPool, query: &CostQuery<'_>) -> Result<Vec<CostRow>, sqlx::Error> {
+/// The figures of a cost table, summed over the rows of a group. A row is priced when both its
+/// rates are known; an unpriced row's usage is in the quantities and in the `unpriced_*`
+/// figures, never in a cost (a NULL cost is never a 0). Priced rows keep their cost even when a
+/// window has unpriced rows too (`usage_costs` prices such a window not at all).
+const FIGURES: &str = "sum(events)::int8 AS events, sum(compute) AS compute, sum(storage) AS storage,
+    COALESCE(sum(compute * compute_price * k1) FILTER (WHERE priced), 0) AS compute_cost,
+    COALESCE(sum(storage * storage_price * k2) FILTER (WHERE priced), 0) AS storage_cost,
+    COALESCE(sum(compute * compute_price * k1 + storage * storage_price * k2) FILTER (WHERE priced), 0) AS total_cost,
+    COALESCE(sum(events) FILTER (WHERE NOT priced), 0)::int8 AS unpriced_events,
+    COALESCE(sum(compute) FILTER (WHERE NOT priced), 0) AS unpriced_compute,
+    COALESCE(sum(storage) FILTER (WHERE NOT priced), 0) AS unpriced_storage";
+
+/// The SQL of [`cost_table`]. Rows come from `usage_between`, so each part of the range is read
+/// from the coarsest tier (window rows, hourly or daily roll-ups, all with the same columns,
+/// labels included) that covers it and the step allows; the figures are the same whichever tier
+/// answers. Parameters: $1 from, $2 to, $3 model, $4 hardware, $5 the label filter (a JSON
+/// object the row's labels must contain), $6 the step, then one per label dimension (its name). Column names come from [`GROUP_COLUMNS`](super::query::GROUP_COLUMNS)
+/// only; label names are always bound, never spliced.
+fn cost_sql(query: &CostQuery<'_>) -> String {
     let bucket = match query.step {
-        Some(_) => "CASE WHEN $5 = 'window' THEN window_start ELSE date_trunc($5, window_start, 'UTC') END",
+        Some(_) => "CASE WHEN $6 = 'window' THEN window_start ELSE date_trunc($6, window_start, 'UTC') END",
         None => "NULL::timestamptz",
     };
     let finest = CostStep::finest_tier(query.step);
-    let columns: Vec<&str> = query.by.iter().map(|d| d.column()).collect();
-    let group_select: String = columns.iter().map(|c| format!(", {c}")).collect();
-    let mut group_by = vec!["1".to_owned()];
-    group_by.extend((0..columns.len()).map(|i| (i + 2).to_string()));
-    let sql = format!(
-        "SELECT {bucket} AS bucket{group_select},
-                sum(events)::int8 AS events, sum(compute) AS compute, sum(storage) AS storage,
-                COALESCE(sum(compute * compute_price * k1) FILTER (WHERE priced), 0) AS compute_cost,
-                COALESCE(sum(storage * storage_price * k2) FILTER (WHERE priced), 0) AS storage_cost,
-                COALESCE(sum(compute * compute_price * k1 + storage * storage_price * k2) FILTER (WHERE priced), 0)
-                    AS total_cost,
-                COALESCE(sum(events) FILTER (WHERE NOT priced), 0)::int8 AS unpriced_events
+    let mut next_parameter = 7;
+    let group_select: String = query
+        .by
+        .iter()
+        .enumerate()
+        .map(|(i, d)| match d {
+            Dimension::Column(column) => format!(", {column}::text AS g{i}"),
+            Dimension::Label(_) => {
+                next_parameter += 1;
+                format!(", labels->>${}::text AS g{i}", next_parameter - 1)
+            }
+        })
+        .collect();
+    let group_by: Vec<String> = (1..=query.by.len() + 1).map(|i| i.to_string()).collect();
+    format!(
+        "SELECT {bucket} AS bucket{group_select}, {FIGURES}
          FROM (SELECT *, compute_price IS NOT NULL AND storage_price IS NOT NULL AS priced
-               FROM usage_between($1, $2, '{finest}')) u
+               FROM usage_between($1, $2, '{finest}')) AS u
          WHERE ($3::text IS NULL OR model = $3) AND ($4::text IS NULL OR hardware = $4)
+           AND labels @> $5::jsonb
          GROUP BY {g} ORDER BY {g}",
         g = group_by.join(", ")
-    );
+    )
+}
+
+/// The cost table of `query`, ordered by bucket and group: the numbers `/api/v1/costs`,
+/// `/api/v1/report`, `costwatch costs` and `costwatch report` answer.
+pub async fn cost_table(pool: &PgPool, query: &CostQuery<'_>) -> Result<Vec<CostRow>, sqlx::Error> {
+    let sql = cost_sql(query);
     let mut statement = sqlx::query(&sql)
         .bind(query.from)
         .bind(query.to)
         .bind(query.model)
-        .bind(query.hardware);
-    if let Some(step) = query.step {
-        statement = statement.bind(step.as_str());
+        .bind(query.hardware)
+        .bind(query.labels.to_json())
+        .bind(query.step.map(CostStep::as_str));
+    for dimension in query.by {
+        if let Dimension::Label(name) = dimension {
+            statement = statement.bind(name);
+        }
     }
     let rows = statement.fetch_all(pool).await?;
     Ok(rows
         .iter()
         .map(|r| CostRow {
             start: r.get("bucket"),
-            group: columns.iter().map(|c| r.get::<String, _>(*c)).collect(),
+            group: (0..query.by.len()).map(|i| r.get(format!("g{i}").as_str())).collect(),
             events: r.get("events"),
             unpriced_events: r.get("unpriced_events"),
+            unpriced_compute: r.get("unpriced_compute"),
+            unpriced_storage: r.get("unpriced_storage"),
             totals: CostTotals {
                 compute: r.get("compute"),
                 storage: r.get("storage"),

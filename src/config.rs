@@ -1393,18 +1393,19 @@ impl Settings {
         check("calibration", differs(&self.calibration, &new.calibration));
         check("recommendations", differs(&self.recommendations, &new.recommendations));
         check("log", differs(&self.log, &new.log));
+        check("sources", differs(&self.sources, &new.sources));
         sections
     }
 
     /// `self` with the sections a reload applies taken from `new`; every other section stays
-    /// as the running daemon uses it until a restart. (Issue 18's usage profiles, once they
-    /// exist, belong to the applied sections too.)
+    /// as the running daemon uses it until a restart.
     pub fn reloaded(&self, new: Settings) -> Settings {
         Settings {
             pricing: new.pricing,
             budgets: new.budgets,
             alerting: new.alerting,
             metrics: new.metrics,
+            usage_profiles: new.usage_profiles,
             ..self.clone()
         }
     }

@@ -577,7 +577,10 @@ mod tests {
         for format in SourceFormat::ALL.into_iter().filter(|f| *f != SourceFormat::Costwatch) {
             let spec = LoadSpec { count: 300, ..spec() };
             let (messages, expected) = generate_in(&spec, format);
-            let source = Source::new(&formats::source(format, "s", "t"), Default::default());
+            let source = Source::new(
+                &formats::source(format, "s", "t"),
+                crate::pricing::profiles::UsageProfiles::default(),
+            );
             let limits = Limits {
                 max_event_bytes: 65536,
                 max_future_skew: Duration::from_secs(300),

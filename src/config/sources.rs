@@ -635,6 +635,19 @@ mod tests {
     }
 
     #[test]
+    fn a_reload_applies_usage_profiles_and_sources_wait_for_a_restart() {
+        let source = "[[sources]]\nname = \"v\"\ntopic = \"t\"\nformat = \"openai\"\nhardware = \"h\"\n";
+        let profile = "[[usage_profiles]]\nmodel = \"*\"\nhardware = \"*\"\ncompute_per_input_token = \"1\"\n\
+                       compute_per_output_token = \"1\"\nstorage_per_token = \"0\"\n";
+        let before = parse(source).unwrap();
+        let after = parse(&format!("{}{profile}", source.replace("\"t\"", "\"u\""))).unwrap();
+        assert_eq!(before.restart_needed(&after), vec!["sources"]);
+        let applied = before.reloaded(after);
+        assert_eq!(applied.usage_profiles.len(), 1);
+        assert_eq!(applied.sources[0].topic, "t");
+    }
+
+    #[test]
     fn json_pointers_follow_rfc_6901() {
         for ok in ["", "/", "/a/b", "/a~1b/~0", "/0"] {
             assert!(is_json_pointer(ok), "{ok}");

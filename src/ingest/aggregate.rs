@@ -623,16 +623,16 @@ impl PartitionState {
         source: &Source,
         now: DateTime<Utc>,
     ) -> Outcome {
-        let decoded = match source.decode(payload, &rules.limits, now) {
+        let mut decoded = match source.decode(payload, &rules.limits, now) {
             Ok(decoded) => decoded,
             Err(rejection) => return self.reject(partition, offset, rejection, payload, rules),
         };
         self.counts.skipped += decoded.skipped;
         let mut first = None;
-        for result in decoded.events {
+        for result in std::mem::take(&mut decoded.events) {
             let outcome = match result {
                 Ok(event) => {
-                    let profile = source.profile_name(event.basis);
+                    let profile = decoded.profile_name(event.basis);
                     self.accept(partition, offset, event, profile, payload, rules, now)
                 }
                 Err(rejection) => self.reject(partition, offset, rejection, payload, rules),

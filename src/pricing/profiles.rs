@@ -2,6 +2,8 @@
 //! T = input × a + output × b, S = (input + output) × c, exact. Pure; shared by ingestion (new
 //! events) and `rerate` (rows stored before a profile was added or changed).
 
+use std::sync::{Arc, RwLock};
+
 use rust_decimal::Decimal;
 
 use crate::config::UsageProfileSettings;
@@ -64,6 +66,29 @@ impl UsageProfiles {
     /// Whether no profile is configured.
     pub fn is_empty(&self) -> bool {
         self.0.is_empty()
+    }
+}
+
+/// The profiles in force, shared by every source's decoder and swapped by a configuration
+/// reload: each message is decoded with one snapshot of them.
+#[derive(Debug, Clone, Default)]
+pub struct LiveProfiles(Arc<RwLock<Arc<UsageProfiles>>>);
+
+impl LiveProfiles {
+    /// The profiles in force now.
+    pub fn current(&self) -> Arc<UsageProfiles> {
+        self.0.read().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// Puts `profiles` in force for every message decoded from now on.
+    pub fn replace(&self, profiles: UsageProfiles) {
+        *self.0.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(profiles);
+    }
+}
+
+impl From<UsageProfiles> for LiveProfiles {
+    fn from(profiles: UsageProfiles) -> Self {
+        Self(Arc::new(RwLock::new(Arc::new(profiles))))
     }
 }
 

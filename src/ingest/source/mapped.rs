@@ -115,13 +115,13 @@ impl Mapping {
             .map_err(|e| Rejection::new(RejectCode::MalformedJson, format!("not a JSON object: {e}")))?;
         if self.skipped_type(root)? {
             return Ok(Decoded {
-                events: Vec::new(),
                 skipped: 1,
+                ..Decoded::default()
             });
         }
         Ok(Decoded {
             events: vec![self.event(root, limits, now)],
-            skipped: 0,
+            ..Decoded::default()
         })
     }
 
@@ -276,7 +276,8 @@ pub(crate) mod tests {
             (e.compute.to_string(), e.storage.to_string()),
             ("1200".into(), "1.5".into())
         );
-        assert_eq!(source.profile_name(e.basis), Some("llama-a100"));
+        let decoded = source.decode(Some(VLLM.as_bytes()), &limits(), now()).unwrap();
+        assert_eq!(decoded.profile_name(e.basis), Some("llama-a100"));
     }
 
     #[test]

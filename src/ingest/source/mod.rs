@@ -15,7 +15,9 @@ use crate::config::{SourceFormat, SourceSettings};
 use crate::ingest::event::{
     self, Basis, Limits, RejectCode, Rejection, UsageEventRef, MAX_FRACTION_DIGITS, MAX_QUANTITY,
 };
-use crate::pricing::profiles::UsageProfiles;
+use std::sync::Arc;
+
+use crate::pricing::profiles::{LiveProfiles, UsageProfiles};
 
 /// What one message holds: zero or more events (each valid or refused on its own), and how many
 /// parts of it carried no usage and were skipped (non-GenAI spans, filtered CloudEvent types).
@@ -25,6 +27,18 @@ pub struct Decoded<'a> {
     pub events: Vec<Result<UsageEventRef<'a>, Rejection>>,
     /// Parts without usage, skipped and counted, not rejected.
     pub skipped: u64,
+    /// The usage profiles the events' T and S were derived with.
+    pub profiles: Arc<UsageProfiles>,
+}
+
+impl Decoded<'_> {
+    /// The name of the profile a [`Basis::Profile`] of these events refers to.
+    pub fn profile_name(&self, basis: Basis) -> Option<&str> {
+        match basis {
+            Basis::Profile(i) => self.profiles.get(usize::from(i)).map(|p| p.name.as_str()),
+            _ => None,
+        }
+    }
 }
 
 /// One configured source, ready to decode its topic's messages.
@@ -37,7 +51,7 @@ pub struct Source {
     /// The format of its messages.
     pub format: SourceFormat,
     decoder: Decoder,
-    profiles: UsageProfiles,
+    profiles: LiveProfiles,
 }
 
 #[derive(Debug, Clone)]
@@ -48,8 +62,9 @@ enum Decoder {
 }
 
 impl Source {
-    /// The source `settings` describe, deriving T and S of token events with `profiles`.
-    pub fn new(settings: &SourceSettings, profiles: UsageProfiles) -> Self {
+    /// The source `settings` describe, deriving T and S of token events with the profiles in
+    /// force (a reload may replace them).
+    pub fn new(settings: &SourceSettings, profiles: impl Into<LiveProfiles>) -> Self {
         let decoder = match settings.format {
             SourceFormat::Costwatch => Decoder::Native,
             SourceFormat::OtlpJson | SourceFormat::OtlpProto => Decoder::Otlp(otlp::Mapping::new(settings)),
@@ -62,7 +77,7 @@ impl Source {
             topic: settings.topic.clone(),
             format: settings.format,
             decoder,
-            profiles,
+            profiles: profiles.into(),
         }
     }
 
@@ -82,63 +97,57 @@ impl Source {
         let mut decoded = match &self.decoder {
             Decoder::Native => Decoded {
                 events: vec![Ok(event::decode_ref(payload, limits, now)?)],
-                skipped: 0,
+                ..Decoded::default()
             },
             Decoder::Mapped(m) => m.decode(payload, limits, now)?,
             Decoder::Otlp(m) => m.decode(self.format, payload, limits, now)?,
         };
+        let profiles = self.profiles.current();
         for result in &mut decoded.events {
             if let Ok(e) = result {
-                if let Err(rejection) = self.derive(e) {
+                if let Err(rejection) = derive(&profiles, e) {
                     *result = Err(rejection);
                 }
             }
         }
+        decoded.profiles = profiles;
         Ok(decoded)
     }
+}
 
-    /// T and S of a token event from the first matching profile; a token event with none stays
-    /// [`Basis::NoProfile`] (T and S zero, unpriced).
-    fn derive(&self, e: &mut UsageEventRef<'_>) -> Result<(), Rejection> {
-        if e.basis == Basis::Measured {
-            return Ok(());
-        }
-        let Some(index) = self.profiles.find(&e.model, &e.hardware) else {
-            e.basis = Basis::NoProfile;
-            return Ok(());
-        };
-        let profile = self.profiles.get(index).expect("found");
-        let out_of_range = |what: &str| {
-            Rejection::new(
-                RejectCode::OutOfRange,
-                format!(
-                    "{what} derived by usage profile {:?} from {} input and {} output tokens is outside the precision contract",
-                    profile.name, e.tokens.input, e.tokens.output
-                ),
-            )
-        };
-        let (compute, storage) = profile
-            .derive(e.tokens.input, e.tokens.output)
-            .map_err(|_| out_of_range("T"))?;
-        for (what, v) in [("T", compute.value()), ("S", storage.value())] {
-            if v > MAX_QUANTITY || v.scale() > MAX_FRACTION_DIGITS {
-                return Err(out_of_range(what));
-            }
-        }
-        e.compute = compute;
-        e.storage = storage;
-        // Fewer than 65 536 profiles: configuration lists them by hand.
-        e.basis = Basis::Profile(index as u16);
-        Ok(())
+/// T and S of a token event from the first matching profile; a token event with none stays
+/// [`Basis::NoProfile`] (T and S zero, unpriced).
+fn derive(profiles: &UsageProfiles, e: &mut UsageEventRef<'_>) -> Result<(), Rejection> {
+    if e.basis == Basis::Measured {
+        return Ok(());
     }
-
-    /// The name of the profile a [`Basis::Profile`] refers to.
-    pub fn profile_name(&self, basis: Basis) -> Option<&str> {
-        match basis {
-            Basis::Profile(i) => self.profiles.get(usize::from(i)).map(|p| p.name.as_str()),
-            _ => None,
+    let Some(index) = profiles.find(&e.model, &e.hardware) else {
+        e.basis = Basis::NoProfile;
+        return Ok(());
+    };
+    let profile = profiles.get(index).expect("found");
+    let out_of_range = |what: &str| {
+        Rejection::new(
+            RejectCode::OutOfRange,
+            format!(
+                "{what} derived by usage profile {:?} from {} input and {} output tokens is outside the precision contract",
+                profile.name, e.tokens.input, e.tokens.output
+            ),
+        )
+    };
+    let (compute, storage) = profile
+        .derive(e.tokens.input, e.tokens.output)
+        .map_err(|_| out_of_range("T"))?;
+    for (what, v) in [("T", compute.value()), ("S", storage.value())] {
+        if v > MAX_QUANTITY || v.scale() > MAX_FRACTION_DIGITS {
+            return Err(out_of_range(what));
         }
     }
+    e.compute = compute;
+    e.storage = storage;
+    // Fewer than 65 536 profiles: configuration lists them by hand.
+    e.basis = Basis::Profile(index as u16);
+    Ok(())
 }
 
 /// Input and output tokens: at least one must be present; the absent one is 0.

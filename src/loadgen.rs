@@ -187,26 +187,20 @@ pub fn generate_in(spec: &LoadSpec, format: SourceFormat) -> (Vec<Message>, Expe
             truth.accept(&model, &hardware, compute, storage);
             (event_id, payload)
         } else {
+            let event_id = token_event_id(format, spec.seed, i);
             let (input, output) = (rng.gen_range(1..=4000u64), rng.gen_range(0..=1000u64));
-            // OTLP ids are a trace id and a span id in hex; the others take any text.
-            let event_id = match format {
-                SourceFormat::OtlpJson | SourceFormat::OtlpProto => {
-                    format!("{:016x}{:016x}{:016x}", spec.seed, i, i + 1)
-                }
-                _ => format!("s{}-e{i}", spec.seed),
-            };
+            let (id, model, hardware) = (event_id.as_str(), model.as_str(), hardware.as_str());
             let event = formats::TokenEvent {
-                id: &event_id,
+                id,
                 ts,
-                model: &model,
-                hardware: &hardware,
+                model,
+                hardware,
                 input,
                 output,
                 tenant,
             };
+            truth.accept_tokens(format, &event);
             let payload = formats::render(format, &event);
-            truth.accept_tokens(&model, &hardware, input, output);
-            truth.expected.skipped += skipped_per_message(format);
             (event_id, payload)
         };
         sent_good.push(messages.len());
@@ -233,15 +227,17 @@ impl Truth {
         }
     }
 
-    /// One token event a correct consumer counts (T and S depend on the profile in force).
-    fn accept_tokens(&mut self, model: &str, hardware: &str, input: u64, output: u64) {
-        self.accept(model, hardware, Decimal::ZERO, Decimal::ZERO);
+    /// One token event a correct consumer counts (T and S depend on the profile in force),
+    /// with the parts of its message it skips.
+    fn accept_tokens(&mut self, format: SourceFormat, e: &formats::TokenEvent<'_>) {
+        self.accept(e.model, e.hardware, Decimal::ZERO, Decimal::ZERO);
         let t = self
             .totals
-            .get_mut(&(model.to_owned(), hardware.to_owned()))
+            .get_mut(&(e.model.to_owned(), e.hardware.to_owned()))
             .expect("just counted");
-        t.input_tokens += Decimal::from(input);
-        t.output_tokens += Decimal::from(output);
+        t.input_tokens += Decimal::from(e.input);
+        t.output_tokens += Decimal::from(e.output);
+        self.expected.skipped += skipped_per_message(format);
     }
 
     /// One event a correct consumer counts.
@@ -263,6 +259,15 @@ impl Truth {
     fn finish(mut self) -> Expected {
         self.expected.totals = self.totals.into_values().collect();
         self.expected
+    }
+}
+
+/// The id of the `i`th token event: OTLP ids are a trace id and a span id in hex (48 digits),
+/// the other formats take any text.
+fn token_event_id(format: SourceFormat, seed: u64, i: u64) -> String {
+    match format {
+        SourceFormat::OtlpJson | SourceFormat::OtlpProto => format!("{seed:016x}{i:016x}{:016x}", i + 1),
+        _ => format!("s{seed}-e{i}"),
     }
 }
 

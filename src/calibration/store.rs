@@ -429,7 +429,13 @@ pub async fn update_rates(
     )
     .execute(&mut **tx)
     .await?;
-    let deltas: Vec<rollup::Delta> = changes
+    rollup::apply(tx, &repriced_deltas(rows, changes, currency)).await
+}
+
+/// The roll-up deltas of re-pricing `changes` among `rows`: each row's content moves to its new
+/// identity, and T and S derived anew change by their difference.
+fn repriced_deltas(rows: &[StoredRow], changes: &[Repriced], currency: &str) -> Vec<rollup::Delta> {
+    changes
         .iter()
         .flat_map(|c| {
             let stored = &rows[c.row].stored;
@@ -461,8 +467,7 @@ pub async fn update_rates(
                 stored.finalizes_at,
             )
         })
-        .collect();
-    rollup::apply(tx, &deltas).await
+        .collect()
 }
 
 fn stored_row(r: &sqlx::postgres::PgRow) -> StoredRow {

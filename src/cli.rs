@@ -271,7 +271,7 @@ pub struct LoadgenArgs {
     /// Brokers (default: kafka.brokers from the configuration).
     #[arg(long)]
     pub brokers: Option<String>,
-    /// Topic (default: kafka.topic from the configuration).
+    /// Topic (default: the topic of the configured source in `--format`, else kafka.topic).
     #[arg(long)]
     pub topic: Option<String>,
     /// Partitions to create the topic with, if it does not exist.
@@ -593,7 +593,12 @@ async fn run_loadgen(config: Option<&std::path::Path>, args: &LoadgenArgs) -> an
         ),
         Some(s) => (
             args.brokers.clone().unwrap_or_else(|| s.kafka.brokers.clone()),
-            args.topic.clone().unwrap_or_else(|| s.kafka.topic.clone()),
+            // The topic of the configured source in this format (the native source's too).
+            args.topic.clone().unwrap_or_else(|| {
+                let sources = s.effective_sources();
+                let ours = sources.into_iter().find(|source| source.format == args.format);
+                ours.map_or_else(|| s.kafka.topic.clone(), |source| source.topic)
+            }),
         ),
     };
     // The configuration's librdkafka properties (TLS, SASL, secrets) reach the producer too.

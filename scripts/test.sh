@@ -42,10 +42,10 @@ if ! command -v stunnel4 >/dev/null || ! command -v openssl >/dev/null || ! comm
   apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
     stunnel4 openssl curl >/dev/null
 fi
-if ! .local/kafka-venv/bin/python -c "import confluent_kafka, kafka.codec as c; assert c.has_snappy() and c.has_lz4() and c.has_zstd()" 2>/dev/null; then
-  echo "kafka-python, confluent-kafka: installing into .local/kafka-venv"
+if ! .local/kafka-venv/bin/python -c "import confluent_kafka, opentelemetry.proto.collector.trace.v1.trace_service_pb2, kafka.codec as c; assert c.has_snappy() and c.has_lz4() and c.has_zstd()" 2>/dev/null; then
+  echo "kafka-python, confluent-kafka, opentelemetry-proto: installing into .local/kafka-venv"
   python3 -m venv .local/kafka-venv
-  .local/kafka-venv/bin/pip install -q "kafka-python[lz4,snappy,zstd]==2.2.15" "confluent-kafka==2.12.1"
+  .local/kafka-venv/bin/pip install -q "kafka-python[lz4,snappy,zstd]==2.2.15" "confluent-kafka==2.12.1" "opentelemetry-proto==1.38.0"
 fi
 # (Not COSTWATCH_KAFKA_*: every variable with that prefix is a librdkafka property for costwatch.)
 export COSTWATCH_TEST_PYTHON="$PWD/.local/kafka-venv/bin/python"

@@ -271,7 +271,7 @@ pub struct LoadgenArgs {
     /// Brokers (default: kafka.brokers from the configuration).
     #[arg(long)]
     pub brokers: Option<String>,
-    /// Topic (default: kafka.topic from the configuration).
+    /// Topic (default: the topic of the configured source in `--format`, else kafka.topic).
     #[arg(long)]
     pub topic: Option<String>,
     /// Partitions to create the topic with, if it does not exist.
@@ -318,6 +318,11 @@ pub struct LoadgenArgs {
     /// Write the exact expected totals (JSON) to this file.
     #[arg(long)]
     pub expected: Option<PathBuf>,
+    /// The message format: costwatch (default), openai, cloudevents, otlp_json, otlp_proto or
+    /// json; all but costwatch carry tokens (see the README's "Sources and formats" for the
+    /// `[[sources]]` entry that reads each).
+    #[arg(long, default_value = "costwatch", value_parser = |s: &str| crate::config::SourceFormat::try_from(s.to_owned()))]
+    pub format: crate::config::SourceFormat,
 }
 
 /// Parses the command line and runs the command: one match arm per command, so the dispatch
@@ -588,7 +593,12 @@ async fn run_loadgen(config: Option<&std::path::Path>, args: &LoadgenArgs) -> an
         ),
         Some(s) => (
             args.brokers.clone().unwrap_or_else(|| s.kafka.brokers.clone()),
-            args.topic.clone().unwrap_or_else(|| s.kafka.topic.clone()),
+            // The topic of the configured source in this format (the native source's too).
+            args.topic.clone().unwrap_or_else(|| {
+                let sources = s.effective_sources();
+                let ours = sources.into_iter().find(|source| source.format == args.format);
+                ours.map_or_else(|| s.kafka.topic.clone(), |source| source.topic)
+            }),
         ),
     };
     // The configuration's librdkafka properties (TLS, SASL, secrets) reach the producer too.
@@ -621,9 +631,17 @@ async fn run_loadgen(config: Option<&std::path::Path>, args: &LoadgenArgs) -> an
         span: args.span,
         end: args.end.unwrap_or_else(Utc::now),
     };
-    let (messages, expected) = loadgen::generate(&spec);
+    if args.hostile > 0.0 && args.format != crate::config::SourceFormat::Costwatch {
+        return Err(UsageError(format!(
+            "--hostile is for the costwatch format; use --malformed with --format {}",
+            args.format.as_str()
+        ))
+        .into());
+    }
+    let (messages, expected) = loadgen::generate_in(&spec, args.format);
     loadgen::ensure_topic_with(&brokers, &topic, args.partitions, &properties).await?;
     let rate = args.rate;
+    let topic_name = topic.clone();
     tokio::task::spawn_blocking(move || loadgen::send_with(&brokers, &topic, &messages, rate, &properties)).await??;
     if let Some(path) = &args.expected {
         std::fs::write(path, serde_json::to_string_pretty(&expected)?)
@@ -633,6 +651,13 @@ async fn run_loadgen(config: Option<&std::path::Path>, args: &LoadgenArgs) -> an
         "sent {} messages: {} events, {} duplicates, {} malformed, {} stamped late",
         expected.messages, expected.accepted, expected.duplicates, expected.rejected, expected.late_sent
     );
+    if args.format != crate::config::SourceFormat::Costwatch {
+        let name = args.format.as_str().replace('_', "-");
+        println!(
+            "read them with:\n{}",
+            loadgen::formats::source_toml(args.format, &name, &topic_name)
+        );
+    }
     Ok(())
 }
 
@@ -827,7 +852,8 @@ async fn run_rerate(
     args: &RerateArgs,
 ) -> anyhow::Result<()> {
     let book = current_book(&settings, &store).await?;
-    let report = rerate::rerate(store.pool(), &book, from, to, args.dry_run).await?;
+    let profiles = crate::pricing::profiles::UsageProfiles::new(&settings.usage_profiles);
+    let report = rerate::rerate(store.pool(), &book, &profiles, from, to, args.dry_run).await?;
     if args.json {
         println!("{}", serde_json::to_string_pretty(&report)?);
     } else {

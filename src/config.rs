@@ -13,6 +13,8 @@ use serde::Deserialize;
 use crate::domain::{exact_decimal, fraction, Coefficient, HardwareName, ModelName, Money, UnitPrice};
 use crate::secret::Secret;
 
+pub mod sources;
+pub use sources::{SourceFormat, SourceSettings, TimestampFormat, UsageProfileSettings};
 mod duration;
 mod shape;
 // Every `with = "humantime_serde"` below reads through our own module, which refuses month
@@ -62,6 +64,13 @@ pub struct Settings {
     /// `[retention]`: how long each tier of history and rejected messages are kept.
     #[serde(default)]
     pub retention: RetentionSettings,
+    /// `[[sources]]`: the topics usage is read from and their formats; without any, `[kafka]
+    /// topic` is the one source, in costwatch's own format.
+    #[serde(default)]
+    pub sources: Vec<SourceSettings>,
+    /// `[[usage_profiles]]`: how token counts become T and S, per (model, hardware) glob pair.
+    #[serde(default)]
+    pub usage_profiles: Vec<UsageProfileSettings>,
 }
 
 /// `[retention]`: how long history is kept, per tier; whole partitions are dropped hourly.
@@ -149,7 +158,9 @@ impl Settings {
 pub struct KafkaSettings {
     /// Bootstrap servers, comma separated: `host:port[,host:port]`.
     pub brokers: String,
-    /// The topic inference servers publish usage events to.
+    /// The topic inference servers publish usage events to; with `[[sources]]` it may be left
+    /// out (each source names its topic).
+    #[serde(default)]
     pub topic: String,
     /// The consumer group; every costwatch instance of one deployment uses the same id.
     pub group_id: String,
@@ -1291,7 +1302,7 @@ impl Settings {
     /// Checks what types alone cannot, collecting every problem instead of stopping at the first.
     pub fn validate(&self) -> Result<(), ConfigError> {
         let mut problems = Problems::default();
-        self.kafka.validate(&mut problems);
+        self.kafka.validate(!self.sources.is_empty(), &mut problems);
         self.database.validate(&mut problems);
         self.windows.validate(&mut problems);
         self.ingest.validate(&mut problems);
@@ -1303,6 +1314,8 @@ impl Settings {
         self.recommendations.validate(&mut problems);
         self.alerting.validate(&mut problems);
         self.validate_retention(&mut problems);
+        sources::validate_sources(&self.sources, &mut problems);
+        sources::validate_profiles(&self.usage_profiles, &mut problems);
         let mut names = HashSet::new();
         for (i, b) in self.budgets.iter().enumerate() {
             b.validate(&format!("budgets[{i}]"), &mut problems);
@@ -1380,18 +1393,19 @@ impl Settings {
         check("calibration", differs(&self.calibration, &new.calibration));
         check("recommendations", differs(&self.recommendations, &new.recommendations));
         check("log", differs(&self.log, &new.log));
+        check("sources", differs(&self.sources, &new.sources));
         sections
     }
 
     /// `self` with the sections a reload applies taken from `new`; every other section stays
-    /// as the running daemon uses it until a restart. (Issue 18's usage profiles, once they
-    /// exist, belong to the applied sections too.)
+    /// as the running daemon uses it until a restart.
     pub fn reloaded(&self, new: Settings) -> Settings {
         Settings {
             pricing: new.pricing,
             budgets: new.budgets,
             alerting: new.alerting,
             metrics: new.metrics,
+            usage_profiles: new.usage_profiles,
             ..self.clone()
         }
     }
@@ -1419,9 +1433,13 @@ impl Problems {
 }
 
 impl KafkaSettings {
-    fn validate(&self, p: &mut Problems) {
+    fn validate(&self, has_sources: bool, p: &mut Problems) {
         p.require(!self.brokers.trim().is_empty(), "kafka.brokers: must not be empty");
-        p.require(!self.topic.trim().is_empty(), "kafka.topic: must not be empty");
+        // With `[[sources]]`, the topics are theirs and `kafka.topic` is not read.
+        p.require(
+            !self.topic.trim().is_empty() || has_sources,
+            "kafka.topic: missing or empty; name the usage topic, or configure [[sources]]",
+        );
         p.require(!self.group_id.trim().is_empty(), "kafka.group_id: must not be empty");
         p.require(
             self.session_timeout >= Duration::from_secs(1),
@@ -2226,14 +2244,14 @@ mod tests {
                 "[database]\n        url = \"postgres://postgres@127.0.0.1:5432/costwatch\"\n",
                 "",
             )
-            .replace("topic = \"inference-usage\"\n", "")
+            .replace("group_id = \"costwatch\"\n", "")
             .replace("k1 = \"0.5\"", "k1 = \"half\"");
         let err = parse(&bad).unwrap_err().to_string();
         assert_eq!(
             err,
             "invalid configuration:\n  \
              - database: missing; this key is required\n  \
-             - kafka.topic: missing; this key is required\n  \
+             - kafka.group_id: missing; this key is required\n  \
              - pricing.coefficients[0].k1: \"half\" is not a decimal number"
         );
     }

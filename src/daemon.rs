@@ -22,7 +22,9 @@ use crate::ingest::aggregate::{millis, IngestRules};
 use crate::ingest::consumer::{self, Backoff, FlushLimits, Pipeline, PipelineSettings};
 use crate::ingest::event::Limits;
 use crate::ingest::health::Health;
+use crate::ingest::source::Source;
 use crate::ingest::window::WindowSize;
+use crate::pricing::profiles::{LiveProfiles, UsageProfiles};
 use crate::pricing::{LivePrices, PriceBook};
 use crate::store::{self, ConnectFailure, Store, StoreError};
 use crate::telemetry;
@@ -124,13 +126,15 @@ pub async fn run(
     telemetry::set_label_dimensions(&settings.metrics.label_dimensions, settings.metrics.max_label_values);
     // Configured prices until the calibrated versions are loaded (before the first flush).
     let prices = LivePrices::new(PriceBook::from_settings(&settings.pricing));
+    let profiles = LiveProfiles::from(UsageProfiles::new(&settings.usage_profiles));
     // Offsets move once per flush at best: a long flush interval is not a stall.
     let stall_after = settings.ingest.stall_after.max(settings.ingest.flush_interval * 2);
     let health = Arc::new(Health::new(stall_after));
     let board = alerting::SharedBoard::default();
     let (live, live_settings) = watch::channel(Arc::new(settings.clone()));
     let (reload_requests, requests) = mpsc::channel(4);
-    tokio::spawn(serve_reloads(reload, live, prices.clone(), requests, cancel.clone()));
+    let applied = (prices.clone(), profiles.clone());
+    tokio::spawn(serve_reloads(reload, live, applied, requests, cancel.clone()));
     let app = AppState {
         store: store.clone(),
         prices: prices.clone(),
@@ -178,33 +182,38 @@ pub async fn run(
         alerting::run(live_settings, store.clone(), board, cancel.clone()),
     );
 
-    let pipeline = Arc::new(Pipeline::new(
-        pipeline_settings(&settings),
-        store,
-        prices,
-        health,
-        cancel.clone(),
-    ));
-    let consumer = match consumer::build_consumer(&settings.kafka, pipeline.clone()) {
-        Ok(consumer) => consumer,
-        Err(error) => {
-            cancel.cancel();
-            tasks.wait().await?;
-            return Err(error).context("cannot create the Kafka consumer");
-        }
-    };
-    tasks.spawn("the consumer", async move {
-        tokio::task::spawn_blocking(move || consumer::consume(consumer, pipeline))
-            .await
-            .map_err(|e| anyhow::anyhow!("the consumer thread panicked: {e}"))?
-    });
+    // One consumer per source: each reads one topic in one format, into the same group.
+    for source in settings.effective_sources() {
+        let source = Arc::new(Source::new(&source, profiles.clone()));
+        let pipeline = Arc::new(Pipeline::new(
+            pipeline_settings(&settings, source.clone()),
+            store.clone(),
+            prices.clone(),
+            health.member(&source.topic),
+            cancel.clone(),
+        ));
+        let consumer = match consumer::build_consumer(&settings.kafka, pipeline.clone()) {
+            Ok(consumer) => consumer,
+            Err(error) => {
+                cancel.cancel();
+                tasks.wait().await?;
+                return Err(error).context("cannot create the Kafka consumer");
+            }
+        };
+        tasks.spawn("the consumer", async move {
+            tokio::task::spawn_blocking(move || consumer::consume(consumer, pipeline))
+                .await
+                .map_err(|e| anyhow::anyhow!("the consumer thread panicked: {e}"))?
+        });
+    }
     tasks.wait().await
 }
 
 /// What the ingest pipeline is told by the configuration.
-fn pipeline_settings(settings: &Settings) -> PipelineSettings {
+fn pipeline_settings(settings: &Settings, source: Arc<Source>) -> PipelineSettings {
     PipelineSettings {
-        topic: settings.kafka.topic.clone(),
+        topic: source.topic.clone(),
+        source,
         owner: instance_name(),
         rules: ingest_rules(settings),
         start_from: settings.kafka.start_from,
@@ -465,7 +474,7 @@ pub struct ReloadSource {
 async fn serve_reloads(
     source: ReloadSource,
     live: watch::Sender<Arc<Settings>>,
-    prices: LivePrices,
+    (prices, profiles): (LivePrices, LiveProfiles),
     mut requests: mpsc::Receiver<oneshot::Sender<ReloadOutcome>>,
     cancel: CancellationToken,
 ) {
@@ -486,7 +495,7 @@ async fn serve_reloads(
         let outcome = reload(
             path.as_deref(),
             &live,
-            &prices,
+            (&prices, &profiles),
             if reply.is_some() { "http" } else { "SIGHUP" },
         );
         if let Some(reply) = reply {
@@ -502,7 +511,7 @@ async fn serve_reloads(
 fn reload(
     path: Option<&std::path::Path>,
     live: &watch::Sender<Arc<Settings>>,
-    prices: &LivePrices,
+    (prices, profiles): (&LivePrices, &LiveProfiles),
     trigger: &'static str,
 ) -> ReloadOutcome {
     let checked = Settings::load(path).map_err(|e| format!("{e:#}")).and_then(|new| {
@@ -523,8 +532,9 @@ fn reload(
     let ignored: Vec<String> = current.restart_needed(&new).into_iter().map(str::to_owned).collect();
     let applied = current.reloaded(new);
     prices.update(|book| book.with_settings(&applied.pricing));
-    // Issue 18's usage profiles, once they exist, are swapped here too (and taken by
-    // `Settings::reloaded`), so that new windows derive T and S with the reloaded ones.
+    // New token events derive T and S with the reloaded profiles; `rerate` applies them to
+    // windows already written.
+    profiles.replace(UsageProfiles::new(&applied.usage_profiles));
     let caps = &applied.metrics;
     telemetry::set_label_caps(caps.max_models, caps.max_hardware, caps.max_label_values);
     // Setting the dimensions forgets which values kept their names: only when they changed.
@@ -538,7 +548,7 @@ fn reload(
         trigger,
         budgets = applied.budgets.len(),
         priced_hardware = applied.pricing.hardware.len(),
-        "configuration reloaded: pricing, budgets, alerting and metrics caps apply to new work"
+        "configuration reloaded: pricing, usage profiles, budgets, alerting and metrics caps apply to new work"
     );
     live.send_replace(Arc::new(applied));
     telemetry::config_reloaded(true);

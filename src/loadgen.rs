@@ -1,5 +1,8 @@
 //! `costwatch loadgen`: seeded synthetic usage for the quickstart, tests and benchmarks, with
-//! duplicates, late and malformed events mixed in, and the exact expected totals on request.
+//! duplicates, late and malformed events mixed in, and the exact expected totals on request; in
+//! costwatch's own format or as token events in any source format ([`formats`]).
+
+pub mod formats;
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -20,6 +23,7 @@ use rust_decimal::Decimal;
 use serde::Serialize;
 use tracing::info;
 
+use crate::config::SourceFormat;
 use crate::exit::{ExitClass, Failure};
 
 /// What to generate.
@@ -71,6 +75,8 @@ pub struct Expected {
     pub late_sent: u64,
     /// Rejections by reason code (hostile messages only; malformed ones are in `rejected`).
     pub rejected_by_reason: BTreeMap<String, u64>,
+    /// Parts of messages without usage a correct consumer skips (OTLP spans without GenAI usage).
+    pub skipped: u64,
     /// Per (model, hardware), the sums a correct consumer stores.
     pub totals: Vec<PairTotal>,
 }
@@ -86,8 +92,12 @@ pub struct PairTotal {
     pub events: u64,
     /// ΣT of those events.
     pub compute: Decimal,
-    /// ΣS of those events.
+    /// ΣS of those events (0 for token formats: S depends on the usage profile in force).
     pub storage: Decimal,
+    /// Σ input tokens (token formats).
+    pub input_tokens: Decimal,
+    /// Σ output tokens (token formats).
+    pub output_tokens: Decimal,
 }
 
 /// One message to send, with its key.
@@ -102,6 +112,12 @@ pub struct Message {
 /// Generates the messages of `spec` and the totals a correct consumer must arrive at. Pure and
 /// deterministic for a given spec, so a failing seed can be replayed.
 pub fn generate(spec: &LoadSpec) -> (Vec<Message>, Expected) {
+    generate_in(spec, SourceFormat::Costwatch)
+}
+
+/// [`generate`] in `format`: every format but `costwatch` carries tokens instead of T and S
+/// (hostile messages are the costwatch format's; in the others they are malformed ones).
+pub fn generate_in(spec: &LoadSpec, format: SourceFormat) -> (Vec<Message>, Expected) {
     let mut rng = StdRng::seed_from_u64(spec.seed);
     let mut messages = Vec::with_capacity(spec.count as usize);
     let mut truth = Truth::new(spec.seed);
@@ -113,7 +129,7 @@ pub fn generate(spec: &LoadSpec) -> (Vec<Message>, Expected) {
 
     for i in 0..spec.count {
         let roll: f64 = rng.gen();
-        if roll >= 1.0 - spec.hostile {
+        if roll >= 1.0 - spec.hostile && format == SourceFormat::Costwatch {
             let kind = rng.gen_range(0..HOSTILE_KINDS);
             let good_id = (!sent_good.is_empty()).then(|| sent_good[rng.gen_range(0..sent_good.len())]);
             match hostile(kind, i, spec, good_id.map(|g| &messages[g]), &mut huge_sent) {
@@ -131,8 +147,14 @@ pub fn generate(spec: &LoadSpec) -> (Vec<Message>, Expected) {
             }
             continue;
         }
-        if roll < spec.malformed {
-            messages.push(malformed(i, &mut rng, spec.end));
+        if roll < spec.malformed || roll >= 1.0 - spec.hostile {
+            messages.push(match format {
+                SourceFormat::Costwatch => malformed(i, &mut rng, spec.end),
+                format => Message {
+                    key: format!("bad-{i}"),
+                    payload: formats::malformed(format, i, spec.end),
+                },
+            });
             truth.expected.rejected += 1;
             continue;
         }
@@ -144,6 +166,7 @@ pub fn generate(spec: &LoadSpec) -> (Vec<Message>, Expected) {
             };
             messages.push(copy);
             truth.expected.duplicates += 1;
+            truth.expected.skipped += skipped_per_message(format);
             continue;
         }
         let is_late = roll < spec.malformed + spec.duplicates + spec.late;
@@ -157,10 +180,29 @@ pub fn generate(spec: &LoadSpec) -> (Vec<Message>, Expected) {
         let hardware = format!("hw-{}", rng.gen_range(0..spec.hardware.max(1)));
         let compute = Decimal::new(rng.gen_range(1..=5_000_000), 3);
         let storage = Decimal::new(rng.gen_range(0..=100_000), 2);
-        let event_id = format!("s{}-e{i}", spec.seed);
         let tenant = ["search", "recs", "ads"][rng.gen_range(0..3)];
-        let payload = event_json(&event_id, ts, &model, &hardware, compute, storage, Some(tenant));
-        truth.accept(&model, &hardware, compute, storage);
+        let (event_id, payload) = if format == SourceFormat::Costwatch {
+            let event_id = format!("s{}-e{i}", spec.seed);
+            let payload = event_json(&event_id, ts, &model, &hardware, compute, storage, Some(tenant));
+            truth.accept(&model, &hardware, compute, storage);
+            (event_id, payload)
+        } else {
+            let event_id = token_event_id(format, spec.seed, i);
+            let (input, output) = (rng.gen_range(1..=4000u64), rng.gen_range(0..=1000u64));
+            let (id, model, hardware) = (event_id.as_str(), model.as_str(), hardware.as_str());
+            let event = formats::TokenEvent {
+                id,
+                ts,
+                model,
+                hardware,
+                input,
+                output,
+                tenant,
+            };
+            truth.accept_tokens(format, &event);
+            let payload = formats::render(format, &event);
+            (event_id, payload)
+        };
         sent_good.push(messages.len());
         messages.push(Message { key: event_id, payload });
     }
@@ -185,6 +227,19 @@ impl Truth {
         }
     }
 
+    /// One token event a correct consumer counts (T and S depend on the profile in force),
+    /// with the parts of its message it skips.
+    fn accept_tokens(&mut self, format: SourceFormat, e: &formats::TokenEvent<'_>) {
+        self.accept(e.model, e.hardware, Decimal::ZERO, Decimal::ZERO);
+        let t = self
+            .totals
+            .get_mut(&(e.model.to_owned(), e.hardware.to_owned()))
+            .expect("just counted");
+        t.input_tokens += Decimal::from(e.input);
+        t.output_tokens += Decimal::from(e.output);
+        self.expected.skipped += skipped_per_message(format);
+    }
+
     /// One event a correct consumer counts.
     fn accept(&mut self, model: &str, hardware: &str, compute: Decimal, storage: Decimal) {
         let t = self
@@ -204,6 +259,23 @@ impl Truth {
     fn finish(mut self) -> Expected {
         self.expected.totals = self.totals.into_values().collect();
         self.expected
+    }
+}
+
+/// The id of the `i`th token event: OTLP ids are a trace id and a span id in hex (48 digits),
+/// the other formats take any text.
+fn token_event_id(format: SourceFormat, seed: u64, i: u64) -> String {
+    match format {
+        SourceFormat::OtlpJson | SourceFormat::OtlpProto => format!("{seed:016x}{i:016x}{:016x}", i + 1),
+        _ => format!("s{seed}-e{i}"),
+    }
+}
+
+/// Non-GenAI spans per message of `format`, which a consumer skips.
+fn skipped_per_message(format: SourceFormat) -> u64 {
+    match format {
+        SourceFormat::OtlpJson | SourceFormat::OtlpProto => 1,
+        _ => 0,
     }
 }
 
@@ -500,6 +572,56 @@ mod tests {
             late_by: Duration::from_secs(600),
             span: Duration::from_secs(600),
             end: "2026-11-29T04:00:00Z".parse().unwrap(),
+        }
+    }
+
+    #[test]
+    fn every_format_decodes_to_the_expected_token_totals() {
+        use crate::ingest::event::Limits;
+        use crate::ingest::source::Source;
+        for format in SourceFormat::ALL.into_iter().filter(|f| *f != SourceFormat::Costwatch) {
+            let spec = LoadSpec { count: 300, ..spec() };
+            let (messages, expected) = generate_in(&spec, format);
+            let source = Source::new(
+                &formats::source(format, "s", "t"),
+                crate::pricing::profiles::UsageProfiles::default(),
+            );
+            let limits = Limits {
+                max_event_bytes: 65536,
+                max_future_skew: Duration::from_secs(300),
+                max_event_age: Duration::from_secs(86400),
+            };
+            let now = spec.end;
+            let (mut accepted, mut rejected, mut skipped) = (0u64, 0u64, 0u64);
+            let mut seen = std::collections::HashSet::new();
+            let mut input = Decimal::ZERO;
+            for m in &messages {
+                match source.decode(Some(&m.payload), &limits, now) {
+                    Err(_) => rejected += 1,
+                    Ok(d) => {
+                        skipped += d.skipped;
+                        for e in d.events {
+                            match e {
+                                Err(_) => rejected += 1,
+                                Ok(e) if seen.insert(e.event_id.to_string()) => {
+                                    accepted += 1;
+                                    input += e.tokens.input;
+                                }
+                                Ok(_) => {}
+                            }
+                        }
+                    }
+                }
+            }
+            let name = format.as_str();
+            assert_eq!(accepted, expected.accepted, "{name}");
+            assert_eq!(rejected, expected.rejected, "{name}");
+            assert_eq!(skipped, expected.skipped, "{name}");
+            assert_eq!(
+                input,
+                expected.totals.iter().map(|t| t.input_tokens).sum::<Decimal>(),
+                "{name}"
+            );
         }
     }
 

@@ -1,6 +1,8 @@
 //! The core cost model and the price book it reads from:
 //! `cost = C_C(hw) * k1(model, hw) * T + C_S(hw) * k2(model, hw) * S`.
 
+pub mod profiles;
+
 use std::collections::HashMap;
 use std::fmt;
 use std::sync::{Arc, RwLock};

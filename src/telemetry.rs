@@ -30,6 +30,8 @@ pub struct WindowUsage<'a> {
     pub compute: ComputeUnits,
     /// ΣS of the row.
     pub storage: StorageUnits,
+    /// False for tokens no usage profile turned into T and S: unpriced whatever the hardware.
+    pub priceable: bool,
     /// The row's event labels; those named in `metrics.label_dimensions` become metric labels.
     pub labels: &'a BTreeMap<String, String>,
 }
@@ -46,6 +48,9 @@ pub struct OutcomeCounts {
     pub duplicate: u64,
     /// Messages refused (kept in `rejected_events`).
     pub rejected: u64,
+    /// Parts of messages without usage, skipped (OTLP spans without GenAI usage, CloudEvents
+    /// of other types).
+    pub skipped: u64,
 }
 
 impl OutcomeCounts {
@@ -55,6 +60,7 @@ impl OutcomeCounts {
         self.late += o.late;
         self.duplicate += o.duplicate;
         self.rejected += o.rejected;
+        self.skipped += o.skipped;
     }
 }
 
@@ -79,7 +85,7 @@ pub const FLUSH_DURATION: &str = "costwatch_flush_duration_seconds";
 pub const LAST_FLUSH: &str = "costwatch_last_flush_timestamp_seconds";
 /// Counter, label `class` (`transient`, `permanent`): failed flushes.
 pub const FLUSH_ERRORS_TOTAL: &str = "costwatch_flush_errors_total";
-/// Gauge, label `partition`: 1 while the partition is stalled (see `ingest.stall_after`).
+/// Gauge, labels `topic`, `partition`: 1 while the partition is stalled (see `ingest.stall_after`).
 pub const PARTITION_STALLED: &str = "costwatch_partition_stalled";
 /// Counter: history partitions dropped by retention, by `table`.
 pub const PARTITIONS_DROPPED_TOTAL: &str = "costwatch_history_partitions_dropped_total";
@@ -104,7 +110,7 @@ pub const START_REWINDS_TOTAL: &str = "costwatch_start_rewinds_total";
 pub const WATERMARK: &str = "costwatch_watermark_timestamp_seconds";
 /// Gauge, seconds: wall clock minus that watermark.
 pub const WATERMARK_DELAY: &str = "costwatch_watermark_delay_seconds";
-/// Gauge, label `partition`: messages between the stored offset and the log end.
+/// Gauge, labels `topic`, `partition`: messages between the stored offset and the log end.
 pub const CONSUMER_LAG: &str = "costwatch_consumer_lag";
 /// Counter: PostgreSQL errors of flushes and partition claims.
 pub const DATABASE_ERRORS_TOTAL: &str = "costwatch_database_errors_total";
@@ -177,7 +183,7 @@ pub fn describe_metrics() {
         "rustc" => env!("COSTWATCH_RUSTC_VERSION"),
     )
     .set(1.0);
-    for outcome in ["accepted", "late", "duplicate", "rejected"] {
+    for outcome in ["accepted", "late", "duplicate", "rejected", "skipped"] {
         counter!(EVENTS_TOTAL, "outcome" => outcome).increment(0);
     }
     for class in [ErrorClass::Transient, ErrorClass::Permanent] {
@@ -195,7 +201,7 @@ pub fn describe_metrics() {
     }
     describe_counter!(
         EVENTS_TOTAL,
-        "Messages consumed, by outcome: accepted, late (accepted, behind the watermark), duplicate, rejected"
+        "Messages consumed, by outcome: accepted, late (accepted, behind the watermark), duplicate, rejected, skipped (no usage in it: non-GenAI spans, CloudEvents of other types)"
     );
     describe_counter!(REJECTED_TOTAL, "Rejected messages by reason code");
     describe_gauge!(
@@ -232,7 +238,10 @@ pub fn describe_metrics() {
         CONFIG_RELOAD_SUCCESS_TIME,
         "When the configuration was last loaded successfully (the start or a reload)"
     );
-    describe_counter!(UNPRICED_EVENTS_TOTAL, "Accepted events on hardware without a price");
+    describe_counter!(
+        UNPRICED_EVENTS_TOTAL,
+        "Accepted events on hardware without a price, or with tokens no usage profile prices"
+    );
     describe_histogram!(FLUSH_DURATION, Unit::Seconds, "Time to write one flush to PostgreSQL");
     describe_gauge!(LAST_FLUSH, Unit::Seconds, "Unix time of the last successful flush");
     describe_counter!(
@@ -433,6 +442,7 @@ pub fn flush_committed<'a>(
     counter!(EVENTS_TOTAL, "outcome" => "late").increment(c.late);
     counter!(EVENTS_TOTAL, "outcome" => "duplicate").increment(c.duplicate);
     counter!(EVENTS_TOTAL, "outcome" => "rejected").increment(c.rejected);
+    counter!(EVENTS_TOTAL, "outcome" => "skipped").increment(c.skipped);
     for (code, n) in rejected_by_code {
         counter!(REJECTED_TOTAL, "reason" => code).increment(n);
     }
@@ -445,7 +455,11 @@ pub fn flush_committed<'a>(
         pair.extend(inner.cap.dimensions(w.labels));
         inner.add(COMPUTE_UNITS_TOTAL, pair.clone(), w.compute.value());
         inner.add(STORAGE_UNITS_TOTAL, pair.clone(), w.storage.value());
-        let Some(priced) = prices.priced(w.model, w.hardware, w.start) else {
+        let Some(priced) = w
+            .priceable
+            .then(|| prices.priced(w.model, w.hardware, w.start))
+            .flatten()
+        else {
             let labels: Vec<metrics::Label> = pair
                 .into_iter()
                 .map(|(k, v)| metrics::Label::new(k.into_owned(), v))
@@ -658,15 +672,20 @@ pub fn flush_refused_for_good(error: &dyn std::fmt::Display) {
 }
 
 /// A partition became stalled, or moves again.
-pub fn partition_stalled(partition: i32, stalled: bool) {
-    gauge!(PARTITION_STALLED, "partition" => partition.to_string()).set(if stalled { 1.0 } else { 0.0 });
+pub fn partition_stalled(topic: &str, partition: i32, stalled: bool) {
+    gauge!(PARTITION_STALLED, "topic" => topic.to_owned(), "partition" => partition.to_string()).set(if stalled {
+        1.0
+    } else {
+        0.0
+    });
     if stalled {
         tracing::warn!(
+            topic,
             partition,
             "partition stalled: its stored offset has not moved although it has messages to read"
         );
     } else {
-        tracing::info!(partition, "partition no longer stalled");
+        tracing::info!(topic, partition, "partition no longer stalled");
     }
 }
 
@@ -698,8 +717,8 @@ pub fn claim_failed(error: &dyn std::fmt::Display, partitions: &[i32], retry_in:
 }
 
 /// Lag of one owned partition: log end minus the next offset to count.
-pub fn partition_lag(partition: i32, lag: i64) {
-    gauge!(CONSUMER_LAG, "partition" => partition.to_string()).set(lag.max(0) as f64);
+pub fn partition_lag(topic: &str, partition: i32, lag: i64) {
+    gauge!(CONSUMER_LAG, "topic" => topic.to_owned(), "partition" => partition.to_string()).set(lag.max(0) as f64);
 }
 
 /// Another instance claimed these partitions: their unflushed work is dropped (the new owner

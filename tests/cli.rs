@@ -480,7 +480,7 @@ fn every_problem_of_a_file_is_reported_once_with_its_key_as_written() {
          - http.listen_on: unknown key, expected one of `listen`, `api_token`, `protect_metrics`, \
          `header_read_timeout`, `request_timeout`, `api_token_file`\n  \
          - ingest.max_event_bytes: invalid type: string \"lots\", expected an integer\n  \
-         - kafka.topic: missing; this key is required\n  \
+         - kafka.topic: missing or empty; name the usage topic, or configure [[sources]]\n  \
          - windows.size: must divide a day evenly (e.g. 10s, 1m, 5m, 1h), so windows align across days"
     );
 }

@@ -467,7 +467,10 @@ async fn a_partition_whose_offset_stops_moving_while_it_has_lag_is_reported_stal
     let (_, metrics) = http(&addr, "GET", "/metrics", None, None).await;
     for partition in stalled["stalled_partitions"].as_array().unwrap() {
         assert!(
-            metrics.contains(&format!("costwatch_partition_stalled{{partition=\"{partition}\"}} 1\n")),
+            metrics.contains(&format!(
+                "costwatch_partition_stalled{{topic=\"{}\",partition=\"{partition}\"}} 1\n",
+                world.topic
+            )),
             "{metrics}"
         );
     }
@@ -486,11 +489,17 @@ async fn a_partition_whose_offset_stops_moving_while_it_has_lag_is_reported_stal
     }
     let (_, metrics) = http(&addr, "GET", "/metrics", None, None).await;
     assert!(
-        !metrics.contains("costwatch_partition_stalled{partition=\"0\"} 1"),
+        !metrics.contains(&format!(
+            "costwatch_partition_stalled{{topic=\"{}\",partition=\"0\"}} 1",
+            world.topic
+        )),
         "{metrics}"
     );
     assert!(
-        !metrics.contains("costwatch_partition_stalled{partition=\"1\"} 1"),
+        !metrics.contains(&format!(
+            "costwatch_partition_stalled{{topic=\"{}\",partition=\"1\"}} 1",
+            world.topic
+        )),
         "{metrics}"
     );
     assert_eq!(world.accepted_events().await, 1 + n as i64);

@@ -13,9 +13,10 @@ use serde::Serialize;
 use sqlx::PgPool;
 
 use crate::calibration::store;
-pub use crate::calibration::store::{Repriced, StoredRow};
+pub use crate::calibration::store::{Rederived, Repriced, StoredRow};
 use crate::domain::{HardwareName, ModelName, Money};
 use crate::history::{day_of_ms, rollup};
+use crate::pricing::profiles::UsageProfiles;
 use crate::pricing::{CoefficientSource, PriceBook, PricingError, Rates};
 
 /// The difference re-rating made for one (model, hardware) pair.
@@ -96,7 +97,12 @@ pub type PairTotals = BTreeMap<(String, String), PairDifference>;
 
 /// Re-prices `rows` with `book`, adding what they cost before and after to `pairs`, and
 /// returns the rows whose stored rates change; pure.
-pub fn reprice(book: &PriceBook, rows: &[StoredRow], pairs: &mut PairTotals) -> Result<Vec<Repriced>, RerateError> {
+pub fn reprice(
+    book: &PriceBook,
+    profiles: &UsageProfiles,
+    rows: &[StoredRow],
+    pairs: &mut PairTotals,
+) -> Result<Vec<Repriced>, RerateError> {
     let mut changes = Vec::new();
     for (i, row) in rows.iter().enumerate() {
         let fail = |source| RerateError::Pricing {
@@ -105,31 +111,41 @@ pub fn reprice(book: &PriceBook, rows: &[StoredRow], pairs: &mut PairTotals) -> 
             window_start: row.window_start,
             source,
         };
+        let rederived = rederive(profiles, row).map_err(fail)?;
+        let (compute, storage) = rederived
+            .as_ref()
+            .map_or((row.compute, row.storage), |d| (d.compute, d.storage));
+        // Tokens no profile turns into T and S stay unpriced, as the daemon writes them.
+        let unknown = rederived.as_ref().is_some_and(|d| d.profile.is_none());
         // Names the daemon stored are valid; a row whose are not cannot be priced at all.
         let priced = match (
             ModelName::parse(row.model.as_str()),
             HardwareName::parse(row.hardware.as_str()),
         ) {
-            (Ok(model), Ok(hardware)) => book.priced(&model, &hardware, row.window_start),
+            (Ok(model), Ok(hardware)) if !unknown => book.priced(&model, &hardware, row.window_start),
             _ => None,
         };
         let new_rates = priced.map(|p| p.rates);
         let new_version = priced.and_then(|p| p.source.version());
         let new_price_id = priced.map(|p| p.price_id.to_string());
-        let cost = |rates: Option<Rates>| -> Result<Option<Money>, RerateError> {
+        let cost = |rates: Option<Rates>, t, s| -> Result<Option<Money>, RerateError> {
             rates
-                .map(|r| r.price(row.compute, row.storage).map(|c| c.total_cost))
+                .map(|r| r.price(t, s).map(|c| c.total_cost))
                 .transpose()
                 .map_err(fail)
         };
-        let before = cost(row.rates)?;
-        let after = cost(new_rates)?;
+        let before = cost(row.rates, row.compute, row.storage)?;
+        let after = cost(new_rates, compute, storage)?;
+        let rederived = rederived.filter(|d| {
+            (d.compute, d.storage) != (row.compute, row.storage) || d.profile != row.stored.identity.profile
+        });
         // Rates compare as numbers (0.50 is 0.5), so a row priced the same is left alone.
         let assumed = priced.is_some_and(|p| p.source == CoefficientSource::Unit);
         let changed = new_rates != row.rates
             || new_version != row.coefficient_version
             || new_price_id != row.price_id
             || assumed != row.stored.identity.coefficients_assumed
+            || rederived.is_some()
             || row.currency != book.currency();
         if changed {
             changes.push(Repriced {
@@ -138,6 +154,7 @@ pub fn reprice(book: &PriceBook, rows: &[StoredRow], pairs: &mut PairTotals) -> 
                 coefficient_version: new_version,
                 price_id: new_price_id,
                 coefficients_assumed: assumed,
+                rederived,
             });
         }
         let pair = pairs
@@ -157,6 +174,29 @@ pub fn reprice(book: &PriceBook, rows: &[StoredRow], pairs: &mut PairTotals) -> 
         pair.after = add(pair.after, after);
     }
     Ok(changes)
+}
+
+/// For a row whose T and S come from tokens, T, S and profile from its tokens with `profiles`
+/// (the first matching one; none: 0, 0 and no profile). `None` for a row with measured T and S.
+fn rederive(profiles: &UsageProfiles, row: &StoredRow) -> Result<Option<Rederived>, PricingError> {
+    if !row.stored.key.usage_from_tokens {
+        return Ok(None);
+    }
+    let Some(profile) = profiles.find(&row.model, &row.hardware).and_then(|i| profiles.get(i)) else {
+        return Ok(Some(Rederived {
+            compute: Default::default(),
+            storage: Default::default(),
+            profile: None,
+        }));
+    };
+    let (compute, storage) = profile
+        .derive(row.stored.sums.input_tokens, row.stored.sums.output_tokens)
+        .map_err(|_| PricingError::Overflow)?;
+    Ok(Some(Rederived {
+        compute,
+        storage,
+        profile: Some(profile.name.clone()),
+    }))
 }
 
 /// The report of everything added to `pairs`.
@@ -215,6 +255,7 @@ pub const SLICE: chrono::TimeDelta = chrono::TimeDelta::days(1);
 pub async fn rerate(
     pool: &PgPool,
     book: &PriceBook,
+    profiles: &UsageProfiles,
     from: DateTime<Utc>,
     to: DateTime<Utc>,
     dry_run: bool,
@@ -223,7 +264,7 @@ pub async fn rerate(
     let mut start = from;
     while start < to {
         let end = start.checked_add_signed(SLICE).map_or(to, |e| e.min(to));
-        rerate_slice(pool, book, start, end, dry_run, &mut pairs).await?;
+        rerate_slice(pool, (book, profiles), start, end, dry_run, &mut pairs).await?;
         start = end;
     }
     Ok(report(pairs, from, to, dry_run, book.currency()))
@@ -231,7 +272,7 @@ pub async fn rerate(
 
 async fn rerate_slice(
     pool: &PgPool,
-    book: &PriceBook,
+    (book, profiles): (&PriceBook, &UsageProfiles),
     from: DateTime<Utc>,
     to: DateTime<Utc>,
     dry_run: bool,
@@ -245,7 +286,7 @@ async fn rerate_slice(
         (day_of_ms(from.timestamp_millis())..=day_of_ms(last_ms.max(from.timestamp_millis()))).collect();
     rollup::lock_days(&mut tx, &days).await?;
     let rows = store::lock_windows(&mut tx, from, to).await?;
-    let changes = reprice(book, &rows, pairs)?;
+    let changes = reprice(book, profiles, &rows, pairs)?;
     if dry_run || changes.is_empty() {
         tx.rollback().await?;
         return Ok(());
@@ -372,6 +413,57 @@ mod tests {
         }
     }
 
+    /// A token row written before any profile matched: T and S unknown, unpriced.
+    fn token_row() -> StoredRow {
+        let mut r = row("a100", None);
+        r.compute = ComputeUnits(Decimal::ZERO);
+        r.storage = StorageUnits(Decimal::ZERO);
+        r.price_id = None;
+        r.stored.key.usage_from_tokens = true;
+        r.stored.identity.price_id = None;
+        r.stored.sums = rollup::Sums {
+            events: 2,
+            input_tokens: d("1240"),
+            output_tokens: d("310"),
+            ..rollup::Sums::default()
+        };
+        r
+    }
+
+    #[test]
+    fn a_profile_added_later_derives_t_and_s_of_token_rows_from_their_tokens() {
+        let profiles = UsageProfiles::new(&[crate::config::UsageProfileSettings {
+            name: Some("m-a100".into()),
+            model: "m".into(),
+            hardware: "a1*".into(),
+            compute_per_input_token: d("0.5"),
+            compute_per_output_token: d("2"),
+            storage_per_token: d("0.001"),
+        }]);
+        let mut pairs = PairTotals::new();
+        let changes = reprice(&book(), &profiles, &[token_row()], &mut pairs).unwrap();
+        let d_ = changes[0].rederived.as_ref().unwrap();
+        // T = 1240 x 0.5 + 310 x 2 = 1240, S = 1550 x 0.001 = 1.55.
+        assert_eq!(
+            (d_.compute.to_string(), d_.storage.to_string()),
+            ("1240".into(), "1.55".into())
+        );
+        assert_eq!(d_.profile.as_deref(), Some("m-a100"));
+        // 0.1 x 0.5 x 1240 + 0.2 x 0.8 x 1.55 = 62 + 0.248.
+        let r = report(
+            pairs,
+            t("2026-01-01T00:00:00Z"),
+            t("2026-01-02T00:00:00Z"),
+            false,
+            "USD",
+        );
+        assert_eq!((r.before, r.after), (None, Some(Money(d("62.248")))));
+        // Without a profile the row stays as it is: nothing to change.
+        let mut pairs = PairTotals::new();
+        let unchanged = reprice(&book(), &UsageProfiles::default(), &[token_row()], &mut pairs).unwrap();
+        assert!(unchanged.is_empty(), "{unchanged:?}");
+    }
+
     #[test]
     fn only_rows_priced_differently_change_and_the_difference_is_exact() {
         let rows = [
@@ -383,7 +475,7 @@ mod tests {
             row("tpu", None),
         ];
         let mut pairs = PairTotals::new();
-        let changes = reprice(&book(), &rows, &mut pairs).unwrap();
+        let changes = reprice(&book(), &UsageProfiles::default(), &rows, &mut pairs).unwrap();
         assert_eq!(changes.iter().map(|c| c.row).collect::<Vec<_>>(), [1]);
         let report = report(
             pairs,

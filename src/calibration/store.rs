@@ -65,6 +65,20 @@ pub struct Repriced {
     pub price_id: Option<String>,
     /// The new rates' coefficients are the assumed k1 = k2 = 1.
     pub coefficients_assumed: bool,
+    /// For a row whose T and S come from tokens: T, S and profile derived anew from its tokens
+    /// with the usage profiles in force.
+    pub rederived: Option<Rederived>,
+}
+
+/// T and S of a token row derived again from its tokens.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Rederived {
+    /// ΣT from the tokens (0 without a profile).
+    pub compute: ComputeUnits,
+    /// ΣS from the tokens (0 without a profile).
+    pub storage: StorageUnits,
+    /// The profile's name; `None` when none matches (the row is unpriced).
+    pub profile: Option<String>,
 }
 
 /// What an import did, bill by bill.
@@ -368,11 +382,14 @@ pub async fn update_rates(
     sqlx::query(
         "UPDATE window_usage AS w
             SET compute_price = u.cp, storage_price = u.sp, k1 = u.k1, k2 = u.k2, coefficient_version = u.cv,
-                price_id = u.pi, coefficients_assumed = u.ass, currency = $15, updated_at = now()
+                price_id = u.pi, coefficients_assumed = u.ass, currency = $15, updated_at = now(),
+                compute = CASE WHEN u.rd THEN u.c ELSE w.compute END,
+                storage = CASE WHEN u.rd THEN u.st ELSE w.storage END,
+                profile = CASE WHEN u.rd THEN u.prof ELSE w.profile END
          FROM UNNEST($1::timestamptz[], $2::text[], $3::text[], $4::text[], $5::text[], $6::text[], $7::bool[],
                      $8::numeric[], $9::numeric[], $10::numeric[], $11::numeric[], $12::int8[], $13::text[],
-                     $14::bool[])
-              AS u(s, t, src, m, h, l, uft, cp, sp, k1, k2, cv, pi, ass)
+                     $14::bool[], $16::bool[], $17::numeric[], $18::numeric[], $19::text[])
+              AS u(s, t, src, m, h, l, uft, cp, sp, k1, k2, cv, pi, ass, rd, c, st, prof)
          WHERE w.window_start = u.s AND w.topic = u.t AND w.source = u.src AND w.model = u.m AND w.hardware = u.h
            AND w.labels = u.l::jsonb AND w.usage_from_tokens = u.uft",
     )
@@ -391,31 +408,66 @@ pub async fn update_rates(
     .bind(changes.iter().map(|c| c.price_id.as_deref()).collect::<Vec<_>>())
     .bind(changes.iter().map(|c| c.coefficients_assumed).collect::<Vec<_>>())
     .bind(currency)
+    .bind(changes.iter().map(|c| c.rederived.is_some()).collect::<Vec<_>>())
+    .bind(
+        changes
+            .iter()
+            .map(|c| c.rederived.as_ref().map(|d| d.compute.value()))
+            .collect::<Vec<_>>(),
+    )
+    .bind(
+        changes
+            .iter()
+            .map(|c| c.rederived.as_ref().map(|d| d.storage.value()))
+            .collect::<Vec<_>>(),
+    )
+    .bind(
+        changes
+            .iter()
+            .map(|c| c.rederived.as_ref().and_then(|d| d.profile.clone()))
+            .collect::<Vec<_>>(),
+    )
     .execute(&mut **tx)
     .await?;
-    let deltas: Vec<rollup::Delta> = changes
+    rollup::apply(tx, &repriced_deltas(rows, changes, currency)).await
+}
+
+/// The roll-up deltas of re-pricing `changes` among `rows`: each row's content moves to its new
+/// identity, and T and S derived anew change by their difference.
+fn repriced_deltas(rows: &[StoredRow], changes: &[Repriced], currency: &str) -> Vec<rollup::Delta> {
+    changes
         .iter()
         .flat_map(|c| {
             let stored = &rows[c.row].stored;
             let new = rollup::Identity {
-                profile: stored.identity.profile.clone(),
+                profile: match &c.rederived {
+                    Some(d) => d.profile.clone(),
+                    None => stored.identity.profile.clone(),
+                },
                 currency: currency.to_owned(),
                 price_id: c.price_id.clone(),
                 coefficient_version: c.coefficient_version,
                 rates: c.rates,
                 coefficients_assumed: c.coefficients_assumed,
             };
-            let nothing_added = rollup::Sums::default();
+            // T and S derived anew change by the difference; everything else stays.
+            let change = match &c.rederived {
+                Some(d) => rollup::Sums {
+                    compute: d.compute.value() - stored.sums.compute,
+                    storage: d.storage.value() - stored.sums.storage,
+                    ..rollup::Sums::default()
+                },
+                None => rollup::Sums::default(),
+            };
             rollup::row_change(
                 &stored.key,
                 Some((&stored.identity, &stored.sums)),
-                &nothing_added,
+                &change,
                 &new,
                 stored.finalizes_at,
             )
         })
-        .collect();
-    rollup::apply(tx, &deltas).await
+        .collect()
 }
 
 fn stored_row(r: &sqlx::postgres::PgRow) -> StoredRow {

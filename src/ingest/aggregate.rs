@@ -14,7 +14,8 @@ use chrono::{DateTime, Utc};
 
 use crate::domain::{HardwareName, ModelName};
 use crate::ingest::dedup::{self, Insert, SeenSet, UNKNOWN_CONTENT};
-use crate::ingest::event::{self, Labels, Limits, RejectCode, Rejection, UsageEventRef};
+use crate::ingest::event::{self, Basis, Labels, Limits, RejectCode, Rejection, UsageEventRef};
+use crate::ingest::source::Source;
 use crate::ingest::window::{from_millis, PendingWindows, WindowKey, WindowSize, WindowSums};
 
 /// The fixed rules ingestion applies, derived from settings once.
@@ -44,6 +45,8 @@ pub enum Outcome {
     Duplicate,
     /// Refused, for this reason; kept in `rejected_events`.
     Rejected(RejectCode),
+    /// The message held no usage (only non-GenAI spans, a CloudEvent of another type).
+    Skipped,
     /// Below the offset already stored in PostgreSQL: counted before, so skipped now.
     AlreadyCounted,
     /// The partition is not (or no longer) assigned here.
@@ -385,12 +388,14 @@ struct PendingKey {
     series: u32,
 }
 
-/// One (model, hardware, label set) of a partition's pending windows.
+/// One (model, hardware, label set, basis) of a partition's pending windows.
 #[derive(Debug)]
 struct Series {
     model: ModelName,
     hardware: HardwareName,
     labels: Arc<Labels>,
+    usage_from_tokens: bool,
+    profile: Option<Arc<str>>,
 }
 
 /// The distinct series of a partition's pending windows, each kept once. Emptied at every flush
@@ -406,11 +411,20 @@ struct Names {
 }
 
 impl Names {
-    fn key(&mut self, start_ms: i64, event: &UsageEventRef<'_>) -> PendingKey {
+    fn key(&mut self, start_ms: i64, event: &UsageEventRef<'_>, profile: Option<&str>) -> PendingKey {
         // Names, label keys and values hold no NUL (validated), so NUL-separated parts (label
         // pairs sorted by key) name a series unambiguously; the labels come last, so their text
-        // is the tail of the series' text.
+        // is the tail of the series' text. A series from tokens starts with NUL and its basis
+        // (a model name never does), so measured series read as before.
         self.scratch.clear();
+        match event.basis {
+            Basis::Measured => {}
+            Basis::NoProfile => self.scratch.push_str("\0-\0"),
+            Basis::Profile(i) => {
+                use std::fmt::Write;
+                let _ = write!(self.scratch, "\0{i}\0");
+            }
+        }
         for part in [&event.model, &event.hardware] {
             self.scratch.push_str(part);
             self.scratch.push('\0');
@@ -439,6 +453,8 @@ impl Names {
                 model: ModelName::parse(event.model.as_ref()).expect(valid),
                 hardware: HardwareName::parse(event.hardware.as_ref()).expect(valid),
                 labels: labels.values[shared as usize].clone(),
+                usage_from_tokens: event.basis.from_tokens(),
+                profile: profile.map(Arc::from),
             }
         });
         PendingKey { start_ms, series }
@@ -451,6 +467,8 @@ impl Names {
             model: series.model.clone(),
             hardware: series.hardware.clone(),
             labels: series.labels.clone(),
+            usage_from_tokens: series.usage_from_tokens,
+            profile: series.profile.clone(),
         }
     }
 }
@@ -569,6 +587,7 @@ impl PartitionState {
         offset: i64,
         payload: Option<&[u8]>,
         rules: &IngestRules,
+        source: Option<&Source>,
         now: DateTime<Utc>,
     ) -> Outcome {
         if let Some(rewind) = self.check_start(offset) {
@@ -582,11 +601,59 @@ impl PartitionState {
         self.messages_since_flush += 1;
         self.bytes_since_flush += payload.map_or(0, <[u8]>::len);
 
+        if let Some(source) = source {
+            return self.ingest_decoded(partition, offset, payload, rules, source, now);
+        }
         let event = match event::decode_ref(payload, &rules.limits, now) {
             Ok(event) => event,
             Err(rejection) => return self.reject(partition, offset, rejection, payload, rules),
         };
+        self.accept(partition, offset, event, None, payload, rules, now)
+    }
 
+    /// A message of a mapped format: any number of events, each deduplicated and counted on its
+    /// own (an OTLP export carries many spans); parts without usage are skipped and counted.
+    /// The outcome is the first event's, or `Skipped` when there was none.
+    fn ingest_decoded(
+        &mut self,
+        partition: i32,
+        offset: i64,
+        payload: Option<&[u8]>,
+        rules: &IngestRules,
+        source: &Source,
+        now: DateTime<Utc>,
+    ) -> Outcome {
+        let mut decoded = match source.decode(payload, &rules.limits, now) {
+            Ok(decoded) => decoded,
+            Err(rejection) => return self.reject(partition, offset, rejection, payload, rules),
+        };
+        self.counts.skipped += decoded.skipped;
+        let mut first = None;
+        for result in std::mem::take(&mut decoded.events) {
+            let outcome = match result {
+                Ok(event) => {
+                    let profile = decoded.profile_name(event.basis);
+                    self.accept(partition, offset, event, profile, payload, rules, now)
+                }
+                Err(rejection) => self.reject(partition, offset, rejection, payload, rules),
+            };
+            first.get_or_insert(outcome);
+        }
+        first.unwrap_or(Outcome::Skipped)
+    }
+
+    /// Dedups a valid event and adds it to its window.
+    #[allow(clippy::too_many_arguments)]
+    fn accept(
+        &mut self,
+        partition: i32,
+        offset: i64,
+        event: UsageEventRef<'_>,
+        profile: Option<&str>,
+        payload: Option<&[u8]>,
+        rules: &IngestRules,
+        now: DateTime<Utc>,
+    ) -> Outcome {
         let ts_ms = event.timestamp.timestamp_millis();
         // An event older than the dedup horizon cannot be checked against ids we have already
         // forgotten; it is still accepted (dedup is best effort beyond the horizon, by contract).
@@ -617,17 +684,17 @@ impl PartitionState {
         let advance = ts_ms.min(now.timestamp_millis());
         self.watermark_ms = Some(self.watermark_ms.map_or(advance, |w| w.max(advance)));
 
-        let key = self.names.key(rules.window.start_of(event.timestamp), &event);
+        let key = self.names.key(rules.window.start_of(event.timestamp), &event, profile);
         let sums = self
             .pending
             .entry(key)
             .or_insert_with(|| WindowSums::starting_at(partition, offset));
-        if !sums.try_add(event.compute, event.storage) {
+        if !sums.try_add_with_tokens(event.compute, event.storage, event.tokens) {
             // The window's pending sum would need more than 28 digits: keep it as a row of its
             // own and start afresh; one event always fits (the precision contract).
             let full = std::mem::replace(sums, WindowSums::starting_at(partition, offset));
             self.overflowed.push((key, full));
-            let added = sums.try_add(event.compute, event.storage);
+            let added = sums.try_add_with_tokens(event.compute, event.storage, event.tokens);
             debug_assert!(added, "one validated event always fits");
         }
         self.counts.accepted += 1;
@@ -735,6 +802,8 @@ impl PartitionState {
 #[derive(Debug)]
 pub struct Aggregator {
     rules: IngestRules,
+    /// How messages are read when not in costwatch's own format (`None`: the native decoder).
+    source: Option<Arc<Source>>,
     partitions: BTreeMap<i32, PartitionState>,
     flushes_since_prune: u32,
     /// A batch whose write failed (or whose COMMIT outcome is unknown): written again, as it
@@ -750,8 +819,15 @@ const PRUNE_EVERY_FLUSHES: u32 = 30;
 impl Aggregator {
     /// An aggregator that owns no partition yet.
     pub fn new(rules: IngestRules) -> Self {
+        Self::for_source(rules, None)
+    }
+
+    /// An aggregator for a source's messages; a costwatch-format source (or `None`) is decoded
+    /// by the native decoder.
+    pub fn for_source(rules: IngestRules, source: Option<Arc<Source>>) -> Self {
         Self {
             rules,
+            source: source.filter(|s| !s.is_native()),
             partitions: BTreeMap::new(),
             flushes_since_prune: 0,
             in_flight: None,
@@ -830,7 +906,7 @@ impl Aggregator {
     /// Decodes, validates, dedups and adds one message of `partition` at `offset`. `now` is the validation clock (future skew, maximum age, the watermark's ceiling); A `None` payload (tombstone) is rejected as `empty_payload`.
     pub fn ingest(&mut self, partition: i32, offset: i64, payload: Option<&[u8]>, now: DateTime<Utc>) -> Outcome {
         match self.partitions.get_mut(&partition) {
-            Some(state) => state.ingest(partition, offset, payload, &self.rules, now),
+            Some(state) => state.ingest(partition, offset, payload, &self.rules, self.source.as_deref(), now),
             None => Outcome::NotOwned,
         }
     }

@@ -30,6 +30,7 @@ use crate::faults::{self, FaultPoint};
 use crate::ingest::aggregate::{start_offset, Aggregator, FlushBatch, IngestRules, Outcome};
 use crate::ingest::event::RejectCode;
 use crate::ingest::health::Health;
+use crate::ingest::source::Source;
 use crate::ingest::store::{WindowLayout, WriteOutcome};
 use crate::ingest::window::{from_millis, WindowKey, WindowSums};
 use crate::kafka;
@@ -42,6 +43,8 @@ use crate::telemetry;
 pub struct Pipeline {
     /// The topic consumed.
     pub topic: String,
+    /// The source the topic belongs to: its name goes with every row and rejection.
+    pub source: Arc<Source>,
     /// This instance's name in `partition_progress.owner`.
     pub owner: String,
     /// Connections to PostgreSQL: claims, flushes, progress.
@@ -97,8 +100,10 @@ enum Settle {
 /// What a pipeline is told by the configuration.
 #[derive(Debug, Clone)]
 pub struct PipelineSettings {
-    /// The topic to consume (`kafka.topic`).
+    /// The topic to consume (`kafka.topic`, or the source's).
     pub topic: String,
+    /// The source the topic belongs to (how its messages are read).
+    pub source: Arc<Source>,
     /// This instance's name in `partition_progress.owner`.
     pub owner: String,
     /// The rules the aggregator applies.
@@ -120,6 +125,7 @@ impl Pipeline {
     ) -> Self {
         Self {
             topic: settings.topic,
+            source: settings.source.clone(),
             owner: settings.owner,
             store,
             prices,
@@ -129,7 +135,10 @@ impl Pipeline {
             runtime: Handle::current(),
             cancel,
             health,
-            aggregator: Arc::new(Mutex::new(Aggregator::new(settings.rules))),
+            aggregator: Arc::new(Mutex::new(Aggregator::for_source(
+                settings.rules,
+                Some(settings.source),
+            ))),
             writing: Mutex::new(None),
         }
     }
@@ -247,6 +256,7 @@ impl Pipeline {
         }
         let store = self.store.clone();
         let topic = self.topic.clone();
+        let source = self.source.name.clone();
         let layout = self.layout;
         let prices = self.prices.current();
         let started = Instant::now();
@@ -259,7 +269,7 @@ impl Pipeline {
         let write = move || {
             // Merged once, here, off the consumer thread; the metrics of the flush reuse it.
             let windows = batch.windows();
-            let result = runtime.block_on(store.write(&topic, &batch, &windows, &prices, layout));
+            let result = runtime.block_on(store.write(&topic, &source, &batch, &windows, &prices, layout));
             if let Ok(outcome) = &result {
                 // Right after COMMIT, as when the consumer thread wrote itself: the counters
                 // trail the database by as little as they did then.
@@ -429,6 +439,7 @@ fn report_committed(
         events: sums.events,
         compute: sums.compute,
         storage: sums.storage,
+        priceable: !key.usage_from_tokens || key.profile.is_some(),
         labels: &key.labels,
     });
     telemetry::flush_committed(counts, by_code, usage, prices, started.elapsed());
@@ -493,7 +504,7 @@ impl ClientContext for KafkaContext {
                 .map(|p| p.hi_offset)
                 .filter(|&end| end >= 0);
             if let Some(end) = log_end {
-                telemetry::partition_lag(partition, end - next.unwrap_or(0));
+                telemetry::partition_lag(&self.pipeline.topic, partition, end - next.unwrap_or(0));
             }
             watched.push((partition, stored, log_end));
         }
@@ -625,7 +636,7 @@ pub fn consumer_properties(settings: &KafkaSettings, owner: &str) -> Vec<(&'stat
 /// group. Blocking: call it on a thread of its own.
 pub fn consume(consumer: BaseConsumer<KafkaContext>, pipeline: Arc<Pipeline>) -> anyhow::Result<()> {
     consumer.subscribe(&[pipeline.topic.as_str()])?;
-    info!(topic = %pipeline.topic, owner = %pipeline.owner, "consuming");
+    info!(topic = %pipeline.topic, source = %pipeline.source.name, format = pipeline.source.format.as_str(), owner = %pipeline.owner, "consuming");
 
     let mut poll = PollLoop::new();
     // A flush PostgreSQL refuses even with the refused rows isolated: retrying cannot help.

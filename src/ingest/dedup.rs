@@ -175,6 +175,12 @@ pub fn content_digest(event: &crate::ingest::event::UsageEventRef<'_>) -> u64 {
         h = hash(k.as_bytes(), h);
         h = hash(v.as_bytes(), h);
     }
+    // Only when there are tokens, so that the digests stored for events without them (all
+    // before sources existed) stay what they were.
+    if !event.tokens.is_zero() {
+        h = hash(&event.tokens.input.normalize().serialize(), h);
+        h = hash(&event.tokens.output.normalize().serialize(), h);
+    }
     h.max(1)
 }
 

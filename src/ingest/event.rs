@@ -54,6 +54,46 @@ pub struct UsageEvent {
     pub storage: StorageUnits,
     /// Free-form dimensions (tenant, region, ...); each label set is a row of its own in `window_usage`.
     pub labels: Labels,
+    /// Input and output tokens, when the producer sent them (zero otherwise).
+    pub tokens: Tokens,
+    /// Where T and S came from: measured by the producer, or derived from the tokens.
+    pub basis: Basis,
+}
+
+/// A request's token counts; exact, not negative, within the precision contract.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Tokens {
+    /// Input (prompt) tokens.
+    pub input: Decimal,
+    /// Output (completion) tokens.
+    pub output: Decimal,
+}
+
+impl Tokens {
+    /// Whether both counts are zero (or were not sent).
+    pub fn is_zero(&self) -> bool {
+        self.input.is_zero() && self.output.is_zero()
+    }
+}
+
+/// Where an event's T and S came from.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Basis {
+    /// Sent by the producer (the costwatch format, or a `json` source with compute and storage).
+    #[default]
+    Measured,
+    /// Derived from the tokens by the usage profile at this index of `[[usage_profiles]]`.
+    Profile(u16),
+    /// Only tokens were sent and no usage profile matches: T and S are unknown (recorded as 0,
+    /// and the row is unpriced until a profile and `rerate` derive them).
+    NoProfile,
+}
+
+impl Basis {
+    /// Whether T and S come from tokens (`window_usage.usage_from_tokens`).
+    pub fn from_tokens(self) -> bool {
+        !matches!(self, Basis::Measured)
+    }
 }
 
 /// A valid event as [`decode_ref`] returns it: names and labels are borrowed from the payload
@@ -75,6 +115,10 @@ pub struct UsageEventRef<'a> {
     pub storage: StorageUnits,
     /// The labels, sorted by key, one pair per key.
     pub labels: RawLabels<'a>,
+    /// Input and output tokens, when sent (zero otherwise).
+    pub tokens: Tokens,
+    /// Where T and S came from.
+    pub basis: Basis,
 }
 
 impl UsageEventRef<'_> {
@@ -93,6 +137,8 @@ impl UsageEventRef<'_> {
                 .into_iter()
                 .map(|(k, v)| (k.into_owned(), v.into_owned()))
                 .collect(),
+            tokens: self.tokens,
+            basis: self.basis,
         }
     }
 }
@@ -230,6 +276,10 @@ struct Wire<'a> {
     storage: &'a RawValue,
     #[serde(default, borrow, deserialize_with = "label_list")]
     labels: Option<RawLabels<'a>>,
+    #[serde(default, borrow)]
+    input_tokens: Option<&'a RawValue>,
+    #[serde(default, borrow)]
+    output_tokens: Option<&'a RawValue>,
 }
 
 /// A label set as decoded: sorted by key, one pair per key (the last one wins, as when a JSON
@@ -239,7 +289,7 @@ pub type RawLabels<'a> = SmallVec<[(Cow<'a, str>, Cow<'a, str>); 4]>;
 
 /// A string borrowed from the payload where it can be. (`Cow<str>`'s own `Deserialize` always
 /// copies; serde borrows only for a `Cow` that is a struct field of its own.)
-struct Text<'a>(Cow<'a, str>);
+pub(crate) struct Text<'a>(pub(crate) Cow<'a, str>);
 
 impl<'de> Deserialize<'de> for Text<'de> {
     fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
@@ -313,21 +363,7 @@ pub fn decode_ref<'a>(
     limits: &Limits,
     now: DateTime<Utc>,
 ) -> Result<UsageEventRef<'a>, Rejection> {
-    let bytes = match payload {
-        Some(b) if !b.is_empty() => b,
-        _ => return Err(Rejection::new(RejectCode::EmptyPayload, "the message has no payload")),
-    };
-    if bytes.len() > limits.max_event_bytes {
-        return Err(Rejection::new(
-            RejectCode::Oversized,
-            format!(
-                "the message is {} bytes, the limit is {} (ingest.max_event_bytes)",
-                bytes.len(),
-                limits.max_event_bytes
-            ),
-        ));
-    }
-    let text = std::str::from_utf8(bytes)
+    let text = std::str::from_utf8(checked_payload(payload, limits)?)
         .map_err(|e| Rejection::new(RejectCode::InvalidUtf8, format!("the payload is not valid UTF-8: {e}")))?;
     // Only an object is an event: serde would also read a JSON array into the struct, by position.
     if !text.trim_start().starts_with('{') {
@@ -345,6 +381,10 @@ pub fn decode_ref<'a>(
     let storage = StorageUnits(quantity("storage", wire.storage)?);
     let timestamp = timestamp(&wire.timestamp, limits, now)?;
     let labels = labels(wire.labels)?;
+    let tokens = Tokens {
+        input: optional_quantity("input_tokens", wire.input_tokens)?,
+        output: optional_quantity("output_tokens", wire.output_tokens)?,
+    };
 
     Ok(UsageEventRef {
         event_id,
@@ -354,10 +394,33 @@ pub fn decode_ref<'a>(
         compute,
         storage,
         labels,
+        tokens,
+        basis: Basis::Measured,
     })
 }
 
-fn classify_json_error(e: serde_json::Error) -> Rejection {
+/// The payload, unless it is empty or larger than `ingest.max_event_bytes`.
+#[inline]
+pub(crate) fn checked_payload<'a>(payload: Option<&'a [u8]>, limits: &Limits) -> Result<&'a [u8], Rejection> {
+    let bytes = match payload {
+        Some(b) if !b.is_empty() => b,
+        _ => return Err(Rejection::new(RejectCode::EmptyPayload, "the message has no payload")),
+    };
+    if bytes.len() > limits.max_event_bytes {
+        return Err(Rejection::new(
+            RejectCode::Oversized,
+            format!(
+                "the message is {} bytes, the limit is {} (ingest.max_event_bytes)",
+                bytes.len(),
+                limits.max_event_bytes
+            ),
+        ));
+    }
+    Ok(bytes)
+}
+
+/// A JSON parse error as a rejection (`missing_field`, `invalid_field` or `malformed_json`).
+pub(crate) fn classify_json_error(e: serde_json::Error) -> Rejection {
     use serde_json::error::Category;
     match e.classify() {
         Category::Data if e.to_string().starts_with("missing field") => {
@@ -370,7 +433,43 @@ fn classify_json_error(e: serde_json::Error) -> Rejection {
     }
 }
 
-fn name<'a>(field: &str, value: Cow<'a, str>) -> Result<Cow<'a, str>, Rejection> {
+/// An optional quantity: absent or `null` is zero.
+fn optional_quantity(field: &str, raw: Option<&RawValue>) -> Result<Decimal, Rejection> {
+    match raw {
+        Some(raw) if raw.get() != "null" => quantity(field, raw),
+        _ => Ok(Decimal::ZERO),
+    }
+}
+
+/// A quantity given as a JSON number or as a string holding a decimal number (`"12"`,
+/// `"1.5e3"`), read exactly under the precision contract; for the mapped formats.
+pub(crate) fn quantity_or_text(field: &str, raw: &RawValue) -> Result<Decimal, Rejection> {
+    let text = raw.get();
+    if !text.starts_with('"') {
+        return quantity(field, raw);
+    }
+    let inner: Cow<'_, str> = serde_json::from_str(text)
+        .map_err(|e| Rejection::new(RejectCode::InvalidField, format!("{field} is not a string: {e}")))?;
+    let trimmed = inner.trim();
+    // Only the JSON number grammar is accepted inside the string, so "0x10" or "1,5" are refused.
+    let valid: Result<Box<RawValue>, _> = serde_json::from_str(trimmed);
+    match valid {
+        Ok(number) if trimmed.starts_with(|c: char| c == '-' || c.is_ascii_digit()) => quantity(field, &number),
+        _ => Err(Rejection::new(
+            RejectCode::InvalidField,
+            format!("{field} must be a number or a decimal string, got {}", abbreviate(text)),
+        )),
+    }
+}
+
+/// Checks a label set (count, bytes, lengths, NUL) as the costwatch format does; sorts it by key.
+pub(crate) fn checked_labels(mut raw: RawLabels<'_>) -> Result<RawLabels<'_>, Rejection> {
+    raw.sort_by(|a, b| a.0.cmp(&b.0));
+    labels(Some(raw))
+}
+
+/// Checks a name (`event_id`, `model`, `hardware`): not empty, no NUL, at most 128 characters.
+pub(crate) fn name<'a>(field: &str, value: Cow<'a, str>) -> Result<Cow<'a, str>, Rejection> {
     check_name(&value).map(|()| value).map_err(|e| {
         let code = match e {
             NameError::Empty | NameError::Nul => RejectCode::InvalidField,
@@ -488,7 +587,8 @@ fn exact_quantity(text: &str) -> Result<Decimal, QuantityProblem> {
     Ok(value)
 }
 
-fn timestamp(text: &str, limits: &Limits, now: DateTime<Utc>) -> Result<DateTime<Utc>, Rejection> {
+/// Parses an RFC 3339 timestamp and checks it against the limits.
+pub(crate) fn timestamp(text: &str, limits: &Limits, now: DateTime<Utc>) -> Result<DateTime<Utc>, Rejection> {
     let ts = DateTime::parse_from_rfc3339(text)
         .map_err(|e| {
             Rejection::new(
@@ -497,6 +597,16 @@ fn timestamp(text: &str, limits: &Limits, now: DateTime<Utc>) -> Result<DateTime
             )
         })?
         .with_timezone(&Utc);
+    time_in_range(text, ts, limits, now)
+}
+
+/// Checks a timestamp (written as `text`) against the future-skew and age limits.
+pub(crate) fn time_in_range(
+    text: &str,
+    ts: DateTime<Utc>,
+    limits: &Limits,
+    now: DateTime<Utc>,
+) -> Result<DateTime<Utc>, Rejection> {
     // chrono durations cannot overflow here: both limits were validated to be sane at startup.
     let skew = chrono::Duration::from_std(limits.max_future_skew).unwrap_or(chrono::Duration::MAX);
     let age = chrono::Duration::from_std(limits.max_event_age).unwrap_or(chrono::Duration::MAX);

@@ -5,7 +5,7 @@
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicUsize, Ordering};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use chrono::Utc;
@@ -26,7 +26,12 @@ pub struct Health {
     /// broker connection up again (every 5 s). Not known down until librdkafka says so.
     broker_down: AtomicBool,
     stall_after: Duration,
+    /// The topic whose partitions this consumer watches (the `topic` label of its gauges).
+    topic: String,
     partitions: Mutex<BTreeMap<i32, Watch>>,
+    /// One per consumer when there are several sources ([`Health::member`]); what `/readyz`
+    /// reads is then all of them together.
+    members: Mutex<Vec<Arc<Health>>>,
 }
 
 /// One owned partition's stored offset, and since when it has had messages past it.
@@ -46,8 +51,27 @@ impl Health {
             joined: AtomicBool::new(false),
             broker_down: AtomicBool::new(false),
             stall_after,
+            topic: String::new(),
             partitions: Mutex::new(BTreeMap::new()),
+            members: Mutex::new(Vec::new()),
         }
+    }
+
+    /// The health of one more consumer (one per source topic), reported as part of this one:
+    /// ready only while every member is, with their partitions together.
+    pub fn member(&self, topic: &str) -> Arc<Health> {
+        let member = Arc::new(Health {
+            topic: topic.to_owned(),
+            ..Health::new(self.stall_after)
+        });
+        lock(&self.members).push(member.clone());
+        member
+    }
+
+    /// The members, or `None` when this health is a consumer's own.
+    fn each(&self) -> Option<Vec<Arc<Health>>> {
+        let members = lock(&self.members);
+        (!members.is_empty()).then(|| members.clone())
     }
 
     /// Called by the consumer loop on every poll round.
@@ -68,6 +92,9 @@ impl Health {
 
     /// Whether the group has handed this member an assignment yet.
     pub fn has_joined(&self) -> bool {
+        if let Some(members) = self.each() {
+            return members.iter().all(|m| m.has_joined());
+        }
         self.joined.load(Ordering::Relaxed)
     }
 
@@ -78,16 +105,25 @@ impl Health {
 
     /// False once librdkafka reported every broker down, until a connection is up again.
     pub fn broker_reachable(&self) -> bool {
+        if let Some(members) = self.each() {
+            return members.iter().all(|m| m.broker_reachable());
+        }
         !self.broker_down.load(Ordering::Relaxed)
     }
 
     /// How many partitions this member owns.
     pub fn assigned(&self) -> usize {
+        if let Some(members) = self.each() {
+            return members.iter().map(|m| m.assigned()).sum();
+        }
         self.assigned.load(Ordering::Relaxed)
     }
 
     /// Whether the consumer loop polled recently.
     pub fn consuming(&self) -> bool {
+        if let Some(members) = self.each() {
+            return members.iter().all(|m| m.consuming());
+        }
         let last = self.last_poll_ms.load(Ordering::Relaxed);
         last > 0 && Utc::now().timestamp_millis() - last < POLL_STALE.as_millis() as i64
     }
@@ -105,7 +141,7 @@ impl Health {
         watched.retain(|p, w| {
             let owned = positions.iter().any(|(q, ..)| q == p);
             if !owned && w.stalled {
-                telemetry::partition_stalled(*p, false);
+                telemetry::partition_stalled(&self.topic, *p, false);
             }
             owned
         });
@@ -128,7 +164,7 @@ impl Health {
                 .behind_since
                 .is_some_and(|since| now.duration_since(since) >= self.stall_after);
             if stalled != watch.stalled {
-                telemetry::partition_stalled(partition, stalled);
+                telemetry::partition_stalled(&self.topic, partition, stalled);
                 watch.stalled = stalled;
             }
         }
@@ -136,14 +172,38 @@ impl Health {
 
     /// Partitions that are stalled now.
     pub fn stalled(&self) -> Vec<i32> {
+        if let Some(members) = self.each() {
+            return members.iter().flat_map(|m| m.stalled()).collect();
+        }
         let watched = self.partitions.lock().unwrap_or_else(|p| p.into_inner());
         watched.iter().filter(|(_, w)| w.stalled).map(|(p, _)| *p).collect()
     }
 }
 
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn several_consumers_are_ready_only_together() {
+        let health = Health::new(Duration::from_secs(120));
+        let (a, b) = (health.member("a"), health.member("b"));
+        a.joined();
+        a.polled();
+        a.set_assigned(2);
+        assert!(!health.has_joined() && !health.consuming());
+        b.joined();
+        b.polled();
+        b.set_assigned(1);
+        assert!(health.has_joined() && health.consuming());
+        assert_eq!(health.assigned(), 3);
+        b.set_broker_reachable(false);
+        assert!(!health.broker_reachable());
+    }
 
     #[test]
     fn a_partition_is_stalled_when_its_stored_offset_stays_put_while_it_has_lag() {

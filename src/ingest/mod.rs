@@ -12,6 +12,7 @@ pub mod consumer;
 pub mod dedup;
 pub mod event;
 pub mod health;
+pub mod source;
 pub mod store;
 pub mod window;
 

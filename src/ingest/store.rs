@@ -169,7 +169,7 @@ impl Store {
         prices: &PriceBook,
         layout: WindowLayout,
     ) -> Result<WriteOutcome, StoreError> {
-        self.write(topic, batch, &batch.windows(), prices, layout).await
+        self.write(topic, topic, batch, &batch.windows(), prices, layout).await
     }
 
     /// [`Store::flush`] with the batch's windows already merged ([`FlushBatch::windows`]), for a
@@ -184,6 +184,7 @@ impl Store {
     pub async fn write(
         &self,
         topic: &str,
+        source: &str,
         batch: &FlushBatch,
         windows: &[(&WindowKey, WindowSums)],
         prices: &PriceBook,
@@ -193,21 +194,27 @@ impl Store {
         days.sort_unstable();
         days.dedup();
         partitions::ensure_days(self, &days).await?;
-        match self.write_once(topic, batch, windows, &days, prices, layout).await {
+        match self
+            .write_once(topic, source, batch, windows, &days, prices, layout)
+            .await
+        {
             // Another instance's retention dropped a partition this process thought was there:
             // make sure of them again and write once more.
             Err(e) if partitions::is_missing_partition(&e) => {
                 partitions::forget(self);
                 partitions::ensure_days(self, &days).await?;
-                self.write_once(topic, batch, windows, &days, prices, layout).await
+                self.write_once(topic, source, batch, windows, &days, prices, layout)
+                    .await
             }
             outcome => outcome,
         }
     }
 
+    #[allow(clippy::too_many_arguments)]
     async fn write_once(
         &self,
         topic: &str,
+        source: &str,
         batch: &FlushBatch,
         windows: &[(&WindowKey, WindowSums)],
         days: &[i64],
@@ -237,10 +244,11 @@ impl Store {
         for round in rounds(windows) {
             for chunk in round.chunks(WINDOW_ROWS_PER_STATEMENT) {
                 if batch.isolate {
-                    unstorable.extend(isolate_windows(&mut tx, topic, windows, chunk, prices, layout).await?);
+                    let feed = (topic, source);
+                    unstorable.extend(isolate_windows(&mut tx, feed, windows, chunk, prices, layout).await?);
                 } else {
                     let rows: Vec<_> = chunk.iter().map(|&i| &windows[i]).collect();
-                    write_windows(&mut tx, topic, &rows, prices, layout).await?;
+                    write_windows(&mut tx, (topic, source), &rows, prices, layout).await?;
                 }
             }
         }
@@ -250,7 +258,7 @@ impl Store {
             .map(|(i, message)| unstorable_window(&windows[*i], message, layout))
             .collect();
         let rejected: Vec<&RejectedMessage> = batch.rejected().chain(&refused).collect();
-        insert_rejected(&mut tx, topic, &rejected, batch.isolate).await?;
+        insert_rejected(&mut tx, (topic, source), &rejected, batch.isolate).await?;
         self.remember_ids(&mut tx, topic, batch).await?;
 
         faults::reached(FaultPoint::BeforeCommit);
@@ -402,7 +410,7 @@ fn rounds(windows: &[(&WindowKey, WindowSums)]) -> Vec<Vec<usize>> {
 /// retried as usual).
 async fn isolate_windows(
     tx: &mut sqlx::Transaction<'_, sqlx::Postgres>,
-    topic: &str,
+    feed: Feed<'_>,
     windows: &[(&WindowKey, WindowSums)],
     positions: &[usize],
     prices: &PriceBook,
@@ -414,7 +422,7 @@ async fn isolate_windows(
     while let Some(group) = groups.pop() {
         let rows: Vec<_> = group.iter().map(|&i| &windows[i]).collect();
         sqlx::query("SAVEPOINT costwatch_isolate").execute(&mut **tx).await?;
-        let written = write_windows(tx, topic, &rows, prices, layout).await;
+        let written = write_windows(tx, feed, &rows, prices, layout).await;
         match settle_savepoint(tx, written).await? {
             None => {}
             Some(message) if group.len() == 1 => refused.push((group[0], message)),
@@ -460,7 +468,7 @@ const REJECTED_BYTES_PER_STATEMENT: usize = 4 * 1024 * 1024;
 /// kept without its payload, its reason saying why; the message is never lost.
 async fn insert_rejected(
     tx: &mut sqlx::Transaction<'_, sqlx::Postgres>,
-    topic: &str,
+    feed: Feed<'_>,
     rejected: &[&RejectedMessage],
     isolating: bool,
 ) -> Result<(), StoreError> {
@@ -481,11 +489,11 @@ async fn insert_rejected(
     groups.reverse();
     while let Some(group) = groups.pop() {
         if !isolating {
-            write_rejected(tx, topic, group).await?;
+            write_rejected(tx, feed, group).await?;
             continue;
         }
         sqlx::query("SAVEPOINT costwatch_isolate").execute(&mut **tx).await?;
-        let written = write_rejected(tx, topic, group).await;
+        let written = write_rejected(tx, feed, group).await;
         match settle_savepoint(tx, written).await? {
             None => {}
             Some(message) if group.len() == 1 => {
@@ -501,7 +509,7 @@ async fn insert_rejected(
                     payload: Vec::new(),
                     ..m.clone()
                 };
-                write_rejected(tx, topic, &[&kept]).await?;
+                write_rejected(tx, feed, &[&kept]).await?;
             }
             Some(_) => {
                 let (left, right) = group.split_at(group.len() / 2);
@@ -515,13 +523,14 @@ async fn insert_rejected(
 
 async fn write_rejected(
     tx: &mut sqlx::Transaction<'_, sqlx::Postgres>,
-    topic: &str,
+    (topic, source): Feed<'_>,
     r: &[&RejectedMessage],
 ) -> Result<(), StoreError> {
+    // One message may hold several rejected events (an OTLP export): the first is kept.
     sqlx::query(
-        "INSERT INTO rejected_event (topic, partition, kafka_offset, reason_code, reason_message, payload,
+        "INSERT INTO rejected_event (topic, source, partition, kafka_offset, reason_code, reason_message, payload,
                 payload_size, payload_sha256, payload_is_text)
-         SELECT $1, * FROM UNNEST($2::int4[], $3::int8[], $4::text[], $5::text[], $6::bytea[], $7::int8[],
+         SELECT $1, $10, * FROM UNNEST($2::int4[], $3::int8[], $4::text[], $5::text[], $6::bytea[], $7::int8[],
                 $8::bytea[], $9::bool[])
          ON CONFLICT (topic, partition, kafka_offset) DO NOTHING",
     )
@@ -534,6 +543,7 @@ async fn write_rejected(
     .bind(r.iter().map(|m| m.payload_size).collect::<Vec<_>>())
     .bind(r.iter().map(|m| m.payload_sha256.as_slice()).collect::<Vec<_>>())
     .bind(r.iter().map(|m| m.is_text()).collect::<Vec<_>>())
+    .bind(source)
     .execute(&mut **tx)
     .await?;
     Ok(())
@@ -568,6 +578,9 @@ fn unstorable_window((key, sums): &(&WindowKey, WindowSums), message: &str, layo
     )
 }
 
+/// Where a flush's rows and rejections came from: the topic and its source's name.
+type Feed<'a> = (&'a str, &'a str);
+
 /// Window rows per INSERT statement of a flush (see [`Store::write`]).
 const WINDOW_ROWS_PER_STATEMENT: usize = 4096;
 
@@ -577,14 +590,14 @@ const WINDOW_ROWS_PER_STATEMENT: usize = 4096;
 /// roll-ups too.
 async fn write_windows(
     tx: &mut sqlx::Transaction<'_, sqlx::Postgres>,
-    topic: &str,
+    feed: Feed<'_>,
     windows: &[&(&WindowKey, WindowSums)],
     prices: &PriceBook,
     layout: WindowLayout,
 ) -> Result<(), StoreError> {
     let rows: Vec<NewRow> = windows
         .iter()
-        .map(|&&(key, sums)| NewRow::of(topic, key, sums, prices, layout))
+        .map(|&&(key, sums)| NewRow::of(feed, key, sums, prices, layout))
         .collect();
     let old = read_rows(tx, &rows).await?;
     upsert_windows(tx, &rows).await?;
@@ -609,21 +622,30 @@ struct NewRow {
 }
 
 impl NewRow {
-    fn of(topic: &str, key: &WindowKey, sums: WindowSums, prices: &PriceBook, layout: WindowLayout) -> Self {
+    fn of(
+        (topic, source): Feed<'_>,
+        key: &WindowKey,
+        sums: WindowSums,
+        prices: &PriceBook,
+        layout: WindowLayout,
+    ) -> Self {
         let end_ms = key.start_ms + layout.size.millis();
         // Coefficients in force at the window's start, as `rerate` would choose them, so that
         // a live-priced row and a re-rated one agree.
         let priced = prices.priced(&key.model, &key.hardware, from_millis(key.start_ms));
+        // Tokens that no usage profile turned into T and S have no cost yet: unpriced, like a
+        // hardware without a price, until a profile and `rerate` derive them.
+        let priced = priced.filter(|_| !key.usage_from_tokens || key.profile.is_some());
         NewRow {
             key: rollup::RowKey {
                 window_start: from_millis(key.start_ms),
                 topic: topic.to_owned(),
-                source: topic.to_owned(),
+                source: source.to_owned(),
                 model: key.model.as_str().to_owned(),
                 hardware: key.hardware.as_str().to_owned(),
                 // BTreeMap serializes with sorted keys, so one label set always has one text form.
                 labels: serde_json::to_string(&key.labels).unwrap_or_else(|_| "{}".into()),
-                usage_from_tokens: false,
+                usage_from_tokens: key.usage_from_tokens,
             },
             end: from_millis(end_ms),
             finalizes_at: from_millis(end_ms + layout.allowed_lateness_ms),
@@ -632,10 +654,11 @@ impl NewRow {
                 late_events: sums.late_events,
                 compute: sums.compute.value(),
                 storage: sums.storage.value(),
-                ..rollup::Sums::default()
+                input_tokens: sums.input_tokens,
+                output_tokens: sums.output_tokens,
             },
             identity: rollup::Identity {
-                profile: None,
+                profile: key.profile.as_deref().map(str::to_owned),
                 currency: prices.currency().to_owned(),
                 price_id: priced.map(|p| p.price_id.to_string()),
                 coefficient_version: priced.and_then(|p| p.source.version()),

@@ -7,7 +7,7 @@ use std::time::Duration;
 use chrono::{DateTime, TimeZone, Utc};
 
 use crate::domain::{ComputeUnits, HardwareName, ModelName, StorageUnits};
-use crate::ingest::event::Labels;
+use crate::ingest::event::{Labels, Tokens};
 
 /// Window width in whole milliseconds (validated at startup to be whole seconds).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -52,6 +52,11 @@ pub struct WindowKey {
     /// Shared: every window of a label set refers to one copy (a map's node is about 500 bytes,
     /// and a flush can hold tens of thousands of keys).
     pub labels: Arc<Labels>,
+    /// T and S were derived from tokens (`window_usage.usage_from_tokens`): by `profile`, or
+    /// unknown when it is `None`.
+    pub usage_from_tokens: bool,
+    /// The usage profile that derived T and S (`window_usage.profile`).
+    pub profile: Option<Arc<str>>,
 }
 
 /// Usage summed over a key since the last flush.
@@ -65,6 +70,10 @@ pub struct WindowSums {
     pub compute: ComputeUnits,
     /// ΣS; exact.
     pub storage: StorageUnits,
+    /// Σ input tokens; exact (zero for events without tokens).
+    pub input_tokens: rust_decimal::Decimal,
+    /// Σ output tokens; exact.
+    pub output_tokens: rust_decimal::Decimal,
     /// The earliest (partition, offset) that contributed: names these sums in `rejected_events`
     /// should PostgreSQL ever refuse to store them (see `Store::write`). Distinct per sums of one
     /// batch, since every message adds to exactly one window.
@@ -78,6 +87,8 @@ impl Default for WindowSums {
             late_events: 0,
             compute: ComputeUnits::default(),
             storage: StorageUnits::default(),
+            input_tokens: rust_decimal::Decimal::ZERO,
+            output_tokens: rust_decimal::Decimal::ZERO,
             origin: (i32::MAX, i64::MAX),
         }
     }
@@ -95,12 +106,27 @@ impl WindowSums {
     /// Adds one event's usage if both sums stay exact; false (and nothing changed) when either
     /// would need more digits than a 96-bit decimal holds.
     pub fn try_add(&mut self, compute: ComputeUnits, storage: StorageUnits) -> bool {
+        self.try_add_with_tokens(compute, storage, Tokens::default())
+    }
+
+    /// [`WindowSums::try_add`] with the event's tokens: all four sums exact, or nothing changed.
+    pub fn try_add_with_tokens(&mut self, compute: ComputeUnits, storage: StorageUnits, tokens: Tokens) -> bool {
         let (Some(c), Some(s)) = (
             exact_sum(self.compute.value(), compute.value()),
             exact_sum(self.storage.value(), storage.value()),
         ) else {
             return false;
         };
+        if !tokens.is_zero() {
+            let (Some(i), Some(o)) = (
+                exact_sum(self.input_tokens, tokens.input),
+                exact_sum(self.output_tokens, tokens.output),
+            ) else {
+                return false;
+            };
+            self.input_tokens = i;
+            self.output_tokens = o;
+        }
         self.compute = ComputeUnits(c);
         self.storage = StorageUnits(s);
         self.events += 1;
@@ -109,14 +135,18 @@ impl WindowSums {
 
     /// Merges `other` in if every sum stays exact; false (and nothing changed) otherwise.
     pub fn try_merge(&mut self, other: &WindowSums) -> bool {
-        let (Some(c), Some(s)) = (
+        let (Some(c), Some(s), Some(i), Some(o)) = (
             exact_sum(self.compute.value(), other.compute.value()),
             exact_sum(self.storage.value(), other.storage.value()),
+            exact_sum(self.input_tokens, other.input_tokens),
+            exact_sum(self.output_tokens, other.output_tokens),
         ) else {
             return false;
         };
         self.compute = ComputeUnits(c);
         self.storage = StorageUnits(s);
+        self.input_tokens = i;
+        self.output_tokens = o;
         self.events += other.events;
         self.late_events += other.late_events;
         self.origin = self.origin.min(other.origin);

@@ -232,11 +232,13 @@ impl Store {
             .max_connections(max_connections)
             .acquire_timeout(Duration::from_secs(5))
             // JIT compiles a long-range cost query for 250 ms of its 300 (measured on 30 days
-            // of hourly roll-ups); costwatch's statements are all short. A session setting, not
-            // a startup option, because PgBouncer refuses unknown startup parameters.
+            // of hourly roll-ups); costwatch's statements are all short. Custom plans: the
+            // tier bounds of `usage_between` and an empty label filter fold into constants at
+            // planning (a generic plan evaluates them on every row). Session settings, not
+            // startup options, because PgBouncer refuses unknown startup parameters.
             .after_connect(|conn, _| {
                 Box::pin(async move {
-                    sqlx::Executor::execute(conn, "SET jit = off").await?;
+                    sqlx::Executor::execute(conn, "SET jit = off; SET plan_cache_mode = force_custom_plan").await?;
                     Ok(())
                 })
             })

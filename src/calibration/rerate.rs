@@ -106,23 +106,23 @@ pub fn reprice(
     let mut changes = Vec::new();
     for (i, row) in rows.iter().enumerate() {
         let fail = |source| RerateError::Pricing {
-            model: row.model.clone(),
-            hardware: row.hardware.clone(),
-            window_start: row.window_start,
+            model: row.key.model.clone(),
+            hardware: row.key.hardware.clone(),
+            window_start: row.key.window_start,
             source,
         };
         let rederived = rederive(profiles, row).map_err(fail)?;
         let (compute, storage) = rederived
             .as_ref()
-            .map_or((row.compute, row.storage), |d| (d.compute, d.storage));
+            .map_or((row.compute(), row.storage()), |d| (d.compute, d.storage));
         // Tokens no profile turns into T and S stay unpriced, as the daemon writes them.
         let unknown = rederived.as_ref().is_some_and(|d| d.profile.is_none());
         // Names the daemon stored are valid; a row whose are not cannot be priced at all.
         let priced = match (
-            ModelName::parse(row.model.as_str()),
-            HardwareName::parse(row.hardware.as_str()),
+            ModelName::parse(row.key.model.as_str()),
+            HardwareName::parse(row.key.hardware.as_str()),
         ) {
-            (Ok(model), Ok(hardware)) if !unknown => book.priced(&model, &hardware, row.window_start),
+            (Ok(model), Ok(hardware)) if !unknown => book.priced(&model, &hardware, row.key.window_start),
             _ => None,
         };
         let new_rates = priced.map(|p| p.rates);
@@ -134,19 +134,18 @@ pub fn reprice(
                 .transpose()
                 .map_err(fail)
         };
-        let before = cost(row.rates, row.compute, row.storage)?;
+        let before = cost(row.identity.rates, row.compute(), row.storage())?;
         let after = cost(new_rates, compute, storage)?;
-        let rederived = rederived.filter(|d| {
-            (d.compute, d.storage) != (row.compute, row.storage) || d.profile != row.stored.identity.profile
-        });
+        let rederived = rederived
+            .filter(|d| (d.compute, d.storage) != (row.compute(), row.storage()) || d.profile != row.identity.profile);
         // Rates compare as numbers (0.50 is 0.5), so a row priced the same is left alone.
         let assumed = priced.is_some_and(|p| p.source == CoefficientSource::Unit);
-        let changed = new_rates != row.rates
-            || new_version != row.coefficient_version
-            || new_price_id != row.price_id
-            || assumed != row.stored.identity.coefficients_assumed
+        let changed = new_rates != row.identity.rates
+            || new_version != row.identity.coefficient_version
+            || new_price_id != row.identity.price_id
+            || assumed != row.identity.coefficients_assumed
             || rederived.is_some()
-            || row.currency != book.currency();
+            || row.identity.currency != book.currency();
         if changed {
             changes.push(Repriced {
                 row: i,
@@ -158,10 +157,10 @@ pub fn reprice(
             });
         }
         let pair = pairs
-            .entry((row.model.clone(), row.hardware.clone()))
+            .entry((row.key.model.clone(), row.key.hardware.clone()))
             .or_insert_with(|| PairDifference {
-                model: row.model.clone(),
-                hardware: row.hardware.clone(),
+                model: row.key.model.clone(),
+                hardware: row.key.hardware.clone(),
                 rows: 0,
                 changed: 0,
                 before: Some(Money::ZERO),
@@ -179,10 +178,13 @@ pub fn reprice(
 /// For a row whose T and S come from tokens, T, S and profile from its tokens with `profiles`
 /// (the first matching one; none: 0, 0 and no profile). `None` for a row with measured T and S.
 fn rederive(profiles: &UsageProfiles, row: &StoredRow) -> Result<Option<Rederived>, PricingError> {
-    if !row.stored.key.usage_from_tokens {
+    if !row.key.usage_from_tokens {
         return Ok(None);
     }
-    let Some(profile) = profiles.find(&row.model, &row.hardware).and_then(|i| profiles.get(i)) else {
+    let Some(profile) = profiles
+        .find(&row.key.model, &row.key.hardware)
+        .and_then(|i| profiles.get(i))
+    else {
         return Ok(Some(Rederived {
             compute: Default::default(),
             storage: Default::default(),
@@ -190,7 +192,7 @@ fn rederive(profiles: &UsageProfiles, row: &StoredRow) -> Result<Option<Rederive
         }));
     };
     let (compute, storage) = profile
-        .derive(row.stored.sums.input_tokens, row.stored.sums.output_tokens)
+        .derive(row.sums.input_tokens, row.sums.output_tokens)
         .map_err(|_| PricingError::Overflow)?;
     Ok(Some(Rederived {
         compute,
@@ -352,7 +354,7 @@ impl RerateReport {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::domain::{Coefficient, ComputeUnits, StorageUnits, UnitPrice};
+    use crate::domain::{Coefficient, UnitPrice};
     use crate::test_support::{book as book_of, coefficient, d, hardware_price, t};
 
     fn book() -> PriceBook {
@@ -374,54 +376,39 @@ mod tests {
             k2: Coefficient(d(k2)),
         });
         StoredRow {
-            window_start: t("2026-01-01T00:00:00Z"),
-            model: "m".into(),
-            hardware: hardware.into(),
-            labels: "{}".into(),
-            compute: ComputeUnits(d("1000")),
-            storage: StorageUnits(d("500")),
-            rates,
-            coefficient_version: None,
-            price_id: price_id.clone(),
-            currency: "USD".into(),
-            stored: crate::calibration::store::StoredContent {
-                key: rollup::RowKey {
-                    window_start: t("2026-01-01T00:00:00Z"),
-                    topic: "usage".into(),
-                    source: "usage".into(),
-                    model: "m".into(),
-                    hardware: hardware.into(),
-                    labels: "{}".into(),
-                    usage_from_tokens: false,
-                },
-                sums: rollup::Sums {
-                    events: 1,
-                    compute: d("1000"),
-                    storage: d("500"),
-                    ..rollup::Sums::default()
-                },
-                identity: rollup::Identity {
-                    profile: None,
-                    currency: "USD".into(),
-                    price_id,
-                    coefficient_version: None,
-                    rates,
-                    coefficients_assumed: false,
-                },
-                finalizes_at: t("2026-01-01T00:02:00Z"),
+            key: rollup::RowKey {
+                window_start: t("2026-01-01T00:00:00Z"),
+                topic: "usage".into(),
+                source: "usage".into(),
+                model: "m".into(),
+                hardware: hardware.into(),
+                labels: "{}".into(),
+                usage_from_tokens: false,
             },
+            sums: rollup::Sums {
+                events: 1,
+                compute: d("1000"),
+                storage: d("500"),
+                ..rollup::Sums::default()
+            },
+            identity: rollup::Identity {
+                profile: None,
+                currency: "USD".into(),
+                price_id,
+                coefficient_version: None,
+                rates,
+                coefficients_assumed: false,
+            },
+            finalizes_at: t("2026-01-01T00:02:00Z"),
         }
     }
 
     /// A token row written before any profile matched: T and S unknown, unpriced.
     fn token_row() -> StoredRow {
         let mut r = row("a100", None);
-        r.compute = ComputeUnits(Decimal::ZERO);
-        r.storage = StorageUnits(Decimal::ZERO);
-        r.price_id = None;
-        r.stored.key.usage_from_tokens = true;
-        r.stored.identity.price_id = None;
-        r.stored.sums = rollup::Sums {
+        r.key.usage_from_tokens = true;
+        r.identity.price_id = None;
+        r.sums = rollup::Sums {
             events: 2,
             input_tokens: d("1240"),
             output_tokens: d("310"),

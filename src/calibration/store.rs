@@ -7,49 +7,35 @@ use sqlx::{PgPool, Row};
 
 use crate::calibration::bills::{bill_key, Bill};
 use crate::calibration::recommend::ModelUsage;
-use crate::domain::{Coefficient, ComputeUnits, HardwareName, ModelName, Money, StorageUnits, UnitPrice};
+use crate::domain::{Coefficient, ComputeUnits, HardwareName, ModelName, Money, StorageUnits};
 use crate::history::rollup;
 use crate::pricing::{CoefficientVersion, Rates};
 use crate::store::StoreError;
 
-/// One stored window row, as far as pricing goes.
+/// One stored window row, as `rerate` reads it: its key, sums and identity (what priced it),
+/// which are also what its roll-up deltas need.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct StoredRow {
-    /// The window's start.
-    pub window_start: DateTime<Utc>,
-    /// The model's name, as stored.
-    pub model: String,
-    /// The hardware's name, as stored.
-    pub hardware: String,
-    /// The label set as JSON text; only used to address the row.
-    pub labels: String,
-    /// ΣT of the row.
-    pub compute: ComputeUnits,
-    /// ΣS of the row.
-    pub storage: StorageUnits,
-    /// `None` when the row was written unpriced.
-    pub rates: Option<Rates>,
-    /// The `coefficient_version` the row was priced with; `None` for configured or default coefficients, or unpriced.
-    pub coefficient_version: Option<i64>,
-    /// The [`PriceId`](crate::pricing::PriceId) of the price entry the row was priced with, as hex; `None` when unpriced.
-    pub price_id: Option<String>,
-    /// The currency the row's prices are in (`pricing.currency` when it was written).
-    pub currency: String,
-    /// The row's whole key, its content and identity, for the roll-up deltas of re-pricing it.
-    pub stored: StoredContent,
-}
-
-/// What the roll-ups need of a stored row: its key, sums and identity.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct StoredContent {
     /// The row's key.
     pub key: rollup::RowKey,
     /// Its sums.
     pub sums: rollup::Sums,
-    /// How it is priced now.
+    /// How it is priced now (`rates` is `None` when it was written unpriced).
     pub identity: rollup::Identity,
     /// Its `finalizes_at`.
     pub finalizes_at: DateTime<Utc>,
+}
+
+impl StoredRow {
+    /// ΣT of the row.
+    pub fn compute(&self) -> ComputeUnits {
+        ComputeUnits(self.sums.compute)
+    }
+
+    /// ΣS of the row.
+    pub fn storage(&self) -> StorageUnits {
+        StorageUnits(self.sums.storage)
+    }
 }
 
 /// A row whose rates change.
@@ -378,7 +364,7 @@ pub async fn update_rates(
     let rate = |pick: fn(&Rates) -> Decimal| -> Vec<Option<Decimal>> {
         changes.iter().map(|c| c.rates.as_ref().map(pick)).collect()
     };
-    let key = |c: &Repriced| &rows[c.row].stored.key;
+    let key = |c: &Repriced| &rows[c.row].key;
     sqlx::query(
         "UPDATE window_usage AS w
             SET compute_price = u.cp, storage_price = u.sp, k1 = u.k1, k2 = u.k2, coefficient_version = u.cv,
@@ -438,7 +424,7 @@ fn repriced_deltas(rows: &[StoredRow], changes: &[Repriced], currency: &str) -> 
     changes
         .iter()
         .flat_map(|c| {
-            let stored = &rows[c.row].stored;
+            let stored = &rows[c.row];
             let new = rollup::Identity {
                 profile: match &c.rederived {
                     Some(d) => d.profile.clone(),
@@ -471,20 +457,7 @@ fn repriced_deltas(rows: &[StoredRow], changes: &[Repriced], currency: &str) -> 
 }
 
 fn stored_row(r: &sqlx::postgres::PgRow) -> StoredRow {
-    let cp: Option<Decimal> = r.get("compute_price");
-    let sp: Option<Decimal> = r.get("storage_price");
-    let k1: Option<Decimal> = r.get("k1");
-    let k2: Option<Decimal> = r.get("k2");
-    let rates = match (cp, sp, k1, k2) {
-        (Some(cp), Some(sp), Some(k1), Some(k2)) => Some(Rates {
-            compute_price: UnitPrice(cp),
-            storage_price: UnitPrice(sp),
-            k1: Coefficient(k1),
-            k2: Coefficient(k2),
-        }),
-        _ => None,
-    };
-    let stored = StoredContent {
+    StoredRow {
         key: rollup::RowKey {
             window_start: r.get("window_start"),
             topic: r.get("topic"),
@@ -497,18 +470,5 @@ fn stored_row(r: &sqlx::postgres::PgRow) -> StoredRow {
         sums: rollup::Sums::from_row(r),
         identity: rollup::Identity::from_row(r),
         finalizes_at: r.get("finalizes_at"),
-    };
-    StoredRow {
-        stored,
-        window_start: r.get("window_start"),
-        model: r.get("model"),
-        hardware: r.get("hardware"),
-        labels: r.get("labels"),
-        compute: ComputeUnits(r.get("compute")),
-        storage: StorageUnits(r.get("storage")),
-        rates,
-        coefficient_version: r.get("coefficient_version"),
-        price_id: r.get("price_id"),
-        currency: r.get("currency"),
     }
 }

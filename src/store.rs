@@ -235,10 +235,19 @@ impl Store {
             // of hourly roll-ups); costwatch's statements are all short. Custom plans: the
             // tier bounds of `usage_between` and an empty label filter fold into constants at
             // planning (a generic plan evaluates them on every row). Session settings, not
-            // startup options, because PgBouncer refuses unknown startup parameters.
+            // startup options, because PgBouncer refuses unknown startup parameters. An instance
+            // that stops mid-transaction (SIGSTOP, a frozen VM) would hold its day locks and rows
+            // until its connection dies: PostgreSQL ends such a transaction after 30 s, so the
+            // others flush and claim its partitions (its own late COMMIT then fails, and the
+            // fencing refuses the retry).
             .after_connect(|conn, _| {
                 Box::pin(async move {
-                    sqlx::Executor::execute(conn, "SET jit = off; SET plan_cache_mode = force_custom_plan").await?;
+                    sqlx::Executor::execute(
+                        conn,
+                        "SET jit = off; SET plan_cache_mode = force_custom_plan; \
+                         SET idle_in_transaction_session_timeout = '30s'",
+                    )
+                    .await?;
                     Ok(())
                 })
             })

@@ -158,17 +158,6 @@ impl Ranges {
             drift_baseline: drift.map(|d| d.1),
         }
     }
-
-    /// The earliest and latest instants any range needs, for one bounded query.
-    pub fn span(&self) -> (DateTime<Utc>, DateTime<Utc>) {
-        let mut from = self.period.0.min(self.long.0).min(self.short.0);
-        let mut to = self.period.1.max(self.long.1);
-        for r in [self.drift_recent, self.drift_baseline].into_iter().flatten() {
-            from = from.min(r.0);
-            to = to.max(r.1);
-        }
-        (from, to)
-    }
 }
 
 /// How far back the two forecast burn rates look (`alerting.forecast_short_window` and `_long_window`).

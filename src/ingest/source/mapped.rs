@@ -199,9 +199,9 @@ impl Mapping {
 #[cfg(test)]
 pub(crate) mod tests {
     use std::collections::BTreeMap;
-    use std::time::Duration;
 
     use super::*;
+    use crate::ingest::source::test_values::{limits, now};
     use crate::ingest::source::Source;
     use crate::pricing::profiles::UsageProfiles;
 
@@ -219,18 +219,6 @@ pub(crate) mod tests {
             types: None,
             timestamp_format: None,
         }
-    }
-
-    fn limits() -> Limits {
-        Limits {
-            max_event_bytes: 65536,
-            max_future_skew: Duration::from_secs(300),
-            max_event_age: Duration::from_secs(7 * 86400),
-        }
-    }
-
-    fn now() -> DateTime<Utc> {
-        "2026-11-29T03:05:00Z".parse().unwrap()
     }
 
     fn one(source: &Source, payload: &str) -> Result<UsageEventRef<'static>, Rejection> {

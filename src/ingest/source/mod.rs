@@ -8,6 +8,28 @@ pub mod mapped;
 pub mod otlp;
 pub mod pointer;
 
+/// The limits and clock the decoders' unit tests share.
+#[cfg(test)]
+pub(crate) mod test_values {
+    use std::time::Duration;
+
+    use chrono::{DateTime, Utc};
+
+    use crate::ingest::event::Limits;
+
+    pub(crate) fn limits() -> Limits {
+        Limits {
+            max_event_bytes: 65536,
+            max_future_skew: Duration::from_secs(300),
+            max_event_age: Duration::from_secs(7 * 86400),
+        }
+    }
+
+    pub(crate) fn now() -> DateTime<Utc> {
+        "2026-11-29T03:05:00Z".parse().unwrap()
+    }
+}
+
 use chrono::{DateTime, Utc};
 use rust_decimal::Decimal;
 

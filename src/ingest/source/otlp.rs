@@ -500,25 +500,13 @@ pub mod wire {
 
 #[cfg(test)]
 mod tests {
-    use std::time::Duration;
 
     use prost::Message;
 
     use super::*;
+    use crate::ingest::source::test_values::{limits, now};
     use crate::ingest::source::Source;
     use crate::pricing::profiles::UsageProfiles;
-
-    fn limits() -> Limits {
-        Limits {
-            max_event_bytes: 65536,
-            max_future_skew: Duration::from_secs(300),
-            max_event_age: Duration::from_secs(7 * 86400),
-        }
-    }
-
-    fn now() -> DateTime<Utc> {
-        "2026-11-29T03:05:00Z".parse().unwrap()
-    }
 
     fn source(format: SourceFormat) -> Source {
         let mut s = crate::ingest::source::mapped::tests::settings(format);

@@ -79,7 +79,7 @@ fn percentile(samples: &mut [Duration], p: usize) -> f64 {
     samples[i].as_secs_f64() * 1000.0
 }
 
-async fn fill(pool: &PgPool, store: &Store, a: &Args, today: DateTime<Utc>) {
+async fn fill(pool: &PgPool, store: &Store, a: &Args, today: DateTime<Utc>, now: DateTime<Utc>) {
     let started = Instant::now();
     for d in 0..a.raw_days {
         let day = today - Span::days(a.raw_days - 1 - d);
@@ -89,7 +89,8 @@ async fn fill(pool: &PgPool, store: &Store, a: &Args, today: DateTime<Utc>) {
             .await
             .unwrap();
         // Per key: a model of 20, a hardware target of 10 (every tenth unpriced), an amount
-        // that varies by minute with four fractional digits.
+        // that varies by minute with four fractional digits. Today's windows stop at now, as
+        // real ones do (a reader may count on nothing stored past the clock).
         sqlx::query(
             "INSERT INTO window_usage (window_start, window_end, finalizes_at, topic, source, model, hardware, labels,
                     events, compute, storage, compute_price, storage_price, k1, k2, coefficients_assumed, currency,
@@ -100,10 +101,12 @@ async fn fill(pool: &PgPool, store: &Store, a: &Args, today: DateTime<Utc>) {
                     CASE WHEN k % 10 = 9 THEN NULL ELSE 1.1 END, CASE WHEN k % 10 = 9 THEN NULL ELSE 0.9 END,
                     false, 'USD', CASE WHEN k % 10 = 9 THEN NULL ELSE 'p' || (k / 20) END
              FROM generate_series(0, 1439) m, generate_series(0, $2 - 1) k,
-                  LATERAL (SELECT $1::timestamptz + m * interval '1 minute' AS t) x",
+                  LATERAL (SELECT $1::timestamptz + m * interval '1 minute' AS t) x
+             WHERE t < $3",
         )
         .bind(day)
         .bind(a.keys)
+        .bind(now)
         .execute(pool)
         .await
         .unwrap();
@@ -312,7 +315,7 @@ async fn main() {
     let now = Utc::now();
     let today = now.duration_trunc(Span::days(1)).unwrap();
     if !reuse {
-        fill(&pool, &store, &a, today).await;
+        fill(&pool, &store, &a, today, now).await;
     }
 
     println!(

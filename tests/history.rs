@@ -222,9 +222,54 @@ storage_price = "0.01"
     assert_eq!(after.4, 0, "nothing is unpriced after rerate");
     assert_ne!(after.3, truth.3, "rerate changed the cost");
     // The API (daily and hourly roll-ups) agrees with the re-rated raw windows.
-    let daemon = world.start(&repriced);
+    let mut daemon = world.start(&repriced);
     let addr = daemon.http_addr().await;
     assert_eq!(api_totals(&addr, from, to, "day").await, after);
+    daemon.terminate(WAIT);
+
+    // Late events into rows priced otherwise: the first configuration prices hw-0 at 0.0004,
+    // the rows carry rerate's 0.0005. Each such row moves whole to the flush's price, and the
+    // roll-ups with it; the other rows keep theirs.
+    let late: Vec<Message> = (0..120)
+        .filter(|i| i % 2 == 0 && i % 7 != 0)
+        .map(|i| {
+            let original = spread_event(i, now, 75);
+            let payload = text(&original.payload).replace(&format!("\"e{i}\""), &format!("\"r{i}\""));
+            raw(&format!("r{i}"), payload)
+        })
+        .collect();
+    let touched = late.len();
+    let hw0_at = |price: &'static str| {
+        let pool = world.pool.clone();
+        async move {
+            sqlx::query_scalar::<_, i64>(
+                "SELECT count(*) FROM window_usage WHERE hardware = 'hw-0' AND compute_price = $1::numeric",
+            )
+            .bind(price)
+            .fetch_one(&pool)
+            .await
+            .unwrap()
+        }
+    };
+    let (old_price, new_price) = (hw0_at("0.0004").await, hw0_at("0.0005").await);
+    assert_eq!(old_price, 0, "rerate priced every hw-0 row anew");
+    let mut daemon = world.start(&config);
+    world.produce(late).await;
+    world.wait_drained(1000 + touched as u64, WAIT).await;
+    daemon.terminate(WAIT);
+    assert_tiers_equal(&world.pool, "after late events into rows priced otherwise").await;
+    let moved = hw0_at("0.0004").await;
+    assert!(
+        moved > 0 && moved <= touched as i64,
+        "{moved} rows moved for {touched} events"
+    );
+    assert_eq!(
+        moved + hw0_at("0.0005").await,
+        new_price,
+        "every other hw-0 row keeps rerate's price"
+    );
+    let now_total = raw_totals(&world.pool, from, to).await;
+    assert_eq!(now_total.0, after.0 + touched as i64, "the late events counted once");
 }
 
 /// The names of the partitions of `table`.
@@ -540,4 +585,50 @@ async fn a_backfill_topic_leaves_the_live_topics_final_alone() {
         .unwrap();
     assert_eq!(total, 5);
     drop((live_daemon, backfill_daemon));
+}
+
+/// Readers with many parts query the tiers with bounds computed in Rust (`history::read`), not
+/// through `usage_between`: both must cut every range the same way.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_tier_bounds_computed_in_rust_are_usage_betweens() {
+    use costwatch::history::read::{tier_bounds, Finest};
+    let world = World::new(1).await;
+    let fixture = world.store_fixture().await;
+    let pool = fixture.store.pool();
+    let base = DateTime::parse_from_rfc3339("2026-11-14T00:00:00Z").unwrap().to_utc();
+    let at = |minutes: i64| base + Span::minutes(minutes);
+    let mut checked = 0;
+    for (from, to) in [
+        (0, 0),
+        (0, 60),
+        (17, 43),
+        (17, 77),
+        (59, 1441),
+        (0, 2880),
+        (61, 4319),
+        (1439, 1500),
+        (30, 20),
+    ] {
+        for finest in [Finest::Window, Finest::Hour, Finest::Day] {
+            let (from, to) = (at(from), at(to));
+            let sql: (DateTime<Utc>, DateTime<Utc>, DateTime<Utc>, DateTime<Utc>) = sqlx::query_as(
+                "SELECT costwatch_h_from($1, $2, $3), costwatch_h_to($1, $2, $3),
+                        costwatch_d_from($1, $2, $3), costwatch_d_to($1, $2, $3)",
+            )
+            .bind(from)
+            .bind(to)
+            .bind(finest.as_str())
+            .fetch_one(pool)
+            .await
+            .unwrap();
+            let rust = tier_bounds(from, to, finest);
+            assert_eq!(
+                (rust.h_from, rust.h_to, rust.d_from, rust.d_to),
+                sql,
+                "[{from}, {to}) finest {finest:?}"
+            );
+            checked += 1;
+        }
+    }
+    assert_eq!(checked, 27);
 }

@@ -11,6 +11,7 @@ use serde::Serialize;
 
 use crate::config::{BudgetSettings, Period};
 use crate::domain::Money;
+use crate::history::read::{self, Part};
 
 /// Alert kinds; the `kind` label.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize)]
@@ -139,6 +140,9 @@ pub struct Ranges {
     pub drift_recent: Option<(DateTime<Utc>, DateTime<Utc>)>,
     /// The drift baseline, ending where `drift_recent` starts; `None` when the budget has no `drift` section.
     pub drift_baseline: Option<(DateTime<Utc>, DateTime<Utc>)>,
+    /// When the evaluation reads them: nothing is stored past it but events stamped ahead of
+    /// the clock.
+    pub now: DateTime<Utc>,
 }
 
 impl Ranges {
@@ -156,8 +160,39 @@ impl Ranges {
             long: (ago(windows.long), now),
             drift_recent: drift.map(|d| d.0),
             drift_baseline: drift.map(|d| d.1),
+            now,
         }
     }
+
+    /// Every range as the [`RangePart`]s it is read as, ranges numbered as in [`Ranges`]'
+    /// fields (0 the period .. 4 the drift baseline).
+    pub fn parts(&self) -> Vec<RangePart> {
+        [
+            Some(self.period),
+            Some(self.short),
+            Some(self.long),
+            self.drift_recent,
+            self.drift_baseline,
+        ]
+        .into_iter()
+        .enumerate()
+        .filter_map(|(i, range)| Some((i, range?)))
+        .flat_map(|(i, (from, to))| {
+            read::parts(from, to, self.now)
+                .into_iter()
+                .map(move |part| RangePart { range: i, part })
+        })
+        .collect()
+    }
+}
+
+/// A part of one of a budget's ranges as it is read (see [`crate::history::read`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RangePart {
+    /// The range it belongs to (see [`Ranges::parts`]).
+    pub range: usize,
+    /// The part.
+    pub part: Part,
 }
 
 /// How far back the two forecast burn rates look (`alerting.forecast_short_window` and `_long_window`).

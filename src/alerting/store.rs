@@ -18,6 +18,7 @@ use crate::alerting::budget::{like_pattern, AlertSpec, Observed, Ranges, Unprice
 use crate::alerting::notify::AlertmanagerAlert;
 use crate::config::BudgetSettings;
 use crate::domain::Money;
+use crate::history::read::{self, Finest, Slice};
 use crate::store::{Store, StoreError};
 
 /// The advisory lock key held by the instance that evaluates budgets ("costwatc" in ASCII).
@@ -26,8 +27,9 @@ const ALERTING_LOCK: i64 = 0x636f_7374_7761_7463;
 /// The longest list of unpriced (model, hardware) pairs one budget reports.
 const MAX_UNPRICED_PAIRS: i64 = 100;
 
-/// Row cost, NULL when unpriced: the same expression the `usage_costs` view sums.
-const ROW_COST: &str = "compute * compute_price * k1 + storage * storage_price * k2";
+/// Row cost, NULL when unpriced: what the `usage_costs` view sums (over
+/// [`read::SLICE_COLUMNS`], signed).
+const ROW_COST: &str = "compute_cost + storage_cost";
 
 /// The most splits one budget evaluates (the highest spenders this period first); past it a
 /// split's spend is not watched, which `observe_budget` logs.
@@ -56,21 +58,28 @@ impl ScopeParams {
 
 /// The scope as SQL conditions with the parameters `$first..$first+4` ([`ScopeParams`]):
 /// model and hardware globs, every label glob matched by a present label, every split label
-/// present (usage without one is in no split).
+/// present (usage without one is in no split). Each test is guarded by a test of its parameter
+/// alone (`'%'`, an empty list) that the planner folds to a constant (costwatch's sessions plan
+/// every statement with its parameters, `plan_cache_mode = force_custom_plan`), so a budget
+/// without labels does not run a subquery per row.
 fn scope_condition(first: usize) -> String {
     let (model, hardware, names, patterns, split) = (first, first + 1, first + 2, first + 3, first + 4);
     format!(
-        "model LIKE ${model} ESCAPE '\\' AND hardware LIKE ${hardware} ESCAPE '\\'
-         AND NOT EXISTS (SELECT 1 FROM unnest(${names}::text[], ${patterns}::text[]) AS g(name, pattern)
-                         WHERE (labels->>g.name LIKE g.pattern ESCAPE '\\') IS NOT TRUE)
-         AND labels ?& ${split}::text[]"
+        "(${model} = '%' OR model LIKE ${model} ESCAPE '\\') AND (${hardware} = '%' OR hardware LIKE ${hardware} ESCAPE '\\')
+         AND (cardinality(${names}::text[]) = 0
+              OR NOT EXISTS (SELECT 1 FROM unnest(${names}::text[], ${patterns}::text[]) AS g(name, pattern)
+                             WHERE (labels->>g.name LIKE g.pattern ESCAPE '\\') IS NOT TRUE))
+         AND (cardinality(${split}::text[]) = 0 OR labels ?& ${split}::text[])"
     )
 }
 
 /// The split a row belongs to: the values of the `split_by` labels (parameter `$split`), in
-/// that order; `{}` for a budget without `split_by`.
+/// that order; `{}` for a budget without `split_by` (folded to that constant when planned).
 fn split_expr(split: usize) -> String {
-    format!("ARRAY(SELECT labels->>s.name FROM unnest(${split}::text[]) WITH ORDINALITY AS s(name, i) ORDER BY s.i)")
+    format!(
+        "CASE WHEN cardinality(${split}::text[]) = 0 THEN '{{}}'::text[]
+              ELSE ARRAY(SELECT labels->>s.name FROM unnest(${split}::text[]) WITH ORDINALITY AS s(name, i) ORDER BY s.i) END"
+    )
 }
 
 fn bind_scope<'q>(
@@ -115,22 +124,35 @@ impl Store {
         ranges: &Ranges,
     ) -> Result<Vec<Observed>, StoreError> {
         let scope = ScopeParams::of(budget);
-        let pair = |r: Option<(DateTime<Utc>, DateTime<Utc>)>| (r.map(|r| r.0), r.map(|r| r.1));
-        let (recent_from, recent_to) = pair(ranges.drift_recent);
-        let (base_from, base_to) = pair(ranges.drift_baseline);
-        // Each range from the tiers that cover it (usage_between: daily roll-ups for its whole
-        // days, hourly ones for whole hours, raw windows for the rest), one arm per range so
-        // that each is planned with its own bounds. Splits are kept when they have usage this
-        // period; a budget without splits always is.
-        // $1..$10 the ranges, $11 the currency, $12..$16 the scope, $17 the limit.
-        let (split, in_scope) = (split_expr(16), scope_condition(12));
-        let arm = |range: usize| {
-            let (from, to) = (2 * range + 1, 2 * range + 2);
-            format!(
-                "SELECT {range} AS range, {ROW_COST} AS cost, {split} AS split FROM usage_between(${from}, ${to})
-                 WHERE currency = $11 AND {in_scope}"
-            )
-        };
+        // Each range in the parts that read the fewest raw windows (`Ranges::parts`: whole hours
+        // from the roll-ups, the minutes outside the range taken back out), each part from the
+        // tiers that cover it (whole days daily, whole hours hourly, the rest raw), one arm per
+        // slice with constant bounds. Splits are kept when they have usage this period; a budget
+        // without splits always is.
+        // $1 the currency, $2..$6 the scope, $7 the limit, then each slice's bounds.
+        let (split, in_scope) = (split_expr(6), scope_condition(2));
+        let slices: Vec<(usize, Slice)> = ranges
+            .parts()
+            .into_iter()
+            .flat_map(|p| read::slices(p.part, Finest::Day).into_iter().map(move |s| (p.range, s)))
+            .collect();
+        let mut arms: Vec<String> = slices
+            .iter()
+            .enumerate()
+            .map(|(i, (range, slice))| {
+                format!(
+                    "SELECT {range} AS range, {ROW_COST} AS cost, events, {split} AS split
+                     FROM ({}) AS s WHERE currency = $1 AND {in_scope}",
+                    read::slice_sql(slice, 8 + 2 * i, 9 + 2 * i)
+                )
+            })
+            .collect();
+        if arms.is_empty() {
+            arms.push(format!(
+                "SELECT 0 AS range, {ROW_COST} AS cost, events, {split} AS split FROM ({}) AS s",
+                read::NO_SLICE
+            ));
+        }
         let sql = format!(
             "SELECT split,
                COALESCE(sum(cost) FILTER (WHERE range = 0), 0) AS period,
@@ -138,32 +160,17 @@ impl Store {
                COALESCE(sum(cost) FILTER (WHERE range = 2), 0) AS long,
                COALESCE(sum(cost) FILTER (WHERE range = 3), 0) AS recent,
                COALESCE(sum(cost) FILTER (WHERE range = 4), 0) AS baseline
-             FROM ({} UNION ALL {} UNION ALL {} UNION ALL {} UNION ALL {}) w
+             FROM ({}) w
              GROUP BY split
-             HAVING cardinality($16::text[]) = 0 OR bool_or(range = 0)
-             ORDER BY period DESC, split LIMIT $17",
-            arm(0),
-            arm(1),
-            arm(2),
-            arm(3),
-            arm(4),
+             HAVING cardinality($6::text[]) = 0 OR sum(events) FILTER (WHERE range = 0) > 0
+             ORDER BY period DESC, split LIMIT $7",
+            arms.join(" UNION ALL ")
         );
-        let query = sqlx::query(&sql)
-            .bind(ranges.period.0)
-            .bind(ranges.period.1)
-            .bind(ranges.short.0)
-            .bind(ranges.short.1)
-            .bind(ranges.long.0)
-            .bind(ranges.long.1)
-            .bind(recent_from)
-            .bind(recent_to)
-            .bind(base_from)
-            .bind(base_to)
-            .bind(currency);
-        let rows = bind_scope(query, &scope)
-            .bind(MAX_SPLITS)
-            .fetch_all(self.pool())
-            .await?;
+        let mut query = bind_scope(sqlx::query(&sql).bind(currency), &scope).bind(MAX_SPLITS);
+        for (_, slice) in &slices {
+            query = query.bind(slice.from).bind(slice.to);
+        }
+        let rows = query.fetch_all(self.pool()).await?;
         if rows.len() as i64 == MAX_SPLITS {
             warn!(budget = %budget.name, max = MAX_SPLITS, "budget has more splits than are evaluated; the smallest spenders are not watched");
         }
@@ -193,19 +200,27 @@ impl Store {
         scope: &ScopeParams,
         ranges: &Ranges,
     ) -> Result<Vec<(Vec<String>, UnpricedUsage)>, StoreError> {
+        // The period as the budget's spend reads it (see `observe_budget`); a pair whose parts
+        // cancel out had no usage this period.
+        let slices: Vec<Slice> = read::parts(ranges.period.0, ranges.period.1, ranges.now)
+            .into_iter()
+            .flat_map(|part| read::slices(part, Finest::Day))
+            .collect();
         let sql = format!(
             "SELECT split, model, hardware, sum(events)::int8 AS events
-             FROM (SELECT {split} AS split, model, hardware, events FROM usage_between($1, $2)
+             FROM (SELECT {split} AS split, model, hardware, events FROM ({rows}) AS s
                    WHERE (compute_price IS NULL OR storage_price IS NULL) AND {scope}) w
-             GROUP BY split, model, hardware ORDER BY split, model, hardware LIMIT $8",
-            split = split_expr(7),
-            scope = scope_condition(3),
+             GROUP BY split, model, hardware HAVING sum(events) > 0
+             ORDER BY split, model, hardware LIMIT $6",
+            split = split_expr(5),
+            scope = scope_condition(1),
+            rows = read::union_sql(&slices, 7),
         );
-        let query = sqlx::query(&sql).bind(ranges.period.0).bind(ranges.period.1);
-        let rows = bind_scope(query, scope)
-            .bind(MAX_UNPRICED_PAIRS)
-            .fetch_all(self.pool())
-            .await?;
+        let mut query = bind_scope(sqlx::query(&sql), scope).bind(MAX_UNPRICED_PAIRS);
+        for slice in &slices {
+            query = query.bind(slice.from).bind(slice.to);
+        }
+        let rows = query.fetch_all(self.pool()).await?;
         Ok(rows
             .iter()
             .map(|r| {

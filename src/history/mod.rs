@@ -2,10 +2,12 @@
 //! demand), the hourly and daily roll-ups kept exact by signed deltas in the writers' own
 //! transactions, and retention, which drops whole partitions.
 //!
-//! Readers do not come here: the SQL function `usage_between(from, to, finest)` (migration
-//! 0006) answers every range from the coarsest tier that covers each part of it.
+//! Readers go through the SQL function `usage_between(from, to, finest)` (migration 0006), which
+//! answers every range from the coarsest tier that covers each part of it; [`read`] cuts a range
+//! into the parts that read the fewest raw rows that way.
 
 pub mod partitions;
+pub mod read;
 pub mod retention;
 pub mod rollup;
 

@@ -584,10 +584,15 @@ type Feed<'a> = (&'a str, &'a str);
 /// Window rows per INSERT statement of a flush (see [`Store::write`]).
 const WINDOW_ROWS_PER_STATEMENT: usize = 4096;
 
-/// One upsert statement for `windows`, with the roll-up deltas it implies (see
-/// [`crate::history::rollup`]): the rows' old content is read first, under the days' locks the
-/// flush holds, so that a row priced anew moves its whole content to the new price in the
-/// roll-ups too.
+/// Writes `windows` to `window_usage` with the roll-up deltas they imply (see
+/// [`crate::history::rollup`]), under the days' locks the flush holds.
+///
+/// The usual row keeps its price: it is new, or its stored identity equals the one this flush
+/// computed. One statement adds those ([`Upsert::SameIdentity`]) and their deltas are just what
+/// was added, so nothing is read back. A row priced anew (prices or coefficients changed since
+/// it was stored) is left alone by that statement; only then are the rows read, those whose
+/// stored identity differs found, and moved whole to the new identity. Reading every row's old
+/// content first tripled PostgreSQL's share of a flush (BENCHMARKS.md, session 6).
 async fn write_windows(
     tx: &mut sqlx::Transaction<'_, sqlx::Postgres>,
     feed: Feed<'_>,
@@ -599,20 +604,48 @@ async fn write_windows(
         .iter()
         .map(|&&(key, sums)| NewRow::of(feed, key, sums, prices, layout))
         .collect();
-    let old = read_rows(tx, &rows).await?;
-    upsert_windows(tx, &rows).await?;
-    let deltas: Vec<rollup::Delta> = rows
-        .iter()
-        .zip(&old)
-        .flat_map(|(row, old)| {
-            let old = old.as_ref().map(|(identity, sums)| (identity, sums));
-            rollup::row_change(&row.key, old, &row.sums, &row.identity, row.finalizes_at)
-        })
-        .collect();
+    let applied = upsert_windows(tx, &rows, Upsert::SameIdentity).await?;
+    let added = |row: &NewRow| rollup::row_change(&row.key, None, &row.sums, &row.identity, row.finalizes_at);
+    if applied == rows.len() as u64 {
+        let deltas: Vec<rollup::Delta> = rows.iter().flat_map(added).collect();
+        return rollup::apply(tx, &deltas).await;
+    }
+    // After that statement every row is stored; those whose identity is still not this flush's
+    // are exactly the ones it skipped, their old content untouched.
+    let stored = read_rows(tx, &rows).await?;
+    let mut deltas = Vec::with_capacity(rows.len() + 1);
+    let mut repriced = Vec::new();
+    for (row, stored) in rows.iter().zip(stored) {
+        match stored {
+            Some((identity, sums)) if identity != row.identity => {
+                let old = Some((&identity, &sums));
+                deltas.extend(rollup::row_change(
+                    &row.key,
+                    old,
+                    &row.sums,
+                    &row.identity,
+                    row.finalizes_at,
+                ));
+                repriced.push(row.clone());
+            }
+            _ => deltas.extend(added(row)),
+        }
+    }
+    upsert_windows(tx, &repriced, Upsert::Replace).await?;
     rollup::apply(tx, &deltas).await
 }
 
+/// What [`upsert_windows`] does to a stored row.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Upsert {
+    /// Adds to it only if its identity equals the new one; leaves it alone otherwise.
+    SameIdentity,
+    /// Adds to it and gives it the new identity.
+    Replace,
+}
+
 /// A window row as this flush writes it: its key, what it adds, and its identity now.
+#[derive(Clone)]
 struct NewRow {
     key: rollup::RowKey,
     end: DateTime<Utc>,
@@ -711,15 +744,9 @@ async fn read_rows(
     Ok(old)
 }
 
-/// The upsert of `rows` into `window_usage`: sums added, identity replaced.
-async fn upsert_windows(tx: &mut sqlx::Transaction<'_, sqlx::Postgres>, rows: &[NewRow]) -> Result<(), StoreError> {
-    let rate = |pick: fn(&Rates) -> Decimal| -> Vec<Option<Decimal>> {
-        rows.iter().map(|r| r.identity.rates.as_ref().map(pick)).collect()
-    };
-    let sum = |pick: fn(&rollup::Sums) -> Decimal| -> Vec<Decimal> { rows.iter().map(|r| pick(&r.sums)).collect() };
-    bind_keys(
-        sqlx::query(
-            "INSERT INTO window_usage AS w (model, hardware, labels, topic, source, usage_from_tokens, window_start,
+/// The upsert of window rows, `$1` to `$7` the key ([`bind_keys`]), then the rest of the row.
+const UPSERT_WINDOWS: &str =
+    "INSERT INTO window_usage AS w (model, hardware, labels, topic, source, usage_from_tokens, window_start,
                     window_end, finalizes_at, events, late_events, compute, storage, input_tokens, output_tokens,
                     profile, currency, price_id, coefficient_version, compute_price, storage_price, k1, k2,
                     coefficients_assumed)
@@ -745,28 +772,55 @@ async fn upsert_windows(tx: &mut sqlx::Transaction<'_, sqlx::Postgres>, rows: &[
                  k1 = excluded.k1,
                  k2 = excluded.k2,
                  coefficients_assumed = excluded.coefficients_assumed,
-                 updated_at = now()",
-        ),
-        rows,
-    )
-    .bind(rows.iter().map(|r| r.end).collect::<Vec<_>>())
-    .bind(rows.iter().map(|r| r.finalizes_at).collect::<Vec<_>>())
-    .bind(rows.iter().map(|r| r.sums.events).collect::<Vec<_>>())
-    .bind(rows.iter().map(|r| r.sums.late_events).collect::<Vec<_>>())
-    .bind(sum(|s| s.compute))
-    .bind(sum(|s| s.storage))
-    .bind(sum(|s| s.input_tokens))
-    .bind(sum(|s| s.output_tokens))
-    .bind(rows.iter().map(|r| r.identity.profile.as_deref()).collect::<Vec<_>>())
-    .bind(rows.iter().map(|r| r.identity.currency.as_str()).collect::<Vec<_>>())
-    .bind(rows.iter().map(|r| r.identity.price_id.as_deref()).collect::<Vec<_>>())
-    .bind(rows.iter().map(|r| r.identity.coefficient_version).collect::<Vec<_>>())
-    .bind(rate(|r| r.compute_price.value()))
-    .bind(rate(|r| r.storage_price.value()))
-    .bind(rate(|r| r.k1.value()))
-    .bind(rate(|r| r.k2.value()))
-    .bind(rows.iter().map(|r| r.identity.coefficients_assumed).collect::<Vec<_>>())
-    .execute(&mut **tx)
-    .await?;
-    Ok(())
+                 updated_at = now()";
+
+/// The condition that makes [`UPSERT_WINDOWS`] leave a row priced otherwise alone.
+const SAME_IDENTITY: &str = "
+             WHERE w.profile IS NOT DISTINCT FROM excluded.profile AND w.currency = excluded.currency
+               AND w.price_id IS NOT DISTINCT FROM excluded.price_id
+               AND w.coefficient_version IS NOT DISTINCT FROM excluded.coefficient_version
+               AND w.compute_price IS NOT DISTINCT FROM excluded.compute_price
+               AND w.storage_price IS NOT DISTINCT FROM excluded.storage_price
+               AND w.k1 IS NOT DISTINCT FROM excluded.k1 AND w.k2 IS NOT DISTINCT FROM excluded.k2
+               AND w.coefficients_assumed = excluded.coefficients_assumed";
+
+/// The upsert of `rows` into `window_usage`: sums added, and the identity replaced or required
+/// to be unchanged (`mode`). Returns how many rows it inserted or changed.
+async fn upsert_windows(
+    tx: &mut sqlx::Transaction<'_, sqlx::Postgres>,
+    rows: &[NewRow],
+    mode: Upsert,
+) -> Result<u64, StoreError> {
+    if rows.is_empty() {
+        return Ok(0);
+    }
+    let sql = match mode {
+        Upsert::SameIdentity => format!("{UPSERT_WINDOWS}{SAME_IDENTITY}"),
+        Upsert::Replace => UPSERT_WINDOWS.to_owned(),
+    };
+    let rate = |pick: fn(&Rates) -> Decimal| -> Vec<Option<Decimal>> {
+        rows.iter().map(|r| r.identity.rates.as_ref().map(pick)).collect()
+    };
+    let sum = |pick: fn(&rollup::Sums) -> Decimal| -> Vec<Decimal> { rows.iter().map(|r| pick(&r.sums)).collect() };
+    let done = bind_keys(sqlx::query(&sql), rows)
+        .bind(rows.iter().map(|r| r.end).collect::<Vec<_>>())
+        .bind(rows.iter().map(|r| r.finalizes_at).collect::<Vec<_>>())
+        .bind(rows.iter().map(|r| r.sums.events).collect::<Vec<_>>())
+        .bind(rows.iter().map(|r| r.sums.late_events).collect::<Vec<_>>())
+        .bind(sum(|s| s.compute))
+        .bind(sum(|s| s.storage))
+        .bind(sum(|s| s.input_tokens))
+        .bind(sum(|s| s.output_tokens))
+        .bind(rows.iter().map(|r| r.identity.profile.as_deref()).collect::<Vec<_>>())
+        .bind(rows.iter().map(|r| r.identity.currency.as_str()).collect::<Vec<_>>())
+        .bind(rows.iter().map(|r| r.identity.price_id.as_deref()).collect::<Vec<_>>())
+        .bind(rows.iter().map(|r| r.identity.coefficient_version).collect::<Vec<_>>())
+        .bind(rate(|r| r.compute_price.value()))
+        .bind(rate(|r| r.storage_price.value()))
+        .bind(rate(|r| r.k1.value()))
+        .bind(rate(|r| r.k2.value()))
+        .bind(rows.iter().map(|r| r.identity.coefficients_assumed).collect::<Vec<_>>())
+        .execute(&mut **tx)
+        .await?;
+    Ok(done.rows_affected())
 }

@@ -6,6 +6,7 @@ use rust_decimal::Decimal;
 use sqlx::{PgPool, Row};
 
 use super::query::{Dimension, LabelFilter};
+use crate::history::read::{self, Finest, Part, Slice};
 
 /// The width of one bucket of a cost series.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Deserialize)]
@@ -41,11 +42,11 @@ impl CostStep {
 
     /// The finest tier a bucket of this width can be answered from (`usage_between`'s third
     /// argument): a bucket never splits a roll-up row.
-    pub fn finest_tier(step: Option<Self>) -> &'static str {
+    pub fn finest_tier(step: Option<Self>) -> Finest {
         match step {
-            Some(CostStep::Window) => "window",
-            Some(CostStep::Hour) => "hour",
-            Some(CostStep::Day | CostStep::Month) | None => "day",
+            Some(CostStep::Window) => Finest::Window,
+            Some(CostStep::Hour) => Finest::Hour,
+            Some(CostStep::Day | CostStep::Month) | None => Finest::Day,
         }
     }
 
@@ -225,7 +226,7 @@ impl CostRow {
 /// sums (each numeric aggregate costs about a microsecond a row; thirty days of hourly roll-ups
 /// for 200 keys are 144,000 rows).
 const PER_START: &str = "sum(events) AS events, sum(compute) AS compute, sum(storage) AS storage,
-    sum(compute * compute_price * k1) AS compute_cost, sum(storage * storage_price * k2) AS storage_cost";
+    sum(compute_cost) AS compute_cost, sum(storage_cost) AS storage_cost";
 
 /// The figures of a cost row from the first stage's sums: costs over priced usage only, and the
 /// unpriced usage apart (a NULL cost is never a 0).
@@ -237,18 +238,20 @@ const FIGURES: &str = "sum(events)::int8 AS events, sum(compute) AS compute, sum
     COALESCE(sum(compute) FILTER (WHERE NOT priced), 0) AS unpriced_compute,
     COALESCE(sum(storage) FILTER (WHERE NOT priced), 0) AS unpriced_storage";
 
-/// The SQL of [`cost_table`]. Rows come from `usage_between`, so each part of the range is read
-/// from the coarsest tier (window rows, hourly or daily roll-ups, all with the same columns,
-/// labels included) that covers it and the step allows; the figures are the same whichever tier
-/// answers. Parameters: $1 from, $2 to, $3 model, $4 hardware, $5 the label filter (a JSON
-/// object the row's labels must contain), $6 the step, then one per label dimension (its name). Column names come from [`GROUP_COLUMNS`](super::query::GROUP_COLUMNS)
-/// only; label names are always bound, never spliced.
-fn cost_sql(query: &CostQuery<'_>) -> String {
+/// The SQL of [`cost_table`] over `parts` of its range. Each part is read from the coarsest tier
+/// (window rows, hourly or daily roll-ups, all with the same columns, labels included) that
+/// covers it and the step allows, as `usage_between` would ([`read::slices`]); a part taken back
+/// out of a widened hour has its quantities negated. The figures are the same whichever tier
+/// answers. Parameters: $1 and $2 the range (bound, read through the parts), $3 model, $4
+/// hardware, $5 the label filter (a JSON object the row's labels must contain), $6 the step,
+/// then one per label dimension (its name), then each slice's bounds. Column names come
+/// from [`GROUP_COLUMNS`](super::query::GROUP_COLUMNS) only; label names are always bound,
+/// never spliced.
+fn cost_sql(query: &CostQuery<'_>, parts: &[Part]) -> String {
     let bucket = match query.step {
         Some(_) => "CASE WHEN $6 = 'window' THEN window_start ELSE date_trunc($6, window_start, 'UTC') END",
         None => "NULL::timestamptz",
     };
-    let finest = CostStep::finest_tier(query.step);
     let mut next_parameter = 7;
     let group_select: String = query
         .by
@@ -262,21 +265,27 @@ fn cost_sql(query: &CostQuery<'_>) -> String {
             }
         })
         .collect();
+    let slices: Vec<Slice> = parts
+        .iter()
+        .flat_map(|part| read::slices(*part, CostStep::finest_tier(query.step)))
+        .collect();
     let group_by: Vec<String> = (1..=query.by.len() + 1).map(|i| i.to_string()).collect();
     let outer_select: String = (0..query.by.len()).map(|i| format!(", g{i}")).collect();
     // Two stages: the rows are summed per stored bucket start (and group, and whether priced)
     // first, with no per-row time zone arithmetic and few aggregates; only those sums are cut
     // into the step's buckets and split into priced and unpriced figures. Thirty days of hourly
-    // roll-ups for 200 keys took 750 ms in one stage.
+    // roll-ups for 200 keys took 750 ms in one stage. A bucket or group whose parts cancel out
+    // (usage only in minutes taken back out) had no usage in the range: it is left out.
     format!(
         "SELECT {bucket} AS bucket{outer_select}, {FIGURES}
          FROM (SELECT window_start{group_select}, priced, {PER_START}
                FROM (SELECT *, compute_price IS NOT NULL AND storage_price IS NOT NULL AS priced
-                     FROM usage_between($1, $2, '{finest}')) AS u
+                     FROM ({slices}) AS parts) AS u
                WHERE ($3::text IS NULL OR model = $3) AND ($4::text IS NULL OR hardware = $4)
                  AND ($5::jsonb = '{{}}'::jsonb OR labels @> $5::jsonb)
                GROUP BY {g}, priced) AS per_start
-         GROUP BY {g} ORDER BY {g}",
+         GROUP BY {g} HAVING sum(events) <> 0 ORDER BY {g}",
+        slices = read::union_sql(&slices, next_parameter),
         g = group_by.join(", ")
     )
 }
@@ -284,7 +293,16 @@ fn cost_sql(query: &CostQuery<'_>) -> String {
 /// The cost table of `query`, ordered by bucket and group: the numbers `/api/v1/costs`,
 /// `/api/v1/report`, `costwatch costs` and `costwatch report` answer.
 pub async fn cost_table(pool: &PgPool, query: &CostQuery<'_>) -> Result<Vec<CostRow>, sqlx::Error> {
-    let sql = cost_sql(query);
+    // Buckets of windows are answered from windows: no part of an hour may be taken back out.
+    let parts = match query.step {
+        Some(CostStep::Window) => vec![Part {
+            sign: 1,
+            from: query.from,
+            to: query.to,
+        }],
+        _ => read::parts(query.from, query.to, Utc::now()),
+    };
+    let sql = cost_sql(query, &parts);
     let mut statement = sqlx::query(&sql)
         .bind(query.from)
         .bind(query.to)
@@ -296,6 +314,10 @@ pub async fn cost_table(pool: &PgPool, query: &CostQuery<'_>) -> Result<Vec<Cost
         if let Dimension::Label(name) = dimension {
             statement = statement.bind(name);
         }
+    }
+    let finest = CostStep::finest_tier(query.step);
+    for slice in parts.iter().flat_map(|part| read::slices(*part, finest)) {
+        statement = statement.bind(slice.from).bind(slice.to);
     }
     let rows = statement.fetch_all(pool).await?;
     Ok(rows

@@ -18,7 +18,7 @@ use crate::domain::{
 };
 
 /// The four numbers that price one (model, hardware) pair.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
 pub struct Rates {
     /// C_C: what one compute unit costs on the hardware.
     pub compute_price: UnitPrice,

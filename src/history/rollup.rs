@@ -12,6 +12,8 @@
 //! it reads a row's old content until it commits: the old content it read is then still the
 //! content it changes, whoever else writes the same keys.
 
+use std::collections::HashMap;
+
 use chrono::{DateTime, Utc};
 use rust_decimal::Decimal;
 
@@ -45,7 +47,7 @@ pub struct RowKey {
 
 /// How a row's numbers were derived and priced: rows of one bucket and key with the same
 /// identity share a roll-up row.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct Identity {
     /// The usage profile that derived T and S from tokens, if one did.
     pub profile: Option<String>,
@@ -203,8 +205,52 @@ pub async fn lock_days(tx: &mut sqlx::Transaction<'_, sqlx::Postgres>, days: &[i
     Ok(())
 }
 
-/// The roll-up tables and the unit of their buckets.
-const TIERS: [(&str, &str); 2] = [("usage_hourly", "hour"), ("usage_daily", "day")];
+/// The roll-up tables, the unit of their buckets and its length in milliseconds.
+const TIERS: [(&str, &str, i64); 2] = [
+    ("usage_hourly", "hour", 3_600_000),
+    ("usage_daily", "day", super::DAY_MS),
+];
+
+/// A roll-up row's key: bucket start (Unix ms), topic, source, model, hardware, labels, T and
+/// S from tokens, identity.
+type BucketKey<'a> = (i64, &'a str, &'a str, &'a str, &'a str, &'a str, bool, &'a Identity);
+
+/// `deltas` summed per roll-up row of `bucket_ms`-long buckets, each with its bucket's start as
+/// `window_start`. A flush's rows are minutes of a few hours: the statement then carries one row
+/// per roll-up row it changes, not one per raw row (sending every raw row's delta and grouping
+/// in SQL cost as much as writing the raw rows).
+fn per_bucket(deltas: &[Delta], bucket_ms: i64) -> Vec<Delta> {
+    let mut index: HashMap<BucketKey<'_>, usize> = HashMap::with_capacity(deltas.len() / 8 + 1);
+    let mut summed: Vec<Delta> = Vec::new();
+    for d in deltas {
+        let bucket = d.key.window_start.timestamp_millis().div_euclid(bucket_ms) * bucket_ms;
+        let k = &d.key;
+        let key = (
+            bucket,
+            k.topic.as_str(),
+            k.source.as_str(),
+            k.model.as_str(),
+            k.hardware.as_str(),
+            k.labels.as_str(),
+            k.usage_from_tokens,
+            &d.identity,
+        );
+        match index.get(&key) {
+            Some(&i) => {
+                let row = &mut summed[i];
+                row.sums = row.sums.plus(&d.sums);
+                row.finalizes_at = row.finalizes_at.max(d.finalizes_at);
+            }
+            None => {
+                index.insert(key, summed.len());
+                let mut row = d.clone();
+                row.key.window_start = DateTime::from_timestamp_millis(bucket).unwrap_or(d.key.window_start);
+                summed.push(row);
+            }
+        }
+    }
+    summed
+}
 
 /// Adds `deltas` to the hourly and daily roll-ups, then deletes roll-up rows left empty (an
 /// identity whose content moved away). Call with the days of the deltas locked.
@@ -212,16 +258,16 @@ pub async fn apply(tx: &mut sqlx::Transaction<'_, sqlx::Postgres>, deltas: &[Del
     if deltas.is_empty() {
         return Ok(());
     }
-    let columns = DeltaColumns::of(deltas);
-    for (table, unit) in TIERS {
-        columns
-            .bind(sqlx::query(&upsert_sql(table, unit)))
+    for (table, _, bucket_ms) in TIERS {
+        let rows = per_bucket(deltas, bucket_ms);
+        DeltaColumns::of(&rows)
+            .bind(sqlx::query(&upsert_sql(table)))
             .execute(&mut **tx)
             .await?;
     }
     if deltas.iter().any(|d| d.sums.events < 0) {
         let starts: Vec<DateTime<Utc>> = deltas.iter().map(|d| d.key.window_start).collect();
-        for (table, unit) in TIERS {
+        for (table, unit, _) in TIERS {
             sqlx::query(&format!(
                 "DELETE FROM {table} WHERE events = 0
                    AND bucket_start IN (SELECT DISTINCT costwatch_floor(s, '{unit}') FROM unnest($1::timestamptz[]) s)"
@@ -289,21 +335,22 @@ pub async fn rebuild_days(pool: &sqlx::PgPool, days: &[i64]) -> Result<Vec<i64>,
     Ok(rebuilt)
 }
 
-/// The upsert of grouped deltas into one roll-up table. Grouping first matters twice: one
-/// statement may not touch a row twice, and fewer rows travel.
-fn upsert_sql(table: &str, unit: &str) -> String {
+/// The upsert of deltas summed per roll-up row ([`per_bucket`]) into one roll-up table. The
+/// statement groups them again: two label texts of one `jsonb` value are one roll-up row, and
+/// one statement may not touch a row twice.
+fn upsert_sql(table: &str) -> String {
     format!(
         "INSERT INTO {table} AS x (bucket_start, topic, source, model, hardware, labels, usage_from_tokens, profile,
                 currency, price_id, coefficient_version, compute_price, storage_price, k1, k2, coefficients_assumed,
                 events, late_events, compute, storage, input_tokens, output_tokens, finalizes_at)
-         SELECT costwatch_floor(s, '{unit}'), tp, src, m, h, l::jsonb, uft, prof, cur, pid, cv, cp, sp, a, b, ass,
+         SELECT s, tp, src, m, h, l::jsonb, uft, prof, cur, pid, cv, cp, sp, a, b, ass,
                 sum(ev), sum(le), sum(c), sum(st), sum(it), sum(ot), max(f)
          FROM UNNEST($1::timestamptz[], $2::text[], $3::text[], $4::text[], $5::text[], $6::text[], $7::bool[],
                      $8::text[], $9::text[], $10::text[], $11::int8[], $12::numeric[], $13::numeric[],
                      $14::numeric[], $15::numeric[], $16::bool[], $17::int8[], $18::int8[], $19::numeric[],
                      $20::numeric[], $21::numeric[], $22::numeric[], $23::timestamptz[])
               AS t(s, tp, src, m, h, l, uft, prof, cur, pid, cv, cp, sp, a, b, ass, ev, le, c, st, it, ot, f)
-         GROUP BY costwatch_floor(s, '{unit}'), tp, src, m, h, l::jsonb, uft, prof, cur, pid, cv, cp, sp, a, b, ass
+         GROUP BY s, tp, src, m, h, l::jsonb, uft, prof, cur, pid, cv, cp, sp, a, b, ass
          ON CONFLICT (model, hardware, labels, topic, source, usage_from_tokens, profile, currency, price_id,
                       coefficient_version, compute_price, storage_price, k1, k2, coefficients_assumed, bucket_start)
          DO UPDATE SET events = x.events + excluded.events,
@@ -441,6 +488,52 @@ mod tests {
             compute: Decimal::from(compute),
             ..Sums::default()
         }
+    }
+
+    #[test]
+    fn deltas_are_summed_per_roll_up_row_before_they_travel() {
+        let at = |minute: i64| DateTime::from_timestamp(minute * 60, 0).unwrap();
+        let delta = |minute: i64, price: &str, events: i64| Delta {
+            key: RowKey {
+                window_start: at(minute),
+                ..key()
+            },
+            identity: identity(price),
+            sums: sums(events, events * 10),
+            finalizes_at: at(minute + 6),
+        };
+        // Three minutes of hour 0 at price a (one of them moved away: negative), one at price b,
+        // one minute of hour 1 at price a.
+        let deltas = [
+            delta(1, "a", 2),
+            delta(2, "a", 3),
+            delta(3, "a", -1),
+            delta(4, "b", 7),
+            delta(61, "a", 5),
+        ];
+        let hourly = per_bucket(&deltas, 3_600_000);
+        let seen: Vec<(DateTime<Utc>, Option<&str>, Sums, DateTime<Utc>)> = hourly
+            .iter()
+            .map(|d| {
+                (
+                    d.key.window_start,
+                    d.identity.price_id.as_deref(),
+                    d.sums,
+                    d.finalizes_at,
+                )
+            })
+            .collect();
+        assert_eq!(
+            seen,
+            vec![
+                (at(0), Some("a"), sums(4, 40), at(9)),
+                (at(0), Some("b"), sums(7, 70), at(10)),
+                (at(60), Some("a"), sums(5, 50), at(67)),
+            ]
+        );
+        let daily = per_bucket(&deltas, crate::history::DAY_MS);
+        assert_eq!(daily.len(), 2);
+        assert_eq!((daily[0].key.window_start, daily[0].sums), (at(0), sums(9, 90)));
     }
 
     #[test]

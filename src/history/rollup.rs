@@ -512,7 +512,7 @@ mod tests {
             delta(61, "a", 5),
         ];
         let hourly = per_bucket(&deltas, 3_600_000);
-        let seen: Vec<(DateTime<Utc>, Option<&str>, Sums, DateTime<Utc>)> = hourly
+        let seen: Vec<_> = hourly
             .iter()
             .map(|d| {
                 (

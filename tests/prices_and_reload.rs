@@ -1,7 +1,8 @@
 //! Prices with effective dates and configuration reloads, end to end against the real broker
 //! and PostgreSQL: a price change splits one stream exactly at its `effective_from`, `rerate`
-//! keeps each side's price, and SIGHUP (or `POST /-/reload`) changes budgets and prices in the
-//! running process while a broken file changes nothing.
+//! keeps each side's price, SIGHUP (or `POST /-/reload`) changes budgets and prices in the
+//! running process while a broken file changes nothing, and a usage profile added by reload
+//! prices new token events at once and earlier ones through `rerate`.
 
 mod common;
 
@@ -342,4 +343,116 @@ async fn reload_needs_the_api_token_when_one_is_set() {
     let (status, body) = http(&addr, "POST", "/-/reload", Some(token), None).await;
     assert_eq!(status, 200, "{body}");
     assert_eq!(body, r#"{"ignored_until_restart":[],"status":"success"}"#);
+}
+
+/// An OpenAI-style response body (as vLLM returns it) of 800 input and 200 output tokens.
+fn completion(id: &str, at: DateTime<Utc>) -> costwatch::loadgen::Message {
+    raw(
+        id,
+        format!(
+            r#"{{"id":"{id}","object":"chat.completion","created":{},"model":"qwen2-7b-instruct","choices":[],"usage":{{"prompt_tokens":800,"completion_tokens":200,"total_tokens":1000}}}}"#,
+            at.timestamp()
+        ),
+    )
+}
+
+/// (window start, events, input tokens, ΣT, ΣS, profile, cost) per window row, oldest first.
+type TokenRow = (
+    DateTime<Utc>,
+    i64,
+    Decimal,
+    Decimal,
+    Decimal,
+    Option<String>,
+    Option<Decimal>,
+);
+
+async fn token_rows(world: &World) -> Vec<TokenRow> {
+    let rows: Vec<TokenRow> = sqlx::query_as(
+        "SELECT window_start, events, input_tokens, compute, storage, profile,
+                compute * compute_price * k1 + storage * storage_price * k2
+         FROM window_usage WHERE usage_from_tokens ORDER BY window_start",
+    )
+    .fetch_all(&world.pool)
+    .await
+    .unwrap();
+    rows.into_iter()
+        .map(|(s, e, i, c, st, p, cost)| {
+            (
+                s,
+                e,
+                i.normalize(),
+                c.normalize(),
+                st.normalize(),
+                p,
+                cost.map(|c| c.normalize()),
+            )
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_usage_profile_added_by_reload_prices_new_token_events_and_rerate_the_earlier_ones() {
+    let world = World::new(1).await;
+    let source = format!(
+        "\n[[sources]]\nname = \"vllm\"\ntopic = \"{}\"\nformat = \"openai\"\nhardware = \"a100-80g\"\n",
+        world.topic
+    );
+    let config = world.config(&format!("{}{source}", pricing("")));
+    let mut daemon = world.start(&config);
+    let pid = daemon.pid();
+    let minute = chrono::Duration::minutes(1);
+    let first = Utc::now().duration_trunc(minute).unwrap() - minute * 3;
+    world.produce(vec![completion("cmpl-1", first)]).await;
+    world.wait_consumed(1, WAIT).await;
+    // No profile yet: the tokens are kept, T and S unknown, the cost NULL (unpriced, not 0).
+    assert_eq!(
+        token_rows(&world).await,
+        vec![(first, 1, dec("800"), dec("0"), dec("0"), None, None)]
+    );
+
+    // T = 800 x 0.5 + 200 x 2 = 800, S = 1000 x 0.001 = 1; cost 0.1 x 0.5 x 800 + 0.2 x 0.8 x 1.
+    let profile = "\n[[usage_profiles]]\nname = \"qwen-a100\"\nmodel = \"qwen2-*\"\nhardware = \"a100-*\"\n\
+                   compute_per_input_token = \"0.5\"\ncompute_per_output_token = \"2\"\nstorage_per_token = \"0.001\"\n";
+    let text = std::fs::read_to_string(&config).unwrap();
+    std::fs::write(&config, format!("{text}{profile}")).unwrap();
+    daemon.signal("HUP");
+    daemon.wait_log("configuration reloaded").await;
+    let second = first + minute;
+    world.produce(vec![completion("cmpl-2", second)]).await;
+    world.wait_consumed(2, WAIT).await;
+    let priced = (
+        second,
+        1,
+        dec("800"),
+        dec("800"),
+        dec("1"),
+        Some("qwen-a100".to_owned()),
+        Some(dec("40.16")),
+    );
+    assert_eq!(
+        token_rows(&world).await,
+        vec![(first, 1, dec("800"), dec("0"), dec("0"), None, None), priced.clone()]
+    );
+    assert!(daemon.is_running());
+    assert_eq!(daemon.pid(), pid, "the profile came in by reload, not a restart");
+    daemon.terminate(WAIT);
+
+    // rerate applies the profile to the earlier token-only window, exactly.
+    let report = rerate(&config, first - minute, second + minute);
+    assert_eq!(report["changed"].as_i64(), Some(1), "{report}");
+    let after = token_rows(&world).await;
+    assert_eq!(
+        after[0],
+        (
+            first,
+            1,
+            dec("800"),
+            dec("800"),
+            dec("1"),
+            Some("qwen-a100".to_owned()),
+            Some(dec("40.16"))
+        )
+    );
+    assert_eq!(after[1], priced);
 }

@@ -421,8 +421,21 @@ impl Names {
             Basis::Measured => {}
             Basis::NoProfile => self.scratch.push_str("\0-\0"),
             Basis::Profile(i) => {
-                use std::fmt::Write;
-                let _ = write!(self.scratch, "\0{i}\0");
+                // The index in decimal, by hand: no formatting machinery per token event.
+                let mut digits = [0u8; 5];
+                let (mut n, mut at) = (i, digits.len());
+                loop {
+                    at -= 1;
+                    digits[at] = b'0' + (n % 10) as u8;
+                    n /= 10;
+                    if n == 0 {
+                        break;
+                    }
+                }
+                self.scratch.push('\0');
+                self.scratch
+                    .push_str(std::str::from_utf8(&digits[at..]).expect("ASCII digits"));
+                self.scratch.push('\0');
             }
         }
         for part in [&event.model, &event.hardware] {

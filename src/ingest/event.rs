@@ -16,6 +16,10 @@ use smallvec::SmallVec;
 
 use crate::domain::{check_name, ComputeUnits, EventId, HardwareName, ModelName, NameError, StorageUnits};
 
+mod scan;
+
+pub(crate) use scan::{is_number, object_members};
+
 /// Largest T or S one event may carry. Far above any real request, low enough that a window's
 /// sums can never overflow the 96-bit decimal they are kept in.
 pub const MAX_QUANTITY: Decimal = Decimal::from_parts(0xA764_0000, 0x0DE0_B6B3, 0, false, 0); // 10^18
@@ -282,6 +286,36 @@ struct Wire<'a> {
     output_tokens: Option<&'a RawValue>,
 }
 
+/// The fields of an event as read, before validation: from [`scan::scan`] (the common shape) or
+/// from [`Wire`] (anything else). Numbers are their JSON text.
+struct Fields<'a> {
+    event_id: Cow<'a, str>,
+    timestamp: Cow<'a, str>,
+    model: Cow<'a, str>,
+    hardware: Cow<'a, str>,
+    compute: &'a str,
+    storage: &'a str,
+    labels: Option<RawLabels<'a>>,
+    input_tokens: Option<&'a str>,
+    output_tokens: Option<&'a str>,
+}
+
+impl<'a> From<Wire<'a>> for Fields<'a> {
+    fn from(w: Wire<'a>) -> Self {
+        Self {
+            event_id: w.event_id,
+            timestamp: w.timestamp,
+            model: w.model,
+            hardware: w.hardware,
+            compute: w.compute.get(),
+            storage: w.storage.get(),
+            labels: w.labels,
+            input_tokens: w.input_tokens.map(RawValue::get),
+            output_tokens: w.output_tokens.map(RawValue::get),
+        }
+    }
+}
+
 /// A label set as decoded: sorted by key, one pair per key (the last one wins, as when a JSON
 /// object is read into a map), borrowed from the payload unless JSON escapes had to be undone.
 /// Up to four labels cost no allocation; a map cost one per key, one per value and a node.
@@ -337,19 +371,25 @@ fn label_list<'de: 'a, 'a, D: serde::Deserializer<'de>>(deserializer: D) -> Resu
             while let Some((Text(k), Text(v))) = map.next_entry()? {
                 labels.push((k, v));
             }
-            // Stable: pairs with the same key stay in payload order, and the last one is kept.
-            labels.sort_by(|a, b| a.0.cmp(&b.0));
-            labels.dedup_by(|later, kept| {
-                let same = later.0 == kept.0;
-                if same {
-                    std::mem::swap(later, kept);
-                }
-                same
-            });
-            Ok(Some(labels))
+            Ok(Some(sorted_labels(labels)))
         }
     }
     deserializer.deserialize_option(LabelsVisitor(std::marker::PhantomData))
+}
+
+/// Sorts label pairs by key, keeping one pair per key: the last one, as when a JSON object is
+/// read into a map.
+fn sorted_labels(mut labels: RawLabels<'_>) -> RawLabels<'_> {
+    // Stable: pairs with the same key stay in payload order, and the last one is kept.
+    labels.sort_by(|a, b| a.0.cmp(&b.0));
+    labels.dedup_by(|later, kept| {
+        let same = later.0 == kept.0;
+        if same {
+            std::mem::swap(later, kept);
+        }
+        same
+    });
+    labels
 }
 
 /// Decodes and validates one Kafka payload (`None` is a tombstone or empty message).
@@ -372,7 +412,10 @@ pub fn decode_ref<'a>(
             format!("an event must be a JSON object, got {}", abbreviate(text)),
         ));
     }
-    let wire: Wire<'_> = serde_json::from_str(text).map_err(classify_json_error)?;
+    let wire = match scan::scan(text) {
+        Some(fields) => fields,
+        None => Fields::from(serde_json::from_str::<Wire<'_>>(text).map_err(classify_json_error)?),
+    };
 
     let event_id = name("event_id", wire.event_id)?;
     let model = name("model", wire.model)?;
@@ -434,19 +477,27 @@ pub(crate) fn classify_json_error(e: serde_json::Error) -> Rejection {
 }
 
 /// An optional quantity: absent or `null` is zero.
-fn optional_quantity(field: &str, raw: Option<&RawValue>) -> Result<Decimal, Rejection> {
+fn optional_quantity(field: &str, raw: Option<&str>) -> Result<Decimal, Rejection> {
     match raw {
-        Some(raw) if raw.get() != "null" => quantity(field, raw),
+        Some(raw) if raw != "null" => quantity(field, raw),
         _ => Ok(Decimal::ZERO),
     }
 }
 
 /// A quantity given as a JSON number or as a string holding a decimal number (`"12"`,
 /// `"1.5e3"`), read exactly under the precision contract; for the mapped formats.
-pub(crate) fn quantity_or_text(field: &str, raw: &RawValue) -> Result<Decimal, Rejection> {
-    let text = raw.get();
+pub(crate) fn quantity_or_text(field: &str, text: &str) -> Result<Decimal, Rejection> {
     if !text.starts_with('"') {
-        return quantity(field, raw);
+        return quantity(field, text);
+    }
+    // A string without escapes holding a plain JSON number (`"12"`, the usual case) is read
+    // without serde_json, which the general reading below costs twice.
+    let plain = text.strip_prefix('"').and_then(|s| s.strip_suffix('"'));
+    if let Some(inner) = plain.filter(|s| !s.contains('\\')) {
+        let trimmed = inner.trim();
+        if scan::is_number(trimmed) {
+            return quantity(field, trimmed);
+        }
     }
     let inner: Cow<'_, str> = serde_json::from_str(text)
         .map_err(|e| Rejection::new(RejectCode::InvalidField, format!("{field} is not a string: {e}")))?;
@@ -454,7 +505,7 @@ pub(crate) fn quantity_or_text(field: &str, raw: &RawValue) -> Result<Decimal, R
     // Only the JSON number grammar is accepted inside the string, so "0x10" or "1,5" are refused.
     let valid: Result<Box<RawValue>, _> = serde_json::from_str(trimmed);
     match valid {
-        Ok(number) if trimmed.starts_with(|c: char| c == '-' || c.is_ascii_digit()) => quantity(field, &number),
+        Ok(number) if trimmed.starts_with(|c: char| c == '-' || c.is_ascii_digit()) => quantity(field, number.get()),
         _ => Err(Rejection::new(
             RejectCode::InvalidField,
             format!("{field} must be a number or a decimal string, got {}", abbreviate(text)),
@@ -479,8 +530,8 @@ pub(crate) fn name<'a>(field: &str, value: Cow<'a, str>) -> Result<Cow<'a, str>,
     })
 }
 
-fn quantity(field: &str, raw: &RawValue) -> Result<Decimal, Rejection> {
-    let text = raw.get();
+/// A quantity given as JSON number text, read exactly under the precision contract.
+fn quantity(field: &str, text: &str) -> Result<Decimal, Rejection> {
     let is_number = text.starts_with(|c: char| c == '-' || c.is_ascii_digit());
     if !is_number {
         return Err(Rejection::new(
@@ -524,6 +575,14 @@ enum QuantityProblem {
 /// Written by hand because rust_decimal's scientific parser rounds what it cannot hold (a 37-digit
 /// mantissa in exponent form was silently rounded while the same digits written out were refused).
 fn exact_quantity(text: &str) -> Result<Decimal, QuantityProblem> {
+    match plain_quantity(text) {
+        Some(value) => Ok(value),
+        None => general_quantity(text),
+    }
+}
+
+/// [`exact_quantity`] in any notation.
+fn general_quantity(text: &str) -> Result<Decimal, QuantityProblem> {
     let (negative, body) = match text.strip_prefix('-') {
         Some(rest) => (true, rest),
         None => (false, text),
@@ -587,8 +646,47 @@ fn exact_quantity(text: &str) -> Result<Decimal, QuantityProblem> {
     Ok(value)
 }
 
+/// [`exact_quantity`] of the numbers producers usually write (`1234.5`, `16`: no sign, no
+/// exponent, at most 18 digits, at most 10 of them after the point), in one pass; `None` for
+/// any other, which the general reading handles. The result is the same value at the same scale
+/// (trailing zeros after the point dropped, those before it kept), so sums and content digests
+/// do not depend on which path read a number.
+fn plain_quantity(text: &str) -> Option<Decimal> {
+    let bytes = text.as_bytes();
+    let (mut units, mut scale, mut point, mut digits) = (0u64, 0u32, false, 0usize);
+    for &b in bytes {
+        match b {
+            b'0'..=b'9' => {
+                units = units * 10 + u64::from(b - b'0');
+                scale += u32::from(point);
+                digits += 1;
+                // 18 digits stay below 10^18 (MAX_QUANTITY) and within a u64.
+                if digits > 18 {
+                    return None;
+                }
+            }
+            b'.' if !point => point = true,
+            _ => return None,
+        }
+    }
+    if digits == 0 || scale > MAX_FRACTION_DIGITS {
+        return None;
+    }
+    if units == 0 {
+        return Some(Decimal::ZERO);
+    }
+    while scale > 0 && units % 10 == 0 {
+        units /= 10;
+        scale -= 1;
+    }
+    Some(Decimal::from_i128_with_scale(i128::from(units), scale))
+}
+
 /// Parses an RFC 3339 timestamp and checks it against the limits.
 pub(crate) fn timestamp(text: &str, limits: &Limits, now: DateTime<Utc>) -> Result<DateTime<Utc>, Rejection> {
+    if let Some(ts) = utc_timestamp(text) {
+        return time_in_range(&text, ts, limits, now);
+    }
     let ts = DateTime::parse_from_rfc3339(text)
         .map_err(|e| {
             Rejection::new(
@@ -597,20 +695,53 @@ pub(crate) fn timestamp(text: &str, limits: &Limits, now: DateTime<Utc>) -> Resu
             )
         })?
         .with_timezone(&Utc);
-    time_in_range(text, ts, limits, now)
+    time_in_range(&text, ts, limits, now)
+}
+
+/// The timestamps producers usually write, `YYYY-MM-DDTHH:MM:SS[.f{1,9}]Z`, read directly;
+/// `None` for anything else (offsets, lower case, leap seconds, more than 9 fraction digits,
+/// invalid dates), which chrono's RFC 3339 parser reads and words the errors of. Where both
+/// read a text they agree: the same calendar checks (`NaiveDate`, `NaiveTime`) build the value.
+fn utc_timestamp(text: &str) -> Option<DateTime<Utc>> {
+    let b = text.as_bytes();
+    if b.len() < 20 || b.len() > 30 || b[b.len() - 1] != b'Z' {
+        return None;
+    }
+    let num = |from: usize, to: usize| -> Option<u32> {
+        b[from..to]
+            .iter()
+            .try_fold(0u32, |n, &d| d.is_ascii_digit().then(|| n * 10 + u32::from(d - b'0')))
+    };
+    let separators = [(4, b'-'), (7, b'-'), (10, b'T'), (13, b':'), (16, b':')];
+    if separators.iter().any(|&(at, c)| b[at] != c) {
+        return None;
+    }
+    let (year, month, day) = (num(0, 4)?, num(5, 7)?, num(8, 10)?);
+    let (hour, minute, second) = (num(11, 13)?, num(14, 16)?, num(17, 19)?);
+    // 60 is a leap second, which chrono represents its own way.
+    if second > 59 {
+        return None;
+    }
+    let nano = match &b[19..b.len() - 1] {
+        [] => 0,
+        [b'.', digits @ ..] if !digits.is_empty() && digits.len() <= 9 => {
+            num(20, 20 + digits.len())? * 10u32.pow(9 - digits.len() as u32)
+        }
+        _ => return None,
+    };
+    let date = chrono::NaiveDate::from_ymd_opt(year as i32, month, day)?;
+    Some(date.and_hms_nano_opt(hour, minute, second, nano)?.and_utc())
 }
 
 /// Checks a timestamp (written as `text`) against the future-skew and age limits.
 pub(crate) fn time_in_range(
-    text: &str,
+    text: &dyn fmt::Display,
     ts: DateTime<Utc>,
     limits: &Limits,
     now: DateTime<Utc>,
 ) -> Result<DateTime<Utc>, Rejection> {
-    // chrono durations cannot overflow here: both limits were validated to be sane at startup.
-    let skew = chrono::Duration::from_std(limits.max_future_skew).unwrap_or(chrono::Duration::MAX);
-    let age = chrono::Duration::from_std(limits.max_event_age).unwrap_or(chrono::Duration::MAX);
-    if ts > now + skew {
+    let (too_new, too_old) = out_of_range(ts, limits, now);
+    if too_new {
         return Err(Rejection::new(
             RejectCode::FutureTimestamp,
             format!(
@@ -620,7 +751,7 @@ pub(crate) fn time_in_range(
             ),
         ));
     }
-    if ts < now - age {
+    if too_old {
         return Err(Rejection::new(
             RejectCode::TooOld,
             format!(
@@ -630,6 +761,29 @@ pub(crate) fn time_in_range(
         ));
     }
     Ok(ts)
+}
+
+/// Whether `ts` is more than `max_future_skew` ahead of `now`, and whether it is more than
+/// `max_event_age` behind it. In nanoseconds since the epoch (i128: no overflow), which orders
+/// instants as chrono does except within a leap second; chrono's own date arithmetic for
+/// `now + skew` and `now - age` was a third of the cost of reading a timestamp, and is kept for
+/// leap seconds only.
+fn out_of_range(ts: DateTime<Utc>, limits: &Limits, now: DateTime<Utc>) -> (bool, bool) {
+    const NANOS: i128 = 1_000_000_000;
+    let leap = |t: DateTime<Utc>| i128::from(t.timestamp_subsec_nanos()) >= NANOS;
+    if leap(ts) || leap(now) {
+        // chrono durations cannot overflow here: both limits were validated to be sane at startup.
+        let skew = chrono::Duration::from_std(limits.max_future_skew).unwrap_or(chrono::Duration::MAX);
+        let age = chrono::Duration::from_std(limits.max_event_age).unwrap_or(chrono::Duration::MAX);
+        return (ts > now + skew, ts < now - age);
+    }
+    let instant = |t: DateTime<Utc>| i128::from(t.timestamp()) * NANOS + i128::from(t.timestamp_subsec_nanos());
+    let span = |d: Duration| i128::from(d.as_secs()) * NANOS + i128::from(d.subsec_nanos());
+    let (at, now_at) = (instant(ts), instant(now));
+    (
+        at > now_at + span(limits.max_future_skew),
+        at < now_at - span(limits.max_event_age),
+    )
 }
 
 fn labels(raw: Option<RawLabels<'_>>) -> Result<RawLabels<'_>, Rejection> {
@@ -657,7 +811,12 @@ fn labels(raw: Option<RawLabels<'_>>) -> Result<RawLabels<'_>, Rejection> {
                     format!("label {what} {} must not contain NUL characters", abbreviate(s)),
                 ));
             }
-            let chars = s.chars().count();
+            // Bytes bound characters from above: the common short label skips the count.
+            let chars = if s.len() > crate::domain::MAX_NAME_CHARS {
+                s.chars().count()
+            } else {
+                s.len()
+            };
             if chars > crate::domain::MAX_NAME_CHARS {
                 return Err(Rejection::new(
                     RejectCode::FieldTooLong,
@@ -957,6 +1116,117 @@ mod tests {
         let at_limit = format!("{{\"kk\": \"{}\", \"lm\": \"{}\"}}", "😀".repeat(127), "😀".repeat(128));
         let e = decode_str(&with(at_limit)).unwrap();
         assert_eq!(e.labels.iter().map(|(k, v)| k.len() + v.len()).sum::<usize>(), 1024);
+    }
+
+    #[test]
+    fn plain_numbers_read_fast_are_the_same_decimals_at_the_same_scale() {
+        let numbers = [
+            "0",
+            "0.0",
+            "0.00",
+            "1",
+            "7",
+            "10",
+            "1500",
+            "100.00",
+            "1.50",
+            "0.5",
+            "1234.5",
+            "16.25",
+            "0.0000000001",
+            "123456789012345678",
+            "12345678.0123456789",
+            "999999999999999999",
+            "00.10",
+            "5000.000",
+        ];
+        for n in numbers {
+            let fast = plain_quantity(n).unwrap_or_else(|| panic!("{n} is plain"));
+            let general = general_quantity(n).unwrap();
+            assert_eq!(fast, general, "{n}");
+            assert_eq!(fast.scale(), general.scale(), "{n}");
+            assert_eq!(
+                fast.serialize(),
+                general.serialize(),
+                "{n}: content digests hash these bytes"
+            );
+        }
+        // Everything else goes the general way (and is refused there when it must be).
+        for n in [
+            "-1",
+            "1e3",
+            "1.5E+3",
+            "1234567890123456789",
+            "0.00000000001",
+            "",
+            ".",
+            "1.2.3",
+            "1,5",
+        ] {
+            assert_eq!(plain_quantity(n), None, "{n}");
+        }
+    }
+
+    #[test]
+    fn timestamps_read_fast_are_the_instants_chrono_reads() {
+        let common = [
+            "2026-11-29T03:00:00Z",
+            "2026-11-29T03:00:00.1Z",
+            "2026-11-29T03:00:00.123Z",
+            "2026-11-29T03:00:00.123456789Z",
+            "2024-02-29T23:59:59.999Z",
+            "0001-01-01T00:00:00Z",
+        ];
+        for t in common {
+            let chrono = DateTime::parse_from_rfc3339(t).unwrap().with_timezone(&Utc);
+            assert_eq!(utc_timestamp(t), Some(chrono), "{t}");
+        }
+        // Left to chrono: other offsets and spellings, leap seconds, long fractions, and
+        // everything invalid (which chrono words the rejection of).
+        let other = [
+            "2026-11-29T04:00:00+01:00",
+            "2026-11-29t03:00:00z",
+            "2026-11-29 03:00:00Z",
+            "2026-12-31T23:59:60Z",
+            "2026-11-29T03:00:00.1234567891Z",
+            "2026-11-29T03:00:00.Z",
+            "2026-02-29T03:00:00Z",
+            "2026-13-01T03:00:00Z",
+            "2026-11-29T24:00:00Z",
+            "2026-11-29T03:60:00Z",
+            "2026-11-29T03:00:0xZ",
+            "yesterday",
+        ];
+        for t in other {
+            assert_eq!(utc_timestamp(t), None, "{t}");
+        }
+    }
+
+    #[test]
+    fn the_time_limits_are_exact_to_the_nanosecond() {
+        let limits = limits();
+        let at = |s: &str| s.parse::<DateTime<Utc>>().unwrap();
+        let now = at("2026-11-29T03:05:00.5Z");
+        // 300 s of skew, 7 days of age: the bounds themselves are inside.
+        assert_eq!(out_of_range(at("2026-11-29T03:10:00.5Z"), &limits, now), (false, false));
+        assert_eq!(
+            out_of_range(at("2026-11-29T03:10:00.500000001Z"), &limits, now),
+            (true, false)
+        );
+        assert_eq!(out_of_range(at("2026-11-22T03:05:00.5Z"), &limits, now), (false, false));
+        assert_eq!(
+            out_of_range(at("2026-11-22T03:05:00.499999999Z"), &limits, now),
+            (false, true)
+        );
+        // A leap second (chrono's nanoseconds past 10^9) is compared by chrono itself.
+        let leap = DateTime::parse_from_rfc3339("2026-11-29T03:09:60.5Z")
+            .unwrap()
+            .with_timezone(&Utc);
+        let chrono = (
+            leap > now + chrono::Duration::seconds(300),
+            leap < now - chrono::Duration::days(7),
+        );
+        assert_eq!(out_of_range(leap, &limits, now), chrono);
     }
 
     #[test]

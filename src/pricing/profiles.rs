@@ -107,6 +107,18 @@ impl UsageProfile {
 
 /// `*` matches any run of characters (none included), `?` exactly one; everything else itself.
 pub fn glob_match(glob: &str, text: &str) -> bool {
+    // The shapes profiles are written in, without collecting characters (this runs for every
+    // token event): everything, a prefix, or a name.
+    let literal = |s: &str| !s.contains(['*', '?']);
+    if glob == "*" {
+        return true;
+    }
+    if let Some(prefix) = glob.strip_suffix('*').filter(|p| literal(p)) {
+        return text.starts_with(prefix);
+    }
+    if literal(glob) {
+        return glob == text;
+    }
     let (g, t): (Vec<char>, Vec<char>) = (glob.chars().collect(), text.chars().collect());
     // The classic greedy match with one backtrack point: linear for practical globs.
     let (mut gi, mut ti) = (0, 0);

@@ -7,7 +7,7 @@ use std::borrow::Cow;
 use chrono::{DateTime, Utc};
 use serde_json::value::RawValue;
 
-use super::pointer::{self, Pointer};
+use super::pointer::{self, Doc, Pointer};
 use super::Decoded;
 use crate::config::{SourceFormat, SourceSettings, TimestampFormat};
 use crate::domain::{ComputeUnits, StorageUnits};
@@ -29,6 +29,8 @@ pub struct Mapping {
     labels: Vec<(String, Pointer)>,
     /// `cloudevents`: the `type`s that carry usage; `None` is all of them.
     types: Option<Vec<String>>,
+    /// Where `types` are looked for.
+    type_at: Pointer,
 }
 
 #[derive(Debug, Clone)]
@@ -92,6 +94,7 @@ impl Mapping {
             measured,
             labels: s.labels.iter().map(|(k, p)| (k.clone(), Pointer::new(p))).collect(),
             types: s.types.clone(),
+            type_at: Pointer::new("/type"),
         }
     }
 
@@ -111,36 +114,36 @@ impl Mapping {
                 format!("a message must be a JSON object, got {}", event::abbreviate(text)),
             ));
         }
-        let root: &RawValue = serde_json::from_str(text)
-            .map_err(|e| Rejection::new(RejectCode::MalformedJson, format!("not a JSON object: {e}")))?;
-        if self.skipped_type(root)? {
+        let root = match Doc::parse(text) {
+            Some(doc) => doc,
+            None => {
+                let root: &RawValue = serde_json::from_str(text)
+                    .map_err(|e| Rejection::new(RejectCode::MalformedJson, format!("not a JSON object: {e}")))?;
+                Doc::new(root)
+            }
+        };
+        if self.skipped_type(&root)? {
             return Ok(Decoded {
                 skipped: 1,
                 ..Decoded::default()
             });
         }
         Ok(Decoded {
-            events: vec![self.event(root, limits, now)],
+            events: vec![self.event(&root, limits, now)],
             ..Decoded::default()
         })
     }
 
     /// Whether a CloudEvent's `type` is not one of `types`.
-    fn skipped_type(&self, root: &RawValue) -> Result<bool, Rejection> {
+    fn skipped_type(&self, root: &Doc<'_>) -> Result<bool, Rejection> {
         let Some(types) = &self.types else {
             return Ok(false);
         };
-        let at = Pointer::new("/type");
-        let kind = pointer::text("type", pointer::required(root, "type", &at)?)?;
+        let kind = pointer::text("type", pointer::required(root, "type", &self.type_at)?)?;
         Ok(!types.iter().any(|t| *t == kind))
     }
 
-    fn event<'a>(
-        &self,
-        root: &'a RawValue,
-        limits: &Limits,
-        now: DateTime<Utc>,
-    ) -> Result<UsageEventRef<'a>, Rejection> {
+    fn event<'a>(&self, root: &Doc<'a>, limits: &Limits, now: DateTime<Utc>) -> Result<UsageEventRef<'a>, Rejection> {
         let field = |name: &str, p: &Pointer| pointer::required(root, name, p);
         let event_id = event::name(
             "event_id",
@@ -153,7 +156,7 @@ impl Mapping {
         };
         let timestamp = pointer::timestamp(field("timestamp", &self.timestamp)?, self.timestamp_format, limits, now)?;
         let quantity = |name: &str, p: &Option<Pointer>| -> Result<Option<rust_decimal::Decimal>, Rejection> {
-            match p.as_ref().and_then(|p| p.find(root)) {
+            match p.as_ref().and_then(|p| p.find_in(root)) {
                 Some(raw) => event::quantity_or_text(name, raw).map(Some),
                 None => Ok(None),
             }
@@ -171,15 +174,17 @@ impl Mapping {
                 Basis::Measured,
             ),
             None => {
-                let what = format!("{} message", self.format.as_str());
-                let tokens = super::token_pair(input, output, &what)?;
+                let what = self.format.as_str();
+                let tokens = super::token_pair(input, output, &format_args!("{what} message"))?;
                 (Default::default(), Default::default(), tokens, Basis::NoProfile)
             }
         };
         let mut labels = RawLabels::new();
         for (name, p) in &self.labels {
-            if let Some(raw) = p.find(root) {
-                labels.push((Cow::Owned(name.clone()), pointer::text(&format!("label {name}"), raw)?));
+            if let Some(raw) = p.find_in(root) {
+                // The field's name only matters for the message of a refused value.
+                let value = pointer::text("label", raw).or_else(|_| pointer::text(&format!("label {name}"), raw))?;
+                labels.push((Cow::Owned(name.clone()), value));
             }
         }
         Ok(UsageEventRef {

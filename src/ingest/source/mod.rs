@@ -176,7 +176,7 @@ fn derive(profiles: &UsageProfiles, e: &mut UsageEventRef<'_>) -> Result<(), Rej
 pub(crate) fn token_pair(
     input: Option<Decimal>,
     output: Option<Decimal>,
-    what: &str,
+    what: &dyn std::fmt::Display,
 ) -> Result<event::Tokens, Rejection> {
     if input.is_none() && output.is_none() {
         return Err(Rejection::new(

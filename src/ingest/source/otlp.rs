@@ -128,7 +128,7 @@ impl Mapping {
         limits: &Limits,
         now: DateTime<Utc>,
     ) -> Result<UsageEventRef<'o>, Rejection> {
-        let tokens = super::token_pair(tokens(INPUT_TOKENS, input)?, tokens(OUTPUT_TOKENS, output)?, "span")?;
+        let tokens = super::token_pair(tokens(INPUT_TOKENS, input)?, tokens(OUTPUT_TOKENS, output)?, &"span")?;
         let missing = |f: &str| {
             Rejection::new(
                 RejectCode::MissingField,
@@ -158,7 +158,8 @@ impl Mapping {
         }
         let end = i64::try_from(*end_unix_nano)
             .map_err(|_| Rejection::new(RejectCode::InvalidTimestamp, "endTimeUnixNano is out of range"))?;
-        let timestamp = event::time_in_range(&end.to_string(), DateTime::from_timestamp_nanos(end), limits, now)?;
+        // The time as written only goes into a rejection's message.
+        let timestamp = event::time_in_range(&end, DateTime::from_timestamp_nanos(end), limits, now)?;
         let mut labels = RawLabels::new();
         for (name, attr) in &self.labels {
             if let Some(v) = span.text(attr) {
@@ -210,9 +211,13 @@ fn tokens(key: &str, attr: Option<&Attr>) -> Result<Option<Decimal>, Rejection> 
             ))
         }
     };
+    // A plain number (what an int or double attribute becomes) needs no JSON reading.
+    if event::is_number(&text) {
+        return event::quantity_or_text(key, &text).map(Some);
+    }
     let raw: Box<serde_json::value::RawValue> = serde_json::from_str(&text)
         .map_err(|_| Rejection::new(RejectCode::InvalidField, format!("{key} must be a number")))?;
-    event::quantity_or_text(key, &raw).map(Some)
+    event::quantity_or_text(key, raw.get()).map(Some)
 }
 
 type Resources = Vec<(Vec<(String, Attr)>, Vec<Span>)>;

@@ -148,6 +148,48 @@ async fn api_totals(
     )
 }
 
+/// Per UTC hour of windows starting in [from, to): (hour, events, ΣT, priced cost), from the
+/// raw windows.
+async fn raw_hours(
+    pool: &PgPool,
+    from: DateTime<Utc>,
+    to: DateTime<Utc>,
+) -> Vec<(DateTime<Utc>, i64, Decimal, Decimal)> {
+    let rows: Vec<(DateTime<Utc>, i64, Decimal, Decimal)> = sqlx::query_as(
+        "SELECT date_trunc('hour', window_start, 'UTC'), sum(events)::int8, sum(compute),
+                COALESCE(sum(compute * compute_price * k1 + storage * storage_price * k2), 0)
+         FROM window_usage WHERE window_start >= $1 AND window_start < $2 GROUP BY 1 ORDER BY 1",
+    )
+    .bind(from)
+    .bind(to)
+    .fetch_all(pool)
+    .await
+    .unwrap();
+    rows.into_iter()
+        .map(|(h, e, c, cost)| (h, e, c.normalize(), cost.normalize()))
+        .collect()
+}
+
+/// The same from `GET /api/v1/costs` at step=hour.
+async fn api_hours(addr: &str, from: DateTime<Utc>, to: DateTime<Utc>) -> Vec<(DateTime<Utc>, i64, Decimal, Decimal)> {
+    let path = format!("/api/v1/costs?from={}&to={}&step=hour", rfc3339(from), rfc3339(to));
+    let (status, body) = http(addr, "GET", &path, None, None).await;
+    assert_eq!(status, 200, "{body}");
+    let v: Value = serde_json::from_str(&body).unwrap();
+    v["series"]
+        .as_array()
+        .unwrap_or_else(|| panic!("series in {body}"))
+        .iter()
+        .map(|b| {
+            let d = |k: &str| dec(b[k].as_str().unwrap_or_else(|| panic!("{k} in {b}"))).normalize();
+            let start = DateTime::parse_from_rfc3339(b["start"].as_str().unwrap())
+                .unwrap()
+                .to_utc();
+            (start, b["events"].as_i64().unwrap(), d("compute"), d("total_cost"))
+        })
+        .collect()
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn roll_ups_equal_the_raw_windows_across_late_events_a_kill_and_rerate() {
     let world = World::new(3).await;
@@ -183,6 +225,18 @@ async fn roll_ups_equal_the_raw_windows_across_late_events_a_kill_and_rerate() {
         api_totals(&addr, from, to, "day").await,
         raw_totals(&world.pool, from, to).await
     );
+    // Hour by hour too, with ends a few minutes into their hours (read as the whole hour minus
+    // the minutes outside): the same buckets as the raw windows, none extra where those
+    // minutes held all of an hour's usage.
+    for (cut_from, cut_to) in [(7, 3), (3, 7), (1, 58)] {
+        let from = (now - Span::hours(30)).duration_trunc(Span::hours(1)).unwrap() + Span::minutes(cut_from);
+        let to = (now - Span::hours(2)).duration_trunc(Span::hours(1)).unwrap() + Span::minutes(cut_to);
+        assert_eq!(
+            api_hours(&addr, from, to).await,
+            raw_hours(&world.pool, from, to).await,
+            "[{from}, {to}) step=hour"
+        );
+    }
     daemon.terminate(WAIT);
 
     // A new price for hw-0 and a price for the unpriced hardware, then rerate over everything.
@@ -631,4 +685,35 @@ async fn the_tier_bounds_computed_in_rust_are_usage_betweens() {
         }
     }
     assert_eq!(checked, 27);
+}
+
+/// A range ending 35 minutes into an hour whose only usage is at minute 40: the hour is read as
+/// its roll-up minus the raw minutes past the end, which cancel out, and it is not listed.
+#[tokio::test(flavor = "multi_thread")]
+async fn an_hour_whose_usage_all_lies_outside_the_range_is_not_a_bucket() {
+    let world = World::new(1).await;
+    let config = world.config("\n[ingest]\nflush_interval = \"200ms\"\nmax_event_age = \"1d\"\n");
+    let mut daemon = world.start(&config);
+    let hour = (Utc::now() - Span::hours(3)).duration_trunc(Span::hours(1)).unwrap();
+    let at = |minutes: i64, id: &str| {
+        raw(
+            id,
+            format!(
+                r#"{{"event_id":"{id}","timestamp":"{}","model":"model-0","hardware":"hw-0","compute":3,"storage":1}}"#,
+                rfc3339(hour + Span::minutes(minutes))
+            ),
+        )
+    };
+    world
+        .produce(vec![at(-50, "before"), at(-10, "before-2"), at(40, "inside-40")])
+        .await;
+    world.wait_drained(3, WAIT).await;
+    let addr = daemon.http_addr().await;
+    let (from, to) = (hour - Span::minutes(55), hour + Span::minutes(35));
+    let hours = api_hours(&addr, from, to).await;
+    assert_eq!(hours, raw_hours(&world.pool, from, to).await);
+    assert_eq!(hours.len(), 1, "only the hour before has usage in the range: {hours:?}");
+    assert_eq!((hours[0].0, hours[0].1), (hour - Span::hours(1), 2));
+    assert_eq!(api_totals(&addr, from, to, "hour").await.0, 2);
+    daemon.terminate(WAIT);
 }

@@ -12,8 +12,6 @@
 //! it reads a row's old content until it commits: the old content it read is then still the
 //! content it changes, whoever else writes the same keys.
 
-use std::collections::HashMap;
-
 use chrono::{DateTime, Utc};
 use rust_decimal::Decimal;
 
@@ -220,7 +218,7 @@ type BucketKey<'a> = (i64, &'a str, &'a str, &'a str, &'a str, &'a str, bool, &'
 /// per roll-up row it changes, not one per raw row (sending every raw row's delta and grouping
 /// in SQL cost as much as writing the raw rows).
 fn per_bucket(deltas: &[Delta], bucket_ms: i64) -> Vec<Delta> {
-    let mut index: HashMap<BucketKey<'_>, usize> = HashMap::with_capacity(deltas.len() / 8 + 1);
+    let mut index: ahash::HashMap<BucketKey<'_>, usize> = ahash::HashMap::default();
     let mut summed: Vec<Delta> = Vec::new();
     for d in deltas {
         let bucket = d.key.window_start.timestamp_millis().div_euclid(bucket_ms) * bucket_ms;

@@ -18,33 +18,19 @@ pub(super) fn scan(text: &str) -> Option<Fields<'_>> {
     let mut c = Cursor { text, at: 0 };
     let mut f = Partial::default();
     c.skip_ws();
-    c.eat(b'{')?;
-    c.skip_ws();
-    loop {
-        let key = c.string()?;
-        c.skip_ws();
-        c.eat(b':')?;
-        c.skip_ws();
-        match key {
-            "event_id" => once(&mut f.event_id, c.string()?)?,
-            "timestamp" => once(&mut f.timestamp, c.string()?)?,
-            "model" => once(&mut f.model, c.string()?)?,
-            "hardware" => once(&mut f.hardware, c.string()?)?,
-            "compute" => once(&mut f.compute, c.number()?)?,
-            "storage" => once(&mut f.storage, c.number()?)?,
-            "labels" => once(&mut f.labels, c.labels()?)?,
-            "input_tokens" => once(&mut f.input_tokens, c.number_or_null()?)?,
-            "output_tokens" => once(&mut f.output_tokens, c.number_or_null()?)?,
-            // Unknown fields are ignored by the serde path; it reads them.
-            _ => return None,
-        }
-        c.skip_ws();
-        match c.next()? {
-            b',' => c.skip_ws(),
-            b'}' => break,
-            _ => return None,
-        }
-    }
+    c.object(|c, key| match key {
+        "event_id" => once(&mut f.event_id, c.string()?),
+        "timestamp" => once(&mut f.timestamp, c.string()?),
+        "model" => once(&mut f.model, c.string()?),
+        "hardware" => once(&mut f.hardware, c.string()?),
+        "compute" => once(&mut f.compute, c.number()?),
+        "storage" => once(&mut f.storage, c.number()?),
+        "labels" => once(&mut f.labels, c.labels()?),
+        "input_tokens" => once(&mut f.input_tokens, c.number_or_null()?),
+        "output_tokens" => once(&mut f.output_tokens, c.number_or_null()?),
+        // Unknown fields are ignored by the serde path; it reads them.
+        _ => None,
+    })?;
     c.skip_ws();
     if c.at != text.len() {
         return None;
@@ -69,28 +55,13 @@ pub(super) fn scan(text: &str) -> Option<Fields<'_>> {
 pub(crate) fn object_members(text: &str) -> Option<Vec<(&str, &str)>> {
     let mut c = Cursor { text, at: 0 };
     c.skip_ws();
-    c.eat(b'{')?;
-    c.skip_ws();
     let mut members = Vec::new();
-    if c.peek() == Some(b'}') {
-        c.at += 1;
-    } else {
-        loop {
-            let key = c.string()?;
-            c.skip_ws();
-            c.eat(b':')?;
-            c.skip_ws();
-            let start = c.at;
-            c.skip_value(1)?;
-            members.push((key, text.get(start..c.at)?));
-            c.skip_ws();
-            match c.next()? {
-                b',' => c.skip_ws(),
-                b'}' => break,
-                _ => return None,
-            }
-        }
-    }
+    c.object(|c, key| {
+        let start = c.at;
+        c.skip_value(1)?;
+        members.push((key, text.get(start..c.at)?));
+        Some(())
+    })?;
     c.skip_ws();
     (c.at == text.len()).then_some(members)
 }
@@ -331,24 +302,34 @@ impl<'a> Cursor<'a> {
         if self.peek() == Some(b'n') {
             return self.null().map(|()| None);
         }
+        let mut labels = RawLabels::new();
+        self.object(|c, key| {
+            labels.push((Cow::Borrowed(key), Cow::Borrowed(c.string()?)));
+            Some(())
+        })?;
+        Some(Some(sorted_labels(labels)))
+    }
+
+    /// An object whose keys are plain strings (no escapes), each member's value read by
+    /// `member` with the cursor at it; `None` at the first thing that is not that (or when
+    /// `member` says so). The one loop behind the event, the labels and a mapped message.
+    fn object(&mut self, mut member: impl FnMut(&mut Self, &'a str) -> Option<()>) -> Option<()> {
         self.eat(b'{')?;
         self.skip_ws();
-        let mut labels = RawLabels::new();
         if self.peek() == Some(b'}') {
             self.at += 1;
-            return Some(Some(labels));
+            return Some(());
         }
         loop {
             let key = self.string()?;
             self.skip_ws();
             self.eat(b':')?;
             self.skip_ws();
-            let value = self.string()?;
-            labels.push((Cow::Borrowed(key), Cow::Borrowed(value)));
+            member(self, key)?;
             self.skip_ws();
             match self.next()? {
                 b',' => self.skip_ws(),
-                b'}' => return Some(Some(sorted_labels(labels))),
+                b'}' => return Some(()),
                 _ => return None,
             }
         }

@@ -238,7 +238,7 @@ const FIGURES: &str = "sum(events)::int8 AS events, sum(compute) AS compute, sum
     COALESCE(sum(compute) FILTER (WHERE NOT priced), 0) AS unpriced_compute,
     COALESCE(sum(storage) FILTER (WHERE NOT priced), 0) AS unpriced_storage";
 
-/// The SQL of [`cost_table`] over `parts` of its range. Each part is read from the coarsest tier
+/// The SQL of [`cost_table`] over `slices` of its range. Each part is read from the coarsest tier
 /// (window rows, hourly or daily roll-ups, all with the same columns, labels included) that
 /// covers it and the step allows, as `usage_between` would ([`read::slices`]); a part taken back
 /// out of a widened hour has its quantities negated. The figures are the same whichever tier
@@ -247,7 +247,7 @@ const FIGURES: &str = "sum(events)::int8 AS events, sum(compute) AS compute, sum
 /// then one per label dimension (its name), then each slice's bounds. Column names come
 /// from [`GROUP_COLUMNS`](super::query::GROUP_COLUMNS) only; label names are always bound,
 /// never spliced.
-fn cost_sql(query: &CostQuery<'_>, parts: &[Part]) -> String {
+fn cost_sql(query: &CostQuery<'_>, slices: &[Slice]) -> String {
     let bucket = match query.step {
         Some(_) => "CASE WHEN $6 = 'window' THEN window_start ELSE date_trunc($6, window_start, 'UTC') END",
         None => "NULL::timestamptz",
@@ -265,10 +265,6 @@ fn cost_sql(query: &CostQuery<'_>, parts: &[Part]) -> String {
             }
         })
         .collect();
-    let slices: Vec<Slice> = parts
-        .iter()
-        .flat_map(|part| read::slices(*part, CostStep::finest_tier(query.step)))
-        .collect();
     let group_by: Vec<String> = (1..=query.by.len() + 1).map(|i| i.to_string()).collect();
     let outer_select: String = (0..query.by.len()).map(|i| format!(", g{i}")).collect();
     // Two stages: the rows are summed per stored bucket start (and group, and whether priced)
@@ -285,7 +281,7 @@ fn cost_sql(query: &CostQuery<'_>, parts: &[Part]) -> String {
                  AND ($5::jsonb = '{{}}'::jsonb OR labels @> $5::jsonb)
                GROUP BY {g}, priced) AS per_start
          GROUP BY {g} HAVING sum(events) <> 0 ORDER BY {g}",
-        slices = read::union_sql(&slices, next_parameter),
+        slices = read::union_sql(slices, next_parameter),
         g = group_by.join(", ")
     )
 }
@@ -302,7 +298,9 @@ pub async fn cost_table(pool: &PgPool, query: &CostQuery<'_>) -> Result<Vec<Cost
         }],
         _ => read::parts(query.from, query.to, Utc::now()),
     };
-    let sql = cost_sql(query, &parts);
+    let finest = CostStep::finest_tier(query.step);
+    let slices: Vec<Slice> = parts.iter().flat_map(|part| read::slices(*part, finest)).collect();
+    let sql = cost_sql(query, &slices);
     let mut statement = sqlx::query(&sql)
         .bind(query.from)
         .bind(query.to)
@@ -315,8 +313,7 @@ pub async fn cost_table(pool: &PgPool, query: &CostQuery<'_>) -> Result<Vec<Cost
             statement = statement.bind(name);
         }
     }
-    let finest = CostStep::finest_tier(query.step);
-    for slice in parts.iter().flat_map(|part| read::slices(*part, finest)) {
+    for slice in &slices {
         statement = statement.bind(slice.from).bind(slice.to);
     }
     let rows = statement.fetch_all(pool).await?;

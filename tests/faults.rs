@@ -238,16 +238,30 @@ async fn a_crash_inside_the_flush_or_between_the_database_and_kafka_commits_lose
     // Each daemon below must reach its N-th flush, so new messages must keep coming however long
     // it takes to join the group (a rebalance waits out the aborted member's session): send at a
     // steady rate until the last abort, then the rest at once.
-    let (messages, expected) = load(40_000, 21, 300);
+    let (messages, expected) = load(60_000, 21, 300);
     let faults_running = Arc::new(AtomicBool::new(true));
     let producer = send_while(&world, messages, 300, faults_running.clone());
     let started = Instant::now();
     for fault in ["before_commit=3", "after_commit=4", "before_commit=2", "after_commit=2"] {
         let mut daemon = world.start_with(&config, &[("COSTWATCH_FAULTS", fault)]);
-        let status = daemon.wait_exit(WAIT);
+        // tansu 0.6 sometimes leaves the aborted member's partitions unassigned until another
+        // member joins (README, known broker quirks): then one more instance joins, and leaves
+        // again once the abort has happened.
+        let mut nudge = None;
+        let status = match daemon.exit_within(Duration::from_secs(30)) {
+            Some(status) => status,
+            None => {
+                eprintln!("{fault}: no abort after 30s; one more instance joins");
+                nudge = Some(world.start(&config));
+                daemon.wait_exit(WAIT)
+            }
+        };
         assert!(!status.success(), "{fault}: the injected abort must have happened");
         assert!(daemon.log_text().contains("injected fault: aborting"), "{fault}");
         eprintln!("{fault}: aborted {:?} into the test", started.elapsed());
+        if let Some(mut nudge) = nudge {
+            assert!(nudge.terminate(WAIT).success(), "{fault}: the extra instance");
+        }
     }
     faults_running.store(false, Ordering::Relaxed);
     producer.await.unwrap();

@@ -52,14 +52,16 @@ pub(super) fn scan(text: &str) -> Option<Fields<'_>> {
 /// JSON text, in one validating pass (the whole text, nested values included, is checked to be
 /// JSON); `None` when a key has an escape, when nesting is deep, or when anything is not JSON,
 /// so that the caller reads the message with serde_json as before. For the mapped formats.
-pub(crate) fn object_members(text: &str) -> Option<Vec<(&str, &str)>> {
+/// Keys come as `Cow`s (always borrowed here) because that is the form the pointer lookups keep
+/// them in, whichever reader found them: no second vector to convert into.
+pub(crate) fn object_members(text: &str) -> Option<Vec<(Cow<'_, str>, &str)>> {
     let mut c = Cursor { text, at: 0 };
     c.skip_ws();
-    let mut members = Vec::new();
+    let mut members = Vec::with_capacity(8);
     c.object(|c, key| {
         let start = c.at;
         c.skip_value(1)?;
-        members.push((key, text.get(start..c.at)?));
+        members.push((Cow::Borrowed(key), text.get(start..c.at)?));
         Some(())
     })?;
     c.skip_ws();
@@ -385,7 +387,7 @@ mod tests {
     fn object_members_are_found_in_one_checked_pass() {
         let text = r#" {"id": "x\n\u00e9", "n": -1.5e3, "usage": {"a": [1, {"b": null}], "c": true}, "id": false} "#;
         let members = object_members(text).expect("an object");
-        let keys: Vec<&str> = members.iter().map(|(k, _)| *k).collect();
+        let keys: Vec<&str> = members.iter().map(|(k, _)| k.as_ref()).collect();
         assert_eq!(keys, ["id", "n", "usage", "id"]);
         assert_eq!(members[2].1, r#"{"a": [1, {"b": null}], "c": true}"#);
         assert_eq!(members[3].1, "false");

@@ -100,7 +100,7 @@ impl Mapping {
 
     /// Decodes one message into at most one event.
     pub fn decode<'a>(
-        &self,
+        &'a self,
         payload: Option<&'a [u8]>,
         limits: &Limits,
         now: DateTime<Utc>,
@@ -143,7 +143,7 @@ impl Mapping {
         Ok(!types.iter().any(|t| *t == kind))
     }
 
-    fn event<'a>(&self, root: &Doc<'a>, limits: &Limits, now: DateTime<Utc>) -> Result<UsageEventRef<'a>, Rejection> {
+    fn event<'a>(&'a self, root: &Doc<'a>, limits: &Limits, now: DateTime<Utc>) -> Result<UsageEventRef<'a>, Rejection> {
         let field = |name: &str, p: &Pointer| pointer::required(root, name, p);
         let event_id = event::name(
             "event_id",
@@ -151,7 +151,7 @@ impl Mapping {
         )?;
         let model = event::name("model", pointer::text("model", field("model", &self.model)?)?)?;
         let hardware = match &self.hardware {
-            Hardware::Static(h) => Cow::Owned(h.clone()),
+            Hardware::Static(h) => Cow::Borrowed(h.as_str()),
             Hardware::At(p) => event::name("hardware", pointer::text("hardware", field("hardware", p)?)?)?,
         };
         let timestamp = pointer::timestamp(field("timestamp", &self.timestamp)?, self.timestamp_format, limits, now)?;
@@ -184,7 +184,7 @@ impl Mapping {
             if let Some(raw) = p.find_in(root) {
                 // The field's name only matters for the message of a refused value.
                 let value = pointer::text("label", raw).or_else(|_| pointer::text(&format!("label {name}"), raw))?;
-                labels.push((Cow::Owned(name.clone()), value));
+                labels.push((Cow::Borrowed(name.as_str()), value));
             }
         }
         Ok(UsageEventRef {

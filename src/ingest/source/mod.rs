@@ -111,7 +111,7 @@ impl Source {
     /// Decodes one message. `Err` refuses the whole message (it could not be read at all);
     /// otherwise each event in it is valid or refused on its own.
     pub fn decode<'a>(
-        &self,
+        &'a self,
         payload: Option<&'a [u8]>,
         limits: &Limits,
         now: DateTime<Utc>,

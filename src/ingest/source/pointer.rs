@@ -87,7 +87,7 @@ type Members<'a> = Vec<(Cow<'a, str>, &'a str)>;
 /// things, to serde_json), else by serde_json; `None` when the text is not a JSON object.
 fn members(text: &str) -> Option<Members<'_>> {
     if let Some(found) = event::object_members(text) {
-        return Some(found.into_iter().map(|(k, v)| (Cow::Borrowed(k), v)).collect());
+        return Some(found);
     }
     let mut de = serde_json::Deserializer::from_str(text);
     let found = AllMembers.deserialize(&mut de).ok()?;

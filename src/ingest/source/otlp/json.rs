@@ -100,15 +100,20 @@ fn span<'a>(c: &mut Cursor<'a>, out: &mut Spans<'a>) -> Option<()> {
 /// or as a rejection of the message).
 fn end_time(c: &mut Cursor<'_>) -> Option<u64> {
     if c.peek()? == b'"' {
+        let s = c.string()?;
         // What the serde path does with the string, so that they agree on "+1" too.
-        return c.string()?.parse().ok();
+        return nanos(s).or_else(|| s.parse().ok());
     }
     // Digits beyond a u64 are a double to serde_json, which the serde path reads as 0.
-    let n = c.number()?;
-    if !n.bytes().all(|b| b.is_ascii_digit()) {
+    nanos(c.number()?)
+}
+
+/// 1 to 19 ASCII digits (below 10^19, no overflow) as a u64, a third of the cost of `parse`.
+fn nanos(s: &str) -> Option<u64> {
+    if s.is_empty() || s.len() > 19 || !s.bytes().all(|b| b.is_ascii_digit()) {
         return None;
     }
-    n.parse().ok()
+    Some(s.bytes().fold(0, |n, b| n * 10 + u64::from(b - b'0')))
 }
 
 fn key_value<'a>(c: &mut Cursor<'a>, out: &mut Spans<'a>) -> Option<()> {
@@ -189,7 +194,7 @@ fn first(seen: &mut bool) -> Option<()> {
 
 /// The spans of a request as serde reads it: what the reader leaves, and what it is compared
 /// with in tests.
-fn from_serde(bytes: &[u8]) -> Result<Spans<'static>, Rejection> {
+fn from_serde<'a>(bytes: &[u8]) -> Result<Spans<'a>, Rejection> {
     let request: de::Request = serde_json::from_slice(bytes).map_err(|e| undecodable("JSON", e))?;
     let mut out = Spans::default();
     let attr = |kv: de::KeyValue| (Cow::Owned(kv.key), kv.value.attr());
@@ -282,7 +287,7 @@ mod de {
     }
 
     impl AnyValue {
-        pub fn attr(self) -> Attr<'static> {
+        pub fn attr<'a>(self) -> Attr<'a> {
             if let Some(s) = self.string_value {
                 return Attr::Text(Cow::Owned(s));
             }

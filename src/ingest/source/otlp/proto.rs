@@ -133,8 +133,20 @@ struct Reader<'a> {
 }
 
 impl<'a> Reader<'a> {
-    /// A varint as prost reads it: at most ten bytes, the tenth 0 or 1.
+    /// A varint as prost reads it: at most ten bytes, the tenth 0 or 1. Keys and lengths are
+    /// almost always one byte, read inline.
+    #[inline]
     fn varint(&mut self) -> Option<u64> {
+        match self.rest.split_first() {
+            Some((&b, rest)) if b < 0x80 => {
+                self.rest = rest;
+                Some(u64::from(b))
+            }
+            _ => self.long_varint(),
+        }
+    }
+
+    fn long_varint(&mut self) -> Option<u64> {
         let mut value = 0u64;
         for i in 0..10 {
             let (&b, rest) = self.rest.split_first()?;
@@ -195,7 +207,7 @@ impl<'a> Reader<'a> {
 
 /// The spans of a request as prost decodes it: what the walker leaves, and what it is
 /// compared with in tests.
-fn from_prost(bytes: &[u8]) -> Result<Spans<'static>, Rejection> {
+fn from_prost<'a>(bytes: &[u8]) -> Result<Spans<'a>, Rejection> {
     let request = wire::ExportTraceServiceRequest::decode(bytes).map_err(|e| undecodable("protobuf", e))?;
     let mut out = Spans::default();
     for rs in request.resource_spans {
@@ -225,7 +237,7 @@ fn from_prost(bytes: &[u8]) -> Result<Spans<'static>, Rejection> {
     Ok(out)
 }
 
-fn attr(kv: wire::KeyValue) -> (Cow<'static, str>, Attr<'static>) {
+fn attr<'a>(kv: wire::KeyValue) -> (Cow<'a, str>, Attr<'a>) {
     use wire::any_value::Value;
     let value = match kv.value.and_then(|v| v.value) {
         Some(Value::StringValue(s)) => Attr::Text(Cow::Owned(s)),

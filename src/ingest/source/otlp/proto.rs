@@ -333,6 +333,21 @@ mod tests {
     }
 
     #[test]
+    fn a_resource_after_its_spans_is_still_theirs() {
+        let host = [field(1, LEN, b"host.type"), field(2, LEN, &field(1, LEN, b"h100"))].concat();
+        let resource = field(1, LEN, &field(1, LEN, &host));
+        let scope = field(2, LEN, &field(2, LEN, &genai_span().concat()));
+        let first = field(1, LEN, &[scope.clone(), resource].concat());
+        // A second resource without attributes: its span must not see the first one's.
+        let second = field(1, LEN, &[scope, field(1, LEN, &[])].concat());
+        let bytes = [first, second].concat();
+        assert!(answered(&bytes));
+        let spans = walk(&bytes).unwrap();
+        let resources: Vec<usize> = spans.spans.iter().map(|s| s.resource.len()).collect();
+        assert_eq!(resources, [1, 0]);
+    }
+
+    #[test]
     fn unknown_fields_are_skipped_unread_as_prost_skips_them() {
         for extra in [
             field(5, LEN, b"\xff not UTF-8, but an unknown field"),

@@ -153,21 +153,25 @@ impl<'a> Cursor<'a> {
         self.at == self.text.len()
     }
 
+    #[inline]
     pub(crate) fn peek(&self) -> Option<u8> {
         self.text.as_bytes().get(self.at).copied()
     }
 
+    #[inline]
     fn next(&mut self) -> Option<u8> {
         let b = self.peek()?;
         self.at += 1;
         Some(b)
     }
 
+    #[inline]
     fn eat(&mut self, want: u8) -> Option<()> {
         (self.next()? == want).then_some(())
     }
 
     /// JSON's whitespace only (not Unicode's, which serde_json refuses).
+    #[inline]
     pub(crate) fn skip_ws(&mut self) {
         while matches!(self.peek(), Some(b' ' | b'\t' | b'\n' | b'\r')) {
             self.at += 1;
@@ -175,6 +179,7 @@ impl<'a> Cursor<'a> {
     }
 
     /// A string without escapes or control characters, borrowed as it is.
+    #[inline]
     pub(crate) fn string(&mut self) -> Option<&'a str> {
         self.eat(b'"')?;
         let start = self.at;

@@ -5,9 +5,10 @@
 //! took 34,900 instructions; with the reader 12,500).
 //!
 //! The reader answers only when it is sure: anything else (an escape, a field twice, `null`, a
-//! value of another type, a number whose reading depends on serde_json's float parsing, bad
-//! syntax anywhere) returns `None`, and serde reads the message exactly as before, which then
-//! also words the rejection. So the reader cannot change a result, only its cost.
+//! value of another type, an int or end time serde_json would read as a double, bad syntax
+//! anywhere) returns `None`, and serde reads the message exactly as before, which then also
+//! words the rejection. So the reader cannot change a result, only its cost. (A double's text
+//! still comes from serde_json, which parses and prints it.)
 
 use std::borrow::Cow;
 

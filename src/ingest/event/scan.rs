@@ -137,35 +137,52 @@ fn special_at(bytes: &[u8]) -> Option<usize> {
     Some(at + tail)
 }
 
-struct Cursor<'a> {
+/// A position in a JSON text, for the one-pass readers here and in the OTLP/JSON source: each
+/// method reads one thing in JSON's grammar and answers `None` at anything else.
+pub(crate) struct Cursor<'a> {
     text: &'a str,
     at: usize,
 }
 
 impl<'a> Cursor<'a> {
-    fn peek(&self) -> Option<u8> {
+    /// A cursor at the start of `text`.
+    pub(crate) fn new(text: &'a str) -> Self {
+        Self { text, at: 0 }
+    }
+
+    /// Whether all of the text was read.
+    pub(crate) fn at_end(&self) -> bool {
+        self.at == self.text.len()
+    }
+
+    #[inline]
+    pub(crate) fn peek(&self) -> Option<u8> {
         self.text.as_bytes().get(self.at).copied()
     }
 
+    #[inline]
     fn next(&mut self) -> Option<u8> {
         let b = self.peek()?;
         self.at += 1;
         Some(b)
     }
 
+    #[inline]
     fn eat(&mut self, want: u8) -> Option<()> {
         (self.next()? == want).then_some(())
     }
 
     /// JSON's whitespace only (not Unicode's, which serde_json refuses).
-    fn skip_ws(&mut self) {
+    #[inline]
+    pub(crate) fn skip_ws(&mut self) {
         while matches!(self.peek(), Some(b' ' | b'\t' | b'\n' | b'\r')) {
             self.at += 1;
         }
     }
 
     /// A string without escapes or control characters, borrowed as it is.
-    fn string(&mut self) -> Option<&'a str> {
+    #[inline]
+    pub(crate) fn string(&mut self) -> Option<&'a str> {
         self.eat(b'"')?;
         let start = self.at;
         let rest = self.text.as_bytes().get(start..)?;
@@ -178,7 +195,7 @@ impl<'a> Cursor<'a> {
     }
 
     /// Any JSON value, checked and skipped.
-    fn skip_value(&mut self, depth: usize) -> Option<()> {
+    pub(crate) fn skip_value(&mut self, depth: usize) -> Option<()> {
         if depth > MAX_DEPTH {
             return None;
         }
@@ -250,7 +267,7 @@ impl<'a> Cursor<'a> {
 
     /// A number token in JSON's grammar (`-? (0 | [1-9][0-9]*) (. [0-9]+)? ([eE] [+-]? [0-9]+)?`),
     /// as its text.
-    fn number(&mut self) -> Option<&'a str> {
+    pub(crate) fn number(&mut self) -> Option<&'a str> {
         let start = self.at;
         if self.peek() == Some(b'-') {
             self.at += 1;
@@ -286,7 +303,7 @@ impl<'a> Cursor<'a> {
         (self.at > start).then_some(())
     }
 
-    fn null(&mut self) -> Option<()> {
+    pub(crate) fn null(&mut self) -> Option<()> {
         let end = self.at + 4;
         (self.text.as_bytes().get(self.at..end)? == b"null").then(|| self.at = end)
     }
@@ -315,7 +332,7 @@ impl<'a> Cursor<'a> {
     /// An object whose keys are plain strings (no escapes), each member's value read by
     /// `member` with the cursor at it; `None` at the first thing that is not that (or when
     /// `member` says so). The one loop behind the event, the labels and a mapped message.
-    fn object(&mut self, mut member: impl FnMut(&mut Self, &'a str) -> Option<()>) -> Option<()> {
+    pub(crate) fn object(&mut self, mut member: impl FnMut(&mut Self, &'a str) -> Option<()>) -> Option<()> {
         self.eat(b'{')?;
         self.skip_ws();
         if self.peek() == Some(b'}') {
@@ -332,6 +349,26 @@ impl<'a> Cursor<'a> {
             match self.next()? {
                 b',' => self.skip_ws(),
                 b'}' => return Some(()),
+                _ => return None,
+            }
+        }
+    }
+
+    /// An array, each item read by `item` with the cursor at it; `None` at the first thing
+    /// that is not that (or when `item` says so).
+    pub(crate) fn array(&mut self, mut item: impl FnMut(&mut Self) -> Option<()>) -> Option<()> {
+        self.eat(b'[')?;
+        self.skip_ws();
+        if self.peek() == Some(b']') {
+            self.at += 1;
+            return Some(());
+        }
+        loop {
+            item(self)?;
+            self.skip_ws();
+            match self.next()? {
+                b',' => self.skip_ws(),
+                b']' => return Some(()),
                 _ => return None,
             }
         }

@@ -37,13 +37,13 @@ use crate::config::{SourceFormat, SourceSettings};
 use crate::ingest::event::{
     self, Basis, Limits, RejectCode, Rejection, UsageEventRef, MAX_FRACTION_DIGITS, MAX_QUANTITY,
 };
-use std::sync::Arc;
+use std::sync::{Arc, LazyLock};
 
 use crate::pricing::profiles::{LiveProfiles, UsageProfiles};
 
 /// What one message holds: zero or more events (each valid or refused on its own), and how many
 /// parts of it carried no usage and were skipped (non-GenAI spans, filtered CloudEvent types).
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct Decoded<'a> {
     /// One entry per usage record in the message, in message order.
     pub events: Vec<Result<UsageEventRef<'a>, Rejection>>,
@@ -51,6 +51,19 @@ pub struct Decoded<'a> {
     pub skipped: u64,
     /// The usage profiles the events' T and S were derived with.
     pub profiles: Arc<UsageProfiles>,
+}
+
+impl Default for Decoded<'_> {
+    /// No events, and the empty profile set shared: [`Source::decode`] puts the profiles in
+    /// force in their place, and a new `Arc` per message was an allocation for nothing.
+    fn default() -> Self {
+        static NONE: LazyLock<Arc<UsageProfiles>> = LazyLock::new(Arc::default);
+        Self {
+            events: Vec::new(),
+            skipped: 0,
+            profiles: Arc::clone(&NONE),
+        }
+    }
 }
 
 impl Decoded<'_> {

@@ -5,15 +5,19 @@
 //! end); other spans are skipped and counted. Pure.
 
 use std::borrow::Cow;
+use std::ops::Range;
 
 use chrono::{DateTime, Utc};
-use prost::Message;
 use rust_decimal::Decimal;
+use smallvec::SmallVec;
 
 use super::Decoded;
 use crate::config::{SourceFormat, SourceSettings};
 use crate::domain::{ComputeUnits, StorageUnits};
 use crate::ingest::event::{self, Basis, Limits, RawLabels, RejectCode, Rejection, UsageEventRef};
+
+mod json;
+mod proto;
 
 /// The GenAI semantic conventions' attributes costwatch reads by default.
 const INPUT_TOKENS: &str = "gen_ai.usage.input_tokens";
@@ -38,27 +42,133 @@ enum Hardware {
     Attribute(String),
 }
 
-/// An attribute value as far as costwatch reads it.
+/// An attribute value as far as costwatch reads it, borrowed from the message where it can be.
 #[derive(Debug, Clone, PartialEq)]
-enum Attr {
-    Text(String),
-    /// An integer or a double, as exact decimal text (OTLP/JSON writes int64 as a string).
-    Number(String),
+enum Attr<'a> {
+    Text(Cow<'a, str>),
+    /// An integer or a double as exact decimal text (OTLP/JSON writes int64 as a string).
+    Number(Cow<'a, str>),
+    /// A protobuf int64, turned into text only if a name or label reads it.
+    Int(i64),
+    /// A finite protobuf double, turned into text only when read.
+    Double(f64),
     Other,
 }
 
-/// One span, from either encoding.
-struct Span {
-    trace_id: String,
-    span_id: String,
-    end_unix_nano: u64,
-    attributes: Vec<(String, Attr)>,
+impl<'a> Attr<'a> {
+    /// A protobuf double: non-finite values are no numbers costwatch reads.
+    fn double(d: f64) -> Self {
+        if d.is_finite() {
+            Attr::Double(d)
+        } else {
+            Attr::Other
+        }
+    }
+
+    /// The value as text: a string as it is, a number as its decimal text.
+    fn text(&self) -> Option<Cow<'a, str>> {
+        match self {
+            Attr::Text(s) | Attr::Number(s) => Some(s.clone()),
+            Attr::Int(i) => Some(Cow::Owned(i.to_string())),
+            // The shortest text that reads back as the same double: 1500.0 is "1500".
+            Attr::Double(d) => Some(Cow::Owned(format!("{d}"))),
+            Attr::Other => None,
+        }
+    }
 }
 
-/// A span with its resource's attributes.
-struct InResource<'s> {
-    span: &'s Span,
-    resource: &'s [(String, Attr)],
+/// A trace or span id: bytes in protobuf, hex text (in either case) in OTLP/JSON.
+#[derive(Debug, Clone, PartialEq)]
+enum Id<'a> {
+    Bytes(Cow<'a, [u8]>),
+    Hex(Cow<'a, str>),
+}
+
+impl Id<'_> {
+    fn is_empty(&self) -> bool {
+        match self {
+            Id::Bytes(b) => b.is_empty(),
+            Id::Hex(h) => h.is_empty(),
+        }
+    }
+
+    /// Appends the id in lower-case hex, as bytes: pushing chars onto a String cost 290
+    /// instructions per id.
+    fn push_hex(&self, out: &mut Vec<u8>) {
+        const DIGITS: &[u8; 16] = b"0123456789abcdef";
+        match self {
+            Id::Bytes(bytes) => {
+                for b in bytes.iter() {
+                    out.extend_from_slice(&[DIGITS[usize::from(b >> 4)], DIGITS[usize::from(b & 0xf)]]);
+                }
+            }
+            Id::Hex(h) => {
+                let start = out.len();
+                out.extend_from_slice(h.as_bytes());
+                out[start..].make_ascii_lowercase();
+            }
+        }
+    }
+}
+
+/// The event id: trace id and span id in lower-case hex.
+fn event_id(trace_id: &Id<'_>, span_id: &Id<'_>) -> String {
+    let mut id = Vec::with_capacity(48);
+    trace_id.push_hex(&mut id);
+    span_id.push_hex(&mut id);
+    String::from_utf8(id).expect("hex digits, or UTF-8 with its ASCII letters lower-cased")
+}
+
+/// An attribute's key and value.
+type KeyValue<'a> = (Cow<'a, str>, Attr<'a>);
+
+/// The spans of one request, flat: every attribute (resources' and spans') in one list and each
+/// span naming its own and its resource's part of it, so that a message of a few spans costs no
+/// allocation (and a large one two lists, whatever its shape).
+#[derive(Debug, Default)]
+struct Spans<'a> {
+    attributes: SmallVec<[KeyValue<'a>; 8]>,
+    spans: SmallVec<[Span<'a>; 2]>,
+}
+
+/// One span, from either encoding.
+#[derive(Debug)]
+struct Span<'a> {
+    trace_id: Id<'a>,
+    span_id: Id<'a>,
+    end_unix_nano: u64,
+    /// Its own attributes in [`Spans::attributes`].
+    own: Range<usize>,
+    /// Its resource's attributes in [`Spans::attributes`].
+    resource: Range<usize>,
+}
+
+impl<'a> Spans<'a> {
+    /// Adds a span whose own attributes are those from `first_attribute` on; its resource's
+    /// are set by [`Spans::end_resource`].
+    fn push_span(&mut self, trace_id: Id<'a>, span_id: Id<'a>, end_unix_nano: u64, first_attribute: usize) {
+        self.spans.push(Span {
+            trace_id,
+            span_id,
+            end_unix_nano,
+            own: first_attribute..self.attributes.len(),
+            resource: 0..0,
+        });
+    }
+
+    /// Gives the spans from `first_span` on the resource attributes `resource` (the resource
+    /// may come before or after its spans in a message).
+    fn end_resource(&mut self, first_span: usize, resource: Range<usize>) {
+        for span in &mut self.spans[first_span..] {
+            span.resource = resource.clone();
+        }
+    }
+}
+
+/// A span with the list its attribute ranges point into.
+struct InResource<'s, 'a> {
+    span: &'s Span<'a>,
+    attributes: &'s [KeyValue<'a>],
 }
 
 impl Mapping {
@@ -88,30 +198,36 @@ impl Mapping {
         now: DateTime<Utc>,
     ) -> Result<Decoded<'a>, Rejection> {
         let bytes = event::checked_payload(payload, limits)?;
-        let resources = match format {
-            SourceFormat::OtlpProto => from_proto(bytes)?,
-            _ => from_json(bytes)?,
+        let spans = match format {
+            SourceFormat::OtlpProto => proto::spans(bytes)?,
+            _ => json::spans(bytes)?,
         };
+        Ok(self.decoded(&spans, limits, now))
+    }
+
+    /// The events of the GenAI spans; the rest are skipped.
+    fn decoded<'a>(&self, spans: &Spans<'a>, limits: &Limits, now: DateTime<Utc>) -> Decoded<'a> {
         let mut decoded = Decoded::default();
-        for (resource, spans) in &resources {
-            for span in spans {
-                let span = InResource { span, resource };
-                match self.span(&span, limits, now) {
-                    Some(result) => decoded.events.push(result),
-                    None => decoded.skipped += 1,
-                }
+        for span in &spans.spans {
+            let span = InResource {
+                span,
+                attributes: &spans.attributes,
+            };
+            match self.span(&span, limits, now) {
+                Some(result) => decoded.events.push(result),
+                None => decoded.skipped += 1,
             }
         }
-        Ok(decoded)
+        decoded
     }
 
     /// The span's event; `None` for a span without GenAI usage.
-    fn span<'o>(
+    fn span<'a>(
         &self,
-        span: &InResource<'_>,
+        span: &InResource<'_, 'a>,
         limits: &Limits,
         now: DateTime<Utc>,
-    ) -> Option<Result<UsageEventRef<'o>, Rejection>> {
+    ) -> Option<Result<UsageEventRef<'a>, Rejection>> {
         let input = span.own(&self.input_tokens);
         let output = span.own(&self.output_tokens);
         if input.is_none() && output.is_none() {
@@ -120,14 +236,14 @@ impl Mapping {
         Some(self.event(span, input, output, limits, now))
     }
 
-    fn event<'o>(
+    fn event<'a>(
         &self,
-        span: &InResource<'_>,
-        input: Option<&Attr>,
-        output: Option<&Attr>,
+        span: &InResource<'_, 'a>,
+        input: Option<&Attr<'_>>,
+        output: Option<&Attr<'_>>,
         limits: &Limits,
         now: DateTime<Utc>,
-    ) -> Result<UsageEventRef<'o>, Rejection> {
+    ) -> Result<UsageEventRef<'a>, Rejection> {
         let tokens = super::token_pair(tokens(INPUT_TOKENS, input)?, tokens(OUTPUT_TOKENS, output)?, &"span")?;
         let missing = |f: &str| {
             Rejection::new(
@@ -141,7 +257,7 @@ impl Mapping {
         }
         .ok_or_else(|| missing("model"))?;
         let hardware = match &self.hardware {
-            Hardware::Static(h) => h.clone(),
+            Hardware::Static(h) => Cow::Owned(h.clone()),
             Hardware::Attribute(a) => span.text(a).ok_or_else(|| missing(a))?,
         };
         let Span {
@@ -163,14 +279,14 @@ impl Mapping {
         let mut labels = RawLabels::new();
         for (name, attr) in &self.labels {
             if let Some(v) = span.text(attr) {
-                labels.push((Cow::Owned(name.clone()), Cow::Owned(v)));
+                labels.push((Cow::Owned(name.clone()), v));
             }
         }
         Ok(UsageEventRef {
-            event_id: event::name("event_id", Cow::Owned(format!("{trace_id}{span_id}")))?,
+            event_id: event::name("event_id", Cow::Owned(event_id(trace_id, span_id)))?,
             timestamp,
-            model: event::name("model", Cow::Owned(model))?,
-            hardware: event::name("hardware", Cow::Owned(hardware))?,
+            model: event::name("model", model)?,
+            hardware: event::name("hardware", hardware)?,
             compute: ComputeUnits::default(),
             storage: StorageUnits::default(),
             labels: event::checked_labels(labels)?,
@@ -180,30 +296,40 @@ impl Mapping {
     }
 }
 
-impl InResource<'_> {
+impl<'a> InResource<'_, 'a> {
     /// The span's own attribute `key`.
-    fn own(&self, key: &str) -> Option<&Attr> {
-        self.span.attributes.iter().find(|(k, _)| k == key).map(|(_, v)| v)
+    fn own(&self, key: &str) -> Option<&Attr<'a>> {
+        find(&self.attributes[self.span.own.clone()], key)
     }
 
     /// Attribute `key` as text, from the span, else from its resource.
-    fn text(&self, key: &str) -> Option<String> {
-        let attr = self
-            .own(key)
-            .or_else(|| self.resource.iter().find(|(k, _)| k == key).map(|(_, v)| v))?;
-        match attr {
-            Attr::Text(s) | Attr::Number(s) => Some(s.clone()),
-            Attr::Other => None,
-        }
+    fn text(&self, key: &str) -> Option<Cow<'a, str>> {
+        self.own(key)
+            .or_else(|| find(&self.attributes[self.span.resource.clone()], key))?
+            .text()
     }
 }
 
+/// The first attribute named `key`.
+fn find<'s, 'a>(attributes: &'s [KeyValue<'a>], key: &str) -> Option<&'s Attr<'a>> {
+    attributes.iter().find(|(k, _)| k == key).map(|(_, v)| v)
+}
+
 /// A token count attribute as an exact quantity.
-fn tokens(key: &str, attr: Option<&Attr>) -> Result<Option<Decimal>, Rejection> {
+fn tokens(key: &str, attr: Option<&Attr<'_>>) -> Result<Option<Decimal>, Rejection> {
     let Some(attr) = attr else { return Ok(None) };
     let text = match attr {
-        Attr::Number(n) => n.clone(),
-        Attr::Text(s) => serde_json::to_string(s).expect("a string serializes"),
+        // What reading the int's decimal text gives, without the text: the same value at scale
+        // 0 (`tokens_of_an_int_are_what_its_text_gives` compares them); the rest (negative,
+        // above the limit) is read as text for its rejection.
+        Attr::Int(i) if (0..=MAX_INT_QUANTITY).contains(i) => return Ok(Some(Decimal::from(*i))),
+        Attr::Int(i) => Cow::Owned(i.to_string()),
+        Attr::Number(n) => match digits_quantity(n) {
+            Some(q) => return Ok(Some(q)),
+            None => n.clone(),
+        },
+        Attr::Double(_) => attr.text().expect("a number has text"),
+        Attr::Text(s) => Cow::Owned(serde_json::to_string(s).expect("a string serializes")),
         Attr::Other => {
             return Err(Rejection::new(
                 RejectCode::InvalidField,
@@ -220,191 +346,25 @@ fn tokens(key: &str, attr: Option<&Attr>) -> Result<Option<Decimal>, Rejection> 
     event::quantity_or_text(key, raw.get()).map(Some)
 }
 
-type Resources = Vec<(Vec<(String, Attr)>, Vec<Span>)>;
+/// A JSON integer of 1 to 18 digits (OTLP/JSON's usual `"intValue":"1200"`) as the quantity
+/// reading it as text gives: the same value at scale 0 (`digit_strings_are_what_their_text_gives`
+/// compares them), at a fifth of the cost. Leading zeros are no JSON number, refused there.
+fn digits_quantity(s: &str) -> Option<Decimal> {
+    let json_integer = s.bytes().all(|b| b.is_ascii_digit()) && (s == "0" || !s.starts_with('0'));
+    if s.is_empty() || s.len() > 18 || !json_integer {
+        return None;
+    }
+    Some(Decimal::from(s.bytes().fold(0u64, |n, b| n * 10 + u64::from(b - b'0'))))
+}
+
+/// [`event::MAX_QUANTITY`] as an int: 10^18.
+const MAX_INT_QUANTITY: i64 = 1_000_000_000_000_000_000;
 
 fn undecodable(format: &str, e: impl std::fmt::Display) -> Rejection {
     Rejection::new(
         RejectCode::MalformedJson,
         format!("not an OTLP ExportTraceServiceRequest in {format}: {e}"),
     )
-}
-
-fn from_proto(bytes: &[u8]) -> Result<Resources, Rejection> {
-    let request = wire::ExportTraceServiceRequest::decode(bytes).map_err(|e| undecodable("protobuf", e))?;
-    let attrs = |kvs: Vec<wire::KeyValue>| -> Vec<(String, Attr)> {
-        kvs.into_iter()
-            .map(|kv| {
-                (
-                    kv.key,
-                    kv.value.and_then(|v| v.value).map_or(Attr::Other, attr_of_proto),
-                )
-            })
-            .collect()
-    };
-    Ok(request
-        .resource_spans
-        .into_iter()
-        .map(|rs| {
-            let resource = attrs(rs.resource.map(|r| r.attributes).unwrap_or_default());
-            let spans = rs
-                .scope_spans
-                .into_iter()
-                .flat_map(|ss| ss.spans)
-                .map(|s| Span {
-                    trace_id: hex::encode(&s.trace_id),
-                    span_id: hex::encode(&s.span_id),
-                    end_unix_nano: s.end_time_unix_nano,
-                    attributes: attrs(s.attributes),
-                })
-                .collect();
-            (resource, spans)
-        })
-        .collect())
-}
-
-fn attr_of_proto(v: wire::any_value::Value) -> Attr {
-    use wire::any_value::Value;
-    match v {
-        Value::StringValue(s) => Attr::Text(s),
-        Value::IntValue(i) => Attr::Number(i.to_string()),
-        // The shortest text that reads back as the same double: 1500.0 is "1500".
-        Value::DoubleValue(d) if d.is_finite() => Attr::Number(format!("{d}")),
-        _ => Attr::Other,
-    }
-}
-
-fn from_json(bytes: &[u8]) -> Result<Resources, Rejection> {
-    let request: json::Request = serde_json::from_slice(bytes).map_err(|e| undecodable("JSON", e))?;
-    let attrs = |kvs: Vec<json::KeyValue>| -> Vec<(String, Attr)> {
-        kvs.into_iter().map(|kv| (kv.key, kv.value.attr())).collect()
-    };
-    request
-        .resource_spans
-        .into_iter()
-        .map(|rs| {
-            let resource = attrs(rs.resource.map(|r| r.attributes).unwrap_or_default());
-            let spans = rs
-                .scope_spans
-                .into_iter()
-                .flat_map(|ss| ss.spans)
-                .map(|s| {
-                    Ok(Span {
-                        trace_id: s.trace_id.to_ascii_lowercase(),
-                        span_id: s.span_id.to_ascii_lowercase(),
-                        end_unix_nano: s.end_time_unix_nano.number("endTimeUnixNano")?,
-                        attributes: attrs(s.attributes),
-                    })
-                })
-                .collect::<Result<Vec<_>, Rejection>>()?;
-            Ok((resource, spans))
-        })
-        .collect()
-}
-
-/// OTLP/JSON: the protobuf JSON mapping with lowerCamelCase names, hex trace and span ids,
-/// and 64-bit integers as strings (or numbers, which some producers write).
-mod json {
-    use serde::Deserialize;
-    use serde_json::Value;
-
-    use super::{undecodable, Attr, Rejection};
-
-    #[derive(Deserialize)]
-    #[serde(rename_all = "camelCase")]
-    pub struct Request {
-        #[serde(default)]
-        pub resource_spans: Vec<ResourceSpans>,
-    }
-
-    #[derive(Deserialize)]
-    #[serde(rename_all = "camelCase")]
-    pub struct ResourceSpans {
-        #[serde(default)]
-        pub resource: Option<Resource>,
-        #[serde(default)]
-        pub scope_spans: Vec<ScopeSpans>,
-    }
-
-    #[derive(Deserialize)]
-    pub struct Resource {
-        #[serde(default)]
-        pub attributes: Vec<KeyValue>,
-    }
-
-    #[derive(Deserialize)]
-    pub struct ScopeSpans {
-        #[serde(default)]
-        pub spans: Vec<Span>,
-    }
-
-    #[derive(Deserialize)]
-    #[serde(rename_all = "camelCase")]
-    pub struct Span {
-        #[serde(default)]
-        pub trace_id: String,
-        #[serde(default)]
-        pub span_id: String,
-        #[serde(default)]
-        pub end_time_unix_nano: Int,
-        #[serde(default)]
-        pub attributes: Vec<KeyValue>,
-    }
-
-    #[derive(Deserialize)]
-    pub struct KeyValue {
-        pub key: String,
-        #[serde(default)]
-        pub value: AnyValue,
-    }
-
-    #[derive(Deserialize, Default)]
-    #[serde(rename_all = "camelCase")]
-    pub struct AnyValue {
-        string_value: Option<String>,
-        int_value: Option<Int>,
-        double_value: Option<Value>,
-    }
-
-    impl AnyValue {
-        pub fn attr(self) -> Attr {
-            if let Some(s) = self.string_value {
-                return Attr::Text(s);
-            }
-            if let Some(Int(Some(v))) = self.int_value {
-                return Attr::Number(v);
-            }
-            match self.double_value {
-                // serde_json prints a double in its shortest exact form.
-                Some(Value::Number(n)) => Attr::Number(n.to_string()),
-                _ => Attr::Other,
-            }
-        }
-    }
-
-    /// An int64 written as a string or as a number, kept as its decimal text.
-    #[derive(Default)]
-    pub struct Int(Option<String>);
-
-    impl<'de> Deserialize<'de> for Int {
-        fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-            Ok(match Value::deserialize(d)? {
-                Value::String(s) => Int(Some(s)),
-                Value::Number(n) if n.is_u64() || n.is_i64() => Int(Some(n.to_string())),
-                _ => Int(None),
-            })
-        }
-    }
-
-    impl Int {
-        pub fn number(&self, field: &str) -> Result<u64, Rejection> {
-            match &self.0 {
-                None => Ok(0),
-                Some(s) => s
-                    .parse()
-                    .map_err(|e| undecodable("JSON", format!("{field} {s:?}: {e}"))),
-            }
-        }
-    }
 }
 
 /// The protobuf messages of `opentelemetry/proto/collector/trace/v1` that costwatch reads,
@@ -505,7 +465,6 @@ pub mod wire {
 
 #[cfg(test)]
 mod tests {
-
     use prost::Message;
 
     use super::*;
@@ -513,12 +472,126 @@ mod tests {
     use crate::ingest::source::Source;
     use crate::pricing::profiles::UsageProfiles;
 
-    fn source(format: SourceFormat) -> Source {
+    fn settings(format: SourceFormat) -> SourceSettings {
         let mut s = crate::ingest::source::mapped::tests::settings(format);
         s.hardware = None;
         s.hardware_attribute = Some("host.type".into());
         s.labels.insert("service".into(), "service.name".into());
-        Source::new(&s, UsageProfiles::default())
+        s
+    }
+
+    fn source(format: SourceFormat) -> Source {
+        Source::new(&settings(format), UsageProfiles::default())
+    }
+
+    type SpanView<'s, 'a> = (&'s Id<'a>, &'s Id<'a>, u64, &'s [KeyValue<'a>], &'s [KeyValue<'a>]);
+
+    /// What the spans say, wherever their attributes sit in the list.
+    fn view<'s, 'a>(spans: &'s Spans<'a>) -> Vec<SpanView<'s, 'a>> {
+        let at = |r: &Range<usize>| &spans.attributes[r.clone()];
+        spans
+            .spans
+            .iter()
+            .map(|s| (&s.trace_id, &s.span_id, s.end_unix_nano, at(&s.own), at(&s.resource)))
+            .collect()
+    }
+
+    /// Checks a fast reader's answer against the serde or prost path's: when the reader
+    /// answers, the other path reads the same spans, and they give the same events and
+    /// rejections; when the other path refuses the message, the reader does not answer.
+    /// Whether the reader answered.
+    pub(super) fn agree(format: SourceFormat, fast: Option<Spans<'_>>, slow: Result<Spans<'_>, Rejection>) -> bool {
+        let Some(fast) = fast else { return false };
+        let slow = slow.unwrap_or_else(|r| panic!("the reader answered a message the slow path refuses: {r}"));
+        assert_eq!(view(&fast), view(&slow));
+        let mapping = Mapping::new(&settings(format));
+        let (fast, slow) = (
+            mapping.decoded(&fast, &limits(), now()),
+            mapping.decoded(&slow, &limits(), now()),
+        );
+        assert_eq!(format!("{:?}", fast.events), format!("{:?}", slow.events));
+        assert_eq!(fast.skipped, slow.skipped);
+        true
+    }
+
+    #[test]
+    fn tokens_of_an_int_are_what_its_text_gives() {
+        let mut ints = vec![
+            0,
+            1,
+            9,
+            10,
+            300,
+            1200,
+            1_000_000,
+            999_999_999_999_999_999,
+            MAX_INT_QUANTITY,
+            MAX_INT_QUANTITY + 1,
+            i64::MAX,
+            -1,
+            -300,
+            i64::MIN,
+        ];
+        ints.extend((0..62).map(|p| 1i64 << p));
+        ints.extend((0..18).map(|p| 10i64.pow(p) - 1));
+        for i in ints {
+            let direct = tokens(INPUT_TOKENS, Some(&Attr::Int(i)));
+            // What the int's text gave before: the text read as a quantity.
+            let text = event::quantity_or_text(INPUT_TOKENS, &i.to_string()).map(Some);
+            match (direct, text) {
+                (Ok(Some(d)), Ok(Some(t))) => {
+                    // Same value, scale and bits: sums and content digests see no difference.
+                    assert_eq!(d.serialize(), t.serialize(), "{i}");
+                    assert_eq!(d.scale(), 0, "{i}");
+                }
+                (Err(d), Err(t)) => assert_eq!((d.code, d.to_string()), (t.code, t.to_string()), "{i}"),
+                (d, t) => panic!("{i}: {d:?} != {t:?}"),
+            }
+        }
+    }
+
+    #[test]
+    fn digit_strings_are_what_their_text_gives() {
+        let mut texts: Vec<String> = ["0", "1", "1200", "999999999999999999", "100000000000000000"]
+            .into_iter()
+            .map(String::from)
+            .collect();
+        texts.extend((0..18).map(|p| 10u64.pow(p).to_string()));
+        for text in &texts {
+            // The text path: a JSON number read as a quantity.
+            assert!(event::is_number(text), "{text}");
+            let slow = event::quantity_or_text(INPUT_TOKENS, text).unwrap();
+            let fast = digits_quantity(text).unwrap();
+            assert_eq!(fast.serialize(), slow.serialize(), "{text}");
+        }
+        for text in ["", "00", "007", "1000000000000000000", "1.5", "-1", "+1", "1e3", " 1"] {
+            assert!(digits_quantity(text).is_none(), "{text}");
+        }
+        // Leading zeros stay a rejection, as they were.
+        let zeros = tokens(INPUT_TOKENS, Some(&Attr::Number(Cow::Borrowed("007"))));
+        assert_eq!(zeros.unwrap_err().code, RejectCode::InvalidField);
+    }
+
+    #[test]
+    fn a_span_attribute_wins_over_its_resources_and_resources_do_not_mix() {
+        let doc = r#"{"resourceSpans":[
+          {"scopeSpans":[{"spans":[{"traceId":"AB","spanId":"01","endTimeUnixNano":"1795921200000000000","attributes":[
+             {"key":"gen_ai.request.model","value":{"stringValue":"m"}},{"key":"host.type","value":{"stringValue":"span-hw"}},
+             {"key":"gen_ai.usage.input_tokens","value":{"intValue":"3"}}]}]}],
+           "resource":{"attributes":[{"key":"host.type","value":{"stringValue":"resource-hw"}},{"key":"service.name","value":{"stringValue":"svc"}}]}},
+          {"resource":{"attributes":[{"key":"host.type","value":{"stringValue":"other-hw"}}]},
+           "scopeSpans":[{"spans":[{"traceId":"AB","spanId":"02","endTimeUnixNano":"1795921200000000000","attributes":[
+             {"key":"gen_ai.request.model","value":{"stringValue":"m"}},{"key":"gen_ai.usage.output_tokens","value":{"doubleValue":2}}]}]}]}]}"#;
+        let d = source(SourceFormat::OtlpJson)
+            .decode(Some(doc.as_bytes()), &limits(), now())
+            .unwrap();
+        let events: Vec<_> = d.events.into_iter().map(Result::unwrap).collect();
+        assert_eq!(
+            (events[0].event_id.as_ref(), events[0].hardware.as_ref()),
+            ("ab01", "span-hw")
+        );
+        assert_eq!(events[0].labels[0].1, "svc");
+        assert_eq!((events[1].hardware.as_ref(), events[1].labels.len()), ("other-hw", 0));
     }
 
     /// Two resources as a Collector batches them: a chat span and an HTTP span from one

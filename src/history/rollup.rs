@@ -404,7 +404,8 @@ impl<'a> DeltaColumns<'a> {
             rows.iter().map(|r| r.first.identity.rates.as_ref().map(pick)).collect()
         };
         let sum = |pick: fn(&Sums) -> Decimal| -> Vec<Decimal> { rows.iter().map(|r| pick(&r.sums)).collect() };
-        let key = |pick: fn(&'a RowKey) -> &'a str| -> Vec<&'a str> { rows.iter().map(|r| pick(&r.first.key)).collect() };
+        let key =
+            |pick: fn(&'a RowKey) -> &'a str| -> Vec<&'a str> { rows.iter().map(|r| pick(&r.first.key)).collect() };
         DeltaColumns {
             starts: rows.iter().map(|r| r.start).collect(),
             topics: key(|k| &k.topic),
@@ -528,14 +529,7 @@ mod tests {
         let hourly = per_bucket(&deltas, 3_600_000);
         let seen: Vec<_> = hourly
             .iter()
-            .map(|d| {
-                (
-                    d.start,
-                    d.first.identity.price_id.as_deref(),
-                    d.sums,
-                    d.finalizes_at,
-                )
-            })
+            .map(|d| (d.start, d.first.identity.price_id.as_deref(), d.sums, d.finalizes_at))
             .collect();
         assert_eq!(
             seen,

@@ -143,7 +143,12 @@ impl Mapping {
         Ok(!types.iter().any(|t| *t == kind))
     }
 
-    fn event<'a>(&'a self, root: &Doc<'a>, limits: &Limits, now: DateTime<Utc>) -> Result<UsageEventRef<'a>, Rejection> {
+    fn event<'a>(
+        &'a self,
+        root: &Doc<'a>,
+        limits: &Limits,
+        now: DateTime<Utc>,
+    ) -> Result<UsageEventRef<'a>, Rejection> {
         let field = |name: &str, p: &Pointer| pointer::required(root, name, p);
         let event_id = event::name(
             "event_id",

@@ -191,7 +191,7 @@ impl Mapping {
     /// Decodes one message: a request that does not decode is one rejection; each GenAI span
     /// is an event (or a rejection of its own), every other span is skipped.
     pub fn decode<'a>(
-        &self,
+        &'a self,
         format: SourceFormat,
         payload: Option<&'a [u8]>,
         limits: &Limits,
@@ -206,7 +206,7 @@ impl Mapping {
     }
 
     /// The events of the GenAI spans; the rest are skipped.
-    fn decoded<'a>(&self, spans: &Spans<'a>, limits: &Limits, now: DateTime<Utc>) -> Decoded<'a> {
+    fn decoded<'a>(&'a self, spans: &Spans<'a>, limits: &Limits, now: DateTime<Utc>) -> Decoded<'a> {
         let mut decoded = Decoded::default();
         for span in &spans.spans {
             let span = InResource {
@@ -223,7 +223,7 @@ impl Mapping {
 
     /// The span's event; `None` for a span without GenAI usage.
     fn span<'a>(
-        &self,
+        &'a self,
         span: &InResource<'_, 'a>,
         limits: &Limits,
         now: DateTime<Utc>,
@@ -237,7 +237,7 @@ impl Mapping {
     }
 
     fn event<'a>(
-        &self,
+        &'a self,
         span: &InResource<'_, 'a>,
         input: Option<&Attr<'_>>,
         output: Option<&Attr<'_>>,
@@ -257,7 +257,7 @@ impl Mapping {
         }
         .ok_or_else(|| missing("model"))?;
         let hardware = match &self.hardware {
-            Hardware::Static(h) => Cow::Owned(h.clone()),
+            Hardware::Static(h) => Cow::Borrowed(h.as_str()),
             Hardware::Attribute(a) => span.text(a).ok_or_else(|| missing(a))?,
         };
         let Span {
@@ -279,7 +279,7 @@ impl Mapping {
         let mut labels = RawLabels::new();
         for (name, attr) in &self.labels {
             if let Some(v) = span.text(attr) {
-                labels.push((Cow::Owned(name.clone()), v));
+                labels.push((Cow::Borrowed(name.as_str()), v));
             }
         }
         Ok(UsageEventRef {
@@ -504,7 +504,12 @@ mod tests {
         let Some(fast) = fast else { return false };
         let slow = slow.unwrap_or_else(|r| panic!("the reader answered a message the slow path refuses: {r}"));
         assert_eq!(view(&fast), view(&slow));
-        let mapping = Mapping::new(&settings(format));
+        // Events borrow names from the mapping for the spans' own lifetime, which is the
+        // caller's; a mapping per format made once outlives every call.
+        static MAPPINGS: std::sync::OnceLock<[Mapping; 2]> = std::sync::OnceLock::new();
+        let mappings = MAPPINGS
+            .get_or_init(|| [SourceFormat::OtlpJson, SourceFormat::OtlpProto].map(|f| Mapping::new(&settings(f))));
+        let mapping = &mappings[usize::from(format == SourceFormat::OtlpProto)];
         let (fast, slow) = (
             mapping.decoded(&fast, &limits(), now()),
             mapping.decoded(&slow, &limits(), now()),
@@ -582,9 +587,8 @@ mod tests {
           {"resource":{"attributes":[{"key":"host.type","value":{"stringValue":"other-hw"}}]},
            "scopeSpans":[{"spans":[{"traceId":"AB","spanId":"02","endTimeUnixNano":"1795921200000000000","attributes":[
              {"key":"gen_ai.request.model","value":{"stringValue":"m"}},{"key":"gen_ai.usage.output_tokens","value":{"doubleValue":2}}]}]}]}]}"#;
-        let d = source(SourceFormat::OtlpJson)
-            .decode(Some(doc.as_bytes()), &limits(), now())
-            .unwrap();
+        let src = source(SourceFormat::OtlpJson);
+        let d = src.decode(Some(doc.as_bytes()), &limits(), now()).unwrap();
         let events: Vec<_> = d.events.into_iter().map(Result::unwrap).collect();
         assert_eq!(
             (events[0].event_id.as_ref(), events[0].hardware.as_ref()),
@@ -612,9 +616,8 @@ mod tests {
 
     #[test]
     fn a_collector_batch_in_json_gives_one_event_per_genai_span() {
-        let d = source(SourceFormat::OtlpJson)
-            .decode(Some(BATCH.as_bytes()), &limits(), now())
-            .unwrap();
+        let src = source(SourceFormat::OtlpJson);
+        let d = src.decode(Some(BATCH.as_bytes()), &limits(), now()).unwrap();
         assert_eq!(d.skipped, 1);
         let events: Vec<_> = d.events.into_iter().map(Result::unwrap).collect();
         assert_eq!(events.len(), 2);
@@ -667,9 +670,8 @@ mod tests {
             }],
         };
         let bytes = request.encode_to_vec();
-        let d = source(SourceFormat::OtlpProto)
-            .decode(Some(&bytes), &limits(), now())
-            .unwrap();
+        let src = source(SourceFormat::OtlpProto);
+        let d = src.decode(Some(&bytes), &limits(), now()).unwrap();
         assert_eq!(d.skipped, 0);
         let first = d.events[0].as_ref().unwrap();
         assert_eq!(first.event_id, format!("{}{}", "ab".repeat(16), "01".repeat(8)));

@@ -111,9 +111,9 @@ impl SeenSet {
         }
     }
 
-    /// The table of `digest`: by the top bits of the word the tables do not hash with.
-    fn shard(&mut self, digest: Digest) -> &mut Table {
-        &mut self.shards[(digest.1 >> (64 - SHARDS.trailing_zeros())) as usize]
+    /// The index of `digest`'s table: the top bits of the word the tables do not hash with.
+    fn shard(digest: Digest) -> usize {
+        (digest.1 >> (64 - SHARDS.trailing_zeros())) as usize
     }
 
     fn digest(&self, id: &str) -> Digest {
@@ -126,7 +126,7 @@ impl SeenSet {
     /// duplicate and a conflict.
     pub fn insert(&mut self, id: &str, event_time_ms: i64, content: u64) -> Insert {
         let digest = self.digest(id);
-        match self.shard(digest).entry(digest) {
+        match self.shards[Self::shard(digest)].entry(digest) {
             Entry::Occupied(kept) => {
                 let kept = kept.get().content;
                 if kept == content || kept == UNKNOWN_CONTENT || content == UNKNOWN_CONTENT {
@@ -149,7 +149,7 @@ impl SeenSet {
     #[cfg(test)]
     pub fn contains(&self, id: &str) -> bool {
         let digest = self.digest(id);
-        self.shards.iter().any(|t| t.contains_key(&digest))
+        self.shards[Self::shard(digest)].contains_key(&digest)
     }
 
     /// Forgets the ids whose event time is before `cutoff_ms`.

@@ -18,7 +18,7 @@ use crate::domain::{check_name, ComputeUnits, EventId, HardwareName, ModelName, 
 
 mod scan;
 
-pub(crate) use scan::{is_number, object_members, Cursor};
+pub(crate) use scan::{is_number, object_members, once, Cursor};
 
 /// Largest T or S one event may carry. Far above any real request, low enough that a window's
 /// sums can never overflow the 96-bit decimal they are kept in.

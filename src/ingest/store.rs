@@ -705,7 +705,8 @@ impl NewRow {
 }
 
 impl NewRow {
-    /// The roll-up delta of a row added to under its own identity: `+sums`.
+    /// The roll-up delta of a row added to under its own identity, `+sums`: what
+    /// [`rollup::row_change`] gives for a row without old content, moved instead of cloned.
     fn into_delta(self) -> rollup::Delta {
         rollup::Delta {
             key: self.key,

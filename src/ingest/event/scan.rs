@@ -92,7 +92,9 @@ struct Partial<'a> {
     output_tokens: Option<Option<&'a str>>,
 }
 
-fn once<T>(slot: &mut Option<T>, value: T) -> Option<()> {
+/// Sets a field seen for the first time; a second one is left to the slower path (serde
+/// refuses a duplicate field, prost merges a repeated singular one). Shared by every fast reader.
+pub(crate) fn once<T>(slot: &mut Option<T>, value: T) -> Option<()> {
     if slot.is_some() {
         return None;
     }
@@ -212,20 +214,30 @@ impl<'a> Cursor<'a> {
 
     /// An object (`keyed`) or an array, checked and skipped.
     fn skip_container(&mut self, depth: usize, close: u8, keyed: bool) -> Option<()> {
-        self.at += 1;
+        let open = self.peek()?;
+        self.sequence(open, close, |c| {
+            if keyed {
+                c.any_string()?;
+                c.skip_ws();
+                c.eat(b':')?;
+                c.skip_ws();
+            }
+            c.skip_value(depth + 1)
+        })
+    }
+
+    /// `open`, then items separated by commas, then `close`; each item read by `item` with the
+    /// cursor at it. The one loop behind objects, arrays and the containers skipped inside them.
+    #[inline]
+    fn sequence(&mut self, open: u8, close: u8, mut item: impl FnMut(&mut Self) -> Option<()>) -> Option<()> {
+        self.eat(open)?;
         self.skip_ws();
         if self.peek() == Some(close) {
             self.at += 1;
             return Some(());
         }
         loop {
-            if keyed {
-                self.any_string()?;
-                self.skip_ws();
-                self.eat(b':')?;
-                self.skip_ws();
-            }
-            self.skip_value(depth + 1)?;
+            item(self)?;
             self.skip_ws();
             match self.next()? {
                 b',' => self.skip_ws(),
@@ -333,45 +345,19 @@ impl<'a> Cursor<'a> {
     /// `member` with the cursor at it; `None` at the first thing that is not that (or when
     /// `member` says so). The one loop behind the event, the labels and a mapped message.
     pub(crate) fn object(&mut self, mut member: impl FnMut(&mut Self, &'a str) -> Option<()>) -> Option<()> {
-        self.eat(b'{')?;
-        self.skip_ws();
-        if self.peek() == Some(b'}') {
-            self.at += 1;
-            return Some(());
-        }
-        loop {
-            let key = self.string()?;
-            self.skip_ws();
-            self.eat(b':')?;
-            self.skip_ws();
-            member(self, key)?;
-            self.skip_ws();
-            match self.next()? {
-                b',' => self.skip_ws(),
-                b'}' => return Some(()),
-                _ => return None,
-            }
-        }
+        self.sequence(b'{', b'}', |c| {
+            let key = c.string()?;
+            c.skip_ws();
+            c.eat(b':')?;
+            c.skip_ws();
+            member(c, key)
+        })
     }
 
     /// An array, each item read by `item` with the cursor at it; `None` at the first thing
     /// that is not that (or when `item` says so).
-    pub(crate) fn array(&mut self, mut item: impl FnMut(&mut Self) -> Option<()>) -> Option<()> {
-        self.eat(b'[')?;
-        self.skip_ws();
-        if self.peek() == Some(b']') {
-            self.at += 1;
-            return Some(());
-        }
-        loop {
-            item(self)?;
-            self.skip_ws();
-            match self.next()? {
-                b',' => self.skip_ws(),
-                b']' => return Some(()),
-                _ => return None,
-            }
-        }
+    pub(crate) fn array(&mut self, item: impl FnMut(&mut Self) -> Option<()>) -> Option<()> {
+        self.sequence(b'[', b']', item)
     }
 }
 

@@ -350,11 +350,20 @@ fn tokens(key: &str, attr: Option<&Attr<'_>>) -> Result<Option<Decimal>, Rejecti
 /// reading it as text gives: the same value at scale 0 (`digit_strings_are_what_their_text_gives`
 /// compares them), at a fifth of the cost. Leading zeros are no JSON number, refused there.
 fn digits_quantity(s: &str) -> Option<Decimal> {
-    let json_integer = s.bytes().all(|b| b.is_ascii_digit()) && (s == "0" || !s.starts_with('0'));
-    if s.is_empty() || s.len() > 18 || !json_integer {
+    if s.starts_with('0') && s != "0" {
         return None;
     }
-    Some(Decimal::from(s.bytes().fold(0u64, |n, b| n * 10 + u64::from(b - b'0'))))
+    digits(s, 18).map(Decimal::from)
+}
+
+/// 1 to `max` (at most 19, so below 10^19: no overflow) ASCII digits as a u64, at a third of
+/// the cost of `parse`; `None` for anything else.
+fn digits(s: &str, max: usize) -> Option<u64> {
+    debug_assert!(max <= 19);
+    if s.is_empty() || s.len() > max || !s.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    Some(s.bytes().fold(0, |n, b| n * 10 + u64::from(b - b'0')))
 }
 
 /// [`event::MAX_QUANTITY`] as an int: 10^18.

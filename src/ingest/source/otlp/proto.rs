@@ -14,6 +14,7 @@ use std::borrow::Cow;
 use prost::Message as _;
 
 use super::{undecodable, wire, Attr, Id, Rejection, Spans};
+use crate::ingest::event::once;
 
 /// The spans of a protobuf request.
 pub(super) fn spans(bytes: &[u8]) -> Result<Spans<'_>, Rejection> {
@@ -106,15 +107,6 @@ fn any_value(bytes: &[u8]) -> Option<Attr<'_>> {
         once(&mut value, v)
     })?;
     Some(value.unwrap_or(Attr::Other))
-}
-
-/// Sets a singular field seen for the first time; a second one is left to prost.
-fn once<T>(slot: &mut Option<T>, value: T) -> Option<()> {
-    if slot.is_some() {
-        return None;
-    }
-    *slot = Some(value);
-    Some(())
 }
 
 /// Calls `field` with each field's tag and wire type, the reader at its value, which `field`

@@ -11,9 +11,10 @@ use ahash::{HashMap, HashMapExt};
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
+use smallvec::SmallVec;
 
 use crate::domain::{HardwareName, ModelName};
-use crate::ingest::dedup::{self, Insert, SeenSet, UNKNOWN_CONTENT};
+use crate::ingest::dedup::{self, IdDigest, Insert, SeenSet, UNKNOWN_CONTENT};
 use crate::ingest::event::{self, Basis, Labels, Limits, RejectCode, Rejection, UsageEventRef};
 use crate::ingest::source::Source;
 use crate::ingest::window::{from_millis, PendingWindows, WindowKey, WindowSize, WindowSums};
@@ -617,11 +618,19 @@ impl PartitionState {
         if let Some(source) = source {
             return self.ingest_decoded(partition, offset, payload, rules, source, now);
         }
-        let event = match event::decode_ref(payload, &rules.limits, now) {
+        // The id's dedup slot is fetched from memory while the rest of the event is validated.
+        let mut digest = None;
+        let seen = &self.seen;
+        let decoded = event::decode_ref_with(payload, &rules.limits, now, |id| {
+            let d = seen.digest(id);
+            seen.prefetch(d);
+            digest = Some(d);
+        });
+        let event = match decoded {
             Ok(event) => event,
             Err(rejection) => return self.reject(partition, offset, rejection, payload, rules),
         };
-        self.accept(partition, offset, event, None, payload, rules, now)
+        self.accept(partition, offset, &event, digest, None, payload, rules, now)
     }
 
     /// A message of a mapped format: any number of events, each deduplicated and counted on its
@@ -636,19 +645,35 @@ impl PartitionState {
         source: &Source,
         now: DateTime<Utc>,
     ) -> Outcome {
-        let mut decoded = match source.decode(payload, &rules.limits, now) {
+        // Each id's dedup slot is fetched from memory as soon as the id is read.
+        let seen = &self.seen;
+        let decoded = match source.decode_with(payload, &rules.limits, now, |id| seen.prefetch(seen.digest(id))) {
             Ok(decoded) => decoded,
             Err(rejection) => return self.reject(partition, offset, rejection, payload, rules),
         };
         self.counts.skipped += decoded.skipped;
+        // Every event's dedup slot is fetched from memory at once, before the first is
+        // counted: an OTLP export's spans wait for memory together rather than one by one
+        // (the other formats' were asked for already; their digests are kept for the insert).
+        let digests: SmallVec<[IdDigest; 4]> = decoded
+            .events
+            .iter()
+            .flatten()
+            .map(|event| {
+                let d = self.seen.digest(&event.event_id);
+                self.seen.prefetch(d);
+                d
+            })
+            .collect();
+        let mut digests = digests.into_iter();
         let mut first = None;
-        for result in std::mem::take(&mut decoded.events) {
+        for result in &decoded.events {
             let outcome = match result {
                 Ok(event) => {
                     let profile = decoded.profile_name(event.basis);
-                    self.accept(partition, offset, event, profile, payload, rules, now)
+                    self.accept(partition, offset, event, digests.next(), profile, payload, rules, now)
                 }
-                Err(rejection) => self.reject(partition, offset, rejection, payload, rules),
+                Err(rejection) => self.reject(partition, offset, rejection.clone(), payload, rules),
             };
             first.get_or_insert(outcome);
         }
@@ -661,7 +686,8 @@ impl PartitionState {
         &mut self,
         partition: i32,
         offset: i64,
-        event: UsageEventRef<'_>,
+        event: &UsageEventRef<'_>,
+        digest: Option<IdDigest>,
         profile: Option<&str>,
         payload: Option<&[u8]>,
         rules: &IngestRules,
@@ -670,8 +696,9 @@ impl PartitionState {
         let ts_ms = event.timestamp.timestamp_millis();
         // An event older than the dedup horizon cannot be checked against ids we have already
         // forgotten; it is still accepted (dedup is best effort beyond the horizon, by contract).
-        let content = dedup::content_digest(&event);
-        match self.seen.insert(&event.event_id, ts_ms, content) {
+        let content = dedup::content_digest(event);
+        let digest = digest.unwrap_or_else(|| self.seen.digest(&event.event_id));
+        match self.seen.insert_digest(digest, ts_ms, content) {
             Insert::New => {}
             Insert::Duplicate => {
                 self.counts.duplicate += 1;
@@ -697,7 +724,7 @@ impl PartitionState {
         let advance = ts_ms.min(now.timestamp_millis());
         self.watermark_ms = Some(self.watermark_ms.map_or(advance, |w| w.max(advance)));
 
-        let key = self.names.key(rules.window.start_of(event.timestamp), &event, profile);
+        let key = self.names.key(rules.window.start_of(event.timestamp), event, profile);
         let sums = self
             .pending
             .entry(key)

@@ -11,7 +11,7 @@
 
 use std::borrow::Cow;
 
-use super::{sorted_labels, Fields, RawLabels};
+use super::{sort_labels, Fields, RawLabels};
 
 /// The fields of a payload in the common shape, or `None` for the serde path to decide.
 pub(super) fn scan(text: &str) -> Option<Fields<'_>> {
@@ -25,7 +25,7 @@ pub(super) fn scan(text: &str) -> Option<Fields<'_>> {
         "hardware" => once(&mut f.hardware, c.string()?),
         "compute" => once(&mut f.compute, c.number()?),
         "storage" => once(&mut f.storage, c.number()?),
-        "labels" => once(&mut f.labels, c.labels()?),
+        "labels" => c.labels(&mut f.labels),
         "input_tokens" => once(&mut f.input_tokens, c.number_or_null()?),
         "output_tokens" => once(&mut f.output_tokens, c.number_or_null()?),
         // Unknown fields are ignored by the serde path; it reads them.
@@ -328,17 +328,25 @@ impl<'a> Cursor<'a> {
         self.number().map(Some)
     }
 
-    /// `null` (no labels) or an object of plain strings, sorted as the serde path sorts it.
-    fn labels(&mut self) -> Option<Option<RawLabels<'a>>> {
-        if self.peek() == Some(b'n') {
-            return self.null().map(|()| None);
+    /// `null` (no labels) or an object of plain strings, sorted as the serde path sorts it,
+    /// read into `slot` where it stays (a label set is a few hundred bytes inline: each move
+    /// was a `memcpy`); `None` if `slot` was already filled (a repeated field).
+    fn labels(&mut self, slot: &mut Option<Option<RawLabels<'a>>>) -> Option<()> {
+        if slot.is_some() {
+            return None;
         }
-        let mut labels = RawLabels::new();
+        if self.peek() == Some(b'n') {
+            self.null()?;
+            *slot = Some(None);
+            return Some(());
+        }
+        let labels = slot.insert(Some(RawLabels::new())).as_mut().expect("just set");
         self.object(|c, key| {
             labels.push((Cow::Borrowed(key), Cow::Borrowed(c.string()?)));
             Some(())
         })?;
-        Some(Some(sorted_labels(labels)))
+        sort_labels(labels);
+        Some(())
     }
 
     /// An object whose keys are plain strings (no escapes), each member's value read by

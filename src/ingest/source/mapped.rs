@@ -98,14 +98,12 @@ impl Mapping {
         }
     }
 
-    /// Decodes one message into at most one event; `on_id` is told its id as soon as it is
-    /// read (see [`super::Source::decode_with`]).
+    /// Decodes one message into at most one event.
     pub fn decode<'a>(
         &'a self,
         payload: Option<&'a [u8]>,
         limits: &Limits,
         now: DateTime<Utc>,
-        on_id: impl FnMut(&str),
     ) -> Result<Decoded<'a>, Rejection> {
         let bytes = event::checked_payload(payload, limits)?;
         let text = std::str::from_utf8(bytes)
@@ -131,7 +129,7 @@ impl Mapping {
             });
         }
         Ok(Decoded {
-            events: vec![self.event(&root, limits, now, on_id)],
+            events: vec![self.event(&root, limits, now)],
             ..Decoded::default()
         })
     }
@@ -150,14 +148,12 @@ impl Mapping {
         root: &Doc<'a>,
         limits: &Limits,
         now: DateTime<Utc>,
-        mut on_id: impl FnMut(&str),
     ) -> Result<UsageEventRef<'a>, Rejection> {
         let field = |name: &str, p: &Pointer| pointer::required(root, name, p);
         let event_id = event::name(
             "event_id",
             pointer::text("event_id", field("event_id", &self.event_id)?)?,
         )?;
-        on_id(&event_id);
         let model = event::name("model", pointer::text("model", field("model", &self.model)?)?)?;
         let hardware = match &self.hardware {
             Hardware::Static(h) => Cow::Borrowed(h.as_str()),
@@ -289,25 +285,6 @@ pub(crate) mod tests {
         assert_eq!(e.basis, Basis::NoProfile);
         assert!(e.compute.value().is_zero() && e.storage.value().is_zero());
         assert_eq!(e.tokens.input.to_string(), "1200");
-    }
-
-    #[test]
-    fn the_id_is_told_as_soon_as_it_is_read_even_when_the_event_is_then_refused() {
-        // The hint the dedup set prefetches by: the id of the event, once per event.
-        let source = Source::new(&settings(SourceFormat::Openai), UsageProfiles::default());
-        let mut told = Vec::new();
-        let decoded = source
-            .decode_with(Some(VLLM.as_bytes()), &limits(), now(), |id| told.push(id.to_owned()))
-            .unwrap();
-        assert_eq!(told, [decoded.events[0].as_ref().unwrap().event_id.as_ref()]);
-        let late = VLLM.replace("\"created\":1795921200", "\"created\":1");
-        assert_ne!(late, VLLM);
-        told.clear();
-        let refused = source
-            .decode_with(Some(late.as_bytes()), &limits(), now(), |id| told.push(id.to_owned()))
-            .unwrap();
-        assert_eq!(refused.events[0].as_ref().unwrap_err().code, RejectCode::TooOld);
-        assert_eq!(told.len(), 1, "told before the timestamp was checked");
     }
 
     /// What LiteLLM's OpenMeter callback sends (litellm/integrations/openmeter.py).

@@ -129,25 +129,12 @@ impl Source {
         limits: &Limits,
         now: DateTime<Utc>,
     ) -> Result<Decoded<'a>, Rejection> {
-        self.decode_with(payload, limits, now, |_| {})
-    }
-
-    /// [`Source::decode`], telling `on_id` an event's id as soon as it is read, before the
-    /// rest of the event is validated (the dedup set prefetches the id's slot meanwhile). A
-    /// hint: it may be told the id of an event that is then refused, and OTLP's are not told.
-    pub fn decode_with<'a>(
-        &'a self,
-        payload: Option<&'a [u8]>,
-        limits: &Limits,
-        now: DateTime<Utc>,
-        on_id: impl FnMut(&str),
-    ) -> Result<Decoded<'a>, Rejection> {
         let mut decoded = match &self.decoder {
             Decoder::Native => Decoded {
-                events: vec![Ok(event::decode_ref_with(payload, limits, now, on_id)?)],
+                events: vec![Ok(event::decode_ref(payload, limits, now)?)],
                 ..Decoded::default()
             },
-            Decoder::Mapped(m) => m.decode(payload, limits, now, on_id)?,
+            Decoder::Mapped(m) => m.decode(payload, limits, now)?,
             Decoder::Otlp(m) => m.decode(self.format, payload, limits, now)?,
         };
         let profiles = self.profiles.current();

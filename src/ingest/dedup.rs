@@ -159,18 +159,15 @@ impl Table {
     /// Forgets the entries before `cutoff_ms`; gives memory back when the table emptied out
     /// (all of it when nothing is left).
     fn retain_from(&mut self, cutoff_ms: i64) {
-        let dropped = self
-            .slots
-            .iter()
-            .any(|s| s.key != IdDigest::FREE && s.seen.time_ms < cutoff_ms);
-        if !dropped {
-            return;
-        }
         let kept = self
             .slots
             .iter()
             .filter(|s| s.key != IdDigest::FREE && s.seen.time_ms >= cutoff_ms)
             .count();
+        // Nothing to forget: the table stays as it is.
+        if kept == self.len {
+            return;
+        }
         let keep_size = if kept == 0 || self.slots.len() > 4 * (kept * 10 / MAX_LOAD_TENTHS).max(64) {
             0
         } else {

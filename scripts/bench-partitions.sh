@@ -9,8 +9,8 @@
 #   ragged    - the raw minutes a budget's forecast window reads at *now* (37 minutes, every key)
 #   old_hour  - one raw hour of a day 20 days back (a range's ragged end in the past)
 #   day_steps - step=window over the last 24 hours (288,000 rows at 200 keys)
-#   flush     - a flush's upsert: 200 keys x the last 6 minutes, every row a conflict (adds 0, so
-#               the data stays as filled and exact=true still holds)
+#   flush     - a flush's upsert: 200 keys x the last 6 minutes, every row a conflict (adds 0:
+#               the twins' sums stay as copied)
 # and prints p50/p95 per workload and table, the partitions' sizes, and what retention keeps
 # beyond `retention.windows` with each granularity. The twins are dropped at the end; the data
 # costwatch wrote is not touched (the flush workload runs against the twins).

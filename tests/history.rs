@@ -33,6 +33,10 @@ fn text(bytes: &[u8]) -> String {
     String::from_utf8_lossy(bytes).into_owned()
 }
 
+fn t(text: &str) -> DateTime<Utc> {
+    DateTime::parse_from_rfc3339(text).unwrap().to_utc()
+}
+
 fn rfc3339(t: DateTime<Utc>) -> String {
     t.to_rfc3339_opts(SecondsFormat::Millis, true)
 }
@@ -61,22 +65,14 @@ fn spread_event(i: usize, now: DateTime<Utc>, hours: i64) -> Message {
     )
 }
 
-/// Per (bucket, model, hardware, labels): events, ΣT, ΣS, Σ tokens and cost, from the raw
-/// windows summed into `unit` buckets and from the roll-up table, as text rows, each side's
-/// rows the other lacks. Empty when the tiers agree exactly.
-async fn tier_differences(pool: &PgPool, unit: &str, rollup: &str) -> Vec<String> {
-    let totals = "sum(events)::int8 AS events, sum(compute) AS compute, sum(storage) AS storage,
-                  sum(input_tokens + output_tokens) AS tokens,
-                  sum(compute * compute_price * k1 + storage * storage_price * k2) AS cost,
-                  count(*) FILTER (WHERE compute_price IS NULL) > 0 AS unpriced";
+/// The first row of each of two queries' results that the other lacks, as JSON text after its
+/// side's name. Empty when both return the same rows.
+async fn one_sided_rows(pool: &PgPool, (a_name, a): (&str, &str), (b_name, b): (&str, &str)) -> Vec<String> {
     let sql = format!(
-        "WITH raw AS (SELECT date_trunc('{unit}', window_start, 'UTC') AS b, model, hardware, labels, {totals}
-                      FROM window_usage GROUP BY 1, 2, 3, 4),
-              tier AS (SELECT bucket_start AS b, model, hardware, labels, {totals}
-                       FROM {rollup} GROUP BY 1, 2, 3, 4)
-         SELECT 'raw only: ' || (SELECT row_to_json(x)::text FROM (SELECT * FROM raw EXCEPT SELECT * FROM tier) x LIMIT 1)
+        "WITH a AS ({a}), b AS ({b})
+         SELECT '{a_name} only: ' || (SELECT row_to_json(x)::text FROM (SELECT * FROM a EXCEPT SELECT * FROM b) x LIMIT 1)
          UNION ALL
-         SELECT 'roll-up only: ' || (SELECT row_to_json(x)::text FROM (SELECT * FROM tier EXCEPT SELECT * FROM raw) x LIMIT 1)"
+         SELECT '{b_name} only: ' || (SELECT row_to_json(x)::text FROM (SELECT * FROM b EXCEPT SELECT * FROM a) x LIMIT 1)"
     );
     sqlx::query_scalar::<_, Option<String>>(&sql)
         .fetch_all(pool)
@@ -87,7 +83,90 @@ async fn tier_differences(pool: &PgPool, unit: &str, rollup: &str) -> Vec<String
         .collect()
 }
 
+/// Per (bucket, model, hardware, labels): events, ΣT, ΣS, Σ tokens and cost, from the raw
+/// windows summed into `unit` buckets and from the roll-up table, as text rows, each side's
+/// rows the other lacks. Empty when the tiers agree exactly.
+async fn tier_differences(pool: &PgPool, unit: &str, rollup: &str) -> Vec<String> {
+    let totals = "sum(events)::int8 AS events, sum(compute) AS compute, sum(storage) AS storage,
+                  sum(input_tokens + output_tokens) AS tokens,
+                  sum(compute * compute_price * k1 + storage * storage_price * k2) AS cost,
+                  count(*) FILTER (WHERE compute_price IS NULL) > 0 AS unpriced";
+    let raw = format!(
+        "SELECT date_trunc('{unit}', window_start, 'UTC') AS b, model, hardware, labels, {totals}
+         FROM window_usage GROUP BY 1, 2, 3, 4"
+    );
+    let tier = format!("SELECT bucket_start AS b, model, hardware, labels, {totals} FROM {rollup} GROUP BY 1, 2, 3, 4");
+    one_sided_rows(pool, ("raw", &raw), ("roll-up", &tier)).await
+}
+
+/// Per (bucket, currency, priced): a tier summed across keys and the totals kept for it
+/// (`usage_totals`), as text rows, each side's rows the other lacks. Empty when they agree
+/// exactly.
+async fn totals_differences(pool: &PgPool, unit: &str, table: &str) -> Vec<String> {
+    // Raw windows store no cost: it is computed as readers compute it.
+    let (start, costs) = if table == "window_usage" {
+        (
+            "window_start",
+            ", compute * compute_price * k1 AS compute_cost, storage * storage_price * k2 AS storage_cost",
+        )
+    } else {
+        ("bucket_start", "")
+    };
+    let tier = format!(
+        "SELECT {start} AS b, currency, priced, sum(events)::int8 AS events, sum(late_events)::int8 AS late,
+                sum(compute) AS compute, sum(storage) AS storage, sum(input_tokens) AS input_tokens,
+                sum(output_tokens) AS output_tokens,
+                COALESCE(sum(compute_cost) FILTER (WHERE priced), 0) AS compute_cost,
+                COALESCE(sum(storage_cost) FILTER (WHERE priced), 0) AS storage_cost
+         FROM (SELECT *{costs}, compute_price IS NOT NULL AND storage_price IS NOT NULL AS priced FROM {table}) r
+         GROUP BY 1, 2, 3"
+    );
+    let totals = format!(
+        "SELECT bucket_start AS b, currency, priced, events, late_events AS late, compute, storage, input_tokens,
+                output_tokens, compute_cost, storage_cost
+         FROM usage_totals WHERE bucket_unit = '{unit}'"
+    );
+    one_sided_rows(pool, ("roll-up", &tier), ("totals", &totals)).await
+}
+
+async fn assert_totals_equal(pool: &PgPool, context: &str) {
+    for (unit, table) in [
+        ("window", "window_usage"),
+        ("hour", "usage_hourly"),
+        ("day", "usage_daily"),
+    ] {
+        let differences = totals_differences(pool, unit, table).await;
+        assert!(
+            differences.is_empty(),
+            "{context}: usage_totals of unit {unit} differ from {table} summed across keys: {differences:?}"
+        );
+    }
+    // The dashboard's spend stat reads the totals' view: per currency, the spend of the
+    // per-label view it replaced.
+    let spend = |view: &str| {
+        let sql = format!(
+            "SELECT currency, COALESCE(sum(total_cost), 0)::text, sum(events)::int8 FROM {view} GROUP BY 1 ORDER BY 1"
+        );
+        let pool = pool.clone();
+        async move {
+            sqlx::query_as::<_, (String, String, i64)>(&sql)
+                .fetch_all(&pool)
+                .await
+                .unwrap()
+                .into_iter()
+                .map(|(c, cost, events)| (c, Decimal::from_str_exact(&cost).unwrap().normalize(), events))
+                .collect::<Vec<_>>()
+        }
+    };
+    assert_eq!(
+        spend("usage_costs_totals_hourly").await,
+        spend("usage_costs_by_labels_hourly").await,
+        "{context}: the spend stat's view"
+    );
+}
+
 async fn assert_tiers_equal(pool: &PgPool, context: &str) {
+    assert_totals_equal(pool, context).await;
     let raw_rows: i64 = sqlx::query_scalar("SELECT count(*) FROM window_usage")
         .fetch_one(pool)
         .await
@@ -418,6 +497,8 @@ async fn retention_drops_whole_old_days_and_the_roll_ups_still_answer_for_them()
         out_text.contains("deleted 0 rejected messages received before"),
         "{out_text}"
     );
+    // The dropped days' totals across keys left with them.
+    assert_totals_equal(&world.pool, "after retention dropped raw days").await;
 
     // The API's totals over the whole range, dropped days included, are unchanged: the
     // roll-ups answer for the days whose raw windows are gone.
@@ -430,6 +511,104 @@ async fn retention_drops_whole_old_days_and_the_roll_ups_still_answer_for_them()
     let (raw_events, ..) = api_totals(&addr, recent, to, "window").await;
     let (all_events, ..) = api_totals(&addr, recent, to, "day").await;
     assert!(raw_events < all_events, "{raw_events} < {all_events}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_hourly_month_past_retention_takes_its_totals_along_and_the_days_still_answer() {
+    let world = World::new(1).await;
+    let store = costwatch::store::Store::connect_lazy(&world.db_url, 2).unwrap();
+    store.migrate().await.unwrap();
+    // The last two days of January 2020 as roll-ups only (their raw days long gone): three keys
+    // an hour, one of them unpriced, and each day the sum of its hours.
+    for (table, at) in [("usage_hourly", "2020-01-30"), ("usage_daily", "2020-01-30")] {
+        sqlx::query("SELECT costwatch_ensure_partition($1, $2::timestamptz)")
+            .bind(table)
+            .bind(at)
+            .execute(&world.pool)
+            .await
+            .unwrap();
+    }
+    sqlx::query(
+        "INSERT INTO usage_hourly (bucket_start, topic, source, model, hardware, labels, usage_from_tokens, currency,
+                price_id, compute_price, storage_price, k1, k2, coefficients_assumed, events, late_events, compute,
+                storage, input_tokens, output_tokens, finalizes_at)
+         SELECT '2020-01-30 00:00+00'::timestamptz + h * interval '1 hour', 'usage', 'usage', 'm' || k,
+                CASE WHEN k = 2 THEN 'unpriced-gpu' ELSE 'h100' END, '{}', false, 'USD',
+                CASE WHEN k = 2 THEN NULL ELSE 'p' END, CASE WHEN k = 2 THEN NULL ELSE 0.1 END,
+                CASE WHEN k = 2 THEN NULL ELSE 0.2 END, CASE WHEN k = 2 THEN NULL ELSE 0.5 END,
+                CASE WHEN k = 2 THEN NULL ELSE 0.8 END, false, 1 + h % 5 + k, 0, h * 1.125 + k, 0.0625 * k, 0, 0,
+                '2020-02-01 00:00+00'
+         FROM generate_series(0, 47) h, generate_series(0, 2) k",
+    )
+    .execute(&world.pool)
+    .await
+    .unwrap();
+    sqlx::query(
+        "INSERT INTO usage_daily (bucket_start, topic, source, model, hardware, labels, usage_from_tokens, currency,
+                price_id, compute_price, storage_price, k1, k2, coefficients_assumed, events, late_events, compute,
+                storage, input_tokens, output_tokens, finalizes_at)
+         SELECT date_trunc('day', bucket_start, 'UTC'), topic, source, model, hardware, labels, usage_from_tokens,
+                currency, price_id, compute_price, storage_price, k1, k2, coefficients_assumed, sum(events),
+                sum(late_events), sum(compute), sum(storage), sum(input_tokens), sum(output_tokens), max(finalizes_at)
+         FROM usage_hourly GROUP BY 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14",
+    )
+    .execute(&world.pool)
+    .await
+    .unwrap();
+    assert_totals_equal(&world.pool, "roll-ups written by hand").await;
+    let (from, to) = (t("2020-01-30T00:00:00Z"), t("2020-02-01T00:00:00Z"));
+    let truth: (i64, Decimal, Decimal, Decimal, i64) = {
+        let r = sqlx::query(
+            "SELECT sum(events)::int8 AS events, sum(compute) AS compute, sum(storage) AS storage,
+                    sum(compute_cost + storage_cost) AS cost,
+                    (sum(events) FILTER (WHERE compute_price IS NULL))::int8 AS unpriced
+             FROM usage_hourly",
+        )
+        .fetch_one(&world.pool)
+        .await
+        .unwrap();
+        (
+            r.get("events"),
+            r.get("compute"),
+            r.get("storage"),
+            r.get("cost"),
+            r.get("unpriced"),
+        )
+    };
+    // The daemon runs retention too: its instance keeps hourly roll-ups for longer.
+    let keep = world.config("\n[retention]\nhourly = \"3650d\"\n");
+    let daemon = world.start(&keep);
+    let addr = daemon.http_addr().await;
+    assert_eq!(api_totals(&addr, from, to, "hour").await, truth);
+    assert_eq!(api_totals(&addr, from, to, "day").await, truth);
+    drop(daemon);
+
+    // Hourly roll-ups are kept 400 days by default: January 2020 goes, its totals with it.
+    let config = world.config("");
+    let out = costwatch(&config, &["retention"]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert!(
+        text(&out.stdout).contains("dropped usage_hourly_m202001 (144 rows of usage_hourly"),
+        "{}",
+        text(&out.stdout)
+    );
+    let left: Vec<(String, i64)> = sqlx::query_as(
+        "SELECT bucket_unit, count(*) FROM usage_totals WHERE bucket_start >= $1 AND bucket_start < $2
+         GROUP BY 1 ORDER BY 1",
+    )
+    .bind(from)
+    .bind(to)
+    .fetch_all(&world.pool)
+    .await
+    .unwrap();
+    // Two days, priced and unpriced: four daily totals, no hourly ones.
+    assert_eq!(left, [("day".to_owned(), 4)]);
+    assert_totals_equal(&world.pool, "after the hourly month was dropped").await;
+    let daemon = world.start(&keep);
+    let addr = daemon.http_addr().await;
+    assert_eq!(api_totals(&addr, from, to, "day").await, truth);
+    let (hourly_events, ..) = api_totals(&addr, from, to, "hour").await;
+    assert_eq!(hourly_events, 0, "no hour of January 2020 is left to answer");
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -18,7 +18,7 @@ use crate::alerting::budget::{like_pattern, AlertSpec, Observed, Ranges, Unprice
 use crate::alerting::notify::AlertmanagerAlert;
 use crate::config::BudgetSettings;
 use crate::domain::Money;
-use crate::history::read::{self, Finest, Slice};
+use crate::history::read::{self, Detail, Finest, Slice};
 use crate::store::{Store, StoreError};
 
 /// The advisory lock key held by the instance that evaluates budgets ("costwatc" in ASCII).
@@ -45,6 +45,18 @@ struct ScopeParams {
 }
 
 impl ScopeParams {
+    /// What the budget reads of each row: the totals across keys when it neither scopes nor
+    /// splits (every row is in it), the keys otherwise.
+    fn detail(&self) -> Detail {
+        let whole =
+            self.model == "%" && self.hardware == "%" && self.label_names.is_empty() && self.split_by.is_empty();
+        if whole {
+            Detail::Totals
+        } else {
+            Detail::Keys
+        }
+    }
+
     fn of(budget: &BudgetSettings) -> Self {
         Self {
             model: like_pattern(budget.scope.model.as_deref()),
@@ -130,31 +142,42 @@ impl Store {
         // slice with constant bounds. Splits are kept when they have usage this period; a budget
         // without splits always is.
         // $1 the currency, $2..$6 the scope, $7 the limit, then each slice's bounds.
-        let (split, in_scope) = (split_expr(6), scope_condition(2));
+        // A budget over everything reads the totals across keys (`ScopeParams::detail`): its
+        // scope and split conditions fold to true there.
+        let (split, in_scope, detail) = (split_expr(6), scope_condition(2), scope.detail());
         let slices: Vec<(usize, Slice)> = ranges
             .parts()
             .into_iter()
-            .flat_map(|p| read::slices(p.part, Finest::Day).into_iter().map(move |s| (p.range, s)))
+            .flat_map(|p| {
+                read::slices(p.part, Finest::Day, detail)
+                    .into_iter()
+                    .map(move |s| (p.range, s))
+            })
             .collect();
         let mut arms: Vec<String> = slices
             .iter()
             .enumerate()
             .map(|(i, (range, slice))| {
                 format!(
-                    "SELECT {range} AS range, {ROW_COST} AS cost, events, {split} AS split
-                     FROM ({}) AS s WHERE currency = $1 AND {in_scope}",
+                    "SELECT {range} AS range, {ROW_COST} AS cost, events, priced, {split} AS split
+                     FROM ({}) AS s WHERE (currency = $1 OR NOT priced) AND {in_scope}",
                     read::slice_sql(slice, 8 + 2 * i, 9 + 2 * i)
                 )
             })
             .collect();
         if arms.is_empty() {
             arms.push(format!(
-                "SELECT 0 AS range, {ROW_COST} AS cost, events, {split} AS split FROM ({}) AS s",
+                "SELECT 0 AS range, {ROW_COST} AS cost, events, priced, {split} AS split FROM ({}) AS s",
                 read::NO_SLICE
             ));
         }
+        // `unpriced_events`: the period's unpriced events in every split kept, the ones past
+        // the limit too: whether the per-pair listing of unpriced usage has anything to find (it
+        // reads every key's rows of the period; the totals cannot answer it). Unpriced usage is
+        // read in any currency, as that listing does: it has no cost to count in another.
         let sql = format!(
             "SELECT split,
+               COALESCE(sum(sum(events) FILTER (WHERE range = 0 AND NOT priced)) OVER (), 0)::int8 AS unpriced_events,
                COALESCE(sum(cost) FILTER (WHERE range = 0), 0) AS period,
                COALESCE(sum(cost) FILTER (WHERE range = 1), 0) AS short,
                COALESCE(sum(cost) FILTER (WHERE range = 2), 0) AS long,
@@ -182,7 +205,8 @@ impl Store {
         if budget.split_by.is_empty() {
             observed.entry(Vec::new()).or_default();
         }
-        if budget.unpriced {
+        let any_unpriced = rows.iter().any(|r| r.get::<i64, _>("unpriced_events") != 0);
+        if budget.unpriced && any_unpriced {
             for (split, usage) in self.unpriced_usage(&scope, ranges).await? {
                 let entry = observed.entry(split.clone()).or_insert_with(|| Observed {
                     split,
@@ -204,12 +228,12 @@ impl Store {
         // cancel out had no usage this period.
         let slices: Vec<Slice> = read::parts(ranges.period.0, ranges.period.1, ranges.now)
             .into_iter()
-            .flat_map(|part| read::slices(part, Finest::Day))
+            .flat_map(|part| read::slices(part, Finest::Day, Detail::Keys))
             .collect();
         let sql = format!(
             "SELECT split, model, hardware, sum(events)::int8 AS events
              FROM (SELECT {split} AS split, model, hardware, events FROM ({rows}) AS s
-                   WHERE (compute_price IS NULL OR storage_price IS NULL) AND {scope}) w
+                   WHERE NOT priced AND {scope}) w
              GROUP BY split, model, hardware HAVING sum(events) > 0
              ORDER BY split, model, hardware LIMIT $6",
             split = split_expr(5),

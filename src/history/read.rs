@@ -140,6 +140,23 @@ pub enum Tier {
     Hourly,
     /// `usage_daily`.
     Daily,
+    /// `usage_totals` of unit `window`: `window_usage` summed across keys per window start.
+    WindowTotals,
+    /// `usage_totals` of unit `hour`: `usage_hourly` summed across keys.
+    HourlyTotals,
+    /// `usage_totals` of unit `day`: `usage_daily` summed across keys.
+    DailyTotals,
+}
+
+/// What a reader needs of each row: its key, or only the totals across keys.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Detail {
+    /// Rows per (model, hardware, labels, topic, source): the reader filters or groups by them.
+    Keys,
+    /// Only sums per bucket, currency and pricedness: windows, whole hours and whole days come
+    /// from `usage_totals` (migration 0012), about 1/keys of the rows of the tier each totals.
+    /// Its rows carry NULL keys, so a reader asks for this only when it reads no key.
+    Totals,
 }
 
 /// `sign` x the rows of `tier` whose start is in `[from, to)`.
@@ -155,8 +172,9 @@ pub struct Slice {
     pub to: DateTime<Utc>,
 }
 
-/// The non-empty slices `usage_between(part.from, part.to, finest)` reads, with the part's sign.
-pub fn slices(part: Part, finest: Finest) -> Vec<Slice> {
+/// The non-empty slices `usage_between(part.from, part.to, finest)` reads, with the part's sign;
+/// with [`Detail::Totals`], from the totals across keys of the same tiers instead.
+pub fn slices(part: Part, finest: Finest, detail: Detail) -> Vec<Slice> {
     let b = tier_bounds(part.from, part.to, finest);
     let slice = |tier, from, to| Slice {
         tier,
@@ -164,12 +182,16 @@ pub fn slices(part: Part, finest: Finest) -> Vec<Slice> {
         from,
         to,
     };
+    let (raw, hourly, daily) = match detail {
+        Detail::Keys => (Tier::Raw, Tier::Hourly, Tier::Daily),
+        Detail::Totals => (Tier::WindowTotals, Tier::HourlyTotals, Tier::DailyTotals),
+    };
     [
-        slice(Tier::Daily, b.d_from, b.d_to),
-        slice(Tier::Hourly, b.h_from, b.d_from),
-        slice(Tier::Hourly, b.d_to, b.h_to),
-        slice(Tier::Raw, part.from, b.h_from),
-        slice(Tier::Raw, b.h_to, part.to),
+        slice(daily, b.d_from, b.d_to),
+        slice(hourly, b.h_from, b.d_from),
+        slice(hourly, b.d_to, b.h_to),
+        slice(raw, part.from, b.h_from),
+        slice(raw, b.h_to, part.to),
     ]
     .into_iter()
     .filter(|s| s.from < s.to)
@@ -177,14 +199,17 @@ pub fn slices(part: Part, finest: Finest) -> Vec<Slice> {
 }
 
 /// The columns every [`slice_sql`] returns: a row's start (the bucket's for roll-ups), key,
-/// prices and signed quantities and costs (NULL costs when unpriced).
-pub const SLICE_COLUMNS: &str = "window_start, topic, source, model, hardware, labels, currency, compute_price, \
-    storage_price, events, compute, storage, compute_cost, storage_cost";
+/// whether it is priced (both prices known) and signed quantities and costs (NULL costs when
+/// unpriced in the raw windows and roll-ups, 0 in the totals: sum costs of priced rows only).
+/// Rows of the totals have NULL keys.
+pub const SLICE_COLUMNS: &str = "window_start, topic, source, model, hardware, labels, currency, priced, \
+    events, compute, storage, compute_cost, storage_cost";
 
 /// A `SELECT` of [`SLICE_COLUMNS`] with no rows, for a union of no slices (an empty range).
-pub const NO_SLICE: &str = "SELECT window_start, topic, source, model, hardware, labels, currency, compute_price,
-    storage_price, events, compute, storage, compute * compute_price * k1 AS compute_cost,
-    storage * storage_price * k2 AS storage_cost FROM window_usage WHERE false";
+pub const NO_SLICE: &str = "SELECT window_start, topic, source, model, hardware, labels, currency,
+    compute_price IS NOT NULL AND storage_price IS NOT NULL AS priced, events, compute, storage,
+    compute * compute_price * k1 AS compute_cost, storage * storage_price * k2 AS storage_cost
+    FROM window_usage WHERE false";
 
 /// `UNION ALL` of [`slice_sql`] of `slices`, their bounds the parameters from `$first` on in
 /// order; [`NO_SLICE`] when there are none.
@@ -204,22 +229,36 @@ pub fn union_sql(slices: &[Slice], first: usize) -> String {
 /// (bind the slice's bounds there), quantities negated for a negative slice.
 pub fn slice_sql(slice: &Slice, from: usize, to: usize) -> String {
     let neg = if slice.sign < 0 { "-" } else { "" };
-    let (table, start, compute_cost, storage_cost) = match slice.tier {
-        // Raw windows are read only at a range's ragged ends: their costs are computed.
-        Tier::Raw => (
-            "window_usage",
-            "window_start",
-            "compute * compute_price * k1",
-            "storage * storage_price * k2",
+    let (table, start, rows) = match slice.tier {
+        Tier::Raw => ("window_usage", "window_start", ""),
+        Tier::Hourly => ("usage_hourly", "bucket_start", ""),
+        Tier::Daily => ("usage_daily", "bucket_start", ""),
+        Tier::WindowTotals => ("usage_totals", "bucket_start", "bucket_unit = 'window' AND "),
+        Tier::HourlyTotals => ("usage_totals", "bucket_start", "bucket_unit = 'hour' AND "),
+        Tier::DailyTotals => ("usage_totals", "bucket_start", "bucket_unit = 'day' AND "),
+    };
+    let (keys, priced) = match slice.tier {
+        Tier::WindowTotals | Tier::HourlyTotals | Tier::DailyTotals => (
+            "NULL::text AS topic, NULL::text AS source, NULL::text AS model, NULL::text AS hardware, \
+             NULL::jsonb AS labels",
+            "priced",
         ),
-        Tier::Hourly => ("usage_hourly", "bucket_start", "compute_cost", "storage_cost"),
-        Tier::Daily => ("usage_daily", "bucket_start", "compute_cost", "storage_cost"),
+        _ => (
+            "topic, source, model, hardware, labels",
+            "compute_price IS NOT NULL AND storage_price IS NOT NULL",
+        ),
+    };
+    // Raw windows are read only at a range's ragged ends (or at step=window): their costs are
+    // computed. The roll-ups and totals store theirs.
+    let (compute_cost, storage_cost) = match slice.tier {
+        Tier::Raw => ("compute * compute_price * k1", "storage * storage_price * k2"),
+        _ => ("compute_cost", "storage_cost"),
     };
     format!(
-        "SELECT {start} AS window_start, topic, source, model, hardware, labels, currency, compute_price,
-                storage_price, {neg}events AS events, {neg}compute AS compute, {neg}storage AS storage,
+        "SELECT {start} AS window_start, {keys}, currency, {priced} AS priced,
+                {neg}events AS events, {neg}compute AS compute, {neg}storage AS storage,
                 {neg}({compute_cost}) AS compute_cost, {neg}({storage_cost}) AS storage_cost
-         FROM {table} WHERE {start} >= ${from} AND {start} < ${to}"
+         FROM {table} WHERE {rows}{start} >= ${from} AND {start} < ${to}"
     )
 }
 
@@ -296,13 +335,16 @@ mod tests {
         let minute = |m: i64| base + Duration::minutes(m);
         // Two days and a bit: ends on and off hours and days.
         for (from, to) in [(0, 2880), (17, 2899), (60, 1500), (1439, 1441), (5, 50), (1380, 1500)] {
-            for finest in [Finest::Window, Finest::Hour, Finest::Day] {
+            for (finest, detail) in [Finest::Window, Finest::Hour, Finest::Day]
+                .into_iter()
+                .flat_map(|f| [(f, Detail::Keys), (f, Detail::Totals)])
+            {
                 let part = Part {
                     sign: -1,
                     from: minute(from),
                     to: minute(to),
                 };
-                let slices = slices(part, finest);
+                let slices = slices(part, finest, detail);
                 for m in -10..3000 {
                     let at = minute(m);
                     let covering: Vec<&Slice> = slices.iter().filter(|s| s.from <= at && at < s.to).collect();
@@ -315,10 +357,16 @@ mod tests {
                     if let Some(s) = covering.first() {
                         assert_eq!(s.sign, -1);
                         // A roll-up row is only read when the whole bucket is inside the part.
+                        // Keys come from the roll-ups, totals from the totals, never mixed.
                         let (bucket, allowed) = match s.tier {
-                            Tier::Raw => (Duration::minutes(1), true),
-                            Tier::Hourly => (Duration::hours(1), finest != Finest::Window),
-                            Tier::Daily => (Duration::days(1), finest == Finest::Day),
+                            Tier::Raw => (Duration::minutes(1), detail == Detail::Keys),
+                            Tier::WindowTotals => (Duration::minutes(1), detail == Detail::Totals),
+                            Tier::Hourly => (Duration::hours(1), finest != Finest::Window && detail == Detail::Keys),
+                            Tier::Daily => (Duration::days(1), finest == Finest::Day && detail == Detail::Keys),
+                            Tier::HourlyTotals => {
+                                (Duration::hours(1), finest != Finest::Window && detail == Detail::Totals)
+                            }
+                            Tier::DailyTotals => (Duration::days(1), finest == Finest::Day && detail == Detail::Totals),
                         };
                         let start = at.duration_trunc(bucket).unwrap();
                         assert!(

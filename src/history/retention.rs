@@ -1,7 +1,8 @@
 //! Retention: whole partitions of history older than their tier's retention are dropped,
 //! never rows deleted one by one. A raw day is dropped only when its hourly roll-up holds exactly
 //! what it holds (and an hourly month only when the daily roll-up does), so what leaves the finer
-//! tier is still answered, to the last digit, by the coarser one.
+//! tier is still answered, to the last digit, by the coarser one. A tier's totals across keys
+//! (`usage_totals`) go with its partitions.
 
 use std::time::Duration;
 
@@ -174,6 +175,19 @@ async fn drop_due(
         }
         if !dry_run {
             sqlx::query(&format!("DROP TABLE {}", quoted(&partition.name)))
+                .execute(&mut *tx)
+                .await?;
+            // Dropping fires no trigger: the totals across keys of the range leave with it (at
+            // most two rows a window, never a large delete).
+            let unit = match partition.table {
+                "window_usage" => "window",
+                "usage_hourly" => "hour",
+                _ => "day",
+            };
+            sqlx::query("DELETE FROM usage_totals WHERE bucket_unit = $1 AND bucket_start >= $2 AND bucket_start < $3")
+                .bind(unit)
+                .bind(partition.from)
+                .bind(partition.to)
                 .execute(&mut *tx)
                 .await?;
             tx.commit().await?;

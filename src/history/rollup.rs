@@ -7,6 +7,8 @@
 //! raw key, the bucket and the row's *identity* (profile, prices, coefficients), so every roll-up
 //! cost is still exactly sum x price x coefficient, equal to the raw rows' to the last digit.
 //! Deltas never read the raw rows back, so roll-ups stay whole after retention drops raw days.
+//! The roll-ups' totals across keys (`usage_totals`) follow every write here by statement
+//! triggers in the same transaction (migration 0012): nothing in this module writes them.
 //!
 //! Every writer of a day's rows holds that day's advisory lock (see [`lock_days`]) from before
 //! it reads a row's old content until it commits: the old content it read is then still the

@@ -6,7 +6,7 @@ use rust_decimal::Decimal;
 use sqlx::{PgPool, Row};
 
 use super::query::{Dimension, LabelFilter};
-use crate::history::read::{self, Finest, Part, Slice};
+use crate::history::read::{self, Detail, Finest, Part, Slice};
 
 /// The width of one bucket of a cost series.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Deserialize)]
@@ -80,6 +80,18 @@ pub struct CostQuery<'a> {
     pub labels: &'a LabelFilter,
     /// One row per value of each of these.
     pub by: &'a [Dimension],
+}
+
+impl CostQuery<'_> {
+    /// What the query reads of each row: the totals across keys when it filters and groups by
+    /// none (the dashboards' spend over time, a budget-like total), the keys otherwise.
+    pub fn detail(&self) -> Detail {
+        if self.model.is_none() && self.hardware.is_none() && self.labels.is_empty() && self.by.is_empty() {
+            Detail::Totals
+        } else {
+            Detail::Keys
+        }
+    }
 }
 
 /// ΣT, ΣS and the three costs of some usage, exact. Unpriced usage is in `compute` and `storage`
@@ -240,7 +252,8 @@ const FIGURES: &str = "sum(events)::int8 AS events, sum(compute) AS compute, sum
 
 /// The SQL of [`cost_table`] over `slices` of its range. Each part is read from the coarsest tier
 /// (window rows, hourly or daily roll-ups, all with the same columns, labels included) that
-/// covers it and the step allows, as `usage_between` would ([`read::slices`]); a part taken back
+/// covers it and the step allows, as `usage_between` would ([`read::slices`]), or from the totals
+/// across keys when the query reads no key ([`CostQuery::detail`]); a part taken back
 /// out of a widened hour has its quantities negated. The figures are the same whichever tier
 /// answers. Parameters: $1 and $2 the range (bound, read through the parts), $3 model, $4
 /// hardware, $5 the label filter (a JSON object the row's labels must contain), $6 the step,
@@ -275,8 +288,7 @@ fn cost_sql(query: &CostQuery<'_>, slices: &[Slice]) -> String {
     format!(
         "SELECT {bucket} AS bucket{outer_select}, {FIGURES}
          FROM (SELECT window_start{group_select}, priced, {PER_START}
-               FROM (SELECT *, compute_price IS NOT NULL AND storage_price IS NOT NULL AS priced
-                     FROM ({slices}) AS parts) AS u
+               FROM ({slices}) AS u
                WHERE ($3::text IS NULL OR model = $3) AND ($4::text IS NULL OR hardware = $4)
                  AND ($5::jsonb = '{{}}'::jsonb OR labels @> $5::jsonb)
                GROUP BY {g}, priced) AS per_start
@@ -299,7 +311,10 @@ pub async fn cost_table(pool: &PgPool, query: &CostQuery<'_>) -> Result<Vec<Cost
         _ => read::parts(query.from, query.to, Utc::now()),
     };
     let finest = CostStep::finest_tier(query.step);
-    let slices: Vec<Slice> = parts.iter().flat_map(|part| read::slices(*part, finest)).collect();
+    let slices: Vec<Slice> = parts
+        .iter()
+        .flat_map(|part| read::slices(*part, finest, query.detail()))
+        .collect();
     let sql = cost_sql(query, &slices);
     let mut statement = sqlx::query(&sql)
         .bind(query.from)

@@ -528,30 +528,30 @@ async fn an_hourly_month_past_retention_takes_its_totals_along_and_the_days_stil
             .await
             .unwrap();
     }
-    sqlx::query(
-        "INSERT INTO usage_hourly (bucket_start, topic, source, model, hardware, labels, usage_from_tokens, currency,
-                price_id, compute_price, storage_price, k1, k2, coefficients_assumed, events, late_events, compute,
-                storage, input_tokens, output_tokens, finalizes_at)
+    // The columns both roll-ups are written with here.
+    let columns = "bucket_start, topic, source, model, hardware, labels, usage_from_tokens, currency, price_id,
+                   compute_price, storage_price, k1, k2, coefficients_assumed, events, late_events, compute, storage,
+                   input_tokens, output_tokens, finalizes_at";
+    sqlx::query(&format!(
+        "INSERT INTO usage_hourly ({columns})
          SELECT '2020-01-30 00:00+00'::timestamptz + h * interval '1 hour', 'usage', 'usage', 'm' || k,
-                CASE WHEN k = 2 THEN 'unpriced-gpu' ELSE 'h100' END, '{}', false, 'USD',
+                CASE WHEN k = 2 THEN 'unpriced-gpu' ELSE 'h100' END, '{{}}', false, 'USD',
                 CASE WHEN k = 2 THEN NULL ELSE 'p' END, CASE WHEN k = 2 THEN NULL ELSE 0.1 END,
                 CASE WHEN k = 2 THEN NULL ELSE 0.2 END, CASE WHEN k = 2 THEN NULL ELSE 0.5 END,
                 CASE WHEN k = 2 THEN NULL ELSE 0.8 END, false, 1 + h % 5 + k, 0, h * 1.125 + k, 0.0625 * k, 0, 0,
                 '2020-02-01 00:00+00'
-         FROM generate_series(0, 47) h, generate_series(0, 2) k",
-    )
+         FROM generate_series(0, 47) h, generate_series(0, 2) k"
+    ))
     .execute(&world.pool)
     .await
     .unwrap();
-    sqlx::query(
-        "INSERT INTO usage_daily (bucket_start, topic, source, model, hardware, labels, usage_from_tokens, currency,
-                price_id, compute_price, storage_price, k1, k2, coefficients_assumed, events, late_events, compute,
-                storage, input_tokens, output_tokens, finalizes_at)
+    sqlx::query(&format!(
+        "INSERT INTO usage_daily ({columns})
          SELECT date_trunc('day', bucket_start, 'UTC'), topic, source, model, hardware, labels, usage_from_tokens,
                 currency, price_id, compute_price, storage_price, k1, k2, coefficients_assumed, sum(events),
                 sum(late_events), sum(compute), sum(storage), sum(input_tokens), sum(output_tokens), max(finalizes_at)
-         FROM usage_hourly GROUP BY 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14",
-    )
+         FROM usage_hourly GROUP BY 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14"
+    ))
     .execute(&world.pool)
     .await
     .unwrap();

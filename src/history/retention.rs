@@ -177,8 +177,8 @@ async fn drop_due(
             sqlx::query(&format!("DROP TABLE {}", quoted(&partition.name)))
                 .execute(&mut *tx)
                 .await?;
-            // Dropping fires no trigger: the totals across keys of the range leave with it (at
-            // most two rows a window, never a large delete).
+            // Dropping fires no trigger: the totals across keys of the range leave with it (a
+            // few rows per window, hour or day of the range, never a large delete).
             let unit = match partition.table {
                 "window_usage" => "window",
                 "usage_hourly" => "hour",

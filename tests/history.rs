@@ -450,12 +450,26 @@ async fn retention_drops_whole_old_days_and_the_roll_ups_still_answer_for_them()
         .collect();
     assert!(due.len() >= 4, "old days: {due:?}");
 
-    // A tampered roll-up day is kept, with the reason; the others would go.
-    sqlx::query("UPDATE usage_hourly SET events = events + 1 WHERE ctid = (SELECT ctid FROM usage_hourly WHERE bucket_start >= $1 AND bucket_start < $1 + interval '1 day' LIMIT 1)")
-        .bind(chrono::NaiveDate::parse_from_str(&due[0]["window_usage_d".len()..], "%Y%m%d").unwrap().and_hms_opt(0, 0, 0).unwrap().and_utc())
-        .execute(&world.pool)
-        .await
-        .unwrap();
+    // A tampered roll-up day is kept, with the reason; the others would go. One row of that day
+    // is tampered with: a ctid is only unique within one partition of the monthly roll-up, so
+    // the row is named by its partition too (by ctid alone, a row of another month at the same
+    // ctid, today's say, would change as well and no rebuild of the old day would undo it).
+    let tampered = sqlx::query(
+        "UPDATE usage_hourly SET events = events + 1
+         WHERE (tableoid, ctid) = (SELECT tableoid, ctid FROM usage_hourly
+                                   WHERE bucket_start >= $1 AND bucket_start < $1 + interval '1 day' LIMIT 1)",
+    )
+    .bind(
+        chrono::NaiveDate::parse_from_str(&due[0]["window_usage_d".len()..], "%Y%m%d")
+            .unwrap()
+            .and_hms_opt(0, 0, 0)
+            .unwrap()
+            .and_utc(),
+    )
+    .execute(&world.pool)
+    .await
+    .unwrap();
+    assert_eq!(tampered.rows_affected(), 1, "one roll-up row is tampered with");
     let dry = costwatch(&short, &["retention", "--dry-run"]);
     assert!(dry.status.success(), "{}", text(&dry.stderr));
     let dry_text = text(&dry.stdout);

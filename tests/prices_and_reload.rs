@@ -11,7 +11,7 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use chrono::{DateTime, DurationRound, SecondsFormat, Utc};
-use common::{dec, http, raw, World};
+use common::{dec, http, raw, steady_month_zone, World};
 use rust_decimal::Decimal;
 use serde_json::Value;
 
@@ -201,7 +201,8 @@ async fn metrics(addr: &str) -> String {
     http(addr, "GET", "/metrics", None, None).await.1
 }
 
-/// The budget and alerting sections of the reload test, with `amount`.
+/// The budget and alerting sections of the reload test, with `amount`; its month does not turn
+/// while the test runs (its events reach into the next minute).
 fn budget(amount: &str) -> String {
     format!(
         r#"
@@ -212,7 +213,9 @@ evaluation_interval = "1s"
 name = "team"
 period = "monthly"
 amount = "{amount}"
-"#
+time_zone = "{}"
+"#,
+        steady_month_zone(Utc::now())
     )
 }
 

@@ -494,6 +494,20 @@ pub fn raw(key: &str, payload: impl Into<Vec<u8>>) -> Message {
 }
 
 /// An RFC 3339 timestamp `ago` before now.
+/// The `time_zone` for a monthly budget in a test that runs from `at` for up to half an hour:
+/// UTC, unless a UTC month turns within 30 minutes of `at` (its events and its spend would then
+/// fall into two periods); then an hour behind UTC, where the month turned at least half an hour
+/// earlier or turns at least half an hour later.
+pub fn steady_month_zone(at: chrono::DateTime<chrono::Utc>) -> &'static str {
+    use chrono::Datelike;
+    let margin = chrono::Duration::minutes(30);
+    if (at - margin).month() == (at + margin).month() {
+        "UTC"
+    } else {
+        "Etc/GMT+1"
+    }
+}
+
 pub fn ago(ago: Duration) -> String {
     (chrono::Utc::now() - chrono::Duration::from_std(ago).unwrap()).to_rfc3339()
 }
@@ -555,7 +569,11 @@ async fn try_http_with(
     stream.read_to_end(&mut response).await.unwrap();
     let text = String::from_utf8_lossy(&response).into_owned();
     let (head, rest) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
-    let status: u16 = head.split(' ').nth(1).unwrap().parse().unwrap();
+    let status: u16 = head
+        .split(' ')
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| panic!("{method} {path}: {addr} answered no HTTP status line: {text:?}"));
     let body = if head.to_ascii_lowercase().contains("transfer-encoding: chunked") {
         dechunk(rest)
     } else {

@@ -234,7 +234,7 @@ impl Scene {
         // Events stamped up to minutes before now, and the spends asserted over the test, fall
         // into one monthly period only if the month does not turn meanwhile: monthly budgets
         // are kept in a time zone where it does not (UTC, unless its month turns within half an
-        // hour of now).
+        // hour of now). A scene's monthly budget therefore sets no `time_zone` of its own.
         let budgets = budgets.replace(
             "period = \"monthly\"\n",
             &format!(

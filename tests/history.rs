@@ -406,6 +406,15 @@ storage_price = "0.01"
 }
 
 /// The names of the partitions of `table`.
+/// The UTC day a raw partition (`window_usage_dYYYYMMDD`) holds, as its first instant.
+fn partition_day(name: &str) -> DateTime<Utc> {
+    chrono::NaiveDate::parse_from_str(&name["window_usage_d".len()..], "%Y%m%d")
+        .unwrap()
+        .and_hms_opt(0, 0, 0)
+        .unwrap()
+        .and_utc()
+}
+
 async fn partition_names(pool: &PgPool, table: &str) -> Vec<String> {
     sqlx::query_scalar(
         "SELECT c.relname::text FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid
@@ -443,10 +452,7 @@ async fn retention_drops_whole_old_days_and_the_roll_ups_still_answer_for_them()
     let due: Vec<String> = partition_names(&world.pool, "window_usage")
         .await
         .into_iter()
-        .filter(|name| {
-            let day = chrono::NaiveDate::parse_from_str(&name["window_usage_d".len()..], "%Y%m%d").unwrap();
-            day.succ_opt().unwrap().and_hms_opt(0, 0, 0).unwrap().and_utc() <= cutoff
-        })
+        .filter(|name| partition_day(name) + day <= cutoff)
         .collect();
     assert!(due.len() >= 4, "old days: {due:?}");
 
@@ -459,13 +465,7 @@ async fn retention_drops_whole_old_days_and_the_roll_ups_still_answer_for_them()
          WHERE (tableoid, ctid) = (SELECT tableoid, ctid FROM usage_hourly
                                    WHERE bucket_start >= $1 AND bucket_start < $1 + interval '1 day' LIMIT 1)",
     )
-    .bind(
-        chrono::NaiveDate::parse_from_str(&due[0]["window_usage_d".len()..], "%Y%m%d")
-            .unwrap()
-            .and_hms_opt(0, 0, 0)
-            .unwrap()
-            .and_utc(),
-    )
+    .bind(partition_day(&due[0]))
     .execute(&world.pool)
     .await
     .unwrap();
@@ -489,11 +489,7 @@ async fn retention_drops_whole_old_days_and_the_roll_ups_still_answer_for_them()
     );
 
     // Repaired (rebuilt from the raw day), then everything due goes.
-    let tampered_day = chrono::NaiveDate::parse_from_str(&due[0]["window_usage_d".len()..], "%Y%m%d")
-        .unwrap()
-        .and_hms_opt(0, 0, 0)
-        .unwrap()
-        .and_utc()
+    let tampered_day = partition_day(&due[0])
         .timestamp_millis()
         .div_euclid(costwatch::history::DAY_MS);
     costwatch::history::rollup::rebuild_days(&world.pool, &[tampered_day])

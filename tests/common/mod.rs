@@ -493,7 +493,6 @@ pub fn raw(key: &str, payload: impl Into<Vec<u8>>) -> Message {
     }
 }
 
-/// An RFC 3339 timestamp `ago` before now.
 /// The `time_zone` for a monthly budget in a test that runs from `at` for up to half an hour:
 /// UTC, unless a UTC month turns within 30 minutes of `at` (its events and its spend would then
 /// fall into two periods); then an hour behind UTC, where the month turned at least half an hour
@@ -508,6 +507,7 @@ pub fn steady_month_zone(at: chrono::DateTime<chrono::Utc>) -> &'static str {
     }
 }
 
+/// An RFC 3339 timestamp `ago` before now.
 pub fn ago(ago: Duration) -> String {
     (chrono::Utc::now() - chrono::Duration::from_std(ago).unwrap()).to_rfc3339()
 }
